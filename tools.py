@@ -1,0 +1,61 @@
+"""Small shared helpers only: symlog/symexp, seeding, device and thread set-up.
+
+Anything larger (replay, logging, checkpoints, distributions) has its own module; see LAYOUT in the
+README's developer section.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) * log(1 + |x|): compresses large magnitudes, identity-like near zero."""
+    return torch.sign(x) * torch.log1p(torch.abs(x))
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of symlog: sign(x) * (exp(|x|) - 1)."""
+    return torch.sign(x) * torch.expm1(torch.abs(x))
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices); optionally make torch deterministic."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device '{name}' was asked for but CUDA is not available on this machine "
+            "(torch.cuda.is_available() is False). Use --device cpu, or --device auto to pick "
+            "CUDA only when present."
+        )
+    return device
+
+
+def default_threads() -> int:
+    """Torch CPU threads to use when the config says 0: one per core, but 1 on machines with 2 cores
+    or fewer, where a second thread mostly adds synchronisation for DreamerV3's small layers."""
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else min(cores, 16)
+
+
+def set_threads(threads: int) -> int:
+    """Set torch's intra-op threads (0 = default_threads()); return the number set."""
+    count = threads if threads > 0 else default_threads()
+    torch.set_num_threads(count)
+    return count
