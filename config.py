@@ -164,7 +164,7 @@ def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 def _closest(name: str, candidates: list[str]) -> str:
     match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return f" Did you mean --{match[0]}?" if match else ""
+    return f" (did you mean --{match[0]}?)" if match else ""
 
 
 def merge_block(base: dict[str, Any], block: Mapping[str, Any], block_name: str, prefix: str = "") -> None:

@@ -1,0 +1,596 @@
+"""DreamerV3 training command line: `python3 dreamer.py --configs BLOCK ... --key value ...`.
+
+main() parses the config, then (optionally across `--parallel` processes) runs the loop:
+random-policy prefill, then act / store / train at `train_ratio`, evaluate, log and checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+import checkpoint as ckpt
+import config as config_lib
+import tools
+from config import Config, ConfigError
+from logger import Logger
+from replay import Prefetcher, Replay
+
+EXIT_CONFIG_ERROR = 2
+
+
+class RunError(RuntimeError):
+    """A problem found before or while training whose message tells the user what to do."""
+
+
+# ------------------------------------------------------------------------------------------ run set-up
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    logdir: Path
+    checkpoint: Path  # where latest.pt is written
+    resume_from: Optional[Path]  # checkpoint to load at start, if any
+    replay_dir: Path
+
+
+def resolve_paths(config: Config) -> RunPaths:
+    """The run folder: --logdir, else the folder of --from_checkpoint, else ./logdir/<task>."""
+    source = Path(config.from_checkpoint).expanduser() if config.from_checkpoint else None
+    if config.logdir:
+        logdir = Path(config.logdir).expanduser()
+    elif source is not None:
+        logdir = source.parent
+    else:
+        logdir = Path("logdir") / config.task
+    latest = logdir / "latest.pt"
+    resume = source if source is not None else (latest if ckpt.has_checkpoint(latest) else None)
+    return RunPaths(logdir, latest, resume, logdir / "replay")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """This process's place in a data-parallel run (rank 0 of 1 when not parallel)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclasses.dataclass
+class Counters:
+    """Everything the loop counts; saved in checkpoints so a resumed run continues where it stopped."""
+
+    step: int = 0  # agent steps summed over envs (and ranks)
+    updates: int = 0  # gradient updates done
+    episodes: int = 0  # finished train episodes
+    train_start: int = -1  # step at which training began (-1 = not yet)
+    last_log: int = 0
+    last_eval: int = 0
+    last_save: int = 0
+
+
+# ------------------------------------------------------------------------------------------- factories
+
+
+def make_env_pool(config: Config, mode: str, amount: int, first_index: int):
+    """`amount` wrapped envs of `config.task` in the configured parallel mode."""
+    import envs
+
+    ctors = [functools.partial(envs.make_env, config, mode, first_index + i) for i in range(amount)]
+    parallel = config.envs.parallel if amount > 1 or config.envs.parallel != "process" else "none"
+    return envs.parallel.EnvPool(ctors, parallel)
+
+
+def make_agent(config: Config, obs_space, act_space, device: torch.device):
+    import exploration
+
+    return exploration.make_agent(obs_space, act_space, config, device)
+
+
+def make_replay(config: Config, paths: RunPaths, dist: Dist) -> Replay:
+    directory = paths.replay_dir if dist.world == 1 else paths.replay_dir / f"rank{dist.rank}"
+    capacity = max(config.replay_size // dist.world, config.batch_length)
+    return Replay(capacity, config.batch_length, directory, chunk=config.replay_chunk, seed=config.seed + dist.rank)
+
+
+def make_logger(config: Config, paths: RunPaths, dist: Dist) -> Logger:
+    return Logger(paths.logdir, enabled=dist.main)
+
+
+# ------------------------------------------------------------------------------------- episode tracking
+
+
+class EpisodeTracker:
+    """Per-env running return/length and `log_*` values; finished episodes become metrics."""
+
+    def __init__(self, amount: int):
+        self.returns = np.zeros(amount, np.float64)
+        self.lengths = np.zeros(amount, np.int64)
+        self.logs: list[dict[str, float]] = [{} for _ in range(amount)]
+        self.achievement_episodes: dict[str, int] = {}
+        self.episodes_seen = 0
+
+    def add(self, index: int, obs: dict[str, Any]) -> Optional[dict[str, float]]:
+        """Account one observation of env `index`; returns the episode summary when it ended."""
+        if obs["is_first"]:
+            self.returns[index], self.lengths[index], self.logs[index] = 0.0, 0, {}
+        else:
+            self.returns[index] += float(obs["reward"])
+            self.lengths[index] += 1
+        for key, value in obs.items():
+            if key.startswith("log_"):
+                self.logs[index][key[4:]] = max(self.logs[index].get(key[4:], -math.inf), float(value))
+        if not obs["is_last"]:
+            return None
+        summary = {"return": float(self.returns[index]), "length": int(self.lengths[index])}
+        summary.update(self.logs[index])
+        self._count_achievements(self.logs[index])
+        return summary
+
+    def _count_achievements(self, logs: dict[str, float]) -> None:
+        self.episodes_seen += 1
+        for key, value in logs.items():
+            if key.startswith("achievement_"):
+                name = key[len("achievement_"):]
+                self.achievement_episodes[name] = self.achievement_episodes.get(name, 0) + int(value > 0)
+
+    def achievement_metrics(self) -> dict[str, float]:
+        """Success rate (%) of every achievement over all episodes so far, and the Crafter score."""
+        if not self.achievement_episodes or not self.episodes_seen:
+            return {}
+        rates = {n: 100.0 * c / self.episodes_seen for n, c in self.achievement_episodes.items()}
+        from envs.crafter import crafter_score
+
+        metrics = {f"achievement/{name}": rate for name, rate in sorted(rates.items())}
+        metrics["achievement/crafter_score"] = crafter_score(rates)
+        return metrics
+
+
+def to_transition(obs: dict[str, Any], action: np.ndarray) -> dict[str, Any]:
+    """The replay record of one observation: model keys, the action that led to it, reward, flags."""
+    record = {k: v for k, v in obs.items() if not k.startswith("log_")}
+    record["action"] = np.zeros_like(action) if obs["is_first"] else action
+    record["reward"] = np.float32(obs["reward"])
+    for flag in ("is_first", "is_last", "is_terminal"):
+        record[flag] = bool(obs[flag])
+    return record
+
+
+def stack_obs(observations: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """List of per-env dicts -> dict of (N, ...) arrays (log_ keys dropped)."""
+    keys = [k for k in observations[0] if not k.startswith("log_")]
+    return {k: np.stack([np.asarray(o[k]) for o in observations]) for k in keys}
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def render_frame(pool, obs: dict[str, Any]) -> Optional[np.ndarray]:
+    """An (H, W, 3) uint8 frame of eval env 0: its render(), else its image observation."""
+    frame = pool.call_one(0, "render") if hasattr(pool, "call_one") else pool.call("render")[0]
+    if frame is None:
+        image = obs.get("image")
+        if image is None:
+            return None
+        frame = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, -1)
+    return np.asarray(frame, np.uint8)
+
+
+def evaluate(config: Config, agent, pool, logger: Logger) -> dict[str, float]:
+    """Run eval_episode_num episodes with the deterministic policy; log returns and one video."""
+    returns: list[float] = []
+    lengths: list[int] = []
+    tracker = EpisodeTracker(len(pool))
+    frames: list[np.ndarray] = []
+    want_video = config.video
+    actions = agent.random_actions(len(pool))
+    state = None
+    started = [False] * len(pool)
+    while len(returns) < config.eval_episode_num:
+        observations = pool.step(actions)
+        for index, obs in enumerate(observations):
+            started[index] = started[index] or obs["is_first"]
+            summary = tracker.add(index, obs) if started[index] else None
+            if summary is not None:
+                returns.append(summary["return"])
+                lengths.append(summary["length"])
+                if index == 0:
+                    want_video = False
+        if want_video and started[0] and len(frames) < config.video_length:
+            frame = render_frame(pool, observations[0])
+            want_video = frame is not None
+            if frame is not None:
+                frames.append(frame)
+        actions, state = agent.policy(stack_obs(observations), state, "eval")
+    metrics = {"eval/return": float(np.mean(returns)), "eval/length": float(np.mean(lengths)),
+               "eval/episodes": float(len(returns))}
+    logger.scalars(metrics)
+    if frames:
+        logger.video("eval/video", np.stack(frames)[None])
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_state(config: Config, agent, counters: Counters) -> dict[str, Any]:
+    return {
+        "agent": agent.state_dict(),
+        "counters": dataclasses.asdict(counters),
+        "rng": ckpt.capture_rng_states(),
+        "config": config.to_dict(),
+        "format": 1,
+    }
+
+
+def save(config: Config, agent, counters: Counters, replay: Replay, paths: RunPaths, dist: Dist,
+         logger: Logger) -> None:
+    """Flush replay chunks (every rank), then rank 0 writes latest.pt atomically."""
+    replay.flush()
+    if dist.main:
+        ckpt.save_checkpoint(paths.checkpoint, checkpoint_state(config, agent, counters))
+        logger.info(f"saved checkpoint {paths.checkpoint} at step {counters.step}")
+
+
+def restore(config: Config, agent, paths: RunPaths, device: torch.device, logger: Logger) -> Counters:
+    """Load the checkpoint named by paths.resume_from into the agent; return its counters."""
+    state = ckpt.load_checkpoint(paths.resume_from, map_location=device, warn=logger.warning)
+    ckpt.check_shapes(state["agent"], agent.state_dict(), hints=shape_hints(config))
+    agent.load_state_dict(state["agent"])
+    counters = Counters(**state["counters"])
+    ckpt.restore_rng_states(state["rng"])
+    logger.info(f"resumed from {paths.resume_from} at step {counters.step} ({counters.updates} updates)")
+    return counters
+
+
+def shape_hints(config: Config) -> dict[str, str]:
+    """Parameter-name fragments -> config keys, so a shape mismatch names the key to change."""
+    return {
+        "rssm": f"rssm.deter={config.rssm.deter}, rssm.hidden={config.rssm.hidden}, "
+                f"rssm.stoch={config.rssm.stoch}, rssm.classes={config.rssm.classes}",
+        "encoder": f"encoder.cnn_depth={config.encoder.cnn_depth}, encoder.mlp_units={config.encoder.mlp_units}",
+        "decoder": f"decoder.cnn_depth={config.decoder.cnn_depth}, decoder.mlp_units={config.decoder.mlp_units}",
+        "actor": f"actor.units={config.actor.units}, actor.layers={config.actor.layers}",
+        "critic": f"critic.units={config.critic.units}, critic.layers={config.critic.layers}",
+    }
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+class Interrupt:
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so it can stop at a clean point."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricSums:
+    """Sums train metrics as device tensors; one host sync per log interval."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        if not self.count:
+            return {}
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k].reshape(()) for k in keys]).cpu().numpy() / self.count
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, values.tolist()))
+
+
+def updates_due(counters: Counters, config: Config, world: int) -> int:
+    """Updates owed so far: (steps since training began) x train_ratio / (batch_size x batch_length),
+    with the replayed steps of all ranks counted (each rank's update consumes one batch)."""
+    if counters.train_start < 0:
+        return 0
+    replayed_per_update = config.batch_size * config.batch_length * world
+    return int((counters.step - counters.train_start) * config.train_ratio / replayed_per_update) + 1
+
+
+class Trainer:
+    """Owns the run's objects and runs the act / store / train loop."""
+
+    def __init__(self, config: Config, dist: Dist = Dist(), sync=None):
+        self.config, self.dist, self.sync = config, dist, sync
+        self.paths = resolve_paths(config)
+        self.logger = make_logger(config, self.paths, dist)
+        self.device = tools.resolve_device(config.device)
+        self.threads = tools.set_threads(config.threads)
+        tools.set_seed(config.seed + 1000 * dist.rank, config.deterministic)
+        self.pool = None
+        self.eval_pool = None
+
+    def setup(self) -> None:
+        config, dist = self.config, self.dist
+        self.pool = make_env_pool(config, "train", config.envs.amount, dist.rank * config.envs.amount)
+        self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
+        if self.sync is not None:
+            self.agent.set_grad_sync(self.sync)
+        self.replay = make_replay(config, self.paths, dist)
+        self.counters = Counters()
+        if self.paths.resume_from is not None:
+            self.counters = restore(config, self.agent, self.paths, self.device, self.logger)
+        loaded = self.replay.load()
+        if loaded:
+            self.logger.info(f"replay: loaded {loaded} steps from {self.replay.directory}")
+        self.prefetch: Optional[Prefetcher] = None
+        self.metrics = MetricSums()
+        self.tracker = EpisodeTracker(len(self.pool))
+
+    # -- schedule
+    def should_eval(self) -> bool:
+        c = self.config
+        return self.dist.main and c.eval_every > 0 and self.counters.step - self.counters.last_eval >= c.eval_every
+
+    def should_eval_at_end(self) -> bool:
+        c = self.config
+        return c.eval_every > 0 and self.counters.last_eval < self.counters.step >= c.steps
+
+    def should_log(self) -> bool:
+        return self.counters.step - self.counters.last_log >= self.config.log_every
+
+    def should_save(self, last_save_time: float) -> bool:
+        c = self.config
+        by_steps = self.counters.step - self.counters.last_save >= c.save_every
+        by_time = c.save_every_minutes > 0 and time.time() - last_save_time >= 60 * c.save_every_minutes
+        return by_steps or by_time
+
+    # -- parts of one iteration
+    def act(self, observations, state, prefill: bool):
+        if prefill:
+            return self.agent.random_actions(len(self.pool)), state
+        return self.agent.policy(stack_obs(observations), state, "train")
+
+    def store(self, observations, actions) -> list[dict[str, float]]:
+        finished = []
+        for index, obs in enumerate(observations):
+            self.replay.add(to_transition(obs, actions[index]), worker=index)
+            summary = self.tracker.add(index, obs)
+            if summary is not None:
+                finished.append(summary)
+        return finished
+
+    def train(self) -> int:
+        """Do the updates owed by train_ratio; returns how many were done."""
+        if self.counters.train_start < 0:
+            if len(self.replay) < max(self.config.prefill, self.config.batch_length) and \
+                    self.counters.step < self.config.prefill:
+                return 0
+            self.counters.train_start = self.counters.step
+        done = 0
+        while self.counters.updates < updates_due(self.counters, self.config, self.dist.world):
+            if self.prefetch is None:
+                self.prefetch = Prefetcher(self.replay, self.config.batch_size, self.device)
+            self.metrics.add(self.agent.train_step(self.prefetch.next()))
+            self.counters.updates += 1
+            done += 1
+        return done
+
+    def log_episodes(self, finished: list[dict[str, float]], episode_stats: list) -> None:
+        for summary in finished:
+            self.counters.episodes += 1
+            episode_stats.append(summary)
+
+    def write_log(self, episode_stats: list, interval_start: tuple[float, int, int]) -> None:
+        start_time, start_step, start_updates = interval_start
+        elapsed = max(time.time() - start_time, 1e-9)
+        logger = self.logger
+        logger.scalar("perf/fps", (self.counters.step - start_step) / elapsed)
+        logger.scalar("perf/train_updates_per_s", (self.counters.updates - start_updates) / elapsed)
+        logger.scalar("perf/updates", self.counters.updates)
+        logger.scalar("perf/replay_steps", len(self.replay))
+        logger.scalar("perf/episodes", self.counters.episodes)
+        stats = self.gather_episode_stats(episode_stats)
+        if stats:
+            logger.scalar("episode/return", float(np.mean([s["return"] for s in stats])))
+            logger.scalar("episode/length", float(np.mean([s["length"] for s in stats])))
+            for key in sorted({k for s in stats for k in s if k not in ("return", "length")}):
+                if not key.startswith("achievement_"):
+                    logger.scalar(f"episode/{key}", float(np.mean([s[key] for s in stats if key in s])))
+        logger.scalars(self.tracker.achievement_metrics())
+        logger.scalars(self.metrics.means())
+        logger.write(self.counters.step)
+        episode_stats.clear()
+
+    def gather_episode_stats(self, episode_stats: list) -> list:
+        """Episode summaries of every rank (rank 0 logs them)."""
+        if self.dist.world == 1:
+            return list(episode_stats)
+        import torch.distributed as torch_dist
+
+        gathered: list = [None] * self.dist.world
+        torch_dist.all_gather_object(gathered, list(episode_stats))
+        return [s for part in gathered for s in part]
+
+    def run_eval(self) -> None:
+        if self.eval_pool is None:
+            amount = min(self.config.envs.amount, self.config.eval_episode_num)
+            self.eval_pool = make_env_pool(self.config, "eval", amount, 0)
+        evaluate(self.config, self.agent, self.eval_pool, self.logger)
+        if self.config.video and self.prefetch is not None:
+            for name, video in self.agent.report(self.prefetch.next()).items():
+                self.logger.video(name, video[None] if video.ndim == 4 else video)
+        self.counters.last_eval = self.counters.step
+
+    def loop(self, interrupt: Interrupt) -> None:
+        config, counters, logger = self.config, self.counters, self.logger
+        steps_per_iter = len(self.pool) * self.dist.world
+        state = None
+        actions = self.agent.random_actions(len(self.pool))
+        observations = None
+        episode_stats: list = []
+        interval = (time.time(), counters.step, counters.updates)
+        last_save_time = time.time()
+        last_return = float("nan")
+        while counters.step < config.steps and not self.stop_requested(interrupt):
+            observations = self.pool.step(actions)
+            finished = self.store(observations, actions)
+            if finished:
+                last_return = finished[-1]["return"]
+            self.log_episodes(finished, episode_stats)
+            counters.step += steps_per_iter
+            prefill = counters.step < config.prefill
+            self.train()
+            actions, state = self.act(observations, state, prefill)
+            if self.should_log():
+                self.write_log(episode_stats, interval)
+                interval = (time.time(), counters.step, counters.updates)
+                counters.last_log = counters.step
+            if self.should_eval():
+                self.run_eval()
+            if self.should_save(last_save_time):
+                counters.last_save = counters.step
+                save(config, self.agent, counters, self.replay, self.paths, self.dist, logger)
+                last_save_time = time.time()
+            if self.dist.main:
+                elapsed = max(time.time() - interval[0], 1e-9)
+                logger.progress(counters.step, config.steps, (counters.step - interval[1]) / elapsed, last_return)
+
+    def stop_requested(self, interrupt: Interrupt) -> bool:
+        """Ctrl-C/SIGTERM on any rank stops all ranks at the same iteration."""
+        if self.dist.world == 1:
+            return interrupt.requested
+        import torch.distributed as torch_dist
+
+        flag = torch.tensor([float(interrupt.requested)])
+        torch_dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def close(self) -> None:
+        for thing in (getattr(self, "prefetch", None), self.pool, self.eval_pool):
+            if thing is not None:
+                thing.close()
+        self.logger.close()
+
+
+def train(config: Config, dist: Dist = Dist(), sync=None) -> Counters:
+    """Set up, resume if there is a checkpoint, run the loop, save at the end (and on Ctrl-C)."""
+    trainer = Trainer(config, dist, sync)
+    logger = trainer.logger
+    try:
+        trainer.setup()
+        if config.eval_only:
+            logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {config.eval_episode_num} episodes")
+            trainer.run_eval()
+            logger.write(trainer.counters.step)
+            return trainer.counters
+        with Interrupt() as interrupt:
+            try:
+                trainer.loop(interrupt)
+            except KeyboardInterrupt:
+                interrupt.requested = True
+            if trainer.dist.main and trainer.should_eval_at_end():
+                trainer.run_eval()
+                logger.write(trainer.counters.step)
+            save(config, trainer.agent, trainer.counters, trainer.replay, trainer.paths, dist, logger)
+            if interrupt.requested:
+                logger.info(
+                    f"stopped at step {trainer.counters.step}; resume with: python3 dreamer.py "
+                    f"{resume_hint(config, trainer.paths)}"
+                )
+            else:
+                logger.info(f"finished: {trainer.counters.step} steps, {trainer.counters.updates} updates")
+        return trainer.counters
+    except Exception as error:
+        logger.error(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        raise
+    finally:
+        trainer.close()
+
+
+def resume_hint(config: Config, paths: RunPaths) -> str:
+    return f"--configs ... --task {config.task} --from_checkpoint {paths.checkpoint}"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def print_config(config: Config, loaded: config_lib.LoadedConfig) -> None:
+    print(f"configs: {' '.join(loaded.blocks) or '(defaults only)'}")
+    if loaded.debug_moved:
+        print("note: 'debug' is applied after the other blocks (so the run stays tiny); "
+              "command-line overrides still come last.")
+    print(config_lib.to_yaml(config), end="")
+
+
+def write_config(config: Config, logdir: Path) -> None:
+    logdir.mkdir(parents=True, exist_ok=True)
+    (logdir / "config.yaml").write_text(config_lib.to_yaml(config), encoding="utf-8")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _, _, wants_help = config_lib.parse_argv(argv)
+        if wants_help:
+            print(config_lib.help_text())
+            return 0
+        config, loaded = config_lib.build_config(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        if config.parallel > 1 or "WORLD_SIZE" in os.environ:
+            import distributed
+
+            return distributed.launch(config, loaded)
+        check_run_inputs(config)
+        print_config(config, loaded)
+        write_config(config, resolve_paths(config).logdir)
+        train(config)
+        return 0
+    except (RunError, ConfigError, ckpt.CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+def check_run_inputs(config: Config) -> None:
+    """Problems that need no env or model: a resume path that does not exist."""
+    if config.from_checkpoint and not Path(config.from_checkpoint).expanduser().exists():
+        raise RunError(ckpt.missing_message(Path(config.from_checkpoint).expanduser()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

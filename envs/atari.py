@@ -1,0 +1,185 @@
+"""Atari 2600 games (`atari_<game>`, e.g. `atari_pong`, `atari_space_invaders`) on ale-py.
+
+The Atari100k / DreamerV3 protocol, all inside this class (it takes `action_repeat`, so the generic
+ActionRepeat wrapper is not applied):
+- action repeat: each agent step plays `action_repeat` emulator frames and sums their rewards;
+- max-pool: the observation is the pixel-wise max of the last two frames of the repeat;
+- no-op starts: a new game begins with k NOOP frames, k uniform in 0..`noops` (0 = off);
+- sticky actions (`sticky`): before every emulator frame, with probability 0.25 the previously played
+  action is played again instead of the requested one (Machado et al. 2018); drawn from this env's own
+  seeded generator, ALE's own repeat_action_probability is set to 0;
+- minimal action set (Discrete(n), n per game); `gray` gives image (H, W, 1), else (H, W, 3);
+  frames are resized to `size` with pillow (bilinear) or opencv (area), per `resize`;
+- `lives`: 'unused' ignores life loss; 'discount' keeps playing after a life loss but marks that step
+  with obs['is_terminal'] = True and info['life_loss'] = True (terminated stays False: the game goes
+  on); 'reset' ends the episode at a life loss (terminated=True) and the following reset() continues
+  the same game from that point instead of restarting it (a real restart happens after game over or
+  after an episode that ended without a life loss, e.g. by the time limit).
+The episode's time limit (27000 agent steps in the paper) is applied by the generic TimeLimit wrapper.
+"""
+from __future__ import annotations
+
+import gymnasium
+import numpy as np
+
+NOOP = 0  # index of NOOP in every ALE action set
+STICKY_PROBABILITY = 0.25
+LIVES_MODES = ('unused', 'discount', 'reset')
+RESIZE_MODES = ('pillow', 'opencv')
+
+
+def sticky_action(requested: int, previous: int, draw: float, probability: float) -> int:
+    """The action the emulator plays this frame: the previous one when draw < probability."""
+    return previous if draw < probability else requested
+
+
+def max_pool(frames: list[np.ndarray]) -> np.ndarray:
+    """Pixel-wise max of the last two frames (a single frame is returned as is)."""
+    if len(frames) == 1:
+        return frames[-1]
+    return np.maximum(frames[-2], frames[-1])
+
+
+def resize_frame(frame: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
+    """(210, 160[, 3]) uint8 screen -> (H, W[, 3]) uint8 with pillow (bilinear) or opencv (area)."""
+    height, width = size
+    if frame.shape[:2] == (height, width):
+        return frame
+    if method == 'opencv':
+        try:
+            import cv2
+        except ImportError as error:
+            raise ImportError(
+                "env.atari.resize is 'opencv' but OpenCV is not installed. Install it with "
+                "`pip install opencv-python-headless`, or set --env.atari.resize pillow.") from error
+        return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    from PIL import Image
+    return np.asarray(Image.fromarray(frame).resize((width, height), Image.BILINEAR))
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"env.atari.{key} must be one of {', '.join(choices)}; got {value!r}. "
+                         f"Fix it with e.g. --env.atari.{key} {choices[0]}.")
+
+
+class Atari:
+    """One Atari game with the Atari100k preprocessing, e.g. Atari('pong', action_repeat=4)."""
+
+    def __init__(self, name: str, action_repeat: int = 4, size: tuple[int, int] = (64, 64),
+                 gray: bool = False, noops: int = 30, sticky: bool = True, lives: str = 'unused',
+                 resize: str = 'pillow', seed: int = 0):
+        check_choice('lives', lives, LIVES_MODES)
+        check_choice('resize', resize, RESIZE_MODES)
+        if action_repeat < 1:
+            raise ValueError(f'Atari action_repeat must be >= 1; got {action_repeat}. Use 4 as in the paper.')
+        self._ale = make_emulator(name, seed)
+        self._actions = list(self._ale.getMinimalActionSet())
+        self._repeat = int(action_repeat)
+        self._size = (int(size[0]), int(size[1]))  # (H, W)
+        self._gray, self._noops, self._lives_mode, self._resize = bool(gray), int(noops), lives, resize
+        self._sticky_probability = STICKY_PROBABILITY if sticky else 0.0
+        self._rng = np.random.default_rng(seed)  # no-op counts and sticky draws
+        self._previous_action = NOOP
+        self._lives = 0
+        self._continue_game = False  # lives == 'reset': the next reset() resumes after a life loss
+
+    @property
+    def ale(self):
+        """The underlying ale_py.ALEInterface (for tests and debugging)."""
+        return self._ale
+
+    @property
+    def obs_space(self) -> dict[str, gymnasium.spaces.Box]:
+        channels = 1 if self._gray else 3
+        return {'image': gymnasium.spaces.Box(0, 255, self._size + (channels,), np.uint8)}
+
+    @property
+    def act_space(self) -> gymnasium.spaces.Discrete:
+        return gymnasium.spaces.Discrete(len(self._actions))
+
+    def reset(self, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        if self._continue_game and not self._ale.game_over():
+            self._continue_game = False
+            return self._observation([self._screen()], is_terminal=False), {}
+        self._continue_game = False
+        self._ale.reset_game()
+        for _ in range(int(self._rng.integers(0, self._noops + 1))):
+            self._ale.act(self._actions[NOOP])
+            if self._ale.game_over():
+                self._ale.reset_game()
+        self._previous_action = self._actions[NOOP]
+        self._lives = self._ale.lives()
+        return self._observation([self._screen()], is_terminal=False), {}
+
+    def step(self, action) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
+        requested = self._actions[self._action_index(action)]
+        reward, frames = 0.0, []
+        for repeat in range(self._repeat):
+            played = sticky_action(requested, self._previous_action, self._rng.random(),
+                                   self._sticky_probability)
+            self._previous_action = played
+            reward += self._ale.act(played)
+            over = self._ale.game_over()
+            if repeat >= self._repeat - 2 or over:
+                frames.append(self._screen())
+            if over:
+                break
+        lives = self._ale.lives()
+        life_loss = lives < self._lives
+        self._lives = lives
+        over = self._ale.game_over()
+        terminated = over or (life_loss and self._lives_mode == 'reset')
+        self._continue_game = life_loss and self._lives_mode == 'reset' and not over
+        discount_terminal = life_loss and self._lives_mode == 'discount'
+        obs = self._observation(frames, is_terminal=terminated or discount_terminal)
+        info = {'life_loss': bool(life_loss), 'lives': lives}
+        return obs, reward, bool(terminated), False, info
+
+    def render(self, mode: str = 'rgb_array') -> np.ndarray:
+        """The full-size RGB screen (210, 160, 3) uint8."""
+        del mode
+        return self._ale.getScreenRGB()
+
+    def close(self) -> None:
+        pass
+
+    def _action_index(self, action) -> int:
+        index = int(np.asarray(action).reshape(-1)[0]) if np.ndim(action) else int(action)
+        if not 0 <= index < len(self._actions):
+            raise ValueError(f'Atari action must be an index in 0..{len(self._actions) - 1} (minimal '
+                             f'action set); got {action!r}.')
+        return index
+
+    def _screen(self) -> np.ndarray:
+        return self._ale.getScreenGrayscale() if self._gray else self._ale.getScreenRGB()  # (210, 160[, 3])
+
+    def _observation(self, frames: list[np.ndarray], is_terminal: bool) -> dict[str, np.ndarray]:
+        image = resize_frame(max_pool(frames), self._size, self._resize)
+        if self._gray:
+            image = image[..., None]  # (H, W, 1)
+        return {'image': image, 'is_terminal': bool(is_terminal)}
+
+
+def make_emulator(game: str, seed: int):
+    """An ALEInterface with `game` loaded, one frame per act(), no built-in sticky actions."""
+    try:
+        import ale_py
+        from ale_py import roms
+    except ImportError as error:
+        raise ImportError("Atari tasks need ale-py (its wheel ships the ROMs). Install it with "
+                          "`pip install ale-py==0.12.1`.") from error
+    rom_ids = roms.get_all_rom_ids()
+    if game not in rom_ids:
+        raise ValueError(f"Unknown Atari game 'atari_{game}': expected atari_<rom id> with a snake_case "
+                         f"ROM id shipped by ale-py, got {game!r}. Known games: {', '.join(rom_ids)}.")
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
+    ale = ale_py.ALEInterface()
+    ale.setInt('random_seed', int(seed) % (2 ** 31))
+    ale.setFloat('repeat_action_probability', 0.0)
+    ale.setInt('frame_skip', 1)
+    ale.setInt('max_num_frames_per_episode', 0)
+    ale.loadROM(roms.get_rom_path(game))
+    return ale

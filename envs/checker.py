@@ -1,0 +1,165 @@
+"""Start-up check of an env against the env contract, with messages that diagnose.
+
+`check_env(env, index)` does one reset and one step, then compares what came back with what the env
+declares: the action space (Box or Discrete, finite bounds), the return shapes of reset() and step(),
+and every observation key against `obs_space` (missing or extra key, shape, dtype, range, NaN/inf).
+Each failure raises `EnvCheckError` naming the key, the expected and the actual value, and a likely fix.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import gymnasium
+import numpy as np
+
+from .wrappers import get_act_space, get_obs_space
+
+FLAG_KEYS = ('reward', 'is_first', 'is_last', 'is_terminal')
+
+
+class EnvCheckError(ValueError):
+    """The env breaks the env contract; the message says where, what was expected and how to fix it."""
+
+
+def check_env(env: Any, index: int = 0) -> None:
+    """Runs one reset and one step on `env` and raises EnvCheckError at the first contract breach."""
+    where = f'env {index} ({type(env).__name__})'
+    obs_space = _check_obs_space(get_obs_space(env), where)
+    act_space = _check_act_space(get_act_space(env), where)
+    obs = _check_reset_result(env.reset(), where)
+    _check_observation(obs, obs_space, where, 'reset()')
+    act_space.seed(index)
+    obs = _check_step_result(env.step(act_space.sample()), where)
+    _check_observation(obs, obs_space, where, 'step()')
+
+
+def is_model_input(key: str) -> bool:
+    """Observation keys that must be declared in obs_space (not flags, not `log_` scalars)."""
+    return key not in FLAG_KEYS and not str(key).startswith('log_')
+
+
+def _check_obs_space(space: Any, where: str) -> dict:
+    if isinstance(space, gymnasium.spaces.Dict):
+        space = dict(space.spaces)
+    if not isinstance(space, Mapping):
+        raise EnvCheckError(
+            f"{where}: obs_space must be a dict of gymnasium.spaces.Box, got {type(space).__name__} "
+            f"({space!r}). Return e.g. {{'image': gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)}} "
+            "from the obs_space property.")
+    for key, box in space.items():
+        if str(key).startswith('log_'):
+            raise EnvCheckError(
+                f"{where}: obs_space declares '{key}', but keys starting with 'log_' are logging-only "
+                "scalars and must not be in obs_space. Remove it from obs_space (keep returning it "
+                "in the observation if you want it logged).")
+        if key in FLAG_KEYS:
+            continue
+        if not isinstance(box, gymnasium.spaces.Box):
+            raise EnvCheckError(
+                f"{where}: obs_space['{key}'] must be a gymnasium.spaces.Box, got {box!r}. Describe "
+                "each observation as a Box (a Discrete value can be sent as a one-hot float32 Box).")
+    return {k: v for k, v in space.items() if is_model_input(k)}
+
+
+def _check_act_space(space: Any, where: str) -> gymnasium.spaces.Space:
+    if isinstance(space, gymnasium.spaces.Discrete):
+        if space.n < 1:
+            raise EnvCheckError(f"{where}: act_space Discrete must have n >= 1, got n={space.n}.")
+        return space
+    if not isinstance(space, gymnasium.spaces.Box):
+        raise EnvCheckError(
+            f"{where}: unsupported action space {space!r}; expected gymnasium.spaces.Box (continuous) "
+            "or gymnasium.spaces.Discrete (discrete). Flatten a MultiDiscrete or Tuple space into one "
+            "Discrete, or describe continuous actions as a 1-D Box.")
+    if len(space.shape) != 1:
+        raise EnvCheckError(
+            f"{where}: act_space Box must be 1-D, got shape {space.shape}. Flatten the action "
+            f"into a vector of {int(np.prod(space.shape))} values and reshape it inside step().")
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        raise EnvCheckError(
+            f"{where}: act_space Box needs finite bounds, got low={space.low}, high={space.high}. "
+            "The agent acts in [-1, 1] mapped onto [low, high]; give every dimension finite bounds.")
+    return space
+
+
+def _check_reset_result(result: Any, where: str) -> Any:
+    if not (isinstance(result, tuple) and len(result) == 2):
+        got = f'a {len(result)}-tuple' if isinstance(result, tuple) else type(result).__name__
+        raise EnvCheckError(
+            f"{where}: reset() must return (obs, info), got {got}. Return the observation dict and "
+            "an info dict: `return self._format_obs(obs), info` (gymnasium style).")
+    return result[0]
+
+
+def _check_step_result(result: Any, where: str) -> Any:
+    if not (isinstance(result, tuple) and len(result) == 5):
+        got = f'a {len(result)}-tuple' if isinstance(result, tuple) else type(result).__name__
+        raise EnvCheckError(
+            f"{where}: step() must return (obs, reward, terminated, truncated, info), got {got}. "
+            "An old gym-style (obs, reward, done, info) becomes (obs, reward, done, False, info).")
+    obs, reward, terminated, truncated, _ = result
+    if np.ndim(reward) != 0 or not np.isfinite(float(reward)):
+        raise EnvCheckError(
+            f"{where}: step() reward must be a finite scalar, got {reward!r}. Return a float.")
+    for name, flag in (('terminated', terminated), ('truncated', truncated)):
+        if np.ndim(flag) != 0:
+            raise EnvCheckError(
+                f"{where}: step() '{name}' must be a bool, got {flag!r}. Return a single bool.")
+    return obs
+
+
+def _check_observation(obs: Any, space: dict, where: str, call: str) -> None:
+    if not isinstance(obs, Mapping):
+        raise EnvCheckError(
+            f"{where}: {call} returned a {type(obs).__name__} observation; expected a dict with the "
+            f"keys {sorted(space)}. Wrap the array in a dict, e.g. {{'image': obs}}, in _format_obs.")
+    missing = [k for k in space if k not in obs]
+    if missing:
+        raise EnvCheckError(
+            f"{where}: {call} observation is missing key(s) {missing} that obs_space declares; got "
+            f"keys {sorted(obs)}. Return every obs_space key in each observation or remove it from "
+            "obs_space.")
+    extra = [k for k in obs if is_model_input(k) and k not in space]
+    if extra:
+        raise EnvCheckError(
+            f"{where}: {call} observation has key(s) {extra} that obs_space does not declare "
+            f"(obs_space keys: {sorted(space)}). Add them to obs_space, or name logging-only values "
+            "'log_<name>'.")
+    for key, box in space.items():
+        _check_value(key, obs[key], box, where, call)
+    for key in obs:
+        if str(key).startswith('log_') and (np.ndim(obs[key]) != 0 or not np.isfinite(obs[key])):
+            raise EnvCheckError(
+                f"{where}: {call} observation '{key}' is a logging key and must be a finite scalar, "
+                f"got {obs[key]!r}.")
+
+
+def _check_value(key: str, value: Any, box: gymnasium.spaces.Box, where: str, call: str) -> None:
+    name = f"{where}: {call} observation '{key}'"
+    if not isinstance(value, (np.ndarray, np.generic)):
+        raise EnvCheckError(
+            f"{name}: expected a numpy array, got {type(value).__name__}. Convert it with "
+            f"np.asarray(value, dtype=np.{box.dtype}).")
+    if value.shape != box.shape:
+        hint = (' A grayscale image needs a channel axis: img[..., None].repeat(3, -1).'
+                if len(box.shape) == 3 and value.ndim == 2 else '')
+        raise EnvCheckError(
+            f"{name}: expected shape {box.shape}, got {value.shape}. Make the observation match "
+            f"obs_space['{key}'] or fix obs_space.{hint}")
+    if value.dtype != box.dtype:
+        raise EnvCheckError(
+            f"{name}: expected dtype {box.dtype}, got {value.dtype}. Convert it in _format_obs with "
+            f".astype(np.{box.dtype}) or declare dtype=np.{value.dtype} in obs_space['{key}'].")
+    if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+        bad = 'NaN' if np.any(np.isnan(value)) else 'inf'
+        raise EnvCheckError(
+            f"{name}: contains {bad} at {int(np.sum(~np.isfinite(value)))} of {value.size} entries; "
+            "expected finite values. Find where the env divides by zero or overflows, or replace "
+            "them with np.nan_to_num.")
+    low, high = np.broadcast_to(box.low, box.shape), np.broadcast_to(box.high, box.shape)
+    outside = (value < low) | (value > high)
+    if np.any(outside):
+        raise EnvCheckError(
+            f"{name}: values outside obs_space bounds: expected [{np.min(low)}, {np.max(high)}], got "
+            f"min {np.min(value)}, max {np.max(value)} ({int(np.sum(outside))} of {value.size} "
+            "entries outside). Clip the observation or widen the Box bounds.")

@@ -1,0 +1,465 @@
+"""Replay: a uint8-preserving FIFO store of env steps, O(1) window sampling, chunks on disk, prefetching.
+
+Layout in memory
+    All steps of all workers (envs) share one ring of `capacity` slots; the step with global id `g`
+    lives in slot `g % capacity`, so the oldest step is always the one evicted (FIFO over workers).
+    Each worker keeps the ids of its own stored steps in order (`_WorkerIds`), and every position
+    where `batch_length` consecutive steps of one worker are stored is a "window start" kept in a
+    flat array with swap-remove (`_IndexedSet`). Sampling draws uniform indices into that array, so
+    it costs the same whether replay holds 10 episodes or 10,000, one worker or 64.
+
+Windows may cross episode boundaries: the step that begins the next episode carries is_first=True,
+and the first step of every sampled window is also marked is_first=True (in the returned copy), so
+the world model starts its state fresh there. Unfinished episodes are sampled like finished ones.
+
+Layout on disk (when `directory` is given)
+    Every added step is also buffered per worker and written to
+    `directory/w{worker:03d}-{first:012d}.npz` (`first` = that worker's running step index of the
+    chunk's first step) once `chunk` steps are buffered, atomically (tmp file, fsync, rename).
+    `flush()` writes the unfinished chunks under the same names; a later flush or the full chunk
+    overwrites that file, so a step is never on disk twice. Each chunk also stores `_order`, the
+    global insertion counter of its steps, so `load()` rebuilds the FIFO order across workers and
+    keeps only the most recent `capacity` steps. Chunks older than that stay on disk (nothing here
+    deletes data): disk use grows with the whole run, about the in-memory size per `capacity` steps.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LOG_PREFIX = "log_"
+ORDER_KEY = "_order"
+CHUNK_NAME = re.compile(r"^w(\d+)-(\d+)\.npz$")
+
+
+class _IndexedSet:
+    """Set of int64 ids with O(1) add, remove and uniform random draw (array + position map)."""
+
+    def __init__(self) -> None:
+        self._items = np.zeros(1024, np.int64)
+        self._size = 0
+        self._position: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, item: int) -> None:
+        if self._size == len(self._items):
+            self._items = np.concatenate([self._items, np.zeros_like(self._items)])
+        self._items[self._size] = item
+        self._position[item] = self._size
+        self._size += 1
+
+    def discard(self, item: int) -> None:
+        index = self._position.pop(item, None)
+        if index is None:
+            return
+        last = int(self._items[self._size - 1])
+        self._size -= 1
+        if index != self._size:
+            self._items[index] = last
+            self._position[last] = index
+
+    def draw(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        return self._items[rng.integers(0, self._size, size=count)]  # (count,)
+
+
+class _WorkerIds:
+    """The global ids of one worker's stored steps, oldest first, in a growable ring."""
+
+    def __init__(self) -> None:
+        self._ids = np.zeros(256, np.int64)
+        self._head = 0
+        self.count = 0
+        self.dropped = 0  # this worker's steps evicted so far: position p is stored at p - dropped
+
+    def append(self, gid: int) -> None:
+        if self.count == len(self._ids):
+            self._ids = np.concatenate([self.ordered(), np.zeros_like(self._ids)])
+            self._head = 0
+        self._ids[(self._head + self.count) % len(self._ids)] = gid
+        self.count += 1
+
+    def pop_oldest(self) -> int:
+        gid = int(self._ids[self._head])
+        self._head = (self._head + 1) % len(self._ids)
+        self.count -= 1
+        self.dropped += 1
+        return gid
+
+    def at(self, index: int) -> int:
+        return int(self._ids[(self._head + index) % len(self._ids)])
+
+    def window(self, position: int, length: int) -> np.ndarray:
+        offsets = self._head + position - self.dropped + np.arange(length)
+        return self._ids[offsets % len(self._ids)]  # (length,)
+
+    def ordered(self) -> np.ndarray:
+        return self._ids[(self._head + np.arange(self.count)) % len(self._ids)]
+
+
+class _ChunkWriter:
+    """Buffers one worker's steps and writes them as chunk files (see module docstring)."""
+
+    def __init__(self, directory: Path, worker: int, first: int, chunk: int) -> None:
+        self.directory, self.worker, self.first, self.chunk = directory, worker, first, chunk
+        self.pending: list[dict[str, np.ndarray]] = []
+
+    def add(self, step: dict[str, np.ndarray]) -> None:
+        self.pending.append(step)
+        if len(self.pending) >= self.chunk:
+            self.write()
+            self.first += len(self.pending)
+            self.pending = []
+
+    def write(self) -> None:
+        if not self.pending:
+            return
+        arrays = {key: np.stack([step[key] for step in self.pending]) for key in self.pending[0]}
+        path = self.directory / f"w{self.worker:03d}-{self.first:012d}.npz"
+        write_npz_atomic(path, arrays)
+
+
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an uncompressed npz to `path` via a tmp file, fsync and rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as file:
+        np.savez(file, **arrays)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def read_chunk(path: Path) -> dict[str, np.ndarray] | None:
+    """All arrays of one chunk file, or None (with a warning) when it is truncated or corrupt."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        lengths = {len(value) for value in arrays.values()}
+        if ORDER_KEY not in arrays or len(lengths) != 1:
+            raise ValueError(f"expected key {ORDER_KEY} and equal lengths, got {sorted(arrays)}")
+        return arrays
+    except Exception as error:  # noqa: BLE001 -- a bad chunk must never stop a resume
+        warn_bad_chunk(path, error)
+        return None
+
+
+def warn_bad_chunk(path: Path, error: Exception) -> None:
+    warnings.warn(
+        f"replay chunk {path} could not be read ({type(error).__name__}: {error}); it is "
+        "skipped and left on disk. The run continues with the other chunks.",
+        stacklevel=3,
+    )
+
+
+class Replay:
+    """FIFO replay of env steps with uniform sampling of `batch_length` windows of one worker.
+
+    add(step, worker) stores one transition (dict of arrays/scalars; keys starting with 'log_' are
+    dropped); sample(batch_size) returns {key: (batch_size, batch_length, ...)} arrays in the dtypes
+    they were added with (images stay uint8). Safe to add from one thread while another samples.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        batch_length: int,
+        directory: Path | None = None,
+        chunk: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        if batch_length < 1 or capacity < batch_length:
+            raise ValueError(
+                f"Replay needs 1 <= batch_length <= capacity, got batch_length={batch_length} and "
+                f"capacity={capacity}. Raise replay_size or lower batch_length in the config."
+            )
+        if chunk < 1:
+            raise ValueError(f"Replay chunk must be >= 1 step, got {chunk}; set replay_chunk >= 1.")
+        self.capacity, self.batch_length, self.chunk = int(capacity), int(batch_length), int(chunk)
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._arrays: dict[str, np.ndarray] = {}
+        self._slot_worker = np.zeros(self.capacity, np.int32)  # worker of the step in each slot
+        self._slot_position = np.zeros(self.capacity, np.int64)  # its running index in that worker
+        self._workers: dict[int, _WorkerIds] = {}
+        self._disk_next: dict[int, int] = {}  # next on-disk step index per worker (from load)
+        self._writers: dict[int, _ChunkWriter] = {}
+        self._starts = _IndexedSet()  # global ids of steps that begin a full window
+        self._next_id = 0  # global id of the next step (in-memory)
+        self._next_order = 0  # global insertion counter written to disk (continues on resume)
+        self._counts = {"inserts": 0, "samples": 0, "evictions": 0, "loaded": 0}
+
+    # --- adding ---------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return min(self._next_id, self.capacity)
+
+    def add(self, step: dict, worker: int = 0) -> None:
+        """Store one transition of `worker` (and buffer it for the chunk files)."""
+        stored = self._prepare(step)
+        order = self._next_order
+        self._next_order += 1
+        with self._lock:
+            self._insert(stored, worker)
+        if self.directory is not None:
+            self._writer(worker).add({**stored, ORDER_KEY: np.asarray(order, np.int64)})
+        self._counts["inserts"] += 1
+
+    def _prepare(self, step: dict) -> dict[str, np.ndarray]:
+        stored = {k: np.asarray(v) for k, v in step.items() if not k.startswith(LOG_PREFIX)}
+        if not self._arrays:
+            self._allocate(stored)
+        if stored.keys() != self._arrays.keys():
+            raise KeyError(
+                f"Replay.add got keys {sorted(stored)} but the first step stored had "
+                f"{sorted(self._arrays)}. Every step must carry the same observation keys plus "
+                "action, reward, is_first, is_last and is_terminal."
+            )
+        return stored
+
+    def _allocate(self, step: dict[str, np.ndarray]) -> None:
+        for key, value in step.items():
+            # np.empty leaves pages untouched until written, so a large capacity costs what it holds.
+            self._arrays[key] = np.empty((self.capacity, *value.shape), value.dtype)  # (capacity, ...)
+
+    def _insert(self, stored: dict[str, np.ndarray], worker: int) -> None:
+        gid = self._next_id
+        if gid >= self.capacity:
+            self._evict(gid - self.capacity)
+        slot = gid % self.capacity
+        for key, value in stored.items():
+            self._arrays[key][slot] = value
+        ids = self._workers.setdefault(worker, _WorkerIds())
+        position = ids.dropped + ids.count  # running index of this step in its worker's memory
+        self._slot_worker[slot], self._slot_position[slot] = worker, position
+        ids.append(gid)
+        if ids.count >= self.batch_length:
+            self._starts.add(ids.at(ids.count - self.batch_length))
+        self._next_id += 1
+
+    def _evict(self, gid: int) -> None:
+        worker = int(self._slot_worker[gid % self.capacity])
+        oldest = self._workers[worker].pop_oldest()
+        assert oldest == gid, (oldest, gid)
+        self._starts.discard(gid)
+        self._counts["evictions"] += 1
+
+    def _writer(self, worker: int) -> _ChunkWriter:
+        if worker not in self._writers:
+            first = self._disk_next.get(worker, 0)
+            self._writers[worker] = _ChunkWriter(self.directory, worker, first, self.chunk)
+        return self._writers[worker]
+
+    # --- sampling -------------------------------------------------------------------------------
+
+    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
+        """`batch_size` uniform windows: {key: (batch_size, batch_length, ...)} copies."""
+        with self._lock:
+            if len(self._starts) == 0:
+                raise ValueError(
+                    f"Replay.sample needs at least one worker with batch_length={self.batch_length} "
+                    f"stored steps, but replay holds {len(self)} steps over {len(self._workers)} "
+                    "worker(s). Add more steps first (prefill >= batch_length per env)."
+                )
+            slots = self._window_slots(self._starts.draw(self._rng, batch_size))  # (B, T)
+            batch = {key: array[slots] for key, array in self._arrays.items()}  # (B, T, ...)
+            self._counts["samples"] += batch_size
+        if "is_first" in batch:
+            batch["is_first"][:, 0] = True
+        return batch
+
+    def _window_slots(self, start_ids: np.ndarray) -> np.ndarray:
+        start_slots = start_ids % self.capacity  # (B,)
+        rows = []
+        for slot in start_slots:
+            ids = self._workers[int(self._slot_worker[slot])]
+            rows.append(ids.window(int(self._slot_position[slot]), self.batch_length))
+        return np.stack(rows) % self.capacity  # (B, T)
+
+    def windows(self) -> int:
+        """How many distinct windows can be sampled now."""
+        return len(self._starts)
+
+    def stats(self) -> dict[str, float]:
+        """Counts for logging: steps held, windows, workers, inserts, samples, evictions, loaded."""
+        with self._lock:
+            return {
+                "steps": len(self),
+                "capacity": self.capacity,
+                "windows": len(self._starts),
+                "workers": len(self._workers),
+                "episodes_started": int(self._arrays["is_first"][: len(self)].sum())
+                if "is_first" in self._arrays
+                else 0,
+                **self._counts,
+            }
+
+    # --- disk -----------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write every worker's unfinished chunk (overwritten when it grows): call before saving."""
+        for writer in self._writers.values():
+            writer.write()
+
+    def load(self) -> int:
+        """Read the chunk files of `directory` back (the most recent `capacity` steps); returns how
+        many steps were loaded. Call once, on a fresh Replay, before adding."""
+        if self.directory is None:
+            return 0
+        if self._next_id or self._next_order:
+            raise RuntimeError(
+                f"Replay.load must run on an empty Replay, but {self._next_id} steps were already "
+                "added; loading now would mix the orders. Call load() right after construction."
+            )
+        headers = self._chunk_headers()
+        self._resume_counters(headers)
+        chunks = self._read_recent_chunks(headers)
+        if not chunks:
+            return 0
+        order = np.concatenate([arrays[ORDER_KEY] for _, arrays in chunks])  # (N,)
+        keep = np.argsort(order, kind="stable")[-self.capacity :]
+        columns = self._columns(chunks)
+        workers = columns.pop("_worker")
+        for index in keep:
+            step = self._prepare({key: value[index] for key, value in columns.items()})
+            with self._lock:
+                self._insert(step, int(workers[index]))
+        self._counts["loaded"] = len(keep)
+        return len(keep)
+
+    def _chunk_headers(self) -> list[tuple[np.ndarray, int, int, Path]]:
+        """(order ids, worker, first index, path) of every readable chunk file; only the small
+        `_order` array is read here."""
+        headers = []
+        for path in sorted(self.directory.iterdir()):
+            match = CHUNK_NAME.match(path.name)
+            if not match:
+                continue
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    order = data[ORDER_KEY]  # (chunk,)
+                if order.ndim != 1 or len(order) == 0:
+                    raise ValueError(f"{ORDER_KEY} has shape {order.shape}")
+            except Exception as error:  # noqa: BLE001 -- a bad chunk must never stop a resume
+                warn_bad_chunk(path, error)
+                continue
+            headers.append((order, int(match.group(1)), int(match.group(2)), path))
+        return headers
+
+    def _resume_counters(self, headers: list) -> None:
+        """New steps continue the insertion counter and each worker's running index on disk, so
+        they never overwrite a chunk of the earlier run."""
+        for order, worker, first, _ in headers:
+            self._next_order = max(self._next_order, int(order.max()) + 1)
+            self._disk_next[worker] = max(self._disk_next.get(worker, 0), first + len(order))
+
+    def _read_recent_chunks(self, headers: list) -> list[tuple[tuple[int, int], dict]]:
+        """The chunks holding any of the newest `capacity` steps, sorted by (worker, first index);
+        the first step after a gap in a worker's stream (a skipped chunk) is marked is_first."""
+        if not headers:
+            return []
+        orders = np.concatenate([order for order, *_ in headers])  # (all steps on disk,)
+        newest = min(self.capacity, len(orders))
+        threshold = np.partition(orders, -newest)[-newest]  # oldest order id that is kept
+        chosen = []
+        for order, worker, first, path in headers:
+            if order.max() >= threshold:
+                arrays = read_chunk(path)
+                if arrays is not None:
+                    chosen.append(((worker, first), arrays))
+        chosen.sort(key=lambda item: item[0])
+        expected: dict[int, int] = {}
+        for (worker, first), arrays in chosen:
+            if worker in expected and expected[worker] != first and "is_first" in arrays:
+                arrays["is_first"][0] = True
+            expected[worker] = first + len(arrays[ORDER_KEY])
+        return chosen
+
+    @staticmethod
+    def _columns(chunks: list) -> dict[str, np.ndarray]:
+        keys = [k for k in chunks[0][1] if k != ORDER_KEY]
+        columns = {key: np.concatenate([arrays[key] for _, arrays in chunks]) for key in keys}
+        columns["_worker"] = np.concatenate(
+            [np.full(len(arrays[ORDER_KEY]), worker) for (worker, _), arrays in chunks]
+        )  # (N,)
+        return columns
+
+
+class Prefetcher:
+    """Samples batches in a background thread and hands them over as torch tensors on `device`
+    (dtypes kept: uint8 images stay uint8; pinned memory and non-blocking copies on CUDA).
+
+    next() waits for the next batch (re-raising any error of the thread); close() stops the thread.
+    Until the replay holds a full window the thread waits instead of failing.
+    """
+
+    def __init__(
+        self, replay: Replay, batch_size: int, device: torch.device | str = "cpu", depth: int = 2
+    ) -> None:
+        self.replay, self.batch_size, self.device = replay, batch_size, torch.device(device)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="replay-prefetch", daemon=True)
+        self._thread.start()
+
+    def next(self) -> dict[str, torch.Tensor]:
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the replay prefetch thread stopped; was close() called?")
+                continue
+            if isinstance(item, BaseException):
+                raise RuntimeError(f"replay prefetch thread failed: {item!r}") from item
+            return item
+
+    __next__ = next
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()  # unblock a put() waiting for room
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.replay.windows() == 0:
+                    time.sleep(0.01)
+                    continue
+                batch = self._to_device(self.replay.sample(self.batch_size))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as error:  # noqa: BLE001 -- handed to the consumer by next()
+            self._queue.put(error)
+
+    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        tensors = {key: torch.from_numpy(value) for key, value in batch.items()}
+        if self.device.type != "cuda":
+            return {key: value.to(self.device) for key, value in tensors.items()}
+        return {
+            key: value.pin_memory().to(self.device, non_blocking=True)
+            for key, value in tensors.items()
+        }

@@ -1,0 +1,252 @@
+"""Replay: uniform sampling, episode boundaries, FIFO capacity, workers, dtypes, chunks on disk."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from replay import Prefetcher, Replay
+
+
+def make_step(counter: int, worker: int = 0, first: bool = False, image: bool = True) -> dict:
+    step = {
+        "vector": np.full(3, counter, np.float32),
+        "action": np.zeros(2, np.float32),
+        "reward": np.float32(counter),
+        "worker": np.int32(worker),
+        "is_first": first,
+        "is_last": False,
+        "is_terminal": False,
+        "log_debug": np.ones(5),
+    }
+    if image:
+        step["image"] = np.full((8, 8, 3), counter % 256, np.uint8)
+    return step
+
+
+def fill(replay: Replay, steps: int, worker: int = 0, episode: int = 1000, offset: int = 0) -> None:
+    for counter in range(offset, offset + steps):
+        replay.add(make_step(counter, worker, first=counter % episode == 0), worker=worker)
+
+
+def chi_square(counts: np.ndarray) -> float:
+    expected = counts.sum() / len(counts)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_window_starts_are_uniform_over_stored_steps_of_all_workers() -> None:
+    replay = Replay(capacity=400, batch_length=10, seed=1)
+    fill(replay, 150, worker=0)
+    fill(replay, 60, worker=1, offset=1000)
+    starts = replay.sample(20_000)["reward"][:, 0].astype(int)
+    # Valid starts: 0..140 for worker 0 (141) and 1000..1050 for worker 1 (51): 192 cells, df = 191.
+    cells = np.concatenate([np.arange(0, 141), np.arange(1000, 1051)])
+    assert set(np.unique(starts)) <= set(cells)
+    counts = np.array([(starts == cell).sum() for cell in cells])
+    # Critical value of chi-square with 191 degrees of freedom at p = 0.001 is about 257.
+    assert chi_square(counts) < 257.0, chi_square(counts)
+
+
+def test_windows_mark_is_first_where_they_cross_an_episode_boundary() -> None:
+    replay = Replay(capacity=500, batch_length=12, seed=0)
+    fill(replay, 300, episode=7)
+    batch = replay.sample(500)
+    counters = batch["reward"].astype(int)  # (B, T)
+    assert np.all(np.diff(counters, axis=1) == 1)  # consecutive steps of one stream
+    expected_first = counters % 7 == 0
+    expected_first[:, 0] = True  # every window starts from a fresh model state
+    np.testing.assert_array_equal(batch["is_first"], expected_first)
+    assert batch["is_first"][:, 1:].any()  # some windows did cross a boundary
+
+
+def test_stored_is_first_is_not_changed_by_sampling() -> None:
+    replay = Replay(capacity=100, batch_length=4, seed=0)
+    fill(replay, 50, episode=1000)
+    replay.sample(64)
+    assert replay.sample(200)["is_first"][:, 1:].sum() == 0
+
+
+def test_fifo_capacity_keeps_the_most_recent_steps() -> None:
+    replay = Replay(capacity=50, batch_length=5, seed=0)
+    fill(replay, 120)
+    assert len(replay) == 50
+    counters = replay.sample(2000)["reward"]
+    assert counters.min() == 70 and counters.max() == 119
+    assert replay.stats()["evictions"] == 70
+    assert replay.stats()["windows"] == 46
+
+
+def test_fifo_is_over_all_workers_and_windows_never_mix_workers() -> None:
+    replay = Replay(capacity=90, batch_length=6, seed=0)
+    rng = np.random.default_rng(0)
+    counters = {0: 0, 1: 1000, 2: 2000}
+    for _ in range(400):
+        worker = int(rng.choice(3, p=[0.5, 0.3, 0.2]))
+        replay.add(make_step(counters[worker], worker), worker=worker)
+        counters[worker] += 1
+    assert len(replay) == 90
+    batch = replay.sample(3000)
+    workers, steps = batch["worker"], batch["reward"].astype(int)
+    assert np.all(workers == workers[:, :1])
+    assert np.all(np.diff(steps, axis=1) == 1)
+    assert np.all(steps // 1000 == workers)
+    assert set(np.unique(workers[:, 0])) == {0, 1, 2}
+
+
+def test_unfinished_episode_is_sampleable_and_dtypes_are_kept() -> None:
+    replay = Replay(capacity=100, batch_length=8, seed=0)
+    fill(replay, 8)  # one unfinished episode, exactly one window
+    batch = replay.sample(3)
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (3, 8, 8, 8, 3)
+    assert batch["vector"].dtype == np.float32 and batch["vector"].shape == (3, 8, 3)
+    assert batch["is_last"].dtype == np.bool_ and batch["action"].shape == (3, 8, 2)
+    np.testing.assert_array_equal(batch["image"][0, :, 0, 0, 0], np.arange(8))
+    assert "log_debug" not in batch
+    assert replay._arrays["image"].dtype == np.uint8  # no float copy kept anywhere
+
+
+def test_sample_returns_copies() -> None:
+    replay = Replay(capacity=20, batch_length=4, seed=0)
+    fill(replay, 10)
+    batch = replay.sample(2)
+    batch["image"][:] = 255
+    assert replay.sample(50)["image"].max() < 10
+
+
+def test_bad_configuration_and_inputs_give_clear_errors() -> None:
+    with pytest.raises(ValueError, match=r"batch_length <= capacity, got batch_length=64 and capacity=10"):
+        Replay(capacity=10, batch_length=64)
+    replay = Replay(capacity=20, batch_length=4)
+    with pytest.raises(ValueError, match=r"needs at least one worker with batch_length=4 stored steps"):
+        replay.sample(1)
+    replay.add(make_step(0))
+    bad = make_step(1)
+    del bad["reward"]
+    with pytest.raises(KeyError, match=r"but the first step stored had"):
+        replay.add(bad)
+
+
+def stored_counters(replay: Replay) -> dict[int, list[int]]:
+    """Every stored step's counter, per worker, in stream order (read through the windows API)."""
+    out = {}
+    for worker, ids in replay._workers.items():
+        slots = ids.ordered() % replay.capacity
+        out[worker] = replay._arrays["reward"][slots].astype(int).tolist()
+    return out
+
+
+def test_chunks_round_trip_through_flush_and_load(tmp_path: Path) -> None:
+    replay = Replay(capacity=1000, batch_length=4, directory=tmp_path, chunk=8)
+    fill(replay, 21, worker=0)
+    fill(replay, 13, worker=1, offset=1000)
+    replay.flush()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "w000-000000000000.npz", "w000-000000000008.npz", "w000-000000000016.npz",
+        "w001-000000000000.npz", "w001-000000000008.npz",
+    ]
+    loaded = Replay(capacity=1000, batch_length=4, directory=tmp_path, chunk=8)
+    assert loaded.load() == 34
+    assert stored_counters(loaded) == {0: list(range(21)), 1: list(range(1000, 1013))}
+    original = replay._arrays["image"][:34]
+    np.testing.assert_array_equal(np.sort(loaded._arrays["image"][:34], axis=0), np.sort(original, axis=0))
+    assert loaded._arrays["image"].dtype == np.uint8
+
+
+def test_flush_grow_flush_never_stores_a_step_twice(tmp_path: Path) -> None:
+    replay = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
+    fill(replay, 10)
+    replay.flush()
+    fill(replay, 3, offset=10)
+    replay.flush()
+    fill(replay, 4, offset=13)  # completes the second chunk (8..15), starts a third
+    replay.flush()
+    loaded = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
+    assert loaded.load() == 17
+    assert stored_counters(loaded) == {0: list(range(17))}
+
+
+def test_resumed_run_continues_on_disk_without_overwriting(tmp_path: Path) -> None:
+    first = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
+    fill(first, 11)
+    first.flush()
+    fill(first, 2, offset=11)  # lost: never flushed (like a kill -9)
+    second = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
+    assert second.load() == 11
+    fill(second, 6, offset=100)
+    second.flush()
+    third = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
+    assert third.load() == 17
+    assert stored_counters(third) == {0: list(range(11)) + list(range(100, 106))}
+    assert "w000-000000000011.npz" in {p.name for p in tmp_path.iterdir()}
+
+
+def test_load_keeps_only_the_most_recent_capacity_steps(tmp_path: Path) -> None:
+    writer = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
+    for counter in range(60):
+        writer.add(make_step(counter, counter % 2), worker=counter % 2)
+    writer.flush()
+    loaded = Replay(capacity=20, batch_length=2, directory=tmp_path, chunk=8)
+    assert loaded.load() == 20
+    assert stored_counters(loaded) == {0: list(range(40, 60, 2)), 1: list(range(41, 60, 2))}
+    assert len(list(tmp_path.glob("*.npz"))) == 8  # older chunks stay on disk
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate"])
+def test_corrupt_chunk_is_skipped_with_a_warning_and_kept(tmp_path: Path, damage: str) -> None:
+    replay = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
+    fill(replay, 24)
+    bad = tmp_path / "w000-000000000008.npz"
+    if damage == "garbage":
+        bad.write_bytes(b"not a zip file at all")
+    else:
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    loaded = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
+    with pytest.warns(UserWarning, match=r"replay chunk .*w000-000000000008\.npz could not be read .* skipped and left on disk"):
+        assert loaded.load() == 16
+    assert bad.exists()
+    assert stored_counters(loaded) == {0: list(range(8)) + list(range(16, 24))}
+    # The first step after the gap starts a new stream segment.
+    slots = loaded._workers[0].ordered() % loaded.capacity
+    assert loaded._arrays["is_first"][slots].nonzero()[0].tolist() == [0, 8]
+
+
+def test_load_without_chunks_and_without_directory_loads_nothing(tmp_path: Path) -> None:
+    assert Replay(capacity=10, batch_length=2, directory=tmp_path).load() == 0
+    assert Replay(capacity=10, batch_length=2).load() == 0
+    (tmp_path / "unrelated.txt").write_text("x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Replay(capacity=10, batch_length=2, directory=tmp_path).load() == 0
+
+
+def test_prefetcher_waits_for_data_and_yields_tensors() -> None:
+    replay = Replay(capacity=100, batch_length=5, seed=0)
+    prefetcher = Prefetcher(replay, batch_size=4, device="cpu", depth=2)
+    try:
+        fill(replay, 20)
+        batch = prefetcher.next()
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 5, 8, 8, 3)
+        assert batch["reward"].dtype == torch.float32 and batch["is_first"].dtype == torch.bool
+        for _ in range(5):
+            assert prefetcher.next()["reward"].shape == (4, 5)
+    finally:
+        prefetcher.close()
+    assert not prefetcher._thread.is_alive()
+
+
+def test_prefetcher_samples_while_main_thread_adds() -> None:
+    replay = Replay(capacity=64, batch_length=8, seed=0)
+    fill(replay, 16)
+    prefetcher = Prefetcher(replay, batch_size=8)
+    try:
+        for counter in range(16, 2000):
+            replay.add(make_step(counter), worker=0)
+            if counter % 50 == 0:
+                steps = prefetcher.next()["reward"].numpy().astype(int)
+                assert np.all(np.diff(steps, axis=1) == 1)
+    finally:
+        prefetcher.close()
