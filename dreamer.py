@@ -347,7 +347,7 @@ class Trainer:
         self.pool = make_env_pool(config, "train", config.envs.amount, dist.rank * config.envs.amount)
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
         if self.sync is not None:
-            self.agent.set_grad_sync(self.sync)
+            self.agent.set_grad_sync(self.sync.grads)
         self.replay = make_replay(config, self.paths, dist)
         self.counters = Counters()
         if self.paths.resume_from is not None:

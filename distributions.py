@@ -1,0 +1,164 @@
+"""The output distributions DreamerV3 uses, written for speed and for the paper's exact maths.
+
+- `TwoHotSymlog`: a categorical over evenly spaced bins in symlog space (reward and critic heads).
+- `OneHotCategorical`: a categorical whose probabilities are mixed with 1% uniform ("unimix"),
+  sampled as one-hot vectors with straight-through gradients (latents and discrete actions).
+- `BoundedNormal`: a diagonal Gaussian with tanh-squashed mean and a learned std in [min, max]
+  (continuous actions).
+- `Bernoulli`: the continuation predictor.
+
+All log-probabilities and statistics are computed in float32, whatever the autocast dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tools import symexp, symlog
+
+TWO_HOT_LOW = -20.0
+TWO_HOT_HIGH = 20.0
+
+
+def unimix_log_probs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
+    """Log of (1 - unimix) * softmax(logits) + unimix / classes, over the last axis (float32)."""
+    logits = logits.float()
+    if unimix <= 0.0:
+        return torch.log_softmax(logits, -1)
+    probs = torch.softmax(logits, -1)
+    mixed = (1.0 - unimix) * probs + unimix / logits.shape[-1]
+    return torch.log(mixed)
+
+
+def two_hot_bins(bins: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The `bins` evenly spaced bin centres in symlog space, from -20 to 20. (bins,)"""
+    return torch.linspace(TWO_HOT_LOW, TWO_HOT_HIGH, bins, device=device)
+
+
+def two_hot_index_weight(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For values x already in symlog space: index of the bin at or below x, and the weight of the
+    bin above it (the bin below gets 1 - weight). Values outside [-20, 20] go to the end bins."""
+    step = (TWO_HOT_HIGH - TWO_HOT_LOW) / (bins - 1)
+    position = ((x.float() - TWO_HOT_LOW) / step).clamp(0.0, bins - 1.0)
+    below = position.floor().clamp(max=bins - 2)  # so that `below + 1` is always a bin
+    weight_above = position - below
+    return below.long(), weight_above
+
+
+def two_hot(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """Two-hot encoding of values already in symlog space: (...) -> (..., bins), rows sum to 1."""
+    below, weight_above = two_hot_index_weight(x, bins)
+    target = torch.zeros(*x.shape, bins, device=x.device)  # (..., bins)
+    target.scatter_(-1, below.unsqueeze(-1), (1.0 - weight_above).unsqueeze(-1))
+    target.scatter_add_(-1, (below + 1).unsqueeze(-1), weight_above.unsqueeze(-1))
+    return target
+
+
+class TwoHotSymlog:
+    """Categorical over `bins` symlog-space bins; its mean is symexp of the expected bin value."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits.float()  # (..., bins)
+        self.bins = self.logits.shape[-1]
+        self.log_probs = torch.log_softmax(self.logits, -1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        centres = two_hot_bins(self.bins, self.logits.device)
+        return symexp((self.log_probs.exp() * centres).sum(-1))
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log-likelihood of the two-hot encoding of symlog(value): (...) -> (...)."""
+        below, weight_above = two_hot_index_weight(symlog(value.float()), self.bins)
+        log_below = self.log_probs.gather(-1, below.unsqueeze(-1)).squeeze(-1)
+        log_above = self.log_probs.gather(-1, (below + 1).unsqueeze(-1)).squeeze(-1)
+        return (1.0 - weight_above) * log_below + weight_above * log_above
+
+
+class OneHotCategorical:
+    """Categorical over the last axis with unimix, samples as one-hot vectors with straight-through
+    gradients. `event_dims` trailing axes before the class axis are summed in log_prob/entropy/kl
+    (1 for the RSSM's (stoch, classes) latents, 0 for a single discrete action)."""
+
+    def __init__(self, logits: torch.Tensor, unimix: float = 0.0, event_dims: int = 0):
+        self.log_probs = unimix_log_probs(logits, unimix)  # (..., classes)
+        self.probs = self.log_probs.exp()
+        self.event_dims = event_dims
+
+    def _sum_event(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(tuple(range(-self.event_dims, 0))) if self.event_dims else x
+
+    def _straight_through(self, one_hot: torch.Tensor) -> torch.Tensor:
+        return one_hot + self.probs - self.probs.detach()
+
+    def sample(self) -> torch.Tensor:
+        """One-hot sample (Gumbel-max, exact) with straight-through gradients to the probabilities."""
+        uniform = torch.rand_like(self.log_probs).clamp_(1e-20, 1.0)
+        index = (self.log_probs - torch.log(-torch.log(uniform))).argmax(-1)
+        one_hot = F.one_hot(index, self.log_probs.shape[-1]).to(self.probs.dtype)
+        return self._straight_through(one_hot)
+
+    def mode(self) -> torch.Tensor:
+        one_hot = F.one_hot(self.log_probs.argmax(-1), self.log_probs.shape[-1]).to(self.probs.dtype)
+        return self._straight_through(one_hot)
+
+    def log_prob(self, one_hot: torch.Tensor) -> torch.Tensor:
+        return self._sum_event((one_hot.float() * self.log_probs).sum(-1))
+
+    def entropy(self) -> torch.Tensor:
+        return self._sum_event(-(self.probs * self.log_probs).sum(-1))
+
+    def kl(self, other: "OneHotCategorical") -> torch.Tensor:
+        """KL(self || other), summed over the event axes."""
+        return self._sum_event((self.probs * (self.log_probs - other.log_probs)).sum(-1))
+
+
+def categorical_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) from log-probabilities over the last axis, summed over the last two axes
+    (the RSSM's (stoch, classes)): (..., stoch, classes) -> (...)."""
+    return (log_p.exp() * (log_p - log_q)).sum((-2, -1))
+
+
+class BoundedNormal:
+    """Diagonal Gaussian with mean tanh(raw_mean) and std (max - min) * sigmoid(raw_std + 2) + min,
+    independent over the last axis (the action dimensions)."""
+
+    def __init__(self, raw_mean: torch.Tensor, raw_std: torch.Tensor, min_std: float, max_std: float):
+        self.mean = torch.tanh(raw_mean.float())
+        self.std = (max_std - min_std) * torch.sigmoid(raw_std.float() + 2.0) + min_std
+
+    def sample(self) -> torch.Tensor:
+        """Reparameterised sample (gradients flow to mean and std)."""
+        return self.mean + self.std * torch.randn_like(self.mean)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        z = (value.float() - self.mean) / self.std
+        return (-0.5 * z.square() - torch.log(self.std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        return (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(self.std)).sum(-1)
+
+
+class Bernoulli:
+    """Bernoulli from logits (the continuation head)."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits.float()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+    def mode(self) -> torch.Tensor:
+        return (self.logits > 0).float()
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return -F.binary_cross_entropy_with_logits(self.logits, value.float(), reduction="none")

@@ -1,0 +1,124 @@
+"""Environments: the suite registry, task parsing and the one wrap function every suite goes through.
+
+A task `<suite>_<name>` (dmc_walker_walk, atari_pong, custom_reach, gym_CartPole-v1) is split at the
+first underscore; `REGISTRY[suite](name, **config.env[suite])` builds the env. Suite classes import
+their third-party packages only when constructed, so a missing package matters only to its suite.
+
+Every env the agent sees comes from `make_env` and so has the same stack, innermost first:
+ActionRepeat (unless the suite repeats itself), NormalizeActions (Box) or OneHotAction (Discrete),
+TimeLimit, ClipReward, and Flags, which gives every observation dict `reward`, `is_first` (reset),
+`is_last` (terminated or truncated) and `is_terminal` (terminated), whatever the suite said.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import gymnasium
+
+from . import wrappers
+from .atari import Atari
+from .checker import EnvCheckError, check_env
+from .crafter import Crafter
+from .custom_env import CustomEnv
+from .dmc import DMC
+from .gym import GymEnv
+from .memorymaze import MemoryMaze
+from .minecraft import Minecraft
+
+REGISTRY = {
+    'dmc': DMC,
+    'atari': Atari,
+    'crafter': Crafter,
+    'minecraft': Minecraft,
+    'memorymaze': MemoryMaze,
+    'gym': GymEnv,
+    'custom': CustomEnv,
+}
+
+MODES = ('train', 'eval')
+EVAL_SEED_OFFSET = 10000
+
+__all__ = ['REGISTRY', 'EnvCheckError', 'check_env', 'env_seed', 'make_env', 'parse_task',
+           'suite_kwargs', 'wrap_env', 'wrappers']
+
+
+def parse_task(task: str) -> tuple[str, str]:
+    """'dmc_walker_walk' -> ('dmc', 'walker_walk'); checks that the suite is registered."""
+    suite, _, name = str(task).partition('_')
+    registered = ', '.join(sorted(REGISTRY))
+    if not name:
+        raise ValueError(
+            f"Task '{task}' has no suite prefix; expected '<suite>_<name>' such as custom_reach, "
+            f"dmc_walker_walk or gym_CartPole-v1. Registered suites: {registered}.")
+    if suite not in REGISTRY:
+        raise ValueError(
+            f"Unknown suite '{suite}' in task '{task}'. Registered suites: {registered}. Name the "
+            "task '<suite>_<name>' with one of these, or add your env class to REGISTRY in "
+            "envs/__init__.py (e.g. 'custom': CustomEnv for --task custom_<name>).")
+    return suite, name
+
+
+def env_seed(seed: int, mode: str, index: int) -> int:
+    """Train env i gets seed + i, eval env i gets seed + 10000 + i."""
+    if mode not in MODES:
+        raise ValueError(f"Env mode must be one of {MODES}, got {mode!r}.")
+    return int(seed) + index + (EVAL_SEED_OFFSET if mode == 'eval' else 0)
+
+
+def constructor_parameters(cls: Any) -> set[str]:
+    """Names of the parameters the class's constructor declares explicitly (not **kwargs)."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def suite_kwargs(cls: Any, options: Mapping[str, Any], seed: int, action_repeat: int) -> dict:
+    """config.env[suite], plus seed / action_repeat where the constructor names those parameters."""
+    kwargs = dict(options)
+    names = constructor_parameters(cls)
+    if 'seed' in names:
+        kwargs['seed'] = seed
+    if 'action_repeat' in names:
+        kwargs['action_repeat'] = action_repeat
+    return kwargs
+
+
+def wrap_env(env: Any, action_repeat: int = 1, time_limit: int = 0,
+             reward_clip: float = 0.0) -> wrappers.Flags:
+    """The common wrapper stack (see the module docstring); action_repeat 1 means no ActionRepeat."""
+    if action_repeat > 1:
+        env = wrappers.ActionRepeat(env, action_repeat)
+    space = wrappers.get_act_space(env)
+    if isinstance(space, gymnasium.spaces.Discrete):
+        env = wrappers.OneHotAction(env)
+    else:
+        env = wrappers.NormalizeActions(env)
+    if time_limit > 0:
+        env = wrappers.TimeLimit(env, time_limit)
+    if reward_clip > 0:
+        env = wrappers.ClipReward(env, -reward_clip, reward_clip)
+    return wrappers.Flags(env)
+
+
+def make_env(config: Mapping[str, Any], mode: str, index: int) -> wrappers.Flags:
+    """The `index`-th train or eval env of `config.task`, wrapped; env 0 is checked at start-up.
+
+    Reads config keys task, seed, action_repeat, time_limit (agent steps, 0 = off), reward_clip
+    (0 = off) and env.<suite>. Rewards are not scaled here (the model applies reward_scale).
+    """
+    suite, name = parse_task(config['task'])
+    cls = REGISTRY[suite]
+    seed = env_seed(config['seed'], mode, index)
+    repeat = int(config['action_repeat'])
+    options = config['env'].get(suite, {}) if 'env' in config else {}
+    kwargs = suite_kwargs(cls, options, seed, repeat)
+    env = cls(name, **kwargs)
+    if index == 0:
+        check_env(env, index)
+        env.reset()
+    repeat_outside = 1 if 'action_repeat' in kwargs else repeat
+    return wrap_env(env, repeat_outside, int(config.get('time_limit', 0)),
+                    float(config.get('reward_clip', 0.0)))

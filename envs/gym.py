@@ -1,0 +1,142 @@
+"""Any installed gymnasium environment as a suite: `--task gym_<EnvId>` (gym_CartPole-v1, gym_Pendulum-v1).
+
+Observations: a Box observation flattened to float32 under `vector` (a Discrete one as a one-hot
+vector), plus, with `image=True`, the frame of render() resized to `size` under `image`. Actions: the
+env's Discrete space, or its Box flattened to 1-D (reshaped back before each step). The env's own time
+limit arrives as `truncated`.
+"""
+from __future__ import annotations
+
+import difflib
+import warnings
+from typing import Any
+
+import gymnasium
+import numpy as np
+
+CLASSIC_CONTROL_INSTALL = 'pip install "gymnasium[classic-control]"  (installs pygame)'
+
+
+def resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) uint8 frame -> (size[0], size[1], 3) uint8 with Pillow's bilinear filter."""
+    frame = np.asarray(frame, np.uint8)[..., :3]
+    if frame.shape[:2] == tuple(size):
+        return frame
+    from PIL import Image  # Pillow comes with matplotlib; imported only when resizing
+
+    image = Image.fromarray(frame).resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(image, np.uint8)
+
+
+def make_gymnasium_env(env_id: str) -> gymnasium.Env:
+    """gymnasium.make(env_id) with rgb_array rendering; an unknown id lists close registered ids."""
+    try:
+        try:
+            return gymnasium.make(env_id, render_mode='rgb_array')
+        except TypeError:  # an env class that does not take render_mode
+            return gymnasium.make(env_id)
+    except gymnasium.error.UnregisteredEnv as error:
+        close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=5, cutoff=0.5)
+        suggestion = f" Close matches: {', '.join(close)}." if close else ''
+        raise ValueError(
+            f"Unknown gymnasium environment '{env_id}' (task gym_{env_id}): {error}.{suggestion} Use "
+            "--task gym_<EnvId> with an id from gymnasium.registry (e.g. gym_CartPole-v1, "
+            "gym_Pendulum-v1); envs from other packages must be installed and imported to register."
+        ) from None
+
+
+class GymEnv:
+    """Adapter from a gymnasium env to the suite protocol (obs_space dict, act_space, dict observations)."""
+
+    def __init__(self, name: str, seed: int = 0, image: bool = False, size: tuple[int, int] = (64, 64)):
+        self._env = make_gymnasium_env(name)
+        self._name = name
+        self._seed = seed  # used by the first reset only
+        self._image = bool(image)
+        self._size = (int(size[0]), int(size[1]))
+        self._obs_kind = self._observation_kind(self._env.observation_space)
+        self._env.action_space.seed(seed)
+        self._render_warned = False
+
+    def _observation_kind(self, space: gymnasium.spaces.Space) -> str:
+        if isinstance(space, gymnasium.spaces.Box):
+            return 'box'
+        if isinstance(space, gymnasium.spaces.Discrete):
+            return 'discrete'
+        raise ValueError(
+            f"gym_{self._name}: observation space {space!r} is not supported; GymEnv handles Box "
+            "(sent as 'vector') and Discrete (sent one-hot as 'vector'). Wrap the env with "
+            "gymnasium.wrappers.FlattenObservation first, or write a suite class for it in envs/.")
+
+    @property
+    def obs_space(self) -> dict[str, gymnasium.spaces.Box]:
+        space = self._env.observation_space
+        if self._obs_kind == 'box':
+            low = np.asarray(np.broadcast_to(space.low, space.shape), np.float32).reshape(-1)
+            high = np.asarray(np.broadcast_to(space.high, space.shape), np.float32).reshape(-1)
+            spaces = {'vector': gymnasium.spaces.Box(low, high, dtype=np.float32)}
+        else:
+            spaces = {'vector': gymnasium.spaces.Box(0, 1, (int(space.n),), np.float32)}
+        if self._image:
+            spaces['image'] = gymnasium.spaces.Box(0, 255, self._size + (3,), np.uint8)
+        return spaces
+
+    @property
+    def act_space(self) -> gymnasium.spaces.Space:
+        space = self._env.action_space
+        if isinstance(space, gymnasium.spaces.Box):
+            return gymnasium.spaces.Box(space.low.reshape(-1), space.high.reshape(-1),
+                                        dtype=space.dtype)
+        return space
+
+    def reset(self) -> tuple[dict, dict]:
+        obs, info = self._env.reset(seed=self._seed)
+        self._seed = None
+        return self._observation(obs), info
+
+    def step(self, action: Any) -> tuple[dict, float, bool, bool, dict]:
+        space = self._env.action_space
+        if isinstance(space, gymnasium.spaces.Box):
+            action = np.asarray(action, space.dtype).reshape(space.shape)
+        elif isinstance(space, gymnasium.spaces.Discrete):
+            action = int(np.asarray(action))
+        obs, reward, terminated, truncated, info = self._env.step(action)
+        return self._observation(obs), float(reward), bool(terminated), bool(truncated), info
+
+    def _observation(self, raw: Any) -> dict:
+        if self._obs_kind == 'box':
+            vector = np.asarray(raw, np.float32).reshape(-1)
+        else:
+            space = self._env.observation_space
+            vector = np.zeros(int(space.n), np.float32)
+            vector[int(raw) - int(space.start)] = 1.0
+        obs = {'vector': vector}
+        if self._image:
+            obs['image'] = resize_frame(self._render_or_raise(), self._size)
+        return obs
+
+    def _render_or_raise(self) -> np.ndarray:
+        try:
+            frame = self._env.render()
+        except gymnasium.error.DependencyNotInstalled as error:
+            raise ImportError(
+                f"gym_{self._name} with image=True renders frames, which needs a package that is not "
+                f"installed ({error}). Install it: {CLASSIC_CONTROL_INSTALL}.") from None
+        if frame is None:
+            raise ValueError(
+                f"gym_{self._name}: render() returned None, so image=True has no frames. Use "
+                "env.gym.image False, or an env that supports render_mode='rgb_array'.")
+        return frame
+
+    def render(self) -> np.ndarray | None:
+        """The current frame (H, W, 3) uint8 at its native size, or None when rendering is unavailable."""
+        try:
+            return self._render_or_raise()
+        except (ImportError, ValueError) as error:
+            if not self._render_warned:
+                warnings.warn(f'{error} No videos for this env.', stacklevel=2)
+                self._render_warned = True
+            return None
+
+    def close(self) -> None:
+        self._env.close()

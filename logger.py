@@ -1,0 +1,195 @@
+"""Run logging: train.log (readable lines), metrics.jsonl (one JSON object per write), TensorBoard
+scalars and videos, and a live progress line on interactive terminals.
+
+Everything is flushed on each write(), so `tail -f <logdir>/train.log` follows a run live. A Logger
+made with enabled=False (non-zero ranks of a parallel run) writes nothing and prints nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Scalars shown first in a train.log line, in this order; the rest follow sorted by name.
+MAIN_SCALARS = ("perf/fps", "episode/return", "episode/length", "eval/return")
+MAIN_PREFIXES = ("loss/",)
+
+
+def to_float(value: Any) -> float:
+    """A python float from a python number, numpy scalar/0-dim array or 0-dim torch tensor."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.numel() != 1:
+            raise ValueError(
+                f"logger scalars must be single numbers, got a tensor of shape {tuple(value.shape)}; "
+                "reduce it first (e.g. .mean())."
+            )
+        return float(value.item())
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(
+            f"logger scalars must be single numbers, got an array of shape {array.shape}; reduce "
+            "it first (e.g. np.mean)."
+        )
+    return float(array.reshape(()))
+
+
+def format_number(value: float) -> str:
+    """Compact text for train.log: integers as such, others with 4 significant digits."""
+    if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def ordered_names(names: list[str]) -> list[str]:
+    """Main scalars first (MAIN_SCALARS order, then loss/*), then the rest sorted."""
+    main = [name for name in MAIN_SCALARS if name in names]
+    losses = sorted(name for name in names if name.startswith(MAIN_PREFIXES))
+    rest = sorted(name for name in names if name not in main and name not in losses)
+    return main + losses + rest
+
+
+def video_batch(frames: np.ndarray) -> np.ndarray:
+    """(T,H,W,C) or (B,T,H,W,C) uint8 frames -> (B,T,C,H,W) as TensorBoard's add_video wants."""
+    frames = np.asarray(frames)
+    if frames.ndim == 4:
+        frames = frames[None]
+    if frames.ndim != 5 or frames.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"video frames must be (T,H,W,C) or (B,T,H,W,C) with C in (1, 3), got shape "
+            f"{frames.shape}; stack the rendered frames along a leading time axis."
+        )
+    if frames.dtype != np.uint8:
+        frames = np.clip(frames * 255.0 if frames.max() <= 1.0 else frames, 0, 255).astype(np.uint8)
+    return frames.transpose(0, 1, 4, 2, 3)  # (B, T, C, H, W)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+class Logger:
+    """Collects scalars and videos between write() calls and writes them to every sink."""
+
+    def __init__(self, logdir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.logdir, self.enabled = Path(logdir), enabled
+        self._scalars: dict[str, Any] = {}
+        self._videos: dict[str, np.ndarray] = {}
+        self._writer = None
+        self._progress_shown = False
+        if not enabled:
+            return
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._text = open(self.logdir / "train.log", "a", buffering=1)
+        self._jsonl = open(self.logdir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.logdir), max_queue=1000, flush_secs=30)
+
+    # --- collecting -----------------------------------------------------------------------------
+
+    def scalar(self, name: str, value: Any) -> None:
+        if self.enabled:
+            self._scalars[name] = value
+
+    def scalars(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            self.scalar(name, value)
+
+    def video(self, name: str, frames: np.ndarray) -> None:
+        """Queue a video, (T,H,W,C) or (B,T,H,W,C) uint8, for the next write()."""
+        if self.enabled:
+            self._videos[name] = video_batch(frames)
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def write(self, step: int) -> None:
+        """Write the pending scalars and videos at `step` to all sinks, flush, and clear them."""
+        if not self.enabled:
+            return
+        values = {name: to_float(value) for name, value in self._scalars.items()}
+        if values:
+            self._write_text(step, values)
+            self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(name, value, int(step))
+            for name, frames in self._videos.items():
+                self._writer.add_video(name, torch.from_numpy(frames), int(step), fps=16)
+            self._writer.flush()
+        self._scalars, self._videos = {}, {}
+
+    def _write_text(self, step: int, values: dict[str, float]) -> None:
+        parts = [f"{name} {format_number(values[name])}" for name in ordered_names(list(values))]
+        self._clear_progress()
+        self._text.write(f"[{timestamp()}] step {int(step)} | " + " | ".join(parts) + "\n")
+        self._text.flush()
+
+    def info(self, message: str) -> None:
+        self._message("INFO", message)
+
+    def warning(self, message: str) -> None:
+        self._message("WARNING", message)
+
+    def error(self, message: str) -> None:
+        self._message("ERROR", message)
+
+    def _message(self, level: str, message: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[{timestamp()}] {level} {message}"
+        self._text.write(line + "\n")
+        self._text.flush()
+        self._clear_progress()
+        print(line, file=sys.stderr, flush=True)
+
+    def progress(self, step: int, total: int, fps: float, last_return: float | None = None) -> None:
+        """A live one-line status (steps done/total, fps, last return, time left) on an interactive
+        terminal; nothing when stderr is not a tty or the CI environment variable is set."""
+        if not self.enabled or not live_terminal():
+            return
+        left = (total - step) / fps if fps > 0 else float("nan")
+        text = f"step {int(step)}/{int(total)} ({100 * step / max(total, 1):.1f}%) | fps {fps:.1f}"
+        if last_return is not None:
+            text += f" | return {format_number(to_float(last_return))}"
+        text += f" | left {format_duration(left) if math.isfinite(left) else '?'}"
+        sys.stderr.write("\r" + text + "\x1b[K")
+        sys.stderr.flush()
+        self._progress_shown = True
+
+    def _clear_progress(self) -> None:
+        if self._progress_shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._progress_shown = False
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._clear_progress()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        for file in (self._text, self._jsonl):
+            if not file.closed:
+                file.close()
+
+
+def live_terminal() -> bool:
+    """True when stderr is an interactive terminal and not under CI."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,113 @@
+"""Logger: train.log lines, metrics.jsonl, TensorBoard scalars and videos, disabled ranks, progress."""
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import logger as logger_module
+from logger import Logger
+
+
+def read_events(logdir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+def test_write_fills_train_log_metrics_and_tensorboard(tmp_path: Path) -> None:
+    log = Logger(tmp_path)
+    log.scalars({"loss/model": torch.tensor(1.25), "episode/return": np.float32(3.5),
+                 "perf/fps": 120, "actor/entropy": np.array(0.5)})
+    log.video("eval/video", np.zeros((6, 16, 16, 3), np.uint8))
+    log.write(100)
+    log.scalar("episode/return", 7.0)
+    log.write(200)
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert len(lines) == 2
+    assert re.fullmatch(
+        r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] step 100 \| perf/fps 120 \| episode/return 3\.5 \| "
+        r"loss/model 1\.25 \| actor/entropy 0\.5", lines[0]), lines[0]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == [
+        {"step": 100, "loss/model": 1.25, "episode/return": 3.5, "perf/fps": 120.0, "actor/entropy": 0.5},
+        {"step": 200, "episode/return": 7.0},
+    ]
+    log.close()
+    events = read_events(tmp_path)
+    assert [(e.step, e.value) for e in events.Scalars("episode/return")] == [(100, 3.5), (200, 7.0)]
+    assert {"loss/model", "perf/fps", "actor/entropy"} <= set(events.Tags()["scalars"])
+    videos = events.Images("eval/video")  # add_video stores an animated GIF image summary
+    assert len(videos) == 1 and videos[0].step == 100 and videos[0].encoded_image_string[:3] == b"GIF"
+
+
+def test_batched_video_and_bad_video_shape(tmp_path: Path) -> None:
+    log = Logger(tmp_path, tensorboard=True)
+    log.video("openloop", np.full((2, 4, 8, 8, 3), 200, np.uint8))
+    log.write(5)
+    log.close()
+    assert len(read_events(tmp_path).Images("openloop")) == 1
+    with pytest.raises(ValueError, match=r"video frames must be \(T,H,W,C\) or \(B,T,H,W,C\).*got shape \(8, 8\)"):
+        Logger(tmp_path, tensorboard=False).video("x", np.zeros((8, 8), np.uint8))
+
+
+def test_messages_are_timestamped_in_train_log_and_stderr(tmp_path: Path, capsys) -> None:
+    log = Logger(tmp_path)
+    log.info("resuming from step 1000")
+    log.warning("disk is almost full")
+    log.error("env worker 2 crashed")
+    log.close()
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "INFO resuming from step 1000", "WARNING disk is almost full", "ERROR env worker 2 crashed"]
+    assert "WARNING disk is almost full" in capsys.readouterr().err
+
+
+def test_disabled_logger_writes_nothing(tmp_path: Path, capsys) -> None:
+    logdir = tmp_path / "rank1"
+    log = Logger(logdir, enabled=False)
+    log.scalar("loss/model", 1.0)
+    log.video("v", np.zeros((2, 4, 4, 3), np.uint8))
+    log.write(1)
+    log.info("hello")
+    log.progress(1, 10, 5.0, 1.0)
+    log.close()
+    assert not logdir.exists()
+    assert capsys.readouterr().err == ""
+
+
+def test_non_scalar_value_gives_clear_error(tmp_path: Path) -> None:
+    log = Logger(tmp_path, tensorboard=False)
+    log.scalar("loss/model", torch.ones(3))
+    with pytest.raises(ValueError, match=r"logger scalars must be single numbers, got a tensor of shape \(3,\)"):
+        log.write(1)
+    log.close()
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_only_on_an_interactive_terminal(tmp_path: Path, monkeypatch) -> None:
+    log = Logger(tmp_path, tensorboard=False)
+    terminal = FakeTerminal()
+    monkeypatch.setattr(logger_module.sys, "stderr", terminal)
+    monkeypatch.delenv("CI", raising=False)
+    log.progress(250, 1000, 50.0, 12.5)
+    assert terminal.getvalue() == "\rstep 250/1000 (25.0%) | fps 50.0 | return 12.5 | left 0:00:15\x1b[K"
+    monkeypatch.setenv("CI", "true")
+    log.progress(500, 1000, 50.0, 12.5)
+    assert terminal.getvalue().count("step ") == 1
+    log.close()
+    plain = io.StringIO()
+    monkeypatch.setattr(logger_module.sys, "stderr", plain)
+    monkeypatch.delenv("CI")
+    Logger(tmp_path, tensorboard=False).progress(1, 10, 1.0)
+    assert plain.getvalue() == ""
