@@ -1,9 +1,10 @@
 """Checkpoints that survive crashes: atomic `latest.pt` with a `latest.prev.pt` fallback, RNG state
 capture/restore, and shape checks that name the config key behind a mismatch.
 
-save_checkpoint writes `<path>.tmp`, fsyncs it, renames the current file to `<stem>.prev.pt`, renames
-the tmp file into place and fsyncs the folder: at every moment at least one complete checkpoint is on
-disk. load_checkpoint falls back to the `.prev.pt` file when the newest one is truncated or corrupt.
+save_checkpoint writes `<path>.tmp`, fsyncs it, renames the current file to `<stem>.prev.pt`,
+renames the tmp file into place and fsyncs the folder: at every moment at least one complete
+checkpoint is on disk. load_checkpoint falls back to the `.prev.pt` file when the newest one is
+truncated or corrupt.
 """
 from __future__ import annotations
 
@@ -16,10 +17,32 @@ import numpy as np
 import torch
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: unreadable (and no fallback), or built for another model."""
+
+
+class CheckpointMissing(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist."""
+
+
+class CheckpointMismatch(CheckpointError, ValueError):
+    """The checkpoint's parameters do not fit the model the config builds."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (e.g. a full disk); the previous one is intact."""
+
+
 def previous_path(path: Path) -> Path:
     """`latest.pt` -> `latest.prev.pt` (the fallback kept by save_checkpoint)."""
     path = Path(path)
     return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def has_checkpoint(path: Path) -> bool:
+    """True when `path` or its `.prev.pt` fallback exists (a run to resume)."""
+    path = Path(path)
+    return path.is_file() or previous_path(path).is_file()
 
 
 def fsync_directory(directory: Path) -> None:
@@ -48,7 +71,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
             os.fsync(file.fileno())
     except OSError as error:
         tmp.unlink(missing_ok=True)
-        raise OSError(
+        raise CheckpointWriteError(
             f"could not write checkpoint {path} ({error.strerror or error}). The previous "
             f"checkpoint, if any, is left untouched at {path}. Free disk space in {path.parent} "
             "(e.g. old runs or replay chunks) or point --logdir at a disk with room, then resume."
@@ -68,34 +91,45 @@ def load_checkpoint(
     `warn` with the reason (warnings.warn when not given)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(missing_message(path))
+        if previous_path(path).is_file():  # a crash between the two renames of save_checkpoint
+            return load_fallback(path, map_location, warn, "is missing")
+        raise CheckpointMissing(missing_message(path))
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001 -- any unreadable file falls back the same way
         first_error = error
     fallback = previous_path(path)
     if not fallback.exists():
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({describe(first_error)}) and there is no "
             f"previous checkpoint {fallback.name} to fall back to. Start a fresh run in a new "
             "--logdir, or restore the file from a backup."
         ) from first_error
+    problem = f"is truncated or corrupt ({describe(first_error)})"
+    return load_fallback(path, map_location, warn, problem)
+
+
+def load_fallback(
+    path: Path, map_location: Any, warn: Callable[[str], None] | None, problem: str
+) -> dict:
+    """Load `<stem>.prev.pt` because `path` has `problem`; warn about it."""
+    fallback = previous_path(path)
     try:
         state = torch.load(fallback, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001
-        raise RuntimeError(
-            f"checkpoint {path} is truncated or corrupt ({describe(first_error)}) and the previous "
-            f"checkpoint {fallback.name} is too ({describe(error)}). Start a fresh run in a new "
-            "--logdir, or restore one of the files from a backup."
+        raise CheckpointError(
+            f"checkpoint {path} {problem} and the previous checkpoint {fallback.name} is "
+            f"unreadable too ({describe(error)}). Start a fresh run in a new --logdir, or restore "
+            "one of the files from a backup."
         ) from error
     message = (
-        f"checkpoint {path} is truncated or corrupt ({describe(first_error)}); resuming from the "
-        f"previous checkpoint {fallback.name} instead (the steps after it are trained again)."
+        f"checkpoint {path} {problem}; resuming from the previous checkpoint {fallback.name} "
+        "instead (the steps after it are trained again)."
     )
     if warn is None:
         import warnings
 
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, stacklevel=3)
     else:
         warn(message)
     return state
@@ -114,7 +148,9 @@ def missing_message(path: Path) -> str:
             "--from_checkpoint path (it should point at a run's latest.pt)."
         )
     entries = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
-    listing = ", ".join(entries[:30]) + (f", ... ({len(entries)} entries)" if len(entries) > 30 else "")
+    listing = ", ".join(entries[:30])
+    if len(entries) > 30:
+        listing += f", ... ({len(entries)} entries)"
     return (
         f"checkpoint {path} does not exist. The folder {folder} holds: {listing or 'nothing'}. "
         "Check the --from_checkpoint path (it should point at a run's latest.pt)."
@@ -150,17 +186,20 @@ def check_shapes(
     expected_state: Mapping[str, torch.Tensor],
     hints: Mapping[str, str] | None = None,
 ) -> None:
-    """Raise ValueError when the checkpoint's parameters (`model_state`) differ in names or shapes
-    from the model the config builds (`expected_state`). `hints` maps a parameter-name prefix to
-    the config key that sets its size (e.g. {"rssm.": "rssm.deter"}) for the message."""
+    """Raise CheckpointMismatch when the checkpoint's parameters (`model_state`) differ in names or
+    shapes from the model the config builds (`expected_state`). `hints` maps a fragment of
+    parameter names to the config keys (and values) that set their sizes, e.g. {"rssm":
+    "rssm.deter=1024"}; the longest fragment found in the parameter's name is quoted. Nested
+    dicts (e.g. several modules' state dicts) are compared by dotted names; only tensors count."""
+    model_state, expected_state = flat_tensors(model_state), flat_tensors(expected_state)
     for name, expected in expected_state.items():
         if name in model_state and tuple(model_state[name].shape) != tuple(expected.shape):
             found = tuple(model_state[name].shape)
-            raise ValueError(shape_message(name, found, tuple(expected.shape), hints or {}))
+            raise CheckpointMismatch(shape_message(name, found, tuple(expected.shape), hints or {}))
     missing = [name for name in expected_state if name not in model_state]
     extra = [name for name in model_state if name not in expected_state]
     if missing or extra:
-        raise ValueError(
+        raise CheckpointMismatch(
             f"the checkpoint's model does not match the one the config builds: parameters missing "
             f"from the checkpoint: {missing[:5] or 'none'}; parameters only in the checkpoint: "
             f"{extra[:5] or 'none'}. It was probably trained with other encoder/decoder keys or "
@@ -168,13 +207,51 @@ def check_shapes(
         )
 
 
+def flat_tensors(state: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    """{dotted name: tensor} of every tensor in a nested mapping (other values are left out)."""
+    flat = {}
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            flat.update(flat_tensors(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def shape_message(name: str, found: tuple, expected: tuple, hints: Mapping[str, str]) -> str:
-    prefixes = [prefix for prefix in hints if name.startswith(prefix)]
-    key = hints[max(prefixes, key=len)] if prefixes else None
-    cause = f" (set by config key {key})" if key else ""
+    fragments = [fragment for fragment in hints if fragment in name]
+    hint = hints[max(fragments, key=len)] if fragments else None
+    cause = f" (config: {hint})" if hint else ""
     return (
         f"checkpoint parameter '{name}' has shape {found} but the config builds {expected}{cause}: "
         "the checkpoint was trained with a different model size. Resume with the config it was "
-        f"trained with{' (the same ' + key + ')' if key else ''}, or start a fresh run in a new "
-        "--logdir."
+        "trained with (saved in the checkpoint and in the run folder), or start a fresh run in a "
+        "new --logdir."
     )
+
+
+def check_config_sizes(saved: Mapping, current: Mapping, keys: list[str]) -> None:
+    """Raise CheckpointMismatch naming the first dotted config key (e.g. 'rssm.deter') whose value
+    in the config the checkpoint was trained with (`saved`) differs from the current config."""
+    for key in keys:
+        old, new = lookup(saved, key), lookup(current, key)
+        if old is not _MISSING and new is not _MISSING and old != new:
+            raise CheckpointMismatch(
+                f"the checkpoint was trained with {key}={old!r} but the config asks for "
+                f"{key}={new!r}, so its parameters do not fit the model. Resume with "
+                f"--{key} {old} (or the same --configs blocks as the original run), or start a "
+                "fresh run in a new --logdir."
+            )
+
+
+_MISSING = object()
+
+
+def lookup(config: Mapping, dotted: str) -> Any:
+    """config['a']['b'] for 'a.b', or a private sentinel when any part is absent."""
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from tools import symexp, symlog
 
-TWO_HOT_LOW = -20.0
 TWO_HOT_HIGH = 20.0
+TWO_HOT_LOW = -TWO_HOT_HIGH
 
 
 def unimix_log_probs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
@@ -34,7 +34,8 @@ def unimix_log_probs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
 
 def two_hot_bins(bins: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The `bins` evenly spaced bin centres in symlog space, from -20 to 20. (bins,)"""
-    return torch.linspace(TWO_HOT_LOW, TWO_HOT_HIGH, bins, device=device)
+    index = torch.arange(bins, dtype=torch.float64, device=device)
+    return ((2 * index - (bins - 1)) / (bins - 1) * TWO_HOT_HIGH).float()  # symmetric, exact 0 in the middle
 
 
 def two_hot_index_weight(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +95,19 @@ class OneHotCategorical:
         return x.sum(tuple(range(-self.event_dims, 0))) if self.event_dims else x
 
     def _straight_through(self, one_hot: torch.Tensor) -> torch.Tensor:
-        return one_hot + self.probs - self.probs.detach()
+        return one_hot + (self.probs - self.probs.detach())  # value exactly one-hot
+
+    @classmethod
+    def from_log_probs(cls, log_probs: torch.Tensor, event_dims: int = 0) -> "OneHotCategorical":
+        """From log-probabilities that already include the unimix."""
+        out = cls.__new__(cls)
+        out.log_probs, out.probs, out.event_dims = log_probs, log_probs.exp(), event_dims
+        return out
+
+    @classmethod
+    def stack(cls, dists: list["OneHotCategorical"]) -> "OneHotCategorical":
+        """One distribution over the stacked steps: T x (...) -> (T, ...)."""
+        return cls.from_log_probs(torch.stack([d.log_probs for d in dists]), dists[0].event_dims)
 
     def sample(self) -> torch.Tensor:
         """One-hot sample (Gumbel-max, exact) with straight-through gradients to the probabilities."""
@@ -131,6 +144,14 @@ class BoundedNormal:
     def __init__(self, raw_mean: torch.Tensor, raw_std: torch.Tensor, min_std: float, max_std: float):
         self.mean = torch.tanh(raw_mean.float())
         self.std = (max_std - min_std) * torch.sigmoid(raw_std.float() + 2.0) + min_std
+
+    @classmethod
+    def stack(cls, dists: list["BoundedNormal"]) -> "BoundedNormal":
+        """One distribution over the stacked steps: T x (..., A) -> (T, ..., A)."""
+        out = cls.__new__(cls)
+        out.mean = torch.stack([d.mean for d in dists])
+        out.std = torch.stack([d.std for d in dists])
+        return out
 
     def sample(self) -> torch.Tensor:
         """Reparameterised sample (gradients flow to mean and std)."""

@@ -102,10 +102,11 @@ def make_agent(config: Config, obs_space, act_space, device: torch.device):
     return exploration.make_agent(obs_space, act_space, config, device)
 
 
-def make_replay(config: Config, paths: RunPaths, dist: Dist) -> Replay:
+def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str], None]) -> Replay:
     directory = paths.replay_dir if dist.world == 1 else paths.replay_dir / f"rank{dist.rank}"
     capacity = max(config.replay_size // dist.world, config.batch_length)
-    return Replay(capacity, config.batch_length, directory, chunk=config.replay_chunk, seed=config.seed + dist.rank)
+    return Replay(capacity, config.batch_length, directory, chunk=config.replay_chunk,
+                  seed=config.seed + dist.rank, warn=warn)
 
 
 def make_logger(config: Config, paths: RunPaths, dist: Dist) -> Logger:
@@ -228,9 +229,10 @@ def evaluate(config: Config, agent, pool, logger: Logger) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def checkpoint_state(config: Config, agent, counters: Counters) -> dict[str, Any]:
+def checkpoint_state(config: Config, agent, counters: Counters, replay: Replay) -> dict[str, Any]:
     return {
         "agent": agent.state_dict(),
+        "replay_rng": replay.rng_state(),
         "counters": dataclasses.asdict(counters),
         "rng": ckpt.capture_rng_states(),
         "config": config.to_dict(),
@@ -243,17 +245,27 @@ def save(config: Config, agent, counters: Counters, replay: Replay, paths: RunPa
     """Flush replay chunks (every rank), then rank 0 writes latest.pt atomically."""
     replay.flush()
     if dist.main:
-        ckpt.save_checkpoint(paths.checkpoint, checkpoint_state(config, agent, counters))
+        ckpt.save_checkpoint(paths.checkpoint, checkpoint_state(config, agent, counters, replay))
         logger.info(f"saved checkpoint {paths.checkpoint} at step {counters.step}")
 
 
-def restore(config: Config, agent, paths: RunPaths, device: torch.device, logger: Logger) -> Counters:
+SIZE_KEYS = ["rssm.deter", "rssm.hidden", "rssm.stoch", "rssm.classes", "encoder.cnn_depth",
+             "encoder.mlp_units", "encoder.mlp_layers", "decoder.cnn_depth", "decoder.mlp_units",
+             "decoder.mlp_layers", "reward_head.units", "reward_head.layers", "reward_head.bins",
+             "cont_head.units", "cont_head.layers", "actor.units", "actor.layers", "critic.units",
+             "critic.layers", "critic.bins", "actor_dist"]
+
+
+def restore(config: Config, agent, replay: Replay, paths: RunPaths, device: torch.device,
+            logger: Logger) -> Counters:
     """Load the checkpoint named by paths.resume_from into the agent; return its counters."""
     state = ckpt.load_checkpoint(paths.resume_from, map_location=device, warn=logger.warning)
+    ckpt.check_config_sizes(state["config"], config.to_dict(), SIZE_KEYS)
     ckpt.check_shapes(state["agent"], agent.state_dict(), hints=shape_hints(config))
     agent.load_state_dict(state["agent"])
     counters = Counters(**state["counters"])
     ckpt.restore_rng_states(state["rng"])
+    replay.set_rng_state(state["replay_rng"])
     logger.info(f"resumed from {paths.resume_from} at step {counters.step} ({counters.updates} updates)")
     return counters
 
@@ -348,10 +360,10 @@ class Trainer:
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
         if self.sync is not None:
             self.agent.set_grad_sync(self.sync.grads)
-        self.replay = make_replay(config, self.paths, dist)
+        self.replay = make_replay(config, self.paths, dist, self.logger.warning)
         self.counters = Counters()
         if self.paths.resume_from is not None:
-            self.counters = restore(config, self.agent, self.paths, self.device, self.logger)
+            self.counters = restore(config, self.agent, self.replay, self.paths, self.device, self.logger)
         loaded = self.replay.load()
         if loaded:
             self.logger.info(f"replay: loaded {loaded} steps from {self.replay.directory}")
@@ -395,8 +407,7 @@ class Trainer:
     def train(self) -> int:
         """Do the updates owed by train_ratio; returns how many were done."""
         if self.counters.train_start < 0:
-            if len(self.replay) < max(self.config.prefill, self.config.batch_length) and \
-                    self.counters.step < self.config.prefill:
+            if self.counters.step < self.config.prefill or not self.replay.windows():
                 return 0
             self.counters.train_start = self.counters.step
         done = 0
@@ -578,7 +589,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return distributed.launch(config, loaded)
         check_run_inputs(config)
         print_config(config, loaded)
-        write_config(config, resolve_paths(config).logdir)
+        if not config.eval_only:
+            write_config(config, resolve_paths(config).logdir)
         train(config)
         return 0
     except (RunError, ConfigError, ckpt.CheckpointError) as error:

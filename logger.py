@@ -28,8 +28,8 @@ def to_float(value: Any) -> float:
         value = value.detach().cpu()
         if value.numel() != 1:
             raise ValueError(
-                f"logger scalars must be single numbers, got a tensor of shape {tuple(value.shape)}; "
-                "reduce it first (e.g. .mean())."
+                "logger scalars must be single numbers, got a tensor of shape "
+                f"{tuple(value.shape)}; reduce it first (e.g. .mean())."
             )
         return float(value.item())
     array = np.asarray(value)

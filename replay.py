@@ -1,4 +1,5 @@
-"""Replay: a uint8-preserving FIFO store of env steps, O(1) window sampling, chunks on disk, prefetching.
+"""Replay: a uint8-preserving FIFO store of env steps, O(1) window sampling, chunks on disk and
+a prefetch thread.
 
 Layout in memory
     All steps of all workers (envs) share one ring of `capacity` slots; the step with global id `g`
@@ -24,6 +25,7 @@ Layout on disk (when `directory` is given)
 """
 from __future__ import annotations
 
+import heapq
 import os
 import queue
 import re
@@ -31,6 +33,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,12 +44,14 @@ CHUNK_NAME = re.compile(r"^w(\d+)-(\d+)\.npz$")
 
 
 class _IndexedSet:
-    """Set of int64 ids with O(1) add, remove and uniform random draw (array + position map)."""
+    """Set of live step ids with O(1) add, remove and uniform random draw: a dense array of the
+    ids plus, per ring slot (id % capacity), the id's index in that array (-1 when absent)."""
 
-    def __init__(self) -> None:
-        self._items = np.zeros(1024, np.int64)
+    def __init__(self, capacity: int) -> None:
+        self._items = np.zeros(min(capacity, 1024), np.int64)
         self._size = 0
-        self._position: dict[int, int] = {}
+        self._capacity = capacity
+        self._index = np.full(capacity, -1, np.int64)  # (capacity,)
 
     def __len__(self) -> int:
         return self._size
@@ -55,18 +60,19 @@ class _IndexedSet:
         if self._size == len(self._items):
             self._items = np.concatenate([self._items, np.zeros_like(self._items)])
         self._items[self._size] = item
-        self._position[item] = self._size
+        self._index[item % self._capacity] = self._size
         self._size += 1
 
     def discard(self, item: int) -> None:
-        index = self._position.pop(item, None)
-        if index is None:
+        index = int(self._index[item % self._capacity])
+        if index < 0 or self._items[index] != item:
             return
-        last = int(self._items[self._size - 1])
+        self._index[item % self._capacity] = -1
         self._size -= 1
         if index != self._size:
+            last = int(self._items[self._size])
             self._items[index] = last
-            self._position[last] = index
+            self._index[last % self._capacity] = index
 
     def draw(self, rng: np.random.Generator, count: int) -> np.ndarray:
         return self._items[rng.integers(0, self._size, size=count)]  # (count,)
@@ -107,39 +113,56 @@ class _WorkerIds:
 
 
 class _ChunkWriter:
-    """Buffers one worker's steps and writes them as chunk files (see module docstring)."""
+    """Buffers one worker's steps and writes them as chunk files (see module docstring). A failed
+    write (e.g. a full disk) warns, keeps the steps and tries again at the next chunk boundary."""
 
-    def __init__(self, directory: Path, worker: int, first: int, chunk: int) -> None:
+    def __init__(
+        self, directory: Path, worker: int, first: int, chunk: int, warn: Callable[[str], None]
+    ) -> None:
         self.directory, self.worker, self.first, self.chunk = directory, worker, first, chunk
+        self.warn = warn
         self.pending: list[dict[str, np.ndarray]] = []
 
     def add(self, step: dict[str, np.ndarray]) -> None:
-        self.pending.append(step)
-        if len(self.pending) >= self.chunk:
-            self.write()
+        self.pending.append({key: np.array(value, copy=True) for key, value in step.items()})
+        if len(self.pending) % self.chunk == 0 and self.write():
             self.first += len(self.pending)
             self.pending = []
 
-    def write(self) -> None:
+    def write(self) -> bool:
+        """Write the buffered steps under this chunk's name; False when the write failed."""
         if not self.pending:
-            return
+            return True
         arrays = {key: np.stack([step[key] for step in self.pending]) for key in self.pending[0]}
         path = self.directory / f"w{self.worker:03d}-{self.first:012d}.npz"
-        write_npz_atomic(path, arrays)
+        try:
+            write_npz_atomic(path, arrays)
+        except OSError as error:
+            self.warn(
+                f"could not write replay chunk {path} ({error}); its {len(self.pending)} steps "
+                "stay in memory and the write is tried again at the next chunk or flush. Free disk "
+                "space, or a resumed run will lack these steps."
+            )
+            return False
+        return True
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an uncompressed npz to `path` via a tmp file, fsync and rename."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as file:
-        np.savez(file, **arrays)
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        with open(tmp, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
-def read_chunk(path: Path) -> dict[str, np.ndarray] | None:
-    """All arrays of one chunk file, or None (with a warning) when it is truncated or corrupt."""
+def read_chunk(path: Path, warn: Callable[[str], None]) -> dict[str, np.ndarray] | None:
+    """All arrays of one chunk file, or None (after `warn`) when it is truncated or corrupt."""
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
@@ -148,16 +171,19 @@ def read_chunk(path: Path) -> dict[str, np.ndarray] | None:
             raise ValueError(f"expected key {ORDER_KEY} and equal lengths, got {sorted(arrays)}")
         return arrays
     except Exception as error:  # noqa: BLE001 -- a bad chunk must never stop a resume
-        warn_bad_chunk(path, error)
+        warn(bad_chunk_message(path, error))
         return None
 
 
-def warn_bad_chunk(path: Path, error: Exception) -> None:
-    warnings.warn(
+def bad_chunk_message(path: Path, error: Exception) -> str:
+    return (
         f"replay chunk {path} could not be read ({type(error).__name__}: {error}); it is "
-        "skipped and left on disk. The run continues with the other chunks.",
-        stacklevel=3,
+        "skipped and left on disk. The run continues with the other chunks."
     )
+
+
+def warn_with_warnings(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 class Replay:
@@ -165,7 +191,9 @@ class Replay:
 
     add(step, worker) stores one transition (dict of arrays/scalars; keys starting with 'log_' are
     dropped); sample(batch_size) returns {key: (batch_size, batch_length, ...)} arrays in the dtypes
-    they were added with (images stay uint8). Safe to add from one thread while another samples.
+    they were added with (images stay uint8; float64 is stored as float32). Safe to add from one
+    thread while another samples. `warn` receives the messages about unreadable or unwritable
+    chunk files (default: warnings.warn); pass e.g. Logger.warning to see them in train.log.
     """
 
     def __init__(
@@ -175,6 +203,7 @@ class Replay:
         directory: Path | None = None,
         chunk: int = 1024,
         seed: int = 0,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         if batch_length < 1 or capacity < batch_length:
             raise ValueError(
@@ -188,6 +217,7 @@ class Replay:
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._rng = np.random.default_rng(seed)
+        self._warn = warn or warn_with_warnings  # e.g. Logger.warning
         self._lock = threading.Lock()
         self._arrays: dict[str, np.ndarray] = {}
         self._slot_worker = np.zeros(self.capacity, np.int32)  # worker of the step in each slot
@@ -195,7 +225,7 @@ class Replay:
         self._workers: dict[int, _WorkerIds] = {}
         self._disk_next: dict[int, int] = {}  # next on-disk step index per worker (from load)
         self._writers: dict[int, _ChunkWriter] = {}
-        self._starts = _IndexedSet()  # global ids of steps that begin a full window
+        self._starts = _IndexedSet(self.capacity)  # global ids of steps that begin a full window
         self._next_id = 0  # global id of the next step (in-memory)
         self._next_order = 0  # global insertion counter written to disk (continues on resume)
         self._counts = {"inserts": 0, "samples": 0, "evictions": 0, "loaded": 0}
@@ -226,12 +256,20 @@ class Replay:
                 f"{sorted(self._arrays)}. Every step must carry the same observation keys plus "
                 "action, reward, is_first, is_last and is_terminal."
             )
+        for key, value in stored.items():
+            if value.shape != self._arrays[key].shape[1:]:
+                raise ValueError(
+                    f"Replay.add got '{key}' of shape {value.shape} but the first step stored had "
+                    f"{self._arrays[key].shape[1:]}. Observations must keep one shape for the "
+                    "whole run (check the env's observation_space and wrappers)."
+                )
         return stored
 
     def _allocate(self, step: dict[str, np.ndarray]) -> None:
         for key, value in step.items():
-            # np.empty leaves pages untouched until written, so a large capacity costs what it holds.
-            self._arrays[key] = np.empty((self.capacity, *value.shape), value.dtype)  # (capacity, ...)
+            dtype = np.float32 if value.dtype == np.float64 else value.dtype  # python floats
+            # np.empty leaves pages untouched until written: a large capacity costs what it holds.
+            self._arrays[key] = np.empty((self.capacity, *value.shape), dtype)  # (capacity, ...)
 
     def _insert(self, stored: dict[str, np.ndarray], worker: int) -> None:
         gid = self._next_id
@@ -258,20 +296,30 @@ class Replay:
     def _writer(self, worker: int) -> _ChunkWriter:
         if worker not in self._writers:
             first = self._disk_next.get(worker, 0)
-            self._writers[worker] = _ChunkWriter(self.directory, worker, first, self.chunk)
+            self._writers[worker] = _ChunkWriter(
+                self.directory, worker, first, self.chunk, self._warn
+            )
         return self._writers[worker]
 
     # --- sampling -------------------------------------------------------------------------------
 
     def sample(self, batch_size: int) -> dict[str, np.ndarray]:
         """`batch_size` uniform windows: {key: (batch_size, batch_length, ...)} copies."""
+        batch = self.try_sample(batch_size)
+        if batch is None:
+            raise ValueError(
+                "Replay.sample needs at least one worker with "
+                f"batch_length={self.batch_length} stored steps, but replay holds {len(self)} "
+                f"steps over {len(self._workers)} worker(s). Add more steps first (prefill >= "
+                "batch_length per env)."
+            )
+        return batch
+
+    def try_sample(self, batch_size: int) -> dict[str, np.ndarray] | None:
+        """Like sample(), but None while no full window is stored."""
         with self._lock:
             if len(self._starts) == 0:
-                raise ValueError(
-                    f"Replay.sample needs at least one worker with batch_length={self.batch_length} "
-                    f"stored steps, but replay holds {len(self)} steps over {len(self._workers)} "
-                    "worker(s). Add more steps first (prefill >= batch_length per env)."
-                )
+                return None
             slots = self._window_slots(self._starts.draw(self._rng, batch_size))  # (B, T)
             batch = {key: array[slots] for key, array in self._arrays.items()}  # (B, T, ...)
             self._counts["samples"] += batch_size
@@ -286,6 +334,15 @@ class Replay:
             ids = self._workers[int(self._slot_worker[slot])]
             rows.append(ids.window(int(self._slot_position[slot]), self.batch_length))
         return np.stack(rows) % self.capacity  # (B, T)
+
+    def rng_state(self) -> dict:
+        """The sampler's generator state, for checkpoints."""
+        with self._lock:
+            return self._rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        with self._lock:
+            self._rng.bit_generator.state = state
 
     def windows(self) -> int:
         """How many distinct windows can be sampled now."""
@@ -324,19 +381,21 @@ class Replay:
             )
         headers = self._chunk_headers()
         self._resume_counters(headers)
-        chunks = self._read_recent_chunks(headers)
-        if not chunks:
+        if not headers:
             return 0
-        order = np.concatenate([arrays[ORDER_KEY] for _, arrays in chunks])  # (N,)
-        keep = np.argsort(order, kind="stable")[-self.capacity :]
-        columns = self._columns(chunks)
-        workers = columns.pop("_worker")
-        for index in keep:
-            step = self._prepare({key: value[index] for key, value in columns.items()})
+        orders = np.concatenate([order for order, *_ in headers])  # (steps on disk,)
+        newest = min(self.capacity, len(orders))
+        threshold = int(np.partition(orders, -newest)[-newest])  # oldest order id to keep
+        loaded = 0
+        for order, worker, arrays, index in self._steps_in_order(headers, threshold):
+            if order < threshold:
+                continue
+            step = self._prepare({key: value[index] for key, value in arrays.items()})
             with self._lock:
-                self._insert(step, int(workers[index]))
-        self._counts["loaded"] = len(keep)
-        return len(keep)
+                self._insert(step, worker)
+            loaded += 1
+        self._counts["loaded"] = loaded
+        return loaded
 
     def _chunk_headers(self) -> list[tuple[np.ndarray, int, int, Path]]:
         """(order ids, worker, first index, path) of every readable chunk file; only the small
@@ -352,7 +411,7 @@ class Replay:
                 if order.ndim != 1 or len(order) == 0:
                     raise ValueError(f"{ORDER_KEY} has shape {order.shape}")
             except Exception as error:  # noqa: BLE001 -- a bad chunk must never stop a resume
-                warn_bad_chunk(path, error)
+                self._warn(bad_chunk_message(path, error))
                 continue
             headers.append((order, int(match.group(1)), int(match.group(2)), path))
         return headers
@@ -364,36 +423,33 @@ class Replay:
             self._next_order = max(self._next_order, int(order.max()) + 1)
             self._disk_next[worker] = max(self._disk_next.get(worker, 0), first + len(order))
 
-    def _read_recent_chunks(self, headers: list) -> list[tuple[tuple[int, int], dict]]:
-        """The chunks holding any of the newest `capacity` steps, sorted by (worker, first index);
-        the first step after a gap in a worker's stream (a skipped chunk) is marked is_first."""
-        if not headers:
-            return []
-        orders = np.concatenate([order for order, *_ in headers])  # (all steps on disk,)
-        newest = min(self.capacity, len(orders))
-        threshold = np.partition(orders, -newest)[-newest]  # oldest order id that is kept
-        chosen = []
+    def _steps_in_order(self, headers: list, threshold: int) -> Iterator[tuple]:
+        """(order id, worker, chunk arrays, index) of every stored step in chunks that hold any
+        step from `threshold` on, merged across workers in insertion order; at most one chunk per
+        worker is in memory at a time."""
+        by_worker: dict[int, list[tuple[int, Path]]] = {}
         for order, worker, first, path in headers:
-            if order.max() >= threshold:
-                arrays = read_chunk(path)
-                if arrays is not None:
-                    chosen.append(((worker, first), arrays))
-        chosen.sort(key=lambda item: item[0])
-        expected: dict[int, int] = {}
-        for (worker, first), arrays in chosen:
-            if worker in expected and expected[worker] != first and "is_first" in arrays:
-                arrays["is_first"][0] = True
-            expected[worker] = first + len(arrays[ORDER_KEY])
-        return chosen
+            if int(order.max()) >= threshold:
+                by_worker.setdefault(worker, []).append((first, path))
+        streams = [self._worker_steps_from_disk(w, sorted(c)) for w, c in by_worker.items()]
+        return heapq.merge(*streams, key=lambda item: item[0])
 
-    @staticmethod
-    def _columns(chunks: list) -> dict[str, np.ndarray]:
-        keys = [k for k in chunks[0][1] if k != ORDER_KEY]
-        columns = {key: np.concatenate([arrays[key] for _, arrays in chunks]) for key in keys}
-        columns["_worker"] = np.concatenate(
-            [np.full(len(arrays[ORDER_KEY]), worker) for (worker, _), arrays in chunks]
-        )  # (N,)
-        return columns
+    def _worker_steps_from_disk(
+        self, worker: int, chunks: list[tuple[int, Path]]
+    ) -> Iterator[tuple]:
+        """One worker's steps from its chunk files in order; the first step after a gap in its
+        stream (a skipped or missing chunk) is marked is_first."""
+        expected = None
+        for first, path in chunks:
+            arrays = read_chunk(path, self._warn)
+            if arrays is None:
+                continue
+            order = arrays.pop(ORDER_KEY)
+            if expected is not None and first != expected and "is_first" in arrays:
+                arrays["is_first"][0] = True
+            expected = first + len(order)
+            for index in range(len(order)):
+                yield int(order[index]), worker, arrays, index
 
 
 class Prefetcher:
@@ -442,10 +498,11 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                if self.replay.windows() == 0:
+                sample = self.replay.try_sample(self.batch_size)
+                if sample is None:
                     time.sleep(0.01)
                     continue
-                batch = self._to_device(self.replay.sample(self.batch_size))
+                batch = self._to_device(sample)
                 while not self._stop.is_set():
                     try:
                         self._queue.put(batch, timeout=0.1)

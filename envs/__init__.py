@@ -11,6 +11,7 @@ TimeLimit, ClipReward, and Flags, which gives every observation dict `reward`, `
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Mapping
 
@@ -25,6 +26,7 @@ from .dmc import DMC
 from .gym import GymEnv
 from .memorymaze import MemoryMaze
 from .minecraft import Minecraft
+from .parallel import EnvError, EnvPool
 
 REGISTRY = {
     'dmc': DMC,
@@ -39,8 +41,8 @@ REGISTRY = {
 MODES = ('train', 'eval')
 EVAL_SEED_OFFSET = 10000
 
-__all__ = ['REGISTRY', 'EnvCheckError', 'check_env', 'env_seed', 'make_env', 'parse_task',
-           'suite_kwargs', 'wrap_env', 'wrappers']
+__all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'EnvPool', 'check_env', 'env_seed', 'make_env',
+           'make_pool', 'parse_task', 'suite_kwargs', 'wrap_env', 'wrappers']
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -122,3 +124,16 @@ def make_env(config: Mapping[str, Any], mode: str, index: int) -> wrappers.Flags
     repeat_outside = 1 if 'action_repeat' in kwargs else repeat
     return wrap_env(env, repeat_outside, int(config.get('time_limit', 0)),
                     float(config.get('reward_clip', 0.0)))
+
+
+def make_pool(config: Mapping[str, Any], mode: str, amount: int | None = None,
+              parallel: str | None = None, **pool_kwargs: Any) -> EnvPool:
+    """An EnvPool of `amount` (default envs.amount) make_env envs of `mode`, run as envs.parallel says.
+
+    `pool_kwargs` go to EnvPool (max_restarts, on_event). The constructors are functools.partial
+    objects of make_env, so they pickle for worker processes.
+    """
+    amount = int(config['envs']['amount'] if amount is None else amount)
+    parallel = config['envs']['parallel'] if parallel is None else parallel
+    ctors = [functools.partial(make_env, config, mode, index) for index in range(amount)]
+    return EnvPool(ctors, parallel, **pool_kwargs)

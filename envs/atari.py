@@ -11,10 +11,11 @@ ActionRepeat wrapper is not applied):
 - minimal action set (Discrete(n), n per game); `gray` gives image (H, W, 1), else (H, W, 3);
   frames are resized to `size` with pillow (bilinear) or opencv (area), per `resize`;
 - `lives`: 'unused' ignores life loss; 'discount' keeps playing after a life loss but marks that step
-  with obs['is_terminal'] = True and info['life_loss'] = True (terminated stays False: the game goes
-  on); 'reset' ends the episode at a life loss (terminated=True) and the following reset() continues
-  the same game from that point instead of restarting it (a real restart happens after game over or
-  after an episode that ended without a life loss, e.g. by the time limit).
+  with info['is_terminal'] = True (terminated stays False: the game goes on); the Flags wrapper is to
+  OR info['is_terminal'] into the observation's is_terminal flag, so the return is cut at the life loss
+  without ending the episode; 'reset' ends the episode at a life loss (terminated=True) and the
+  following reset() continues the same game from that point instead of restarting it (a real restart
+  happens after game over or after an episode that ended without a life loss, e.g. by the time limit).
 The episode's time limit (27000 agent steps in the paper) is applied by the generic TimeLimit wrapper.
 """
 from __future__ import annotations
@@ -72,7 +73,8 @@ class Atari:
         check_choice('lives', lives, LIVES_MODES)
         check_choice('resize', resize, RESIZE_MODES)
         if action_repeat < 1:
-            raise ValueError(f'Atari action_repeat must be >= 1; got {action_repeat}. Use 4 as in the paper.')
+            raise ValueError(f'Atari action_repeat must be >= 1; got {action_repeat}. '
+                             'Use 4 as in the paper.')
         self._ale = make_emulator(name, seed)
         self._actions = list(self._ale.getMinimalActionSet())
         self._repeat = int(action_repeat)
@@ -103,7 +105,7 @@ class Atari:
             self._rng = np.random.default_rng(seed)
         if self._continue_game and not self._ale.game_over():
             self._continue_game = False
-            return self._observation([self._screen()], is_terminal=False), {}
+            return self._observation([self._screen()]), {}
         self._continue_game = False
         self._ale.reset_game()
         for _ in range(int(self._rng.integers(0, self._noops + 1))):
@@ -112,7 +114,7 @@ class Atari:
                 self._ale.reset_game()
         self._previous_action = self._actions[NOOP]
         self._lives = self._ale.lives()
-        return self._observation([self._screen()], is_terminal=False), {}
+        return self._observation([self._screen()]), {}
 
     def step(self, action) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         requested = self._actions[self._action_index(action)]
@@ -134,9 +136,9 @@ class Atari:
         terminated = over or (life_loss and self._lives_mode == 'reset')
         self._continue_game = life_loss and self._lives_mode == 'reset' and not over
         discount_terminal = life_loss and self._lives_mode == 'discount'
-        obs = self._observation(frames, is_terminal=terminated or discount_terminal)
-        info = {'life_loss': bool(life_loss), 'lives': lives}
-        return obs, reward, bool(terminated), False, info
+        info = {'life_loss': bool(life_loss), 'lives': lives,
+                'is_terminal': bool(terminated or discount_terminal)}
+        return self._observation(frames), reward, bool(terminated), False, info
 
     def render(self, mode: str = 'rgb_array') -> np.ndarray:
         """The full-size RGB screen (210, 160, 3) uint8."""
@@ -154,13 +156,15 @@ class Atari:
         return index
 
     def _screen(self) -> np.ndarray:
-        return self._ale.getScreenGrayscale() if self._gray else self._ale.getScreenRGB()  # (210, 160[, 3])
+        if self._gray:
+            return self._ale.getScreenGrayscale()  # (210, 160)
+        return self._ale.getScreenRGB()  # (210, 160, 3)
 
-    def _observation(self, frames: list[np.ndarray], is_terminal: bool) -> dict[str, np.ndarray]:
+    def _observation(self, frames: list[np.ndarray]) -> dict[str, np.ndarray]:
         image = resize_frame(max_pool(frames), self._size, self._resize)
         if self._gray:
             image = image[..., None]  # (H, W, 1)
-        return {'image': image, 'is_terminal': bool(is_terminal)}
+        return {'image': image}
 
 
 def make_emulator(game: str, seed: int):

@@ -98,7 +98,11 @@ def _check_step_result(result: Any, where: str) -> Any:
             f"{where}: step() must return (obs, reward, terminated, truncated, info), got {got}. "
             "An old gym-style (obs, reward, done, info) becomes (obs, reward, done, False, info).")
     obs, reward, terminated, truncated, _ = result
-    if np.ndim(reward) != 0 or not np.isfinite(float(reward)):
+    try:
+        finite = np.ndim(reward) == 0 and bool(np.isfinite(float(reward)))
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
         raise EnvCheckError(
             f"{where}: step() reward must be a finite scalar, got {reward!r}. Return a float.")
     for name, flag in (('terminated', terminated), ('truncated', truncated)):

@@ -25,7 +25,8 @@ def crafter_score(success_rates_percent: dict[str, float]) -> float:
         raise ValueError('crafter_score needs at least one achievement success rate; got an empty dict.')
     rates = np.asarray(list(success_rates_percent.values()), np.float64)
     if np.any(rates < 0) or np.any(rates > 100):
-        raise ValueError(f'crafter_score expects success rates in percent (0..100); got {success_rates_percent}.')
+        raise ValueError('crafter_score expects success rates in percent (0..100); '
+                         f'got {success_rates_percent}.')
     return float(math.exp(np.mean(np.log1p(rates))) - 1.0)
 
 
@@ -82,4 +83,5 @@ class Crafter:
         pass
 
     def _observation(self, image: np.ndarray, achievements: dict[str, int]) -> dict[str, np.ndarray]:
-        return {'image': np.asarray(image, np.uint8), **achievement_logs(achievements, self._achievements)}
+        logs = achievement_logs(achievements, self._achievements)
+        return {'image': np.asarray(image, np.uint8), **logs}

@@ -134,7 +134,8 @@ class DMC:
         reward = float(time_step.reward or 0.0)
         terminated = bool(time_step.last() and time_step.discount == 0.0)
         truncated = bool(time_step.last() and not terminated)
-        return self._observation(time_step), reward, terminated, truncated, {'discount': time_step.discount}
+        info = {'discount': time_step.discount}
+        return self._observation(time_step), reward, terminated, truncated, info
 
     def render(self, mode: str = 'rgb_array') -> np.ndarray:
         """The configured camera as an (H, W, 3) uint8 frame (also for eval videos of proprio runs)."""

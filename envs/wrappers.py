@@ -36,9 +36,9 @@ def get_act_space(env: Any) -> Any:
 def render_frame(env: Any, *args: Any, **kwargs: Any) -> Any:
     """Calls `env.render`, whatever its style; None when the env has no render().
 
-    Handles gymnasium-style `render()` and old gym-style `render(mode='rgb_array')`: the given
-    arguments are passed when the method accepts them, else dropped, and a method that requires
-    `mode` gets `mode='rgb_array'`.
+    Handles gymnasium-style `render()` and old gym-style `render(mode=...)`: a method with a `mode`
+    parameter gets `mode='rgb_array'` unless the caller chose a mode, and arguments that the method
+    does not accept are dropped (so `render(mode='rgb_array')` works on a gymnasium env).
     """
     render = getattr(env, 'render', None)
     if render is None or not callable(render):
@@ -47,13 +47,13 @@ def render_frame(env: Any, *args: Any, **kwargs: Any) -> Any:
         signature = inspect.signature(render)
     except (TypeError, ValueError):  # builtins without a signature
         return render(*args, **kwargs)
-    for call_args, call_kwargs in ((args, kwargs), ((), {}), ((), {'mode': 'rgb_array'})):
-        try:
-            signature.bind(*call_args, **call_kwargs)
-        except TypeError:
-            continue
-        return render(*call_args, **call_kwargs)
-    return render(*args, **kwargs)  # let the env's own error speak
+    if 'mode' in signature.parameters and not args and 'mode' not in kwargs:
+        kwargs = {**kwargs, 'mode': 'rgb_array'}
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError:
+        return render()
+    return render(*args, **kwargs)
 
 
 class Wrapper:

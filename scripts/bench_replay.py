@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from replay import Replay  # noqa: E402
 
 
-def fill_episodes(replay: Replay, episodes: int, length: int, image_shape: tuple, workers: int = 4) -> None:
+def fill_episodes(
+    replay: Replay, episodes: int, length: int, image_shape: tuple, workers: int = 4
+) -> None:
     """`episodes` episodes of `length` steps, spread over `workers` envs added round-robin (as the
     training loop does), so the memory layout is the same whatever the episode count."""
     image = np.zeros(image_shape, np.uint8)
@@ -65,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--batch_length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=200_000, help="stored steps for the timing runs")
+    parser.add_argument("--steps", type=int, default=200_000, help="stored steps when timing")
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per configuration")
     parser.add_argument("--memory_steps", type=int, default=50_000)
     args = parser.parse_args()

@@ -53,7 +53,8 @@ def test_batched_video_and_bad_video_shape(tmp_path: Path) -> None:
     log.write(5)
     log.close()
     assert len(read_events(tmp_path).Images("openloop")) == 1
-    with pytest.raises(ValueError, match=r"video frames must be \(T,H,W,C\) or \(B,T,H,W,C\).*got shape \(8, 8\)"):
+    pattern = r"video frames must be \(T,H,W,C\) or \(B,T,H,W,C\).*got shape \(8, 8\)"
+    with pytest.raises(ValueError, match=pattern):
         Logger(tmp_path, tensorboard=False).video("x", np.zeros((8, 8), np.uint8))
 
 
@@ -85,7 +86,8 @@ def test_disabled_logger_writes_nothing(tmp_path: Path, capsys) -> None:
 def test_non_scalar_value_gives_clear_error(tmp_path: Path) -> None:
     log = Logger(tmp_path, tensorboard=False)
     log.scalar("loss/model", torch.ones(3))
-    with pytest.raises(ValueError, match=r"logger scalars must be single numbers, got a tensor of shape \(3,\)"):
+    pattern = r"logger scalars must be single numbers, got a tensor of shape \(3,\)"
+    with pytest.raises(ValueError, match=pattern):
         log.write(1)
     log.close()
 

@@ -117,10 +117,12 @@ def test_sample_returns_copies() -> None:
 
 
 def test_bad_configuration_and_inputs_give_clear_errors() -> None:
-    with pytest.raises(ValueError, match=r"batch_length <= capacity, got batch_length=64 and capacity=10"):
+    pattern = r"batch_length <= capacity, got batch_length=64 and capacity=10"
+    with pytest.raises(ValueError, match=pattern):
         Replay(capacity=10, batch_length=64)
     replay = Replay(capacity=20, batch_length=4)
-    with pytest.raises(ValueError, match=r"needs at least one worker with batch_length=4 stored steps"):
+    pattern = r"needs at least one worker with batch_length=4 stored steps"
+    with pytest.raises(ValueError, match=pattern):
         replay.sample(1)
     replay.add(make_step(0))
     bad = make_step(1)
@@ -205,7 +207,8 @@ def test_corrupt_chunk_is_skipped_with_a_warning_and_kept(tmp_path: Path, damage
     else:
         bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     loaded = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
-    with pytest.warns(UserWarning, match=r"replay chunk .*w000-000000000008\.npz could not be read .* skipped and left on disk"):
+    pattern = r"replay chunk .*w000-000000000008\.npz could not be read .* skipped and left on disk"
+    with pytest.warns(UserWarning, match=pattern):
         assert loaded.load() == 16
     assert bad.exists()
     assert stored_counters(loaded) == {0: list(range(8)) + list(range(16, 24))}
@@ -250,3 +253,109 @@ def test_prefetcher_samples_while_main_thread_adds() -> None:
                 assert np.all(np.diff(steps, axis=1) == 1)
     finally:
         prefetcher.close()
+
+
+def test_shape_change_is_rejected_and_python_floats_stored_as_float32() -> None:
+    replay = Replay(capacity=20, batch_length=2)
+    replay.add({"image": np.zeros((4, 4, 3), np.uint8), "reward": 1.0, "is_first": True})
+    assert replay._arrays["reward"].dtype == np.float32
+    pattern = r"got 'image' of shape \(4, 5, 3\) but the first step stored had \(4, 4, 3\)"
+    with pytest.raises(ValueError, match=pattern):
+        replay.add({"image": np.zeros((4, 5, 3), np.uint8), "reward": 1.0, "is_first": False})
+    assert len(replay) == 1
+
+
+def test_failed_chunk_write_warns_keeps_steps_and_retries(tmp_path: Path, monkeypatch) -> None:
+    messages: list[str] = []
+    replay = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=4, warn=messages.append)
+    real_savez = np.savez
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    fill(replay, 5)
+    assert len(messages) == 1 and "could not write replay chunk" in messages[0]
+    assert "No space left on device" in messages[0] and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(np, "savez", real_savez)
+    fill(replay, 3, offset=5)  # the 8th step is the next chunk boundary: all 8 written
+    assert [p.name for p in tmp_path.iterdir()] == ["w000-000000000000.npz"]
+    fill(replay, 1, offset=8)
+    replay.flush()
+    loaded = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=4)
+    assert loaded.load() == 9
+    assert stored_counters(loaded) == {0: list(range(9))}
+
+
+def test_load_warnings_go_to_the_warn_callback(tmp_path: Path) -> None:
+    replay = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=4)
+    fill(replay, 8)
+    (tmp_path / "w000-000000000004.npz").write_bytes(b"")
+    messages: list[str] = []
+    loaded = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=4, warn=messages.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loaded.load() == 4
+    assert len(messages) == 1 and "w000-000000000004.npz could not be read" in messages[0]
+    with pytest.raises(RuntimeError, match=r"Replay\.load must run on an empty Replay"):
+        loaded.load()
+
+
+def test_sampler_rng_state_round_trip() -> None:
+    replay = Replay(capacity=100, batch_length=4, seed=3)
+    fill(replay, 50)
+    state = replay.rng_state()
+    first = replay.sample(8)["reward"]
+    replay.set_rng_state(state)
+    np.testing.assert_array_equal(replay.sample(8)["reward"], first)
+
+
+def test_no_window_yet_gives_none_and_prefetcher_keeps_waiting() -> None:
+    replay = Replay(capacity=10, batch_length=8, seed=0)
+    for counter in range(10):  # two workers of 5 steps: no worker holds a full window
+        replay.add(make_step(counter, counter % 2), worker=counter % 2)
+    assert replay.try_sample(2) is None
+    prefetcher = Prefetcher(replay, batch_size=2)
+    try:
+        for counter in range(10, 20):
+            replay.add(make_step(counter, 0), worker=0)
+        assert prefetcher.next()["worker"].sum() == 0
+    finally:
+        prefetcher.close()
+
+
+WRITER_SCRIPT = """
+import sys
+import numpy as np
+from replay import Replay
+replay = Replay(capacity=100_000, batch_length=2, directory=sys.argv[1], chunk=64)
+for counter in range(10**9):
+    replay.add({"image": np.full((8, 8, 3), counter % 256, np.uint8), "reward": np.float32(counter),
+                "is_first": counter % 100 == 0}, worker=counter % 2)
+    if counter % 50 == 49:
+        replay.flush()
+        print(counter + 1, flush=True)
+"""
+
+
+def test_kill_9_during_writes_keeps_every_flushed_step_once(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, str(tmp_path)], cwd=root,
+                               stdout=subprocess.PIPE, text=True)
+    flushed = 0
+    while flushed < 3000:
+        flushed = int(process.stdout.readline())
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    loaded = Replay(capacity=100_000, batch_length=2, directory=tmp_path, chunk=64)
+    count = loaded.load()
+    assert count >= flushed
+    counters = stored_counters(loaded)
+    # Each worker gets back a prefix of its stream (nothing twice) that holds every flushed step.
+    assert counters[0] == list(range(0, 2 * len(counters[0]), 2))
+    assert counters[1] == list(range(1, 2 * len(counters[1]) + 1, 2))
+    assert counters[0][-1] >= flushed - 2 and counters[1][-1] >= flushed - 1

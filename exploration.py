@@ -1,0 +1,295 @@
+"""The agent the training loop drives, and its behaviours in the train envs.
+
+Behaviours (`behavior` config key): `greedy` acts with the task actor, `random` with uniform random
+actions, `plan2explore` with a second actor-critic trained on ensemble disagreement (intrinsic
+reward). Evaluation always uses the task actor's deterministic mode.
+
+`make_agent(obs_space, act_space, config, device)` builds an `Agent`; see its methods for the API.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import gymnasium
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import ActorCritic, GradSync, Optimizer, WorldModel, action_size, autocast
+from networks import EnsembleMLP, features
+
+PolicyState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # stoch (N, S*C), deter (N, D), action (N, A)
+OPENLOOP_CONTEXT = 5  # steps observed before the open-loop prediction in report()
+OPENLOOP_SEQUENCES = 6  # sequences shown side by side in the open-loop video
+
+
+class Plan2Explore(nn.Module):
+    """Ensemble that predicts the next latent from (features, action); the std of its predictions
+    (mean over latent dims) is the intrinsic reward of an exploration actor-critic."""
+
+    def __init__(self, feat_size: int, stoch_size: int, action_dim: int, config):
+        super().__init__()
+        pc = config.plan2explore
+        self.intr_scale, self.extr_scale = float(pc.intr_scale), float(pc.extr_scale)
+        self.ensemble = EnsembleMLP(int(pc.ensemble), feat_size + action_dim, stoch_size, int(pc.units),
+                                    int(pc.layers), float(config.norm_eps))
+        self.ac = ActorCritic(feat_size, action_dim, config)
+
+    def disagreement(self, feat: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """feat (..., F), action (..., A) -> std over members of the predicted next latent, (...)."""
+        inputs = torch.cat([feat, action.to(feat.dtype)], -1)
+        preds = self.ensemble(inputs.reshape(-1, inputs.shape[-1])).float()  # (M, n, S*C)
+        return preds.std(0).mean(-1).reshape(feat.shape[:-1])
+
+    def reward(self, wm: WorldModel, feat: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Reward on arriving at steps 1..H of an imagined trajectory (H+1, N, ...) -> (H, N)."""
+        reward = self.intr_scale * self.disagreement(feat[:-1], action[:-1])
+        if self.extr_scale:
+            reward = reward + self.extr_scale * wm.reward(feat[1:])
+        return reward
+
+    def ensemble_loss(self, states: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Squared error (summed over latent dims) predicting stoch_{t+1} from (feat_t, action_{t+1}),
+        over the posterior states of the batch, skipping pairs that cross an episode start."""
+        feat = features(states["stoch"], states["deter"]).detach()[:, :-1]  # (B, T-1, F)
+        action = batch["action"][:, 1:]  # (B, T-1, A): the action taken at t, leading to t+1
+        target = states["stoch"].detach()[:, 1:].float()  # (B, T-1, S*C)
+        inputs = torch.cat([feat, action.to(feat.dtype)], -1)
+        preds = self.ensemble(inputs.reshape(-1, inputs.shape[-1])).float()  # (M, n, S*C)
+        error = (preds - target.reshape(1, -1, target.shape[-1])).square().sum(-1)  # (M, n)
+        valid = (~batch["is_first"][:, 1:]).reshape(1, -1).float()  # (1, n)
+        return (error * valid).sum() / (valid.sum() * error.shape[0]).clamp(min=1.0)
+
+
+class Agent:
+    """World model + task actor-critic (+ exploration behaviour), their optimisers and counters."""
+
+    def __init__(self, obs_space: Mapping[str, gymnasium.spaces.Box], act_space: gymnasium.Space, config,
+                 device: torch.device):
+        self.config, self.device = config, torch.device(device)
+        self.act_space = act_space
+        self.discrete = isinstance(act_space, gymnasium.spaces.Discrete)
+        self.action_dim = action_size(act_space, config.actor_dist)
+        self.precision = str(config.precision)
+        self.behavior = config.behavior
+        self.wm = WorldModel(obs_space, self.action_dim, config).to(self.device)
+        feat_size = self.wm.rssm.feat_size
+        self.task = ActorCritic(feat_size, self.action_dim, config).to(self.device)
+        self.expl = None
+        if self.behavior == "plan2explore":
+            self.expl = Plan2Explore(feat_size, self.wm.rssm.stoch_size, self.action_dim, config).to(self.device)
+        elif self.behavior not in ("greedy", "random"):
+            raise ValueError(f"behavior must be greedy, random or plan2explore, got '{self.behavior}'.")
+        self.optimizers = self._make_optimizers()
+        self.updates = 0
+        self.grad_sync: GradSync | None = None
+        self.rng = np.random.default_rng(int(config.seed))
+
+    def _make_optimizers(self) -> dict[str, Optimizer]:
+        cfg, scaler = self.config, self.precision == "16"
+        ac = dict(eps=float(cfg.ac_eps), clip=float(cfg.ac_grad_clip), device=self.device, use_scaler=scaler)
+        opts = {
+            "model": Optimizer(self.wm.parameters(), float(cfg.model_lr), float(cfg.model_eps),
+                               float(cfg.model_grad_clip), self.device, scaler),
+            "actor": Optimizer(self.task.actor.parameters(), float(cfg.actor_lr), **ac),
+            "critic": Optimizer(self.task.critic.parameters(), float(cfg.critic_lr), **ac),
+        }
+        if self.expl is not None:
+            opts["expl_ensemble"] = Optimizer(self.expl.ensemble.parameters(), float(cfg.plan2explore.lr), **ac)
+            opts["expl_actor"] = Optimizer(self.expl.ac.actor.parameters(), float(cfg.actor_lr), **ac)
+            opts["expl_critic"] = Optimizer(self.expl.ac.critic.parameters(), float(cfg.critic_lr), **ac)
+        return opts
+
+    def set_grad_sync(self, fn: GradSync | None) -> None:
+        """Hook called with each parameter group after backward and before clipping (e.g. all-reduce)."""
+        self.grad_sync = fn
+
+    # -- training ----------------------------------------------------------------------------
+
+    def _step(self, name: str, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+        return self.optimizers[name].step(loss, self.grad_sync, retain_graph)
+
+    def _train_actor_critic(self, ac: ActorCritic, prefix: str, start: Mapping[str, torch.Tensor],
+                            reward_fn: Callable) -> dict[str, torch.Tensor]:
+        with autocast(self.device, self.precision):
+            actor_loss, critic_loss, metrics = ac.losses(self.wm, start, reward_fn)
+        metrics["grad/actor_norm"] = self._step(f"{prefix}actor", actor_loss, retain_graph=True)
+        metrics["grad/critic_norm"] = self._step(f"{prefix}critic", critic_loss)
+        if self.updates % int(self.config.slow_target_update) == 0:
+            ac.update_slow_critic()
+        return metrics
+
+    def train_world_model(self, batch: Mapping[str, torch.Tensor]
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One world-model update. Returns the filtered states (B, T, ...) and the metrics."""
+        with autocast(self.device, self.precision):
+            model_loss, states, metrics = self.wm.loss(batch)
+        metrics["grad/model_norm"] = self._step("model", model_loss)
+        return states, metrics
+
+    def train_behavior(self, states: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+        """Actor and critic updates (task, and exploration if any) imagined from every posterior
+        state of the batch (B*T starts). Never changes world-model parameters."""
+        start = {
+            "stoch": states["stoch"].detach().reshape(-1, states["stoch"].shape[-1]),  # (B*T, S*C)
+            "deter": states["deter"].detach().reshape(-1, states["deter"].shape[-1]),  # (B*T, D)
+            "cont": 1.0 - batch["is_terminal"].reshape(-1).float(),  # (B*T,)
+        }
+        metrics = self._train_actor_critic(self.task, "", start, lambda feat, _: self.wm.reward(feat[1:]))
+        if self.expl is not None:
+            with autocast(self.device, self.precision):
+                ensemble_loss = self.expl.ensemble_loss(states, batch)
+            metrics["loss/expl_ensemble"] = ensemble_loss.detach()
+            metrics["grad/expl_ensemble_norm"] = self._step("expl_ensemble", ensemble_loss)
+            expl = self._train_actor_critic(self.expl.ac, "expl_", start,
+                                            lambda feat, action: self.expl.reward(self.wm, feat, action))
+            metrics.update({k.replace("/", "/expl_", 1): v for k, v in expl.items()})
+        return metrics
+
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One update of the world model, then of the task actor and critic (and the exploration
+        behaviour). batch: (B, T, ...) tensors on the device. Returns detached 0-dim metric tensors."""
+        self.updates += 1
+        states, metrics = self.train_world_model(batch)
+        metrics.update(self.train_behavior(states, batch))
+        return metrics
+
+    # -- acting ------------------------------------------------------------------------------
+
+    def initial_state(self, n: int) -> PolicyState:
+        stoch, deter = self.wm.rssm.initial(n)
+        return stoch.detach().clone(), deter.detach().clone(), torch.zeros(n, self.action_dim, device=self.device)
+
+    def _obs_to_device(self, obs: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        keys = self.wm.encoder.cnn_keys + self.wm.encoder.mlp_keys
+        return {k: torch.as_tensor(np.asarray(obs[k])).to(self.device, non_blocking=True) for k in keys}
+
+    @torch.no_grad()
+    def policy(self, obs: Mapping[str, np.ndarray], state: PolicyState | None, mode: str = "train"
+               ) -> tuple[np.ndarray, PolicyState]:
+        """Actions (N, A) float32 for a batch of env observations and the next policy state.
+        mode 'train': the behaviour policy (sampled); 'eval': the task actor's mode."""
+        if mode not in ("train", "eval"):
+            raise ValueError(f"policy mode must be 'train' or 'eval', got '{mode}'.")
+        is_first = torch.as_tensor(np.asarray(obs["is_first"]), dtype=torch.bool).reshape(-1).to(self.device)
+        n = is_first.shape[0]
+        stoch, deter, prev_action = self.initial_state(n) if state is None else state
+        with autocast(self.device, self.precision):
+            embed = self.wm.encoder(self._obs_to_device(obs))
+            stoch, deter, _ = self.wm.rssm.obs_step(stoch, deter, prev_action, embed, is_first)
+            feat = features(stoch, deter)
+            if mode == "train" and self.behavior == "random":
+                action = torch.as_tensor(self.random_actions(n), device=self.device)
+            else:
+                actor = self.expl.ac.actor if (mode == "train" and self.expl is not None) else self.task.actor
+                dist = actor(feat)
+                action = dist.sample() if mode == "train" else dist.mode()
+        action = action.float()
+        if not self.discrete:
+            action = action.clamp(-1.0, 1.0)
+        return action.cpu().numpy(), (stoch, deter, action)
+
+    def random_actions(self, n: int) -> np.ndarray:
+        """Uniform random actions (N, A) float32: one-hot for Discrete, uniform in [-1, 1] for Box."""
+        if self.discrete:
+            return np.eye(self.action_dim, dtype=np.float32)[self.rng.integers(self.action_dim, size=n)]
+        return self.rng.uniform(-1.0, 1.0, (n, self.action_dim)).astype(np.float32)
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def report(self, batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Open-loop prediction videos 'openloop/<key>' (T, 3*H, n*W, 3) uint8 for each decoded image:
+        observe the first 5 steps, imagine the rest with the batch's actions; rows are truth,
+        prediction and error ((pred - truth + 1) / 2), one column per sequence."""
+        if not self.wm.decoder.cnn_keys:
+            return {}
+        n = min(OPENLOOP_SEQUENCES, batch["is_first"].shape[0])
+        length = batch["is_first"].shape[1]
+        context = min(OPENLOOP_CONTEXT, length)
+        sub = {k: v[:n] for k, v in batch.items()}
+        with autocast(self.device, self.precision):
+            states = self.wm.observe({k: v[:, :context] for k, v in sub.items()})
+            feats = [features(states["stoch"], states["deter"])]  # (n, context, F)
+            stoch, deter = states["stoch"][:, -1], states["deter"][:, -1]
+            imagined = []
+            for t in range(context, length):
+                stoch, deter = self.wm.rssm.img_step(stoch, deter, sub["action"][:, t])
+                imagined.append(features(stoch, deter))
+            if imagined:
+                feats.append(torch.stack(imagined, 1))
+            recon = self.wm.decoder(torch.cat(feats, 1))
+        videos = {}
+        for key in self.wm.decoder.cnn_keys:
+            truth = sub[key].float() / 255.0  # (n, T, H, W, C)
+            model = recon[key].float().clamp(0.0, 1.0)
+            error = (model - truth + 1.0) / 2.0
+            video = torch.cat([truth, model, error], 2)  # (n, T, 3H, W, C)
+            if video.shape[-1] == 1:
+                video = video.expand(*video.shape[:-1], 3)
+            video = video[..., :3].permute(1, 2, 0, 3, 4).reshape(length, video.shape[2], -1, 3)
+            videos[f"openloop/{key}"] = (video * 255).round().to(torch.uint8).cpu().numpy()
+        return videos
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "wm": self.wm.state_dict(), "task": self.task.state_dict(),
+            "expl": self.expl.state_dict() if self.expl is not None else None,
+            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+            "updates": self.updates, "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.wm.load_state_dict(state["wm"])
+        self.task.load_state_dict(state["task"])
+        if self.expl is not None:
+            if state.get("expl") is None:
+                raise ValueError("The checkpoint has no plan2explore state but behavior is plan2explore; "
+                                 "resume with the checkpoint's own --behavior.")
+            self.expl.load_state_dict(state["expl"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.updates = int(state["updates"])
+        self.rng.bit_generator.state = state["rng"]
+
+
+def make_agent(obs_space: Mapping[str, gymnasium.spaces.Box], act_space: gymnasium.Space, config,
+               device: torch.device | str) -> Agent:
+    """The agent for these spaces and config, on `device`, with the behaviour `config.behavior`."""
+    return Agent(obs_space, act_space, config, torch.device(device))
+
+
+def synthetic_batch(obs_space: Mapping[str, gymnasium.spaces.Box], act_space: gymnasium.Space,
+                    batch_size: int, length: int, device: torch.device | str = "cpu",
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random training batch (B, T, ...) in the loop's format, for tests and benchmarks: uint8
+    images, float vectors, actions (zeros on is_first steps), rewards, and episode flags with an
+    episode start at t=0 and one in the middle of every sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    batch: dict[str, torch.Tensor] = {}
+    for key, space in obs_space.items():
+        if key in ("is_first", "is_last", "is_terminal", "reward") or key.startswith("log_"):
+            continue
+        shape = (batch_size, length, *space.shape)
+        if space.dtype == np.uint8:
+            batch[key] = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+        else:
+            batch[key] = torch.randn(shape, generator=gen)
+    is_first = torch.zeros(batch_size, length, dtype=torch.bool)
+    is_first[:, 0] = True
+    is_first[:, length // 2] = True
+    if isinstance(act_space, gymnasium.spaces.Discrete):
+        index = torch.randint(0, int(act_space.n), (batch_size, length), generator=gen)
+        action = F.one_hot(index, int(act_space.n)).float()
+    else:
+        action = torch.rand(batch_size, length, int(act_space.shape[0]), generator=gen) * 2 - 1
+    batch["action"] = action * (~is_first).unsqueeze(-1).float()
+    batch["reward"] = torch.randn(batch_size, length, generator=gen)
+    batch["is_first"] = is_first
+    batch["is_last"] = torch.roll(is_first, -1, 1)
+    batch["is_terminal"] = batch["is_last"] & (torch.rand(batch_size, length, generator=gen) < 0.5)
+    return {k: v.to(device) for k, v in batch.items()}

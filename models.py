@@ -1,0 +1,324 @@
+"""DreamerV3's learning: the world model and the imagination actor-critic.
+
+- `WorldModel`: encoder, RSSM, decoder, reward and continue heads; its loss (reconstruction, two-hot
+  reward, Bernoulli continuation, balanced KL with free bits) and imagination from posterior states.
+- `ActorCritic`: actor, two-hot critic with a slow EMA copy, percentile return normaliser; trained on
+  lambda-returns of imagined trajectories.
+- `Optimizer`: Adam with gradient-norm clipping, an optional gradient hook (multi-GPU all-reduce) and
+  a gradient scaler for float16.
+
+Nothing here calls `.item()`: metrics are detached 0-dim tensors, gathered by the caller.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Mapping
+
+import gymnasium
+import torch
+from torch import nn
+
+from distributions import Bernoulli, BoundedNormal, OneHotCategorical, TwoHotSymlog, categorical_kl
+from networks import RSSM, Actor, Head, MultiDecoder, MultiEncoder, features, maybe_compile
+from tools import symlog
+
+GradSync = Callable[[list[nn.Parameter]], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces of maths
+
+
+def lambda_returns(reward: torch.Tensor, value: torch.Tensor, disc: torch.Tensor, lam: float) -> torch.Tensor:
+    """Bootstrapped lambda-returns, computed backwards in time.
+
+    reward (H, N): reward on arriving at step t+1; value (H+1, N); disc (H, N): discount times the
+    continuation of step t+1. R_t = r_t + disc_t * ((1 - lam) * v_{t+1} + lam * R_{t+1}), R_H = v_H.
+    Returns (H, N).
+    """
+    horizon = reward.shape[0]
+    assert value.shape[0] == horizon + 1 and disc.shape == reward.shape, (reward.shape, value.shape, disc.shape)
+    interm = reward + disc * (1.0 - lam) * value[1:]  # (H, N)
+    returns = [value[-1]]
+    for t in reversed(range(horizon)):
+        returns.append(interm[t] + disc[t] * lam * returns[-1])
+    return torch.stack(returns[1:][::-1])
+
+
+def kl_losses(post: torch.Tensor, prior: torch.Tensor, free: float) -> tuple[torch.Tensor, ...]:
+    """Balanced KL with free bits, from log-probabilities (..., stoch, classes).
+
+    dyn = max(free, KL(sg(post) || prior)) trains the prior; rep = max(free, KL(post || sg(prior)))
+    trains the representation. Returns (dyn, rep, raw KL value), each (...)."""
+    dyn = categorical_kl(post.detach(), prior)
+    rep = categorical_kl(post, prior.detach())
+    return dyn.clamp(min=free), rep.clamp(min=free), dyn.detach()
+
+
+class ReturnNormalizer(nn.Module):
+    """EMA of the `low`-th and `high`-th percentiles of the returns; the advantage scale is
+    max(max_, high_ema - low_ema)."""
+
+    def __init__(self, low: float = 5.0, high: float = 95.0, decay: float = 0.99, max: float = 1.0):
+        super().__init__()
+        self.decay, self.min_scale = decay, max
+        self.register_buffer("quantiles", torch.tensor([low / 100.0, high / 100.0]), persistent=False)
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, returns: torch.Tensor) -> None:
+        low, high = torch.quantile(returns.detach().float().flatten(), self.quantiles)
+        self.low.lerp_(low, 1.0 - self.decay)
+        self.high.lerp_(high, 1.0 - self.decay)
+
+    def scale(self) -> torch.Tensor:
+        return (self.high - self.low).clamp(min=self.min_scale)
+
+
+def autocast(device: torch.device, precision: str | int):
+    """Autocast context for precision '32' (off), '16' (float16) or 'bf16' (bfloat16)."""
+    precision = str(precision)
+    if precision == "32":
+        return contextlib.nullcontext()
+    if precision not in ("16", "bf16"):
+        raise ValueError(f"precision must be 32, 16 or bf16, got '{precision}'. Use --precision 32.")
+    dtype = torch.float16 if precision == "16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Optimizer:
+    """Adam over one parameter group with gradient-norm clipping; an optional hook sees the gradients
+    after backward and before clipping; float16 training gets its own gradient scaler."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, eps: float, clip: float,
+                 device: torch.device, use_scaler: bool = False):
+        self.params = list(params)
+        self.clip = clip
+        try:
+            self.adam = torch.optim.Adam(self.params, lr=lr, eps=eps, fused=True)
+        except (RuntimeError, TypeError):
+            self.adam = torch.optim.Adam(self.params, lr=lr, eps=eps, foreach=True)
+        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+
+    def step(self, loss: torch.Tensor, grad_sync: GradSync | None = None, retain_graph: bool = False
+             ) -> torch.Tensor:
+        """Gradients of `loss` for this group only (other modules' grads are never touched), hook,
+        clip, Adam step. Returns the gradient norm before clipping (0-dim tensor)."""
+        scaled = self.scaler.scale(loss) if self.scaler else loss
+        grads = torch.autograd.grad(scaled, self.params, retain_graph=retain_graph, allow_unused=True)
+        for param, grad in zip(self.params, grads):
+            param.grad = torch.zeros_like(param) if grad is None else grad
+        if self.scaler:
+            self.scaler.unscale_(self.adam)
+        if grad_sync is not None:
+            grad_sync(self.params)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if self.scaler:
+            self.scaler.step(self.adam)
+            self.scaler.update()
+        else:
+            self.adam.step()
+        for param in self.params:
+            param.grad = None
+        return norm.detach()
+
+    def state_dict(self) -> dict:
+        return {"adam": self.adam.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.adam.load_state_dict(state["adam"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def action_size(act_space: gymnasium.Space, actor_dist: str) -> int:
+    """Width of the (N, A) action vectors; checks that actor_dist fits the action space."""
+    if isinstance(act_space, gymnasium.spaces.Discrete):
+        if actor_dist != "onehot":
+            raise ValueError(
+                f"The action space is Discrete({act_space.n}) but actor_dist is '{actor_dist}'. "
+                "Discrete actions need a categorical policy: use --actor_dist onehot.")
+        return int(act_space.n)
+    if isinstance(act_space, gymnasium.spaces.Box) and len(act_space.shape) == 1:
+        if actor_dist != "normal":
+            raise ValueError(
+                f"The action space is a continuous Box{tuple(act_space.shape)} but actor_dist is "
+                f"'{actor_dist}'. Continuous actions need a Gaussian policy: use --actor_dist normal.")
+        return int(act_space.shape[0])
+    raise ValueError(
+        f"Unsupported action space {act_space}: expected gymnasium Discrete(n) or a 1-D Box in [-1, 1]. "
+        "Wrap the env so that its act_space is one of these (e.g. flatten a multi-dimensional Box).")
+
+
+# ----------------------------------------------------------------------------------------------
+# World model
+
+
+class WorldModel(nn.Module):
+    """Encoder, RSSM, decoder, reward and continue heads, and their optimiser."""
+
+    def __init__(self, obs_space: Mapping[str, gymnasium.spaces.Box], action_dim: int, config):
+        super().__init__()
+        self.config = config
+        eps = float(config.norm_eps)
+        self.encoder = MultiEncoder(obs_space, **config.encoder, norm_eps=eps)
+        self.rssm = RSSM(action_dim, self.encoder.out_dim, **config.rssm, norm_eps=eps)
+        feat = self.rssm.feat_size
+        self.decoder = MultiDecoder(feat, obs_space, **config.decoder, norm_eps=eps)
+        rh, ch = config.reward_head, config.cont_head
+        self.reward_head = Head(feat, rh.bins, rh.units, rh.layers, eps, out_scale=0.0)
+        self.cont_head = Head(feat, 1, ch.units, ch.layers, eps, out_scale=1.0)
+        self.obs_keys = list(dict.fromkeys(self.encoder.cnn_keys + self.encoder.mlp_keys
+                                           + self.decoder.cnn_keys + self.decoder.mlp_keys))
+        self._heads_loss = maybe_compile(self._heads_loss_eager, bool(config.compile), "world model heads")
+
+    def reward(self, feat: torch.Tensor) -> torch.Tensor:
+        """Predicted reward (mean of the two-hot head), (...)."""
+        return TwoHotSymlog(self.reward_head(feat)).mean
+
+    def cont(self, feat: torch.Tensor) -> torch.Tensor:
+        """Predicted continuation flag (mode of the Bernoulli head, 0 or 1), (...)."""
+        return Bernoulli(self.cont_head(feat).squeeze(-1)).mode()
+
+    def observe(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Encode the whole sequence at once and filter it: see RSSM.observe."""
+        embed = self.encoder({k: batch[k] for k in self.encoder.cnn_keys + self.encoder.mlp_keys})
+        return self.rssm.observe(embed, batch["action"], batch["is_first"])
+
+    def _heads_loss_eager(self, feat: torch.Tensor, post: torch.Tensor, prior: torch.Tensor,
+                          targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-step loss terms (B, T) of the heads and the KL, from features and targets."""
+        cfg = self.config
+        terms: dict[str, torch.Tensor] = {}
+        recon = self.decoder(feat)
+        image = [(recon[k].float() - targets[k].float() / 255.0).square().sum((-3, -2, -1))
+                 for k in self.decoder.cnn_keys]
+        vector = [(recon[k].float() - symlog(targets[k].float())).square().sum(-1) for k in self.decoder.mlp_keys]
+        if image:
+            terms["image"] = sum(image)
+        if vector:
+            terms["vector"] = sum(vector)
+        reward = targets["reward"].float() * float(cfg.reward_scale)
+        terms["reward"] = -TwoHotSymlog(self.reward_head(feat)).log_prob(reward)
+        cont = 1.0 - targets["is_terminal"].float()
+        terms["cont"] = -Bernoulli(self.cont_head(feat).squeeze(-1)).log_prob(cont)
+        terms["kl_dyn"], terms["kl_rep"], terms["kl"] = kl_losses(post, prior, float(cfg.kl_free))
+        return terms
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
+        """World-model loss (mean over B and T of the weighted sum of terms), the filtered states and
+        the metrics."""
+        cfg = self.config
+        states = self.observe(batch)
+        feat = features(states["stoch"], states["deter"])  # (B, T, F)
+        targets = {k: batch[k] for k in self.decoder.cnn_keys + self.decoder.mlp_keys + ["reward", "is_terminal"]}
+        terms = self._heads_loss(feat, states["post"], states["prior"], targets)
+        scales = {"image": cfg.image_loss_scale, "vector": cfg.vector_loss_scale,
+                  "reward": cfg.reward_head.loss_scale, "cont": cfg.cont_head.loss_scale,
+                  "kl_dyn": cfg.kl_dyn_scale, "kl_rep": cfg.kl_rep_scale}
+        total = sum(float(scales[k]) * v for k, v in terms.items() if k in scales)  # (B, T)
+        loss = total.mean()
+        metrics = {f"loss/{k}": v.detach().mean() for k, v in terms.items() if k in scales}
+        metrics["loss/model"] = loss.detach()
+        metrics["model/kl"] = terms["kl"].mean()
+        with torch.no_grad():
+            metrics["model/post_entropy"] = OneHotCategorical.from_log_probs(states["post"], 1).entropy().mean()
+            metrics["model/prior_entropy"] = OneHotCategorical.from_log_probs(states["prior"], 1).entropy().mean()
+        return loss, states, metrics
+
+    def imagine(self, actor: Actor, stoch: torch.Tensor, deter: torch.Tensor, horizon: int,
+                dynamics_grad: bool) -> dict:
+        """Roll the actor out in the model from N start states for `horizon` steps.
+
+        The actor sees stop-gradient states; with dynamics_grad the sampled actions' gradients flow
+        through the dynamics into later states (the backprop estimator), without it the dynamics run
+        under no_grad (REINFORCE needs only the actor's graph). Returns feat (H+1, N, F), action
+        (H+1, N, A) and the stacked policy distribution over the H+1 steps.
+        """
+        feats, actions, dists = [], [], []
+        feat = features(stoch, deter)
+        for t in range(horizon + 1):
+            dist = actor(feat.detach())
+            action = dist.sample()
+            feats.append(feat)
+            actions.append(action)
+            dists.append(dist)
+            if t == horizon:
+                break
+            with contextlib.nullcontext() if dynamics_grad else torch.no_grad():
+                stoch, deter = self.rssm.img_step(stoch, deter, action if dynamics_grad else action.detach())
+                feat = features(stoch, deter)
+        dist_cls = type(dists[0])
+        return {"feat": torch.stack(feats), "action": torch.stack(actions), "policy": dist_cls.stack(dists)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Actor-critic
+
+
+class ActorCritic(nn.Module):
+    """Actor, critic, slow critic and return normaliser, trained on imagined trajectories."""
+
+    def __init__(self, feat_size: int, action_dim: int, config):
+        super().__init__()
+        self.config = config
+        eps = float(config.norm_eps)
+        self.actor = Actor(feat_size, action_dim, config.actor_dist, norm_eps=eps, **config.actor)
+        cc = config.critic
+        self.critic = Head(feat_size, cc.bins, cc.units, cc.layers, eps, out_scale=0.0)
+        self.slow_critic = Head(feat_size, cc.bins, cc.units, cc.layers, eps, out_scale=0.0)
+        self.slow_critic.load_state_dict(self.critic.state_dict())
+        self.slow_critic.requires_grad_(False)
+        self.return_norm = ReturnNormalizer(**config.return_norm)
+        self.backprop = config.actor_dist == "normal"  # continuous: dynamics backprop; discrete: REINFORCE
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        fraction = float(self.config.slow_target_fraction)
+        torch._foreach_lerp_(list(self.slow_critic.parameters()), list(self.critic.parameters()), fraction)
+
+    def losses(self, wm: WorldModel, start: Mapping[str, torch.Tensor],
+               reward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Imagine from the start states and compute the actor and critic losses.
+
+        start: stoch (N, S*C), deter (N, D), cont (N,) = 1 - is_terminal of the start states.
+        reward_fn(feat (H+1, N, F), action (H+1, N, A)) -> reward (H, N) on arriving at steps 1..H.
+        """
+        cfg = self.config
+        discount, horizon = float(cfg.discount), int(cfg.imag_horizon)
+        traj = wm.imagine(self.actor, start["stoch"], start["deter"], horizon, dynamics_grad=self.backprop)
+        feat, action, policy = traj["feat"], traj["action"], traj["policy"]
+        reward = reward_fn(feat, action)  # (H, N)
+        with torch.no_grad():
+            cont = torch.cat([start["cont"].unsqueeze(0).float(), wm.cont(feat[1:])], 0)  # (H+1, N)
+            weight = torch.cumprod(discount * cont, 0) / discount  # (H+1, N)
+        critic_logits = self.critic(feat)  # (H+1, N, bins)
+        value = TwoHotSymlog(critic_logits).mean  # (H+1, N)
+        slow_value = TwoHotSymlog(self.slow_critic(feat)).mean if cfg.slow_value_target else None
+        bootstrap = slow_value if cfg.slow_value_target else value
+        returns = lambda_returns(reward, bootstrap, discount * cont[1:], float(cfg.discount_lambda))  # (H, N)
+        self.return_norm.update(returns)
+        scale = self.return_norm.scale()
+        advantage = (returns - value[:-1]) / scale  # (H, N), normalised on both gradient paths
+        if self.backprop:
+            actor_loss = -advantage
+        else:
+            actor_loss = -policy.log_prob(action.detach())[:-1] * advantage.detach()
+        entropy = policy.entropy()[:-1]  # (H, N)
+        actor_loss = actor_loss - float(cfg.actor.entropy) * entropy
+        actor_loss = (actor_loss * weight[:-1]).mean()
+        critic_dist = TwoHotSymlog(critic_logits[:-1])
+        critic_loss = -critic_dist.log_prob(returns.detach())
+        if cfg.slow_value_target:
+            critic_loss = critic_loss - float(cfg.slow_reg_scale) * critic_dist.log_prob(slow_value[:-1].detach())
+        critic_loss = (critic_loss * weight[:-1]).mean()
+        metrics = {
+            "loss/actor": actor_loss.detach(), "loss/critic": critic_loss.detach(),
+            "actor/entropy": entropy.detach().mean(), "return/p5": self.return_norm.low.clone(),
+            "return/p95": self.return_norm.high.clone(), "return/scale": scale.detach(),
+            "return/mean": returns.detach().mean(), "critic/value": value.detach()[:-1].mean(),
+            "imagine/reward": reward.detach().mean(), "imagine/weight": weight[:-1].mean(),
+        }
+        return actor_loss, critic_loss, metrics

@@ -1,0 +1,503 @@
+"""DreamerV3's networks: the RSSM, the CNN/MLP encoders and decoders, and the MLP heads.
+
+Every layer follows the paper's recipe: Linear without bias -> LayerNorm (eps `norm_eps`) -> SiLU,
+weights drawn from a truncated normal scaled by the average fan; reward and critic output layers start
+at zero. Sizes come in as keyword arguments of the config's sub-blocks (`RSSM(**cfg.rssm, ...)`).
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from typing import Callable, Mapping
+
+import gymnasium
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distributions import BoundedNormal, OneHotCategorical, unimix_log_probs
+from tools import symlog
+
+# Observation keys that are bookkeeping, never model inputs or targets.
+IGNORED_KEYS = ("is_first", "is_last", "is_terminal", "reward")
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation and basic layers
+
+
+def init_weight_(weight: torch.Tensor, fan_in: int, fan_out: int, scale: float = 1.0) -> None:
+    """Truncated normal (+-2 std) with variance scale / mean(fan_in, fan_out); zeros when scale=0."""
+    with torch.no_grad():
+        if scale == 0.0:
+            weight.zero_()
+            return
+        std = math.sqrt(scale / ((fan_in + fan_out) / 2)) / 0.87962566103423978
+        nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+def make_linear(in_dim: int, out_dim: int, bias: bool = True, scale: float = 1.0) -> nn.Linear:
+    layer = nn.Linear(in_dim, out_dim, bias=bias)
+    init_weight_(layer.weight, in_dim, out_dim, scale)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class NormDense(nn.Module):
+    """Linear (no bias) -> LayerNorm -> SiLU."""
+
+    def __init__(self, in_dim: int, out_dim: int, norm_eps: float = 1e-3):
+        super().__init__()
+        self.linear = make_linear(in_dim, out_dim, bias=False)
+        self.norm = nn.LayerNorm(out_dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.norm(self.linear(x)))
+
+
+class MLP(nn.Module):
+    """`layers` NormDense blocks of `units` (optionally symlog on the inputs); layers=0 is identity."""
+
+    def __init__(self, in_dim: int, units: int, layers: int, norm_eps: float = 1e-3,
+                 symlog_inputs: bool = False):
+        super().__init__()
+        dims = [in_dim] + [units] * layers
+        self.blocks = nn.Sequential(*[NormDense(a, b, norm_eps) for a, b in zip(dims[:-1], dims[1:])])
+        self.out_dim = dims[-1]
+        self.symlog_inputs = symlog_inputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.symlog_inputs:
+            x = symlog(x)
+        return self.blocks(x)
+
+
+class Head(nn.Module):
+    """MLP followed by an output Linear (zero-initialised when out_scale is 0)."""
+
+    def __init__(self, in_dim: int, out_dim: int, units: int, layers: int, norm_eps: float = 1e-3,
+                 out_scale: float = 1.0):
+        super().__init__()
+        self.mlp = MLP(in_dim, units, layers, norm_eps)
+        self.out = make_linear(self.mlp.out_dim, out_dim, scale=out_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mlp(x))
+
+
+class Actor(nn.Module):
+    """Policy head: a BoundedNormal ('normal') or a unimix OneHotCategorical ('onehot')."""
+
+    def __init__(self, in_dim: int, action_dim: int, dist: str, units: int, layers: int,
+                 min_std: float = 0.1, max_std: float = 1.0, unimix: float = 0.01,
+                 norm_eps: float = 1e-3, **unused):
+        super().__init__()
+        if dist not in ("normal", "onehot"):
+            raise ValueError(f"actor_dist must be 'normal' or 'onehot', got '{dist}'.")
+        self.dist, self.action_dim = dist, action_dim
+        self.min_std, self.max_std, self.unimix = min_std, max_std, unimix
+        self.mlp = MLP(in_dim, units, layers, norm_eps)
+        outputs = 2 * action_dim if dist == "normal" else action_dim
+        self.out = make_linear(self.mlp.out_dim, outputs)
+        if dist == "normal":  # mean and std halves each scaled by their own fans, as two layers would be
+            init_weight_(self.out.weight.data[:action_dim], self.mlp.out_dim, action_dim)
+            init_weight_(self.out.weight.data[action_dim:], self.mlp.out_dim, action_dim)
+
+    def forward(self, feat: torch.Tensor) -> BoundedNormal | OneHotCategorical:
+        out = self.out(self.mlp(feat))
+        if self.dist == "normal":
+            raw_mean, raw_std = out.split(self.action_dim, -1)
+            return BoundedNormal(raw_mean, raw_std, self.min_std, self.max_std)
+        return OneHotCategorical(out, self.unimix)
+
+
+# ----------------------------------------------------------------------------------------------
+# RSSM
+
+
+class LayerNormGRU(nn.Module):
+    """GRU cell with all three gates from one Linear over [deter, x], LayerNorm on the gate
+    pre-activations, candidate tanh(reset * cand), update gate sigmoid(update + update_bias)."""
+
+    def __init__(self, in_dim: int, deter: int, update_bias: float = -1.0, norm_eps: float = 1e-3):
+        super().__init__()
+        self.deter, self.update_bias = deter, update_bias
+        self.linear = make_linear(deter + in_dim, 3 * deter, bias=False)
+        self.norm = nn.LayerNorm(3 * deter, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+        gates = self.norm(self.linear(torch.cat([deter, x.to(deter.dtype)], -1))).float()  # (N, 3D)
+        reset, cand, update = gates.split(self.deter, -1)
+        cand = torch.tanh(torch.sigmoid(reset) * cand)
+        update = torch.sigmoid(update + self.update_bias)
+        return update * cand + (1.0 - update) * deter.float()
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model with a discrete latent of `stoch` categoricals x `classes`.
+
+    State: stoch (N, stoch*classes) one-hot samples (straight-through), deter (N, deter).
+    """
+
+    def __init__(self, action_dim: int, embed_dim: int, deter: int = 512, hidden: int = 512,
+                 stoch: int = 32, classes: int = 32, unimix: float = 0.01,
+                 gru_update_bias: float = -1.0, norm_eps: float = 1e-3):
+        super().__init__()
+        self.deter, self.stoch, self.classes, self.unimix = deter, stoch, classes, unimix
+        self.stoch_size = stoch * classes
+        self.feat_size = self.stoch_size + deter
+        self.action_dim = action_dim
+        self.initial_deter = nn.Parameter(torch.zeros(deter))  # learned; state is tanh of it
+        self.img_in = NormDense(self.stoch_size + action_dim, hidden, norm_eps)
+        self.gru = LayerNormGRU(hidden, deter, gru_update_bias, norm_eps)
+        self.img_out = NormDense(deter, hidden, norm_eps)
+        self.img_logits = make_linear(hidden, self.stoch_size)
+        self.obs_out = NormDense(deter + embed_dim, hidden, norm_eps)
+        self.obs_logits = make_linear(hidden, self.stoch_size)
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def _latent_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, stoch*classes) -> unimix log-probabilities (N, stoch, classes), float32."""
+        return unimix_log_probs(logits.reshape(*logits.shape[:-1], self.stoch, self.classes), self.unimix)
+
+    def _sample(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """One-hot straight-through sample, flattened: (N, stoch, classes) -> (N, stoch*classes)."""
+        return OneHotCategorical.from_log_probs(log_probs, event_dims=1).sample().flatten(-2)
+
+    def prior_log_probs(self, deter: torch.Tensor) -> torch.Tensor:
+        """Prior over the latent given deter: (..., deter) -> (..., stoch, classes)."""
+        return self._latent_log_probs(self.img_logits(self.img_out(deter)))
+
+    def initial(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Learned initial state: deter = tanh(param), stoch = mode of its prior. ((N, S*C), (N, D))"""
+        deter = torch.tanh(self.initial_deter).unsqueeze(0)  # (1, D)
+        log_probs = self.prior_log_probs(deter)  # (1, S, C)
+        stoch = F.one_hot(log_probs.argmax(-1), self.classes).float().flatten(-2)  # (1, S*C)
+        return stoch.expand(batch, -1), deter.expand(batch, -1)
+
+    def _reset(self, stoch, deter, action, is_first):
+        """Replace the state by the initial one and the action by zeros where is_first (N,) is set."""
+        batch = is_first.shape[0]
+        init_stoch, init_deter = self.initial(batch)
+        mask = is_first.reshape(batch, 1)
+        stoch = torch.where(mask, init_stoch.to(stoch.dtype), stoch)
+        deter = torch.where(mask, init_deter.to(deter.dtype), deter)
+        action = torch.where(mask, torch.zeros_like(action), action)
+        return stoch, deter, action
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def img_step(self, stoch: torch.Tensor, deter: torch.Tensor, action: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One imagined step: sample the prior. Returns (stoch (N, S*C), deter (N, D))."""
+        x = self.img_in(torch.cat([stoch, action.to(stoch.dtype)], -1))
+        deter = self.gru(x, deter)
+        stoch = self._sample(self.prior_log_probs(deter))
+        return stoch, deter
+
+    def obs_step(self, stoch: torch.Tensor, deter: torch.Tensor, action: torch.Tensor,
+                 embed: torch.Tensor, is_first: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One filtering step (the policy's): reset where is_first, advance, sample the posterior.
+        Returns (stoch (N, S*C), deter (N, D), posterior log-probs (N, S, C))."""
+        stoch, deter, action = self._reset(stoch, deter, action, is_first)
+        deter = self.gru(self.img_in(torch.cat([stoch, action.to(stoch.dtype)], -1)), deter)
+        post = self._latent_log_probs(self.obs_logits(self.obs_out(torch.cat([deter, embed.to(deter.dtype)], -1))))
+        return self._sample(post), deter, post
+
+    def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        """Filter a whole batch of sequences from the initial state.
+
+        embed (B, T, E), action (B, T, A) = the action that led to step t, is_first (B, T) bool; the
+        first step of the window always starts from the initial state. The action and embedding
+        projections are computed for all steps at once; only the recurrence runs step by step.
+        Returns stoch (B, T, S*C), deter (B, T, D), post and prior log-probs (B, T, S, C).
+        """
+        batch, length = is_first.shape
+        assert embed.shape[:2] == (batch, length), (embed.shape, (batch, length))
+        assert action.shape == (batch, length, self.action_dim), (action.shape, (batch, length, self.action_dim))
+        reset = is_first.clone()
+        reset[:, 0] = True
+        keep = (~reset).unsqueeze(-1).to(action.dtype)  # (B, T, 1)
+        n = self.stoch_size
+        w_in = self.img_in.linear.weight  # (hidden, S*C + A)
+        w_out = self.obs_out.linear.weight  # (hidden, D + E)
+        action_proj = F.linear(action * keep, w_in[:, n:])  # (B, T, hidden)
+        embed_proj = F.linear(embed, w_out[:, self.deter:])  # (B, T, hidden)
+        w_in_stoch = w_in[:, :n].contiguous()
+        w_out_deter = w_out[:, :self.deter].contiguous()
+        init_stoch, init_deter = self.initial(batch)
+        stoch, deter = init_stoch, init_deter
+        stochs, deters, posts = [], [], []
+        for t in range(length):
+            mask = reset[:, t].reshape(batch, 1)
+            stoch = torch.where(mask, init_stoch.to(stoch.dtype), stoch)
+            deter = torch.where(mask, init_deter.to(deter.dtype), deter)
+            x = F.silu(self.img_in.norm(F.linear(stoch, w_in_stoch) + action_proj[:, t]))
+            deter = self.gru(x, deter)
+            h = F.silu(self.obs_out.norm(F.linear(deter, w_out_deter) + embed_proj[:, t]))
+            post = self._latent_log_probs(self.obs_logits(h))  # (B, S, C)
+            stoch = self._sample(post)
+            stochs.append(stoch)
+            deters.append(deter)
+            posts.append(post)
+        deter = torch.stack(deters, 1)  # (B, T, D)
+        return {
+            "stoch": torch.stack(stochs, 1),  # (B, T, S*C)
+            "deter": deter,
+            "post": torch.stack(posts, 1),  # (B, T, S, C)
+            "prior": self.prior_log_probs(deter),  # (B, T, S, C), all steps in one batch
+        }
+
+
+def features(stoch: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+    """The model state the heads read: [stoch, deter] (..., S*C + D)."""
+    return torch.cat([stoch, deter.to(stoch.dtype)], -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Observation keys
+
+
+def full_match(pattern: str, key: str) -> bool:
+    return re.fullmatch(pattern, key) is not None
+
+
+def select_keys(obs_space: Mapping[str, gymnasium.spaces.Box], cnn_keys: str, mlp_keys: str,
+                who: str) -> tuple[list[str], list[str]]:
+    """Keys for the CNN (rank-3 uint8 images) and the MLP (rank-1 vectors) by full-match regex."""
+    usable = {k: v for k, v in obs_space.items() if k not in IGNORED_KEYS and not k.startswith("log_")}
+    cnn = [k for k, v in usable.items() if len(v.shape) == 3 and v.dtype == np.uint8 and full_match(cnn_keys, k)]
+    mlp = [k for k, v in usable.items() if len(v.shape) == 1 and full_match(mlp_keys, k)]
+    if not cnn and not mlp:
+        available = {k: (tuple(v.shape), str(v.dtype)) for k, v in usable.items()}
+        raise ValueError(
+            f"The {who} selects no observation key: cnn_keys='{cnn_keys}' matches no (H, W, C) uint8 "
+            f"image and mlp_keys='{mlp_keys}' matches no (n,) vector among the available keys "
+            f"{available}. Set --{who}.cnn_keys / --{who}.mlp_keys (full-match regular expressions, "
+            "'$^' matches nothing) so that at least one key is used, e.g. --encoder.mlp_keys '.*' for "
+            "vector observations or --encoder.cnn_keys image for images.")
+    return cnn, mlp
+
+
+def image_stages(obs_space: Mapping[str, gymnasium.spaces.Box], keys: list[str], min_res: int) -> tuple[int, int, int]:
+    """(resolution, total channels, stride-2 stages) of the CNN keys; checks H = W = min_res * 2^k."""
+    shapes = {k: tuple(obs_space[k].shape) for k in keys}
+    height, width = shapes[keys[0]][:2]
+    for key, shape in shapes.items():
+        if shape[:2] != (height, width) or height != width:
+            raise ValueError(
+                f"Image observations must be square and share one size: got {shapes}. Resize the "
+                "images in the env (e.g. env size [64, 64]) or select one image key with cnn_keys.")
+    stages = int(round(math.log2(height / min_res))) if height >= min_res else 0
+    if stages < 1 or min_res * 2 ** stages != height:
+        raise ValueError(
+            f"Image '{keys[0]}' has size {height}x{width}, but the CNN needs min_res * 2^k with k >= 1 "
+            f"(min_res={min_res}): e.g. 64x64. Resize the images in the env or change encoder.min_res.")
+    return height, sum(s[2] for s in shapes.values()), stages
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder and decoder
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channel axis of an (N, C, H, W) tensor."""
+
+    def __init__(self, channels: int, eps: float = 1e-3):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def make_conv(in_ch: int, out_ch: int, kernel: int, transpose: bool, bias: bool) -> nn.Module:
+    cls = nn.ConvTranspose2d if transpose else nn.Conv2d
+    conv = cls(in_ch, out_ch, kernel, stride=2, padding=(kernel - 2) // 2, bias=bias)
+    init_weight_(conv.weight, in_ch * kernel * kernel, out_ch * kernel * kernel)
+    if bias:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+class ImageEncoder(nn.Module):
+    """Stride-2 conv stages (depth doubling) down to min_res, each with channel LayerNorm and SiLU.
+    Input uint8 (N, H, W, C); output (N, min_res^2 * final depth)."""
+
+    def __init__(self, channels: int, stages: int, depth: int, kernel: int, min_res: int, norm_eps: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = channels
+        for i in range(stages):
+            out_ch = depth * 2 ** i
+            layers += [make_conv(in_ch, out_ch, kernel, False, bias=False), ChannelNorm(out_ch, norm_eps), nn.SiLU()]
+            in_ch = out_ch
+        self.net = nn.Sequential(*layers)
+        self.out_dim = in_ch * min_res * min_res
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (N, C, H, W), converted on the device
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x).flatten(1)
+
+
+class ImageDecoder(nn.Module):
+    """Linear to (depth * 2^(stages-1), min_res, min_res), then stride-2 transposed convs up to the
+    image size (channel LayerNorm + SiLU except the last); returns the mean image in [0, 1] scale,
+    (N, H, W, C) float."""
+
+    def __init__(self, feat_dim: int, channels: int, stages: int, depth: int, kernel: int, min_res: int,
+                 norm_eps: float):
+        super().__init__()
+        self.min_res = min_res
+        self.top_depth = depth * 2 ** (stages - 1)
+        self.linear = make_linear(feat_dim, self.top_depth * min_res * min_res)
+        layers: list[nn.Module] = []
+        in_ch = self.top_depth
+        for i in range(stages):
+            last = i == stages - 1
+            out_ch = channels if last else in_ch // 2
+            layers.append(make_conv(in_ch, out_ch, kernel, True, bias=last))
+            if not last:
+                layers += [ChannelNorm(out_ch, norm_eps), nn.SiLU()]
+            in_ch = out_ch
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        x = self.linear(feat).reshape(-1, self.top_depth, self.min_res, self.min_res)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x).permute(0, 2, 3, 1) + 0.5  # (N, H, W, C)
+
+
+class MultiEncoder(nn.Module):
+    """Embeds the selected observation keys: CNN over the channel-concatenated images, MLP over the
+    concatenated (symlog) vectors; the embedding is their concatenation."""
+
+    def __init__(self, obs_space: Mapping[str, gymnasium.spaces.Box], mlp_keys: str = ".*",
+                 cnn_keys: str = "image", cnn_depth: int = 32, kernel: int = 4, min_res: int = 4,
+                 mlp_units: int = 1024, mlp_layers: int = 5, symlog_inputs: bool = True,
+                 norm_eps: float = 1e-3, **unused):
+        super().__init__()
+        self.cnn_keys, self.mlp_keys = select_keys(obs_space, cnn_keys, mlp_keys, "encoder")
+        self.out_dim = 0
+        if self.cnn_keys:
+            _, channels, stages = image_stages(obs_space, self.cnn_keys, min_res)
+            self.cnn = ImageEncoder(channels, stages, cnn_depth, kernel, min_res, norm_eps)
+            self.out_dim += self.cnn.out_dim
+        if self.mlp_keys:
+            vector_dim = sum(int(obs_space[k].shape[0]) for k in self.mlp_keys)
+            self.mlp = MLP(vector_dim, mlp_units, mlp_layers, norm_eps, symlog_inputs)
+            self.out_dim += self.mlp.out_dim
+
+    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """obs values (*batch, ...) -> embedding (*batch, out_dim)."""
+        outputs = []
+        if self.cnn_keys:
+            images = [obs[k] for k in self.cnn_keys]
+            batch_shape = images[0].shape[:-3]
+            image = images[0] if len(images) == 1 else torch.cat(images, -1)
+            outputs.append(self.cnn(image.reshape(-1, *image.shape[-3:])).reshape(*batch_shape, -1))
+        if self.mlp_keys:
+            vector = torch.cat([obs[k].float() for k in self.mlp_keys], -1)
+            outputs.append(self.mlp(vector))
+        return outputs[0] if len(outputs) == 1 else torch.cat([o.to(outputs[0].dtype) for o in outputs], -1)
+
+
+class MultiDecoder(nn.Module):
+    """Reconstructs the selected keys from the model features: images as means in [0, 1] scale
+    (N, H, W, C), vectors in symlog space."""
+
+    def __init__(self, feat_dim: int, obs_space: Mapping[str, gymnasium.spaces.Box], mlp_keys: str = ".*",
+                 cnn_keys: str = "image", cnn_depth: int = 32, kernel: int = 4, min_res: int = 4,
+                 mlp_units: int = 1024, mlp_layers: int = 5, norm_eps: float = 1e-3, **unused):
+        super().__init__()
+        self.cnn_keys, self.mlp_keys = select_keys(obs_space, cnn_keys, mlp_keys, "decoder")
+        self.image_channels = [int(obs_space[k].shape[-1]) for k in self.cnn_keys]
+        self.vector_dims = [int(obs_space[k].shape[0]) for k in self.mlp_keys]
+        if self.cnn_keys:
+            _, channels, stages = image_stages(obs_space, self.cnn_keys, min_res)
+            self.cnn = ImageDecoder(feat_dim, channels, stages, cnn_depth, kernel, min_res, norm_eps)
+        if self.mlp_keys:
+            self.mlp = Head(feat_dim, sum(self.vector_dims), mlp_units, mlp_layers, norm_eps)
+
+    def forward(self, feat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """feat (*batch, F) -> {key: image mean (*batch, H, W, C) | symlog vector (*batch, n)}."""
+        batch_shape = feat.shape[:-1]
+        out: dict[str, torch.Tensor] = {}
+        if self.cnn_keys:
+            images = self.cnn(feat.reshape(-1, feat.shape[-1]))
+            images = images.reshape(*batch_shape, *images.shape[1:])
+            out.update(zip(self.cnn_keys, images.split(self.image_channels, -1)))
+        if self.mlp_keys:
+            out.update(zip(self.mlp_keys, self.mlp(feat).split(self.vector_dims, -1)))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Ensemble (plan2explore)
+
+
+class EnsembleMLP(nn.Module):
+    """`members` independent MLPs evaluated with batched matmuls: x (N, in) -> (members, N, out)."""
+
+    def __init__(self, members: int, in_dim: int, out_dim: int, units: int, layers: int, norm_eps: float = 1e-3):
+        super().__init__()
+        dims = [in_dim] + [units] * layers
+        self.norm_eps = norm_eps
+        self.weights = nn.ParameterList()
+        self.scales = nn.ParameterList()
+        self.shifts = nn.ParameterList()
+        for a, b in zip(dims[:-1], dims[1:]):
+            weight = torch.empty(members, a, b)
+            for w in weight:
+                init_weight_(w, a, b)
+            self.weights.append(nn.Parameter(weight))
+            self.scales.append(nn.Parameter(torch.ones(members, 1, b)))
+            self.shifts.append(nn.Parameter(torch.zeros(members, 1, b)))
+        out_weight = torch.empty(members, dims[-1], out_dim)
+        for w in out_weight:
+            init_weight_(w, dims[-1], out_dim)
+        self.out_weight = nn.Parameter(out_weight)
+        self.out_bias = nn.Parameter(torch.zeros(members, 1, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.unsqueeze(0).expand(len(self.out_weight), *x.shape)  # (M, N, in)
+        for weight, scale, shift in zip(self.weights, self.scales, self.shifts):
+            h = torch.bmm(h, weight.to(h.dtype) if not torch.is_autocast_enabled() else weight)
+            h = F.silu(F.layer_norm(h.float(), h.shape[-1:], eps=self.norm_eps) * scale + shift)
+        return torch.baddbmm(self.out_bias, h, self.out_weight)  # (M, N, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile with a fallback
+
+
+def maybe_compile(fn: Callable, enabled: bool, name: str) -> Callable:
+    """torch.compile `fn` when enabled; if compiling or running the compiled code fails, warn once
+    and use the eager function from then on."""
+    if not enabled:
+        return fn
+    try:
+        compiled = torch.compile(fn, dynamic=False)
+    except Exception as error:  # noqa: BLE001 - any failure means: run eagerly
+        warnings.warn(f"torch.compile is unavailable for {name} ({error!r}); running eagerly.")
+        return fn
+    failed = []
+
+    def run(*args, **kwargs):
+        if not failed:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001
+                failed.append(error)
+                warnings.warn(f"torch.compile failed for {name} ({type(error).__name__}: {error}); "
+                              "running eagerly from now on.")
+        return fn(*args, **kwargs)
+
+    return run

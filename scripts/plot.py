@@ -1,0 +1,160 @@
+"""Learning curves as PNG from the metrics.jsonl of one or more run folders.
+
+    python3 scripts/plot.py LOGDIR [LOGDIR ...] --out curves.png \\
+        [--keys episode/return eval/return] [--smooth 10] [--label NAME [NAME ...]]
+
+One panel per key, the key against env steps, one line per run, each smoothed with a trailing mean
+over `--smooth` logged points. Runs that share a label are drawn as their mean with a min-max band;
+a run's label is its folder name without a trailing `_seed<N>` or `-seed<N>` (`walker_seed0` and
+`walker_seed1` form one group), or the matching `--label` entry when given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_KEYS = ("episode/return", "eval/return")
+SEED_SUFFIX = re.compile(r"[_-]seed\d+$")
+
+
+def run_label(logdir: Path) -> str:
+    """Folder name without a trailing `_seed<N>` / `-seed<N>`."""
+    return SEED_SUFFIX.sub("", Path(logdir).resolve().name)
+
+
+def read_metrics(logdir: Path) -> list[dict]:
+    """The records of `logdir/metrics.jsonl`; an unreadable line (e.g. cut by a crash) is skipped,
+    and after a resume the records logged again replace those of later steps."""
+    path = Path(logdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no metrics.jsonl in {logdir} (expected {path}). Pass run folders (the --logdir of "
+            "dreamer.py runs) that have logged at least once."
+        )
+    records: list[dict] = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            continue
+        while records and records[-1]["step"] > record["step"]:
+            records.pop()  # logged past the checkpoint before a crash: the resumed run rewrites it
+        records.append(record)
+    return records
+
+
+def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of `key`, in step order."""
+    points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    steps, values = np.array(points, dtype=np.float64).T  # (N,), (N,)
+    return steps, values
+
+
+def smooth_trailing(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean over the last `window` points (fewer at the start)."""
+    if window <= 1 or len(values) == 0:
+        return values
+    sums = np.cumsum(np.insert(values, 0, 0.0))  # (N+1,)
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def group_band(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Mean, min and max of several runs' curves on the steps all of them cover (interpolated)."""
+    low = max(steps[0] for steps, _ in curves)
+    high = min(steps[-1] for steps, _ in curves)
+    grid = np.unique(np.concatenate([s[(s >= low) & (s <= high)] for s, _ in curves]))  # (G,)
+    stacked = np.stack([np.interp(grid, steps, values) for steps, values in curves])  # (R, G)
+    return grid, stacked.mean(0), stacked.min(0), stacked.max(0)
+
+
+def plot_runs(
+    logdirs: list[Path],
+    out: Path,
+    keys: list[str] | tuple[str, ...] = DEFAULT_KEYS,
+    smooth: int = 10,
+    labels: list[str] | None = None,
+) -> Path:
+    """Draw `keys` of every run in `logdirs` into the PNG `out`; returns `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if labels is not None and len(labels) != len(logdirs):
+        raise ValueError(
+            f"--label needs one name per logdir: got {len(labels)} labels for {len(logdirs)} "
+            "logdirs. Give as many labels as logdirs, or leave --label out."
+        )
+    labels = labels or [run_label(Path(logdir)) for logdir in logdirs]
+    runs = [(label, read_metrics(Path(logdir))) for label, logdir in zip(labels, logdirs)]
+    figure, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    drawn = 0
+    for axis, key in zip(axes[0], keys):
+        drawn += draw_key(axis, runs, key, smooth)
+    if drawn == 0:
+        plt.close(figure)
+        raise ValueError(
+            f"none of the keys {list(keys)} appears in the metrics.jsonl of "
+            f"{list(map(str, logdirs))}. Pass --keys with names that the runs logged "
+            "(e.g. episode/return)."
+        )
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def draw_key(axis, runs: list[tuple[str, list[dict]]], key: str, smooth: int) -> int:
+    """One panel: a line (or mean + min-max band) per label; returns how many were drawn."""
+    groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for label, records in runs:
+        steps, values = series(records, key)
+        if len(steps):
+            groups.setdefault(label, []).append((steps, smooth_trailing(values, smooth)))
+    for label, curves in groups.items():
+        if len(curves) == 1:
+            axis.plot(*curves[0], label=label)
+            continue
+        grid, mean, low, high = group_band(curves)
+        line = axis.plot(grid, mean, label=f"{label} ({len(curves)} runs)")[0]
+        axis.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    axis.set_title(key)
+    axis.set_xlabel("env steps")
+    axis.grid(alpha=0.3)
+    if groups:
+        axis.legend(fontsize="small")
+    else:
+        axis.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=axis.transAxes)
+    return len(groups)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("logdirs", nargs="+", type=Path, help="run folders holding metrics.jsonl")
+    parser.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG file to write")
+    parser.add_argument("--keys", nargs="+", default=list(DEFAULT_KEYS), help="metrics to plot")
+    parser.add_argument("--smooth", type=int, default=10, help="trailing mean over N logged points")
+    parser.add_argument("--label", nargs="+", default=None, help="one group name per logdir")
+    args = parser.parse_args(argv)
+    try:
+        out = plot_runs(args.logdirs, args.out, args.keys, args.smooth, args.label)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"plot.py: {error}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Checkpoints: atomic save with fallback, RNG round trip, pinned errors for bad files, shapes."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import (
+    capture_rng_states, check_config_sizes, check_shapes, load_checkpoint, restore_rng_states,
+    save_checkpoint,
+)
+
+
+def make_state(step: int) -> dict:
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "rng": capture_rng_states(), "config": {"rssm": {"deter": 8}}}
+
+
+def draws() -> tuple:
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_round_trip_with_rng_states(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    state = make_state(step=123)
+    save_checkpoint(path, state)
+    expected = draws()
+    loaded = load_checkpoint(path, map_location="cpu")
+    assert loaded["step"] == 123 and loaded["config"] == {"rssm": {"deter": 8}}
+    for name, tensor in state["model"].items():
+        assert torch.equal(loaded["model"][name], tensor)
+    assert loaded["optimizer"]["state"][0]["exp_avg"].shape == (3, 4)
+    draws()  # move every generator on
+    restore_rng_states(loaded["rng"])
+    assert draws() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
+
+
+def test_second_save_keeps_the_previous_file(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"step": 1})
+    save_checkpoint(path, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.prev.pt", "latest.pt"]
+    assert load_checkpoint(path)["step"] == 2
+    assert load_checkpoint(tmp_path / "latest.prev.pt")["step"] == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_checkpoint_falls_back_to_previous(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"step": 10})
+    save_checkpoint(path, {"step": 20, "weights": torch.zeros(1000)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
+    messages: list[str] = []
+    state = load_checkpoint(path, map_location="cpu", warn=messages.append)
+    assert state["step"] == 10
+    assert len(messages) == 1
+    assert messages[0].startswith(f"checkpoint {path} is truncated or corrupt (")
+    assert messages[0].endswith(
+        "resuming from the previous checkpoint latest.prev.pt instead "
+        "(the steps after it are trained again).")
+    with pytest.warns(UserWarning, match=r"resuming from the previous checkpoint latest\.prev\.pt"):
+        load_checkpoint(path)
+
+
+def test_both_checkpoints_corrupt_give_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    path.write_bytes(b"broken")
+    (tmp_path / "latest.prev.pt").write_bytes(b"also broken")
+    pattern = (r"checkpoint .*latest\.pt is truncated or corrupt \(.*\) and the previous checkpoint "
+               r"latest\.prev\.pt is unreadable too \(.*\)\. Start a fresh run in a new --logdir")
+    with pytest.raises(RuntimeError, match=pattern):
+        load_checkpoint(path)
+    (tmp_path / "latest.prev.pt").unlink()
+    pattern = (r"is truncated or corrupt \(.*\) and there is no previous checkpoint "
+               r"latest\.prev\.pt to fall back to")
+    with pytest.raises(RuntimeError, match=pattern):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint_lists_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "train.log").write_text("")
+    (tmp_path / "replay").mkdir()
+    pattern = (r"checkpoint .*lastest\.pt does not exist\. The folder .* holds: "
+               r"replay/, train\.log\. Check the --from_checkpoint path")
+    with pytest.raises(FileNotFoundError, match=pattern):
+        load_checkpoint(tmp_path / "lastest.pt")
+    pattern = r"does not exist, and neither does its folder .*nope"
+    with pytest.raises(FileNotFoundError, match=pattern):
+        load_checkpoint(tmp_path / "nope" / "latest.pt")
+
+
+def test_failed_write_leaves_the_old_checkpoint_loadable(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"step": 5})
+
+    def full_disk(obj, file, *args, **kwargs):
+        file.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    pattern = (r"could not write checkpoint .*latest\.pt \(No space left on device\)\. "
+               r"The previous checkpoint, if any, is left untouched")
+    with pytest.raises(OSError, match=pattern):
+        save_checkpoint(path, {"step": 6})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
+
+
+def test_shape_mismatch_names_parameter_shapes_and_config_key() -> None:
+    saved = {"rssm.gru.weight": torch.zeros(512, 8), "head.bias": torch.zeros(3)}
+    expected = {"rssm.gru.weight": torch.zeros(1024, 8), "head.bias": torch.zeros(3)}
+    pattern = (r"checkpoint parameter 'rssm\.gru\.weight' has shape \(512, 8\) but the "
+               r"config builds \(1024, 8\) \(config: rssm\.deter=1024\): the checkpoint was trained")
+    with pytest.raises(ValueError, match=pattern):
+        check_shapes(saved, expected, hints={"rssm": "rssm.deter=1024", "head": "heads.units=8"})
+    pattern = r"has shape \(512, 8\) but the config builds \(1024, 8\): the checkpoint"
+    with pytest.raises(ValueError, match=pattern):
+        check_shapes(saved, expected)
+    check_shapes(expected, expected)
+    with pytest.raises(ValueError, match=r"parameters missing from the checkpoint: \['extra'\]"):
+        check_shapes(expected, {**expected, "extra": torch.zeros(1)})
+
+
+def test_config_size_mismatch_names_both_values() -> None:
+    keys = ["rssm.deter", "rssm.units"]
+    pattern = r"the checkpoint was trained with rssm\.deter=512 but the config asks for rssm\.deter=1024"
+    with pytest.raises(ValueError, match=pattern):
+        check_config_sizes({"rssm": {"deter": 512}}, {"rssm": {"deter": 1024}}, keys)
+    check_config_sizes({"rssm": {"deter": 512}}, {"rssm": {"deter": 512}}, keys)
+
+
+def test_map_location_loads_tensors_on_cpu(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"w": torch.ones(2)})
+    assert load_checkpoint(path, map_location=torch.device("cpu"))["w"].device.type == "cpu"
+
+
+def test_errors_are_checkpoint_errors_and_has_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    assert not checkpoint.has_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError):
+        load_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError):
+        check_shapes({"a": torch.zeros(1)}, {"a": torch.zeros(2)})
+    save_checkpoint(path, {"step": 1})
+    save_checkpoint(path, {"step": 2})
+    assert checkpoint.has_checkpoint(path)
+    path.unlink()  # as after a crash between save_checkpoint's two renames
+    assert checkpoint.has_checkpoint(path)
+    messages: list[str] = []
+    assert load_checkpoint(path, warn=messages.append)["step"] == 1
+    assert messages[0].startswith(f"checkpoint {path} is missing; resuming from the previous checkpoint")
+
+
+def test_nested_state_dicts_are_compared_by_dotted_names() -> None:
+    saved = {"model": {"rssm.w": torch.zeros(4)}, "optimizer": {"lr": 1e-4}, "step": 3}
+    expected = {"model": {"rssm.w": torch.zeros(5)}, "optimizer": {"lr": 3e-4}, "step": 0}
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"parameter 'model\.rssm\.w' has shape \(4,\)"):
+        check_shapes(saved, expected)
+    check_shapes(saved, {"model": {"rssm.w": torch.zeros(4)}})

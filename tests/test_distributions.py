@@ -1,0 +1,134 @@
+"""The distributions' maths against hand-computed values and torch.distributions."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distributions import (Bernoulli, BoundedNormal, OneHotCategorical, TwoHotSymlog, categorical_kl,
+                           two_hot, two_hot_bins, unimix_log_probs)
+from tools import symexp, symlog
+
+
+def test_symlog_and_symexp_are_inverses():
+    x = torch.tensor([-1e6, -1234.5, -3.0, -1.0, -1e-3, 0.0, 1e-3, 0.5, 1.0, 7.0, 1e4, 1e6], dtype=torch.float64)
+    torch.testing.assert_close(symexp(symlog(x)), x, rtol=1e-12, atol=1e-12)
+    y = torch.linspace(-14, 14, 57, dtype=torch.float64)
+    torch.testing.assert_close(symlog(symexp(y)), y, rtol=1e-12, atol=1e-12)
+    assert symlog(torch.tensor(math.e - 1)).item() == pytest.approx(1.0)
+    assert symlog(torch.tensor(-(math.e - 1))).item() == pytest.approx(-1.0)
+
+
+def test_two_hot_bins_span_minus_20_to_20():
+    bins = two_hot_bins(255)
+    assert bins.shape == (255,)
+    assert bins[0].item() == -20.0 and bins[-1].item() == 20.0 and bins[127].item() == 0.0
+
+
+@pytest.mark.parametrize("value, expected", [
+    (5.0, [0, 0, 0.5, 0.5, 0]),      # halfway between the bins at 0 and 10
+    (-12.5, [0.25, 0.75, 0, 0, 0]),  # a quarter of the way from -10 to -20
+    (0.0, [0, 0, 1, 0, 0]),          # exactly on a bin
+    (20.0, [0, 0, 0, 0, 1]),         # the last bin
+    (100.0, [0, 0, 0, 0, 1]),        # beyond the range: clipped to the end bin
+    (-30.0, [1, 0, 0, 0, 0]),
+    (17.0, [0, 0, 0, 0.3, 0.7]),
+])
+def test_two_hot_encoding_matches_hand_computed_vectors(value, expected):
+    # 5 bins at -20, -10, 0, 10, 20 (values already in symlog space)
+    encoded = two_hot(torch.tensor([value]), 5)
+    torch.testing.assert_close(encoded, torch.tensor([expected], dtype=torch.float32), atol=1e-6, rtol=0)
+
+
+def test_two_hot_decoding_is_symexp_of_expected_bin():
+    probs = torch.tensor([[0, 0, 0.5, 0.5, 0], [0.25, 0.75, 0, 0, 0]])
+    dist = TwoHotSymlog(torch.log(probs.clamp(min=1e-30)))
+    expected = torch.tensor([math.exp(5.0) - 1.0, -(math.exp(12.5) - 1.0)])
+    torch.testing.assert_close(dist.mean, expected, rtol=1e-5, atol=0)
+
+
+def test_two_hot_log_prob_is_two_hot_weighted_log_softmax():
+    logits = torch.tensor([[0.3, -1.0, 2.0, 0.5, -0.2]])
+    log_softmax = torch.log_softmax(logits, -1)
+    value = symexp(torch.tensor([5.0]))  # symlog(value) = 5: bins 2 and 3, 0.5 each
+    expected = 0.5 * log_softmax[0, 2] + 0.5 * log_softmax[0, 3]
+    assert TwoHotSymlog(logits).log_prob(value).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_two_hot_round_trip_for_255_bins():
+    values = torch.tensor([-1000.0, -3.2, 0.0, 0.7, 42.0, 12345.0])
+    probs = two_hot(symlog(values), 255)
+    torch.testing.assert_close(TwoHotSymlog(torch.log(probs.clamp(min=1e-30))).mean, values, rtol=1e-4, atol=1e-4)
+
+
+def test_unimix_mixes_one_percent_uniform():
+    logits = torch.tensor([[0.0, -1e9, -1e9, -1e9]])
+    probs = unimix_log_probs(logits, 0.01).exp()
+    torch.testing.assert_close(probs, torch.tensor([[0.9925, 0.0025, 0.0025, 0.0025]]))
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    expected = 0.99 * torch.softmax(logits, -1) + 0.01 / 3
+    torch.testing.assert_close(unimix_log_probs(logits, 0.01).exp(), expected)
+    torch.testing.assert_close(unimix_log_probs(logits, 0.0).exp(), torch.softmax(logits, -1))
+
+
+def test_one_hot_sample_is_exact_one_hot_with_straight_through_gradient():
+    logits = torch.tensor([[0.5, -0.3, 1.2, 0.0]], requires_grad=True)
+    dist = OneHotCategorical(logits, unimix=0.01)
+    sample = dist.sample()
+    assert sorted(sample.detach()[0].tolist()) == [0.0, 0.0, 0.0, 1.0]
+    weights = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    (grad_sample,) = torch.autograd.grad((sample * weights).sum(), logits)
+    (grad_probs,) = torch.autograd.grad((dist.probs * weights).sum(), logits)
+    torch.testing.assert_close(grad_sample, grad_probs)
+
+
+def test_one_hot_sample_frequencies_follow_the_mixed_probabilities():
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 0.0, -1.0]).expand(20000, 3)
+    dist = OneHotCategorical(logits, unimix=0.01)
+    freq = dist.sample().detach().mean(0)
+    torch.testing.assert_close(freq, dist.probs[0], atol=0.015, rtol=0)
+
+
+def test_one_hot_log_prob_entropy_kl_match_torch():
+    torch.manual_seed(1)
+    logits_p, logits_q = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    p = OneHotCategorical(logits_p, unimix=0.0, event_dims=1)
+    q = OneHotCategorical(logits_q, unimix=0.0, event_dims=1)
+    tp, tq = torch.distributions.Categorical(logits=logits_p), torch.distributions.Categorical(logits=logits_q)
+    torch.testing.assert_close(p.entropy(), tp.entropy().sum(-1))
+    torch.testing.assert_close(p.kl(q), torch.distributions.kl_divergence(tp, tq).sum(-1))
+    torch.testing.assert_close(categorical_kl(p.log_probs, q.log_probs), p.kl(q))
+    one_hot = torch.nn.functional.one_hot(torch.tensor([[0, 1, 2, 3]] * 3), 5).float()
+    torch.testing.assert_close(p.log_prob(one_hot), tp.log_prob(torch.tensor([[0, 1, 2, 3]] * 3)).sum(-1))
+
+
+def test_bounded_normal_std_range_and_moments():
+    raw_mean = torch.tensor([[-50.0, 0.0, 3.0]])
+    raw_std = torch.tensor([[-100.0, 0.0, 100.0]])
+    dist = BoundedNormal(raw_mean, raw_std, min_std=0.1, max_std=1.0)
+    torch.testing.assert_close(dist.mean, torch.tanh(raw_mean))
+    expected_std = torch.tensor([[0.1, 0.9 * torch.sigmoid(torch.tensor(2.0)).item() + 0.1, 1.0]])
+    torch.testing.assert_close(dist.std, expected_std)
+    reference = torch.distributions.Normal(dist.mean, dist.std)
+    value = torch.tensor([[0.2, -0.4, 0.9]])
+    torch.testing.assert_close(dist.log_prob(value), reference.log_prob(value).sum(-1))
+    torch.testing.assert_close(dist.entropy(), reference.entropy().sum(-1))
+    assert torch.equal(dist.mode(), dist.mean)
+
+
+def test_bounded_normal_sample_is_reparameterised():
+    raw_mean = torch.zeros(1, 2, requires_grad=True)
+    dist = BoundedNormal(raw_mean, torch.zeros(1, 2), 0.1, 1.0)
+    dist.sample().sum().backward()
+    torch.testing.assert_close(raw_mean.grad, torch.ones(1, 2))  # d tanh(x)/dx at 0 is 1
+
+
+def test_bernoulli_log_prob_and_mode():
+    logits = torch.tensor([-2.0, 0.5, 3.0])
+    dist = Bernoulli(logits)
+    target = torch.tensor([0.0, 1.0, 1.0])
+    expected = torch.distributions.Bernoulli(logits=logits).log_prob(target)
+    torch.testing.assert_close(dist.log_prob(target), expected)
+    assert dist.mode().tolist() == [0.0, 1.0, 1.0]
+    np.testing.assert_allclose(dist.mean.numpy(), 1 / (1 + np.exp(-logits.numpy())), rtol=1e-6)

@@ -1,0 +1,199 @@
+"""envs.checker.check_env: every diagnosis pinned by its message."""
+import gymnasium
+import numpy as np
+import pytest
+
+import envs
+from envs.checker import EnvCheckError, check_env
+
+IMAGE = gymnasium.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+VECTOR = gymnasium.spaces.Box(-1, 1, (3,), np.float32)
+
+
+def good_obs():
+    return {'image': np.zeros((64, 64, 3), np.uint8), 'vector': np.zeros(3, np.float32)}
+
+
+class ToyEnv:
+    """An env whose observations, spaces and return values each test can spoil."""
+
+    def __init__(self, obs=good_obs, obs_space=None, act_space=None, step_result=None, reset_result=None):
+        self._obs = obs
+        self.obs_space = obs_space or {'image': IMAGE, 'vector': VECTOR}
+        self.act_space = act_space or gymnasium.spaces.Box(-1, 1, (2,), np.float32)
+        self._step_result = step_result
+        self._reset_result = reset_result
+
+    def reset(self):
+        return self._reset_result if self._reset_result is not None else (self._obs(), {})
+
+    def step(self, action):
+        return self._step_result if self._step_result is not None else (self._obs(), 0.0, False, False, {})
+
+
+def with_obs(**changes):
+    def make():
+        obs = good_obs()
+        for key, value in changes.items():
+            if value is None:
+                del obs[key]
+            else:
+                obs[key] = value
+        return obs
+    return make
+
+
+def test_a_good_env_passes_with_flags_and_log_keys():
+    check_env(ToyEnv(obs=with_obs(is_first=False, log_score=np.float32(2.0))))
+
+
+def test_wrong_shape_names_key_expected_and_actual():
+    env = ToyEnv(obs=with_obs(image=np.zeros((64, 64), np.uint8)))
+    with pytest.raises(EnvCheckError, match=(
+            r"env 0 \(ToyEnv\): reset\(\) observation 'image': expected shape \(64, 64, 3\), got "
+            r"\(64, 64\)\. .*A grayscale image needs a channel axis")):
+        check_env(env)
+
+
+def test_wrong_dtype_names_key_expected_and_actual():
+    env = ToyEnv(obs=with_obs(vector=np.zeros(3, np.float64)))
+    with pytest.raises(EnvCheckError, match=(
+            r"observation 'vector': expected dtype float32, got float64\. Convert it in _format_obs "
+            r"with \.astype\(np\.float32\)")):
+        check_env(env)
+
+
+def test_missing_key():
+    with pytest.raises(EnvCheckError, match=(
+            r"reset\(\) observation is missing key\(s\) \['vector'\] that obs_space declares; got "
+            r"keys \['image'\]")):
+        check_env(ToyEnv(obs=with_obs(vector=None)))
+
+
+def test_extra_key():
+    with pytest.raises(EnvCheckError, match=(
+            r"observation has key\(s\) \['depth'\] that obs_space does not declare .*'log_<name>'")):
+        check_env(ToyEnv(obs=with_obs(depth=np.zeros(2, np.float32))))
+
+
+def test_nan_in_a_vector():
+    nan_vector = np.array([0.0, np.nan, 0.0], np.float32)
+    with pytest.raises(EnvCheckError, match=(
+            r"observation 'vector': contains NaN at 1 of 3 entries; expected finite values")):
+        check_env(ToyEnv(obs=with_obs(vector=nan_vector)))
+
+
+def test_inf_reported_as_inf():
+    with pytest.raises(EnvCheckError, match=r"'vector': contains inf at 3 of 3 entries"):
+        check_env(ToyEnv(obs=with_obs(vector=np.full(3, np.inf, np.float32))))
+
+
+def test_value_outside_bounds():
+    with pytest.raises(EnvCheckError, match=(
+            r"'vector': values outside obs_space bounds: expected \[-1\.0, 1\.0\], got min 0\.0, "
+            r"max 5\.0 \(1 of 3 entries outside\)")):
+        check_env(ToyEnv(obs=with_obs(vector=np.array([0, 5, 0], np.float32))))
+
+
+def test_non_array_value():
+    with pytest.raises(EnvCheckError, match=r"'vector': expected a numpy array, got list"):
+        check_env(ToyEnv(obs=with_obs(vector=[0.0, 0.0, 0.0])))
+
+
+def test_non_dict_observation():
+    env = ToyEnv(obs=lambda: np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(EnvCheckError, match=(
+            r"reset\(\) returned a ndarray observation; expected a dict with the keys "
+            r"\['image', 'vector'\]\. Wrap the array in a dict")):
+        check_env(env)
+
+
+def test_problem_only_after_step_names_step():
+    calls = []
+
+    def obs():
+        calls.append(1)
+        return good_obs() if len(calls) == 1 else with_obs(image=np.zeros((32, 32, 3), np.uint8))()
+
+    with pytest.raises(EnvCheckError, match=r"step\(\) observation 'image': expected shape \(64, 64, 3\)"):
+        check_env(ToyEnv(obs=obs))
+
+
+@pytest.mark.parametrize('space', [
+    gymnasium.spaces.MultiDiscrete([2, 3]),
+    gymnasium.spaces.Tuple([gymnasium.spaces.Discrete(2)]),
+])
+def test_unsupported_action_space(space):
+    with pytest.raises(EnvCheckError, match=(
+            r"unsupported action space .*; expected gymnasium.spaces.Box \(continuous\) or "
+            r"gymnasium.spaces.Discrete \(discrete\)")):
+        check_env(ToyEnv(act_space=space))
+
+
+def test_action_box_with_infinite_bounds():
+    with pytest.raises(EnvCheckError, match=r"act_space Box needs finite bounds, got low=\[-inf -inf\]"):
+        check_env(ToyEnv(act_space=gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float32)))
+
+
+def test_action_box_must_be_flat():
+    with pytest.raises(EnvCheckError, match=r"act_space Box must be 1-D, got shape \(2, 2\)\. Flatten"):
+        check_env(ToyEnv(act_space=gymnasium.spaces.Box(-1, 1, (2, 2), np.float32)))
+
+
+def test_obs_space_must_be_a_dict_of_boxes():
+    with pytest.raises(EnvCheckError, match=r"obs_space must be a dict of gymnasium.spaces.Box, got Box"):
+        check_env(ToyEnv(obs_space=IMAGE))
+    with pytest.raises(EnvCheckError,
+                       match=r"obs_space\['vector'\] must be a gymnasium.spaces.Box, got Discrete"):
+        check_env(ToyEnv(obs_space={'image': IMAGE, 'vector': gymnasium.spaces.Discrete(3)}))
+
+
+def test_log_keys_are_not_allowed_in_obs_space():
+    space = {'image': IMAGE, 'vector': VECTOR, 'log_x': gymnasium.spaces.Box(0, 1, (), np.float32)}
+    with pytest.raises(EnvCheckError, match=r"obs_space declares 'log_x', but keys starting with 'log_'"):
+        check_env(ToyEnv(obs_space=space))
+
+
+def test_old_gym_step_four_tuple():
+    with pytest.raises(EnvCheckError, match=(
+            r"step\(\) must return \(obs, reward, terminated, truncated, info\), got a 4-tuple")):
+        check_env(ToyEnv(step_result=(good_obs(), 0.0, False, {})))
+
+
+def test_reset_without_info():
+    with pytest.raises(EnvCheckError, match=r"reset\(\) must return \(obs, info\), got dict"):
+        check_env(ToyEnv(reset_result=good_obs()))
+
+
+def test_reward_must_be_a_finite_scalar():
+    with pytest.raises(EnvCheckError, match=r"reward must be a finite scalar, got nan"):
+        check_env(ToyEnv(step_result=(good_obs(), float('nan'), False, False, {})))
+
+
+def test_reward_none_is_reported():
+    with pytest.raises(EnvCheckError, match=r"reward must be a finite scalar, got None"):
+        check_env(ToyEnv(step_result=(good_obs(), None, False, False, {})))
+
+
+def test_message_names_the_env_index():
+    with pytest.raises(EnvCheckError, match=r'^env 3 \(ToyEnv\): '):
+        check_env(ToyEnv(obs=with_obs(vector=None)), index=3)
+
+
+def test_make_env_checks_env_zero_in_both_modes(monkeypatch):
+    class BadImage(ToyEnv):
+        def __init__(self, name, **kwargs):
+            super().__init__(obs=with_obs(image=np.zeros((64, 64), np.uint8)))
+
+    monkeypatch.setitem(envs.REGISTRY, 'custom', BadImage)
+    config = {'task': 'custom_bad', 'seed': 0, 'action_repeat': 1, 'env': {}}
+    for mode in ('train', 'eval'):
+        with pytest.raises(EnvCheckError, match=r"'image': expected shape \(64, 64, 3\), got \(64, 64\)"):
+            envs.make_env(config, mode, 0)
+    envs.make_env(config, 'train', 1)  # only env 0 is checked
+
+
+@pytest.mark.parametrize('task', ['custom_reach', 'custom_reach_discrete', 'custom_catch'])
+def test_example_tasks_pass_raw_and_wrapped(task):
+    env = envs.make_env({'task': task, 'seed': 0, 'action_repeat': 2, 'env': {}}, 'train', 0)
+    check_env(env)

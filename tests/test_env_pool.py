@@ -1,0 +1,218 @@
+"""EnvPool: same transitions in every parallel mode, resets on is_last, crash reports and restarts,
+start-up failures, and clean shutdown."""
+import functools
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+
+import gymnasium
+import numpy as np
+import pytest
+
+import config as config_module
+import envs
+from envs import wrappers
+from envs.parallel import EnvError, EnvPool
+
+MODES = ['none', 'thread', 'process']
+
+
+def reach_ctors(amount=2, seed=0):
+    config = config_module.load_config(['--task', 'custom_reach', '--seed', str(seed)])
+    return [functools.partial(envs.make_env, config, 'train', i) for i in range(amount)]
+
+
+def run(pool, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    return [pool.step(rng.uniform(-1, 1, (len(pool), 2)).astype(np.float32)) for _ in range(steps)]
+
+
+class Counter:
+    """Protocol env: vector = [step], ends (terminated) after `length` steps; may crash in step."""
+
+    def __init__(self, length=4, crash_at=None, how='raise'):
+        self.length, self.crash_at, self.how, self.t = length, crash_at, how, 0
+
+    obs_space = {'vector': gymnasium.spaces.Box(0, 100, (1,), np.float32)}
+    act_space = gymnasium.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self):
+        self.t = 0
+        return {'vector': np.zeros(1, np.float32)}, {}
+
+    def step(self, action):
+        self.t += 1
+        if self.t == self.crash_at:
+            if self.how == 'exit':
+                os._exit(3)
+            raise RuntimeError(f'deliberate crash at step {self.t}')
+        return {'vector': np.array([self.t], np.float32)}, 1.0, self.t >= self.length, False, {}
+
+
+def counter_env(crash_at=None, how='raise', length=4):
+    return wrappers.Flags(Counter(length, crash_at, how))
+
+
+def failing_ctor():
+    raise ValueError('cannot build this env: the level file is missing')
+
+
+@pytest.mark.parametrize('parallel', ['thread', 'process'])
+def test_parallel_modes_give_the_same_transitions_as_none(parallel):
+    with EnvPool(reach_ctors(), 'none') as pool:
+        expected = run(pool, 60)  # 50 agent steps per episode: crosses a reset
+    with EnvPool(reach_ctors(), parallel) as pool:
+        assert pool.obs_space['image'].shape == (64, 64, 3)
+        assert pool.act_space == gymnasium.spaces.Box(-1, 1, (2,), np.float32)
+        assert len(pool) == 2
+        got = run(pool, 60)
+    for step_expected, step_got in zip(expected, got):
+        for obs_expected, obs_got in zip(step_expected, step_got):
+            assert obs_expected.keys() == obs_got.keys()
+            for key in obs_expected:
+                np.testing.assert_array_equal(obs_expected[key], obs_got[key], err_msg=key)
+    assert not np.array_equal(got[5][0]['vector'], got[5][1]['vector'])  # different seeds per env
+
+
+@pytest.mark.parametrize('parallel', MODES)
+def test_reset_on_first_step_and_after_is_last(parallel):
+    with EnvPool([functools.partial(counter_env, length=3)], parallel) as pool:
+        observations = [pool.step(np.full((1, 1), 0.5))[0] for _ in range(9)]
+    assert [float(o['vector'][0]) for o in observations] == [0, 1, 2, 3] * 2 + [0]
+    assert [o['is_first'] for o in observations] == [True, False, False, False] * 2 + [True]
+    assert [o['is_terminal'] for o in observations] == [False, False, False, True] * 2 + [False]
+    assert [float(o['reward']) for o in observations] == [0, 1, 1, 1] * 2 + [0]
+
+
+@pytest.mark.parametrize('parallel, how', [('none', 'raise'), ('thread', 'raise'),
+                                           ('process', 'raise'), ('process', 'exit')])
+def test_crashing_env_is_reported_with_index_and_restarted(parallel, how):
+    events = []
+    ctors = [functools.partial(counter_env, length=10),
+             functools.partial(counter_env, crash_at=2, how=how, length=10)]
+    with EnvPool(ctors, parallel, max_restarts=3, on_event=events.append) as pool:
+        steps = [pool.step(np.zeros((2, 1))) for _ in range(4)]
+    # pool steps: reset, step 1, step 2 (env 1 crashes -> restarted, first obs), step 1
+    assert [float(s[1]['vector'][0]) for s in steps] == [0, 1, 0, 1]
+    assert [s[1]['is_first'] for s in steps] == [True, False, True, False]
+    assert [float(s[0]['vector'][0]) for s in steps] == [0, 1, 2, 3]  # env 0 unaffected
+    assert pool.events == events and len(events) == 1 and pool.restarts == 1
+    assert events[0]['index'] == 1 and events[0]['kind'] == 'restart'
+    if how == 'raise':
+        assert 'RuntimeError: deliberate crash at step 2' in events[0]['traceback']
+        assert 'in step' in events[0]['traceback']  # the env's own frame
+    else:
+        assert 'exit code 3' in events[0]['traceback']
+
+
+@pytest.mark.parametrize('parallel', ['none', 'process'])
+def test_restart_limit_raises_with_index_and_traceback(parallel):
+    ctors = [functools.partial(counter_env, crash_at=1)]
+    with EnvPool(ctors, parallel, max_restarts=1) as pool:
+        pool.step(np.zeros((1, 1)))  # reset
+        pool.step(np.zeros((1, 1)))  # crash 1 -> restart
+        with pytest.raises(EnvError, match=(
+                r"(?s)env 0: failed after 1 restarts \(limit max_restarts=1\).*Traceback in the worker "
+                r"of env 0.*RuntimeError: deliberate crash at step 1")) as info:
+            pool.step(np.zeros((1, 1)))
+    assert info.value.index == 0
+
+
+@pytest.mark.parametrize('parallel', MODES)
+def test_constructor_failure_names_the_env_and_keeps_its_traceback(parallel):
+    ctors = [counter_env, failing_ctor]
+    with pytest.raises(ValueError, match=r'cannot build this env') as info:
+        EnvPool(ctors, parallel)
+    note = '\n'.join(info.value.__notes__)
+    assert f'env 1 failed to start in its worker, envs.parallel={parallel}' in note
+    assert 'in failing_ctor' in note
+
+
+def test_start_up_check_error_keeps_its_type_from_a_process():
+    config = config_module.load_config(['--configs', 'custom'])  # task custom_task_name
+    ctors = [functools.partial(envs.make_env, config, 'train', 0)]
+    with pytest.raises(ValueError, match=r"Unknown custom task 'custom_task_name'"):
+        EnvPool(ctors, 'process')
+
+
+@pytest.mark.parametrize('parallel', MODES)
+def test_call_render_and_errors(parallel):
+    with EnvPool(reach_ctors(), parallel) as pool:
+        frames = pool.call('render')
+        assert [f.shape for f in frames] == [(64, 64, 3)] * 2
+        np.testing.assert_array_equal(pool.call_one(1, 'render'), frames[1])
+        with pytest.raises(EnvError, match=r"env 1: failed in call_one\('no_such_method'\)"):
+            pool.call_one(1, 'no_such_method')
+        with pytest.raises(EnvError, match=r"env 0: failed in call\('no_such_method'\)"):
+            pool.call('no_such_method')
+        run(pool, 2)  # still usable afterwards
+    with EnvPool([counter_env], parallel) as pool:
+        assert pool.call('render') == [None]  # an env without render()
+
+
+def test_unpicklable_constructor_in_process_mode():
+    with pytest.raises(TypeError, match=r"env 0: envs.parallel=process .* does not pickle"):
+        EnvPool([lambda: counter_env()], 'process')
+
+
+def test_make_pool_reads_amount_and_parallel_from_the_config():
+    config = config_module.load_config(['--task', 'custom_catch', '--envs.amount', '3',
+                                        '--envs.parallel', 'thread'])
+    with envs.make_pool(config, 'eval') as pool:
+        assert len(pool) == 3 and pool.act_space == gymnasium.spaces.Discrete(3)
+        first = pool.step(np.eye(3, dtype=np.float32))
+    assert all(obs['is_first'] for obs in first)
+    with envs.make_pool(config, 'train', amount=1, parallel='none') as pool:
+        assert len(pool) == 1
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"envs.parallel must be one of process, thread, none, got 'fork'"):
+        EnvPool(reach_ctors(1), 'fork')
+    with EnvPool(reach_ctors(2), 'none') as pool:
+        with pytest.raises(ValueError, match=r'expected one action per env \(2\), got 3'):
+            pool.step(np.zeros((3, 2)))
+
+
+def test_env_without_flags_is_rejected():
+    with EnvPool([Counter], 'none') as pool:
+        with pytest.raises(EnvError, match=r"env 0: observation without 'is_last'.*envs.make_env"):
+            pool.step(np.zeros((1, 1)))
+
+
+def test_close_stops_every_worker_process():
+    pool = EnvPool(reach_ctors(2), 'process')
+    processes = [worker._process for worker in pool._workers]
+    assert all(p.is_alive() for p in processes)
+    pool.close()
+    assert not any(p.is_alive() for p in processes)
+    assert all(p.exitcode == 0 for p in processes)  # closed, not terminated
+    pool.close()  # idempotent
+    with pytest.raises(RuntimeError, match='EnvPool is closed'):
+        pool.step(np.zeros((2, 2)))
+    assert not [p for p in multiprocessing.active_children() if p in processes]
+
+
+def test_workers_end_at_interpreter_exit_without_close(tmp_path):
+    script = tmp_path / 'leave_open.py'
+    script.write_text(textwrap.dedent('''
+        import functools, sys
+        sys.path.insert(0, sys.argv[1])
+        import config, envs
+        from envs.parallel import EnvPool
+
+        if __name__ == '__main__':
+            cfg = config.load_config(['--task', 'custom_reach'])
+            pool = EnvPool([functools.partial(envs.make_env, cfg, 'train', i) for i in range(2)],
+                           'process')
+            pool.step([[0, 0], [0, 0]])
+            print(' '.join(str(w._process.pid) for w in pool._workers), flush=True)
+    '''))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, str(script), root], capture_output=True, text=True,
+                            timeout=60, check=True)
+    for pid in map(int, result.stdout.split()):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

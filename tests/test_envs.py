@@ -1,0 +1,396 @@
+"""The env registry, task parsing, make_env's wrapper stack and seeds, the guide's example env, the
+shipped custom env, and the gymnasium adapter."""
+import functools
+import inspect
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import config as config_module
+import envs
+from envs import wrappers
+from envs.custom_env import CustomEnv
+from envs.gym import GymEnv
+from envs.parallel import EnvPool
+
+
+def make_config(*argv):
+    return config_module.load_config(list(argv))
+
+
+# --- the guide's example, copied as written (only `from . import wrappers` becomes an absolute import)
+# around a toy YourCustomEnvironment: a gymnasium.Env with image observations whose episodes end by
+# termination (even episodes, after 5 steps) or truncation (odd episodes, after 8 steps).
+
+class YourCustomEnvironment(gym.Env):
+    metadata = {'render_modes': ['rgb_array']}
+
+    def __init__(self, name, **kwargs):
+        self.name = name
+        self.action_space = gym.spaces.Box(0.0, 2.0, (2,), np.float32)
+        self.observation_space = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+        self.episode = -1
+        self.t = 0
+        self.actions = []
+
+    def reset(self, *, seed=None, options=None):
+        self.episode += 1
+        self.t = 0
+        return self._image(), {}
+
+    def step(self, action):
+        self.actions.append(np.asarray(action))
+        self.t += 1
+        done = self.episode % 2 == 0 and self.t == 5
+        truncated = self.episode % 2 == 1 and self.t == 8
+        return self._image(), float(self.t), done, truncated, {}
+
+    def render(self):
+        return self._image()
+
+    def _image(self):
+        return np.full((64, 64, 3), self.t, np.uint8)
+
+
+class GuideCustomEnv:
+    def __init__(self, name, **kwargs):
+        # カスタム環境の初期化
+        self._env = YourCustomEnvironment(name, **kwargs)
+        self._env = wrappers.NormalizeActions(self._env)
+        # 必要に応じて他のラッパーを追加
+
+    @property
+    def obs_space(self):
+        # 観測空間の定義
+        spaces = {
+            'image': gym.spaces.Box(0, 255, (64, 64, 3), dtype=np.uint8),
+            # 他の観測を追加可能
+        }
+        return spaces
+
+    @property
+    def act_space(self):
+        # 行動空間の定義
+        return self._env.action_space
+
+    def step(self, action):
+        obs, reward, done, truncated, info = self._env.step(action)
+        return self._format_obs(obs), reward, done, truncated, info
+
+    def reset(self):
+        obs, info = self._env.reset()
+        return self._format_obs(obs), info
+
+    def _format_obs(self, obs):
+        # 観測を辞書形式に変換
+        return {'image': obs, 'is_first': False}
+
+    def render(self):
+        # 環境の可視化（TensorBoardでの動画記録用）
+        # rgb_array形式でnumpy配列の画像を返す
+        # (height, width, 3)
+        return self._env.render(mode='rgb_array')
+
+
+def expected_flags(episode_lengths_and_ends):
+    """(is_first, is_last, is_terminal, reward) per pool step for episodes [(length, 'done'|'trunc')]."""
+    flags = []
+    for length, end in episode_lengths_and_ends:
+        flags.append((True, False, False, 0.0))
+        for t in range(1, length + 1):
+            last = t == length
+            flags.append((False, last, last and end == 'done', float(t)))
+    return flags
+
+
+@pytest.mark.parametrize('parallel', ['none', 'thread'])
+def test_guide_example_env_runs_through_make_env_and_pool(monkeypatch, parallel):
+    monkeypatch.setitem(envs.REGISTRY, 'custom', GuideCustomEnv)
+    config = make_config('--configs', 'custom', '--task', 'custom_task_name', '--action_repeat', '1')
+    ctors = [functools.partial(envs.make_env, config, 'train', i) for i in range(2)]
+    pool = EnvPool(ctors, parallel)
+    try:
+        assert pool.obs_space == {'image': gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)}
+        assert pool.act_space == gym.spaces.Box(-1, 1, (2,), np.float32)
+        steps = [pool.step(np.ones((2, 2), np.float32)) for _ in range(30)]
+        frames = pool.call('render')
+    finally:
+        pool.close()
+    # env 0's start-up check (reset, step, reset) used up two inner episodes, an even number, so
+    # both envs see the same pattern from their first pool step: done after 5, truncated after 8, ...
+    want = expected_flags([(5, 'done'), (8, 'trunc')] * 3)[:30]
+    for index in (0, 1):
+        got = [(o['is_first'], o['is_last'], o['is_terminal'], float(o['reward']))
+               for o in (step[index] for step in steps)]
+        assert got == want
+    assert frames[0].shape == (64, 64, 3) and frames[0].dtype == np.uint8
+
+
+def test_guide_example_actions_reach_the_inner_env_bounds(monkeypatch):
+    monkeypatch.setitem(envs.REGISTRY, 'custom', GuideCustomEnv)
+    env = envs.make_env(make_config('--task', 'custom_x', '--action_repeat', '1'), 'train', 1)
+    env.reset()
+    env.step(np.array([1.0, -1.0], np.float32))
+    np.testing.assert_allclose(env.unwrapped._env.unwrapped.actions[-1], [2.0, 0.0])
+
+
+# --- registry and task parsing
+
+def test_registry_holds_every_suite():
+    assert envs.REGISTRY == {
+        'dmc': envs.DMC, 'atari': envs.Atari, 'crafter': envs.Crafter, 'minecraft': envs.Minecraft,
+        'memorymaze': envs.MemoryMaze, 'gym': GymEnv, 'custom': CustomEnv}
+
+
+@pytest.mark.parametrize('task, expected', [
+    ('dmc_walker_walk', ('dmc', 'walker_walk')), ('atari_pong', ('atari', 'pong')),
+    ('custom_reach_discrete', ('custom', 'reach_discrete')), ('gym_CartPole-v1', ('gym', 'CartPole-v1')),
+])
+def test_task_splits_at_the_first_underscore(task, expected):
+    assert envs.parse_task(task) == expected
+
+
+def test_unknown_suite_lists_registered_suites():
+    with pytest.raises(ValueError, match=(
+            r"Unknown suite 'mujoco' in task 'mujoco_ant'\. Registered suites: atari, crafter, custom, "
+            r"dmc, gym, memorymaze, minecraft\.")):
+        envs.make_env(make_config('--task', 'mujoco_ant'), 'train', 0)
+
+
+def test_task_without_suite_prefix():
+    with pytest.raises(ValueError, match=r"Task 'pong' has no suite prefix; expected '<suite>_<name>'"):
+        envs.parse_task('pong')
+
+
+def test_guide_placeholder_task_lists_the_example_tasks():
+    config = make_config('--configs', 'custom')
+    assert config.task == 'custom_task_name'
+    with pytest.raises(ValueError, match=(
+            r"Unknown custom task 'custom_task_name'\. The example env in envs/custom_env\.py offers: "
+            r"custom_reach, custom_reach_discrete, custom_catch \(e\.g\. --task custom_reach\)")):
+        envs.make_env(config, 'train', 0)
+
+
+def test_missing_suite_package_names_what_to_install(monkeypatch):
+    class NeedsPackage:
+        def __init__(self, name):
+            raise ImportError("The 'fancy' suite needs the package fancy-envs: pip install fancy-envs")
+
+    monkeypatch.setitem(envs.REGISTRY, 'fancy', NeedsPackage)
+    with pytest.raises(ImportError, match=r'pip install fancy-envs'):
+        envs.make_env(make_config('--task', 'fancy_level1'), 'train', 0)
+    envs.make_env(make_config('--task', 'custom_reach'), 'train', 0)  # other suites unaffected
+
+
+# --- make_env: kwargs, seeds, wrapper stack
+
+def test_seed_and_action_repeat_go_only_to_constructors_that_name_them(monkeypatch):
+    received = {}
+
+    class RepeatsItself(CustomEnv):
+        def __init__(self, name, seed, action_repeat, size=(64, 64)):
+            received.update(name=name, seed=seed, action_repeat=action_repeat, size=size)
+            super().__init__(name, seed=seed, size=size)
+
+    class TakesKwargs(CustomEnv):
+        def __init__(self, name, **kwargs):
+            received.update(kwargs)
+            super().__init__(name, **kwargs)
+
+    monkeypatch.setitem(envs.REGISTRY, 'custom', RepeatsItself)
+    env = envs.make_env(make_config('--task', 'custom_reach', '--seed', '5', '--action_repeat', '3'),
+                        'eval', 2)
+    assert received == {'name': 'reach', 'seed': 10007, 'action_repeat': 3, 'size': (64, 64)}
+    stack = []
+    while isinstance(env, wrappers.Wrapper):
+        stack.append(type(env).__name__)
+        env = env.env
+    assert stack == ['Flags', 'NormalizeActions']  # the suite repeats itself: no ActionRepeat
+    received.clear()
+    monkeypatch.setitem(envs.REGISTRY, 'custom', TakesKwargs)
+    envs.make_env(make_config('--task', 'custom_reach'), 'train', 1)
+    assert received == {'size': (64, 64)}
+
+
+def test_wrapper_stack_order():
+    config = make_config('--task', 'custom_catch', '--time_limit', '7', '--reward_clip', '1.0')
+    env = envs.make_env(config, 'train', 1)
+    stack = []
+    while isinstance(env, wrappers.Wrapper):
+        stack.append(type(env).__name__)
+        env = env.env
+    assert stack == ['Flags', 'ClipReward', 'TimeLimit', 'OneHotAction', 'ActionRepeat']
+
+
+def test_seeds_train_and_eval():
+    assert envs.env_seed(3, 'train', 2) == 5
+    assert envs.env_seed(3, 'eval', 2) == 10005
+    with pytest.raises(ValueError, match=r"Env mode must be one of \('train', 'eval'\), got 'test'"):
+        envs.env_seed(0, 'test', 0)
+    config = make_config('--task', 'custom_reach', '--seed', '3')
+    first = envs.make_env(config, 'eval', 1).reset()[0]['vector']
+    direct = CustomEnv('reach', seed=10004).reset()[0]['vector']
+    np.testing.assert_array_equal(first, direct)
+    other = envs.make_env(config, 'train', 1).reset()[0]['vector']
+    assert not np.array_equal(first, other)
+
+
+def test_make_env_episode_flags_time_limit_and_reward_clip():
+    config = make_config('--task', 'custom_reach', '--action_repeat', '2', '--time_limit', '10',
+                         '--reward_clip', '0.5')
+    env = envs.make_env(config, 'train', 0)
+    obs, _ = env.reset()
+    assert obs['is_first'] and not obs['is_last'] and obs['reward'] == 0
+    rewards = []
+    for t in range(1, 11):
+        obs, reward, terminated, truncated, _ = env.step(np.full(2, -1.0, np.float32))
+        rewards.append(reward)
+        assert obs['is_last'] == (t == 10) and not obs['is_terminal'] and not obs['is_first']
+    assert truncated and not terminated
+    assert max(np.abs(rewards)) <= 0.5
+
+
+def test_default_episode_length_is_100_env_steps_truncated():
+    env = envs.make_env(make_config('--task', 'custom_reach', '--action_repeat', '2'), 'train', 1)
+    env.reset()
+    for t in range(1, 51):
+        obs, _, terminated, truncated, _ = env.step(np.zeros(2, np.float32))
+        assert obs['is_last'] == (t == 50)
+    assert truncated and not terminated and not obs['is_terminal']
+
+
+# --- the shipped custom env
+
+@pytest.mark.parametrize('task, act_space', [
+    ('reach', gym.spaces.Box(-1, 1, (2,), np.float32)),
+    ('reach_discrete', gym.spaces.Discrete(5)),
+    ('catch', gym.spaces.Discrete(3)),
+])
+def test_custom_env_tasks(task, act_space):
+    env = CustomEnv(task, seed=0)
+    assert env.act_space == act_space
+    assert env.obs_space['image'] == gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+    obs, _ = env.reset()
+    assert obs['image'].shape == (64, 64, 3) and obs['image'].dtype == np.uint8
+    assert obs['vector'].dtype == np.float32 and obs['vector'].shape == env.obs_space['vector'].shape
+    assert obs['is_first']
+    frame = env.render()
+    np.testing.assert_array_equal(frame, obs['image'])
+    assert len(np.unique(frame.reshape(-1, 3), axis=0)) >= 3  # background and two objects drawn
+
+
+def test_custom_env_reach_reward_and_motion():
+    env = CustomEnv('reach', seed=1)
+    obs, _ = env.reset()
+    point, target = obs['vector'][:2], obs['vector'][2:]
+    toward = np.clip((target - point) / 0.1, -1, 1)
+    obs, reward, *_ = env.step(toward)
+    distance = np.linalg.norm(obs['vector'][:2] - obs['vector'][2:])
+    assert reward == pytest.approx(1 - distance, abs=1e-5)
+    moved = obs['vector'][:2] - point
+    assert np.all(np.abs(moved) <= 0.1 + 1e-6) and np.linalg.norm(moved) > 0.05
+
+
+def test_custom_env_is_deterministic_per_seed_and_sized_by_config():
+    a = CustomEnv('catch', seed=4, size=(32, 48))
+    b = CustomEnv('catch', seed=4, size=(32, 48))
+    assert a.obs_space['image'].shape == (32, 48, 3)
+    np.testing.assert_array_equal(a.reset()[0]['image'], b.reset()[0]['image'])
+    for action in [0, 2, 1, 2]:
+        np.testing.assert_array_equal(a.step(action)[0]['vector'], b.step(action)[0]['vector'])
+    assert a.reset()[0]['image'].shape == (32, 48, 3)
+
+
+def test_custom_env_rejects_unknown_options():
+    with pytest.raises(TypeError, match=r"CustomEnv got unknown option\(s\) \['colour'\]"):
+        CustomEnv('reach', colour='red')
+
+
+def test_custom_env_keeps_the_guide_template_shape():
+    assert list(inspect.signature(CustomEnv).parameters)[0] == 'name'
+    for member in ('obs_space', 'act_space', 'step', 'reset', '_format_obs', 'render'):
+        assert hasattr(CustomEnv, member)
+    assert isinstance(CustomEnv('reach')._env, wrappers.NormalizeActions)
+
+
+# --- the gymnasium adapter
+
+def test_gym_cartpole_vector_and_discrete_actions():
+    env = envs.make_env(make_config('--configs', 'gym', '--task', 'gym_CartPole-v1'), 'train', 0)
+    assert env.obs_space == {'vector': gym.spaces.Box(
+        np.array([-4.8, -np.inf, -0.41887903, -np.inf], np.float32),
+        np.array([4.8, np.inf, 0.41887903, np.inf], np.float32), dtype=np.float32)}
+    assert env.act_space == gym.spaces.Discrete(2)
+    obs, _ = env.reset()
+    assert obs['vector'].shape == (4,) and obs['vector'].dtype == np.float32
+    length = 0
+    while not obs['is_last']:
+        obs, *_ = env.step(np.array([1.0, 0.0], np.float32))  # one-hot: always push left
+        length += 1
+    assert obs['is_terminal'] and 5 <= length < 100  # the pole falls: a real termination
+
+
+def test_gym_pendulum_box_actions_and_truncation():
+    env = envs.make_env(make_config('--task', 'gym_Pendulum-v1', '--action_repeat', '1'), 'train', 0)
+    assert env.obs_space['vector'].shape == (3,)
+    assert env.act_space == gym.spaces.Box(-1, 1, (1,), np.float32)
+    obs, _ = env.reset()
+    for t in range(200):
+        obs, *_ = env.step(np.ones(1, np.float32))
+    assert obs['is_last'] and not obs['is_terminal']  # gymnasium's 200-step limit is a truncation
+    assert env.unwrapped._env.unwrapped.last_u == pytest.approx(2.0)  # +1 maps to the max torque
+
+
+class ImageOnlyEnv(gym.Env):
+    """Registered below as TestImageEnv-v0: renders frames with numpy only."""
+
+    metadata = {'render_modes': ['rgb_array'], 'render_fps': 30}
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+        self.observation_space = gym.spaces.Discrete(3)
+        self.action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.state = 0
+        return self.state, {}
+
+    def step(self, action):
+        self.state = (self.state + 1) % 3
+        return self.state, 1.0, False, False, {}
+
+    def render(self):
+        return np.full((100, 150, 3), 60 * self.state, np.uint8)
+
+
+def test_gym_image_observations_resized_and_discrete_observation_one_hot(monkeypatch):
+    if 'TestImageEnv-v0' not in gym.registry:
+        gym.register('TestImageEnv-v0', entry_point=ImageOnlyEnv)
+    config = make_config('--task', 'gym_TestImageEnv-v0', '--env.gym.image', 'True',
+                         '--env.gym.size', '[32, 40]', '--action_repeat', '1')
+    env = envs.make_env(config, 'train', 0)
+    assert env.obs_space['image'] == gym.spaces.Box(0, 255, (32, 40, 3), np.uint8)
+    obs, _ = env.reset()
+    obs, *_ = env.step(0)
+    assert obs['image'].shape == (32, 40, 3) and obs['image'].dtype == np.uint8
+    assert obs['image'][0, 0, 0] == 60
+    np.testing.assert_array_equal(obs['vector'], [0, 1, 0])
+    assert env.render().shape == (100, 150, 3)
+
+
+def test_gym_pendulum_image():
+    pytest.importorskip('pygame', reason='gymnasium classic-control rendering needs pygame')
+    config = make_config('--task', 'gym_Pendulum-v1', '--env.gym.image', 'True')
+    env = envs.make_env(config, 'train', 0)
+    obs, _ = env.reset()
+    assert obs['image'].shape == (64, 64, 3) and obs['image'].dtype == np.uint8
+    assert obs['image'].std() > 0
+
+
+def test_gym_unknown_id_suggests_close_matches():
+    with pytest.raises(ValueError, match=(
+            r"Unknown gymnasium environment 'CartPol-v1' \(task gym_CartPol-v1\).*Close matches: "
+            r"CartPole-v1")):
+        envs.make_env(make_config('--task', 'gym_CartPol-v1'), 'train', 0)

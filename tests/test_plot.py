@@ -1,0 +1,81 @@
+"""scripts/plot.py: PNG learning curves from runs' metrics.jsonl, seed grouping, resume handling."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import plot  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(logdir: Path, seed: int, points: int = 30) -> Path:
+    logdir.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    with open(logdir / "metrics.jsonl", "w") as file:
+        for index in range(points):
+            step = 1000 * (index + 1)
+            record = {"step": step, "episode/return": float(index + rng.normal()), "loss/model": 1.0}
+            if index % 5 == 4:
+                record["eval/return"] = float(index)
+            file.write(json.dumps(record) + "\n")
+    return logdir
+
+
+def test_png_from_two_runs(tmp_path: Path) -> None:
+    runs = [write_run(tmp_path / "walker_seed0", 0), write_run(tmp_path / "walker_seed1", 1)]
+    out = plot.plot_runs(runs, tmp_path / "out" / "curves.png", ["episode/return", "eval/return"], 5)
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    assert 10_000 < len(data) < 2_000_000
+
+
+def test_command_line_writes_png(tmp_path: Path) -> None:
+    runs = [write_run(tmp_path / "a", 0), write_run(tmp_path / "b-seed3", 1)]
+    out = tmp_path / "curves.png"
+    script = Path(plot.__file__)
+    result = subprocess.run(
+        [sys.executable, str(script), *map(str, runs), "--out", str(out), "--smooth", "3",
+         "--keys", "episode/return"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"wrote {out}"
+    assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_labels_group_seeds_and_bands_are_min_max() -> None:
+    assert plot.run_label(Path("/x/walker_walk_seed12")) == "walker_walk"
+    assert plot.run_label(Path("/x/cheetah-seed0")) == "cheetah"
+    assert plot.run_label(Path("/x/seedless")) == "seedless"
+    curves = [(np.array([0.0, 10.0, 20.0]), np.array([0.0, 1.0, 2.0])),
+              (np.array([5.0, 15.0, 25.0]), np.array([2.0, 3.0, 4.0]))]
+    grid, mean, low, high = plot.group_band(curves)
+    np.testing.assert_allclose(grid, [5, 10, 15, 20])
+    np.testing.assert_allclose(low, [0.5, 1.0, 1.5, 2.0])
+    np.testing.assert_allclose(high, [2.0, 2.5, 3.0, 3.5])
+    np.testing.assert_allclose(mean, (low + high) / 2)
+
+
+def test_smoothing_and_resumed_logs(tmp_path: Path) -> None:
+    np.testing.assert_allclose(plot.smooth_trailing(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1, 2, 4, 6])
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    lines = [{"step": 1, "a": 1}, {"step": 2, "a": 2}, {"step": 3, "a": 3}, {"step": 2, "a": 20}]
+    (logdir / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n{\"step\": 4, \"a")
+    steps, values = plot.series(plot.read_metrics(logdir), "a")
+    assert steps.tolist() == [1, 2, 2] and values.tolist() == [1, 2, 20]
+
+
+def test_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no metrics\.jsonl in .*empty"):
+        plot.plot_runs([tmp_path / "empty"], tmp_path / "x.png")
+    run = write_run(tmp_path / "run", 0)
+    with pytest.raises(ValueError, match=r"none of the keys \['nope'\] appears"):
+        plot.plot_runs([run], tmp_path / "x.png", ["nope"])
+    pattern = r"--label needs one name per logdir: got 2 labels for 1 logdirs"
+    with pytest.raises(ValueError, match=pattern):
+        plot.plot_runs([run], tmp_path / "x.png", labels=["a", "b"])

@@ -1,0 +1,95 @@
+"""Crafter: a real env, achievement log keys that count up, and the paper's score formula."""
+import math
+
+import numpy as np
+import pytest
+
+from envs.crafter import Crafter, crafter_score
+
+ACHIEVEMENTS = 22
+
+
+def log_keys(obs):
+    return {key: int(value) for key, value in obs.items() if key.startswith('log_achievement_')}
+
+
+def run_random(env, steps, seed=0):
+    """Random policy for `steps` steps (or one episode); returns the list of step results."""
+    rng = np.random.default_rng(seed)
+    results = []
+    for _ in range(steps):
+        results.append(env.step(int(rng.integers(env.act_space.n))))
+        if results[-1][2] or results[-1][3]:
+            break
+    return results
+
+
+def test_spaces_steps_and_all_achievement_keys():
+    env = Crafter('reward', size=(64, 64), seed=0)
+    assert list(env.obs_space) == ['image'] and env.obs_space['image'].shape == (64, 64, 3)
+    assert env.act_space.n == 17
+    obs, _ = env.reset()
+    assert obs['image'].shape == (64, 64, 3) and obs['image'].dtype == np.uint8
+    assert len(log_keys(obs)) == ACHIEVEMENTS and sum(log_keys(obs).values()) == 0
+    assert 'log_achievement_collect_diamond' in obs and 'log_achievement_wake_up' in obs
+    for obs, reward, terminated, truncated, info in run_random(env, 5):
+        assert len(log_keys(obs)) == ACHIEVEMENTS
+        assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)
+    assert env.render().shape == (64, 64, 3)
+
+
+def test_achievement_counts_count_up_and_match_the_reward():
+    env = Crafter('reward', seed=0)
+    env.reset()
+    previous = dict.fromkeys(env.achievements, 0)
+    unlocked_rewards = []
+    for obs, reward, terminated, truncated, _ in run_random(env, 400, seed=0):
+        counts = {key[len('log_achievement_'):]: value for key, value in log_keys(obs).items()}
+        assert len(counts) == ACHIEVEMENTS
+        assert all(counts[name] >= previous[name] for name in counts)  # counts never go down
+        first_unlocks = [name for name in counts if counts[name] > 0 and previous[name] == 0]
+        if first_unlocks:
+            unlocked_rewards.append(reward)
+        previous = counts
+    assert sum(previous.values()) > 0, previous
+    assert previous['collect_sapling'] > 0 or previous['wake_up'] > 0, previous
+    # an unlock gives +1 on top of the health term (+-0.1 per health point)
+    assert all(0.5 <= reward <= 1.5 for reward in unlocked_rewards), unlocked_rewards
+
+
+def test_death_is_terminated():
+    env = Crafter('reward', seed=0)
+    env.reset()
+    results = run_random(env, 10000, seed=0)
+    _, _, terminated, truncated, _ = results[-1]
+    assert terminated is True and truncated is False and len(results) < 10000
+
+
+def test_noreward_gives_zero_reward_but_still_logs():
+    env = Crafter('noreward', seed=0)
+    env.reset()
+    results = run_random(env, 300, seed=0)
+    assert all(reward == 0.0 for _, reward, *_ in results)
+    assert sum(log_keys(results[-1][0]).values()) > 0
+
+
+def test_crafter_score_hand_computed():
+    assert crafter_score({'a': 0.0, 'b': 0.0}) == 0.0
+    assert crafter_score({'a': 100.0, 'b': 100.0}) == pytest.approx(100.0)
+    assert crafter_score({'a': 1.0, 'b': 3.0}) == pytest.approx(math.sqrt(2 * 4) - 1)  # 1.828427
+    rates = dict(zip('abcd', [0.0, 10.0, 50.0, 90.0]))
+    expected = (1 * 11 * 51 * 91) ** 0.25 - 1  # 51051 ** 0.25 - 1 = 14.0315
+    assert crafter_score(rates) == pytest.approx(expected)
+    assert crafter_score(rates) == pytest.approx(14.03146, abs=1e-4)
+
+
+def test_crafter_score_rejects_bad_input():
+    with pytest.raises(ValueError, match='empty dict'):
+        crafter_score({})
+    with pytest.raises(ValueError, match=r'in percent \(0..100\)'):
+        crafter_score({'a': 150.0})
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="Unknown Crafter task 'crafter_hard'"):
+        Crafter('hard')

@@ -1,0 +1,118 @@
+"""End-to-end runs of the command line: what a user sees in the logdir, train_ratio, errors, eval."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "dreamer.py"), *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout, env={**__import__("os").environ, "CI": "1"},
+    )
+
+
+def read_metrics(logdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory):
+    """The guide's override command as a debug run (shared by the tests below)."""
+    logdir = tmp_path_factory.mktemp("runs") / "custom_tuned"
+    result = run_cli("--configs", "debug", "custom", "--task", "custom_reach", "--batch_size", "32",
+                     "--model_lr", "5e-4", "--logdir", str(logdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return logdir, result
+
+
+def test_guide_override_command_writes_config_yaml(debug_run):
+    logdir, result = debug_run
+    text = (logdir / "config.yaml").read_text()
+    assert "batch_size: 32\n" in text and "model_lr: 0.0005\n" in text
+    assert "'debug' is applied after the other blocks" in result.stdout
+
+
+def test_train_log_and_metrics_are_written(debug_run):
+    logdir, _ = debug_run
+    log = (logdir / "train.log").read_text()
+    assert "step 400" in log and "finished: 400 steps" in log
+    records = read_metrics(logdir)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps) and steps[-1] == 400
+    keys = set().union(*records)
+    for name in ("episode/return", "episode/length", "eval/return", "loss/model", "loss/image",
+                 "loss/reward", "loss/cont", "loss/kl_dyn", "loss/kl_rep", "loss/actor", "loss/critic",
+                 "actor/entropy", "return/p5", "return/p95", "perf/fps", "perf/train_updates_per_s"):
+        assert name in keys, name
+    assert any(k.startswith("grad/") for k in keys)
+
+
+def test_tensorboard_holds_scalars_and_videos(debug_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir, _ = debug_run
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"episode/return", "eval/return", "loss/model"} <= set(tags["scalars"])
+    videos = tags["images"]  # add_video stores GIF-encoded image summaries
+    assert any(t.startswith("eval/video") for t in videos), videos
+    assert any(t.startswith("openloop/") for t in videos), videos
+
+
+def test_train_ratio_sets_the_number_of_updates(debug_run):
+    logdir, _ = debug_run
+    last = read_metrics(logdir)[-1]
+    # debug: 400 steps, prefill 100, train_ratio 32, batch 32 x 16: updates = (400 - 100) * 32 / 512 (+1)
+    expected = (400 - 100) * 32 / (32 * 16)
+    assert abs(last["perf/updates"] - expected) <= 1.0 + 1e-9, last["perf/updates"]
+
+
+def test_checkpoint_and_replay_on_disk(debug_run):
+    logdir, _ = debug_run
+    assert (logdir / "latest.pt").exists()
+    assert list((logdir / "replay").glob("*.npz"))
+
+
+def test_config_error_exits_2_and_writes_nothing(tmp_path):
+    logdir = tmp_path / "never"
+    result = run_cli("--configs", "debug", "custom", "--batchsize", "32", "--logdir", str(logdir))
+    assert result.returncode == 2
+    assert "did you mean --batch_size?" in result.stderr
+    assert not logdir.exists()
+
+
+def test_placeholder_task_lists_the_example_tasks(tmp_path):
+    result = run_cli("--configs", "debug", "custom", "--task", "custom_task_name", "--logdir", str(tmp_path / "x"))
+    assert result.returncode != 0
+    assert "custom_reach" in result.stderr and "Traceback" not in result.stderr.splitlines()[-1]
+
+
+def test_help_lists_blocks_and_keys():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "blocks:" in result.stdout and "--train_ratio" in result.stdout
+
+
+def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
+    logdir = tmp_path / "resume"
+    common = ["--configs", "debug", "custom", "--task", "custom_reach", "--logdir", str(logdir),
+              "--eval_every", "0"]
+    first = run_cli(*common, "--steps", "200")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(*common, "--steps", "300")
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = (logdir / "train.log").read_text()
+    assert "resumed from" in log and "at step 200" in log
+    steps = [r["step"] for r in read_metrics(logdir)]
+    assert steps == sorted(steps) and steps[-1] == 300
+    evaluated = run_cli("--configs", "debug", "custom", "--task", "custom_reach", "--eval_only", "True",
+                        "--from_checkpoint", str(logdir / "latest.pt"), "--eval_episode_num", "2")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    last = read_metrics(logdir)[-1]
+    assert last["eval/episodes"] == 2 and math.isfinite(last["eval/return"]) and last["step"] == 300
