@@ -77,7 +77,7 @@ def test_one_hot_sample_is_exact_one_hot_with_straight_through_gradient():
     sample = dist.sample()
     assert sorted(sample.detach()[0].tolist()) == [0.0, 0.0, 0.0, 1.0]
     weights = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    (grad_sample,) = torch.autograd.grad((sample * weights).sum(), logits)
+    (grad_sample,) = torch.autograd.grad((sample * weights).sum(), logits, retain_graph=True)
     (grad_probs,) = torch.autograd.grad((dist.probs * weights).sum(), logits)
     torch.testing.assert_close(grad_sample, grad_probs)
 

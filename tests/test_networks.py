@@ -1,0 +1,181 @@
+"""RSSM, encoders, decoders and heads: key selection, shapes, resets, and the fused computations."""
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from networks import (RSSM, Actor, EnsembleMLP, Head, LayerNormGRU, MultiDecoder, MultiEncoder, features,
+                      maybe_compile, select_keys)
+
+IMAGE = gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)
+VECTOR = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)
+FLAG = gym.spaces.Box(0, 1, (), bool)
+
+
+def make_rssm(action_dim=2, embed_dim=7):
+    torch.manual_seed(0)
+    return RSSM(action_dim, embed_dim, deter=8, hidden=6, stoch=3, classes=4, unimix=0.01, gru_update_bias=-1.0)
+
+
+# -- key selection ---------------------------------------------------------------------------
+
+def test_select_keys_uses_full_match_and_rank():
+    space = {"image": IMAGE, "image2": IMAGE, "vector": VECTOR, "is_first": FLAG, "reward": VECTOR,
+             "log_stat": VECTOR, "depth": gym.spaces.Box(0, 1, (16, 16, 1), np.float32)}
+    assert select_keys(space, "image", "$^", "encoder") == (["image"], [])
+    assert select_keys(space, "image.*", ".*", "encoder") == (["image", "image2"], ["vector"])
+    assert select_keys(space, ".*", "$^", "decoder") == (["image", "image2"], [])  # float depth is no image
+    with pytest.raises(ValueError, match=r"The encoder selects no observation key: cnn_keys='\$\^' .*"
+                                         r"mlp_keys='vec'.*--encoder.mlp_keys"):
+        select_keys(space, "$^", "vec", "encoder")
+
+
+def test_image_size_must_be_min_res_times_power_of_two():
+    space = {"image": gym.spaces.Box(0, 255, (48, 48, 3), np.uint8)}
+    with pytest.raises(ValueError, match=r"Image 'image' has size 48x48, but the CNN needs min_res \* 2\^k"):
+        MultiEncoder(space, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=4)
+
+
+# -- encoder / decoder -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("keys, embed_dim", [(("image", "$^"), 8 * 4 * 4), (("$^", ".*"), 32),
+                                             (("image", ".*"), 8 * 4 * 4 + 32)])  # 16x16: 2 stages, depth 4 -> 8
+def test_encoder_decoder_shapes(keys, embed_dim):
+    space = {"image": IMAGE, "vector": VECTOR, "is_first": FLAG}
+    cnn_keys, mlp_keys = keys
+    encoder = MultiEncoder(space, mlp_keys=mlp_keys, cnn_keys=cnn_keys, cnn_depth=4, min_res=4,
+                           mlp_units=32, mlp_layers=2)
+    assert encoder.out_dim == embed_dim
+    obs = {"image": torch.randint(0, 256, (2, 3, 16, 16, 3), dtype=torch.uint8), "vector": torch.randn(2, 3, 5)}
+    assert encoder(obs).shape == (2, 3, embed_dim)
+    decoder = MultiDecoder(20, space, mlp_keys=mlp_keys, cnn_keys=cnn_keys, cnn_depth=4, min_res=4,
+                           mlp_units=32, mlp_layers=2)
+    out = decoder(torch.randn(2, 3, 20))
+    if cnn_keys == "image":
+        assert out["image"].shape == (2, 3, 16, 16, 3)
+    if mlp_keys == ".*":
+        assert out["vector"].shape == (2, 3, 5)
+    assert set(out) == set(encoder.cnn_keys + encoder.mlp_keys)
+
+
+def test_two_images_are_concatenated_on_channels():
+    space = {"a": IMAGE, "b": gym.spaces.Box(0, 255, (16, 16, 1), np.uint8)}
+    decoder = MultiDecoder(10, space, mlp_keys="$^", cnn_keys=".*", cnn_depth=4, min_res=4)
+    out = decoder(torch.randn(4, 10))
+    assert out["a"].shape == (4, 16, 16, 3) and out["b"].shape == (4, 16, 16, 1)
+
+
+# -- heads -----------------------------------------------------------------------------------
+
+def test_zero_initialised_head_outputs_zero_and_actor_shapes():
+    head = Head(10, 255, units=16, layers=2, out_scale=0.0)
+    assert torch.count_nonzero(head(torch.randn(5, 10))) == 0
+    normal = Actor(10, 3, "normal", units=16, layers=1)
+    dist = normal(torch.randn(5, 10))
+    assert dist.sample().shape == (5, 3) and dist.entropy().shape == (5,)
+    assert ((dist.std >= 0.1) & (dist.std <= 1.0)).all()
+    onehot = Actor(10, 4, "onehot", units=16, layers=1)
+    sample = onehot(torch.randn(5, 10)).sample()
+    assert sample.shape == (5, 4) and torch.equal(sample.detach().sum(-1), torch.ones(5))
+
+
+def test_ensemble_members_differ_and_have_right_shape():
+    torch.manual_seed(0)
+    ensemble = EnsembleMLP(3, 6, 4, units=8, layers=2)
+    out = ensemble(torch.randn(5, 6))
+    assert out.shape == (3, 5, 4)
+    assert not torch.allclose(out[0], out[1])
+
+
+# -- GRU and RSSM ----------------------------------------------------------------------------
+
+def test_layer_norm_gru_matches_the_gate_formula():
+    torch.manual_seed(0)
+    gru = LayerNormGRU(in_dim=3, deter=4, update_bias=-1.0)
+    x, deter = torch.randn(2, 3), torch.randn(2, 4)
+    gates = torch.nn.functional.layer_norm(torch.cat([deter, x], -1) @ gru.linear.weight.T, (12,),
+                                           gru.norm.weight, gru.norm.bias, eps=1e-3)
+    reset, cand, update = gates.split(4, -1)
+    cand = torch.tanh(torch.sigmoid(reset) * cand)
+    update = torch.sigmoid(update - 1.0)
+    torch.testing.assert_close(gru(x, deter), update * cand + (1 - update) * deter)
+    assert gru.linear.weight.shape == (12, 7)  # one fused Linear for the three gates
+
+
+def test_rssm_observe_shapes_and_initial_state():
+    rssm = make_rssm()
+    out = rssm.observe(torch.randn(2, 5, 7), torch.randn(2, 5, 2), torch.zeros(2, 5, dtype=torch.bool))
+    assert out["stoch"].shape == (2, 5, 12) and out["deter"].shape == (2, 5, 8)
+    assert out["post"].shape == (2, 5, 3, 4) and out["prior"].shape == (2, 5, 3, 4)
+    assert torch.equal(out["stoch"].detach().reshape(2, 5, 3, 4).sum(-1), torch.ones(2, 5, 3))
+    stoch, deter = rssm.initial(3)
+    assert stoch.shape == (3, 12) and deter.shape == (3, 8)
+    torch.testing.assert_close(deter[0], torch.tanh(rssm.initial_deter))
+
+
+def test_observe_equals_stepping_obs_step():
+    """The whole-sequence projections in observe() compute the same maths as the per-step cell."""
+    rssm = make_rssm()
+    embed, action = torch.randn(2, 6, 7), torch.randn(2, 6, 2)
+    is_first = torch.zeros(2, 6, dtype=torch.bool)
+    is_first[1, 3] = True
+    torch.manual_seed(3)
+    out = rssm.observe(embed, action, is_first)
+    torch.manual_seed(3)
+    stoch, deter = rssm.initial(2)
+    reset = is_first.clone()
+    reset[:, 0] = True
+    for t in range(6):
+        stoch, deter, post = rssm.obs_step(stoch, deter, action[:, t], embed[:, t], reset[:, t])
+        torch.testing.assert_close(out["deter"][:, t], deter)
+        torch.testing.assert_close(out["post"][:, t], post)
+        torch.testing.assert_close(out["stoch"][:, t], stoch)
+    torch.testing.assert_close(out["prior"], rssm.prior_log_probs(out["deter"]))
+
+
+def test_is_first_resets_state_per_sequence():
+    rssm = make_rssm()
+    embed, action = torch.randn(2, 6, 7), torch.randn(2, 6, 2)
+    is_first = torch.zeros(2, 6, dtype=torch.bool)
+    is_first[0, 4] = True
+    out = rssm.observe(embed, action, is_first)
+    # After a reset the deterministic state only depends on the initial state (the action is zeroed).
+    torch.testing.assert_close(out["deter"][0, 4], out["deter"][0, 0])
+    torch.testing.assert_close(out["deter"][1, 0], out["deter"][0, 0])
+    assert not torch.allclose(out["deter"][1, 4], out["deter"][0, 4])
+
+
+def test_img_step_and_features_shapes():
+    rssm = make_rssm()
+    stoch, deter = rssm.initial(5)
+    stoch, deter = rssm.img_step(stoch, deter, torch.randn(5, 2))
+    assert stoch.shape == (5, 12) and deter.shape == (5, 8)
+    assert features(stoch, deter).shape == (5, rssm.feat_size) and rssm.feat_size == 20
+
+
+def test_maybe_compile_disabled_returns_the_function():
+    fn = lambda x: x + 1  # noqa: E731
+    assert maybe_compile(fn, False, "f") is fn
+
+
+def test_maybe_compile_falls_back_with_one_warning(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    compiled = maybe_compile(lambda x: x * 2, True, "double")
+    with pytest.warns(UserWarning, match=r"torch.compile failed for double \(RuntimeError: no C\+\+ compiler\)"):
+        torch.testing.assert_close(compiled(torch.ones(3)), torch.full((3,), 2.0))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is given once only
+        torch.testing.assert_close(compiled(torch.ones(2)), torch.full((2,), 2.0))
+
+
+@pytest.mark.slow
+def test_maybe_compile_really_compiles():
+    compiled = maybe_compile(lambda x: torch.tanh(x) * 2 + 1, True, "f")
+    x = torch.randn(8)
+    torch.testing.assert_close(compiled(x), torch.tanh(x) * 2 + 1)
