@@ -535,7 +535,8 @@ def train(config: Config, dist: Dist = Dist(), sync=None) -> Counters:
             if trainer.dist.main and trainer.should_eval_at_end():
                 trainer.run_eval()
                 logger.write(trainer.counters.step)
-            save(config, trainer.agent, trainer.counters, trainer.replay, trainer.paths, dist, logger)
+            if trainer.counters.last_save != trainer.counters.step or interrupt.requested:
+                save(config, trainer.agent, trainer.counters, trainer.replay, trainer.paths, dist, logger)
             if interrupt.requested:
                 logger.info(
                     f"stopped at step {trainer.counters.step}; resume with: python3 dreamer.py "

@@ -14,6 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+# TensorBoard's add_video goes through moviepy, which imports pygame when present: keep pygame from
+# probing audio devices (ALSA noise on headless machines) and from printing its banner.
+os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+
 import numpy as np
 import torch
 

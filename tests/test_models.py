@@ -1,0 +1,223 @@
+"""World model and actor-critic: the maths (lambda-returns, free bits, return normaliser), shapes of
+every public output, learning, parameter isolation and checkpoints."""
+import io
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import config
+import exploration
+from models import ReturnNormalizer, action_size, kl_losses, lambda_returns
+from tools import set_seed
+
+IMAGE = gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)
+VECTOR = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)
+FLAGS = {k: gym.spaces.Box(0, 1, (), bool) for k in ("is_first", "is_last", "is_terminal")}
+OBS_SPACES = {
+    "image": {"image": IMAGE, **FLAGS},
+    "vector": {"vector": VECTOR, **FLAGS},
+    "mixed": {"image": IMAGE, "vector": VECTOR, **FLAGS},
+}
+ACT_SPACES = {"normal": gym.spaces.Box(-1, 1, (2,), np.float32), "onehot": gym.spaces.Discrete(3)}
+
+
+def make(obs="vector", dist="normal", *overrides, seed=0):
+    cfg = config.load_config(["--configs", "debug", "--encoder.mlp_keys", ".*", "--decoder.mlp_keys", ".*",
+                              "--actor_dist", dist, *overrides])
+    set_seed(seed)
+    agent = exploration.make_agent(OBS_SPACES[obs], ACT_SPACES[dist], cfg, "cpu")
+    batch = exploration.synthetic_batch(OBS_SPACES[obs], ACT_SPACES[dist], cfg.batch_size, cfg.batch_length)
+    return agent, batch, cfg
+
+
+# -- maths -----------------------------------------------------------------------------------
+
+def test_lambda_returns_hand_computed():
+    reward = torch.tensor([[1.0], [2.0], [3.0]])  # (H=3, N=1)
+    value = torch.tensor([[0.5], [1.0], [2.0], [4.0]])  # (H+1, N)
+    disc = torch.tensor([[0.9], [0.9], [0.0]])  # the third step is terminal
+    # R3 = 4; R2 = 3 + 0 = 3; R1 = 2 + 0.9 * (0.5 * 2 + 0.5 * 3) = 4.25; R0 = 1 + 0.9 * (0.5 * 1 + 0.5 * 4.25)
+    expected = torch.tensor([[3.3625], [4.25], [3.0]])
+    torch.testing.assert_close(lambda_returns(reward, value, disc, 0.5), expected)
+
+
+def test_lambda_returns_limits_are_td0_and_monte_carlo():
+    reward, value = torch.tensor([[1.0], [1.0]]), torch.tensor([[0.0], [2.0], [10.0]])
+    disc = torch.full((2, 1), 0.5)
+    torch.testing.assert_close(lambda_returns(reward, value, disc, 0.0), torch.tensor([[2.0], [6.0]]))  # r + d v'
+    torch.testing.assert_close(lambda_returns(reward, value, disc, 1.0), torch.tensor([[4.0], [6.0]]))  # 1+.5*(1+.5*10)
+
+
+def test_free_bits_clip_kl_below_at_one_nat_with_zero_gradient():
+    uniform = torch.full((1, 2, 4), 0.25).log()
+    near = torch.log_softmax(torch.tensor([[[0.1, 0.0, 0.0, 0.0], [0.0, 0.2, 0.0, 0.0]]]), -1)  # KL << 1
+    far = torch.log_softmax(torch.tensor([[[6.0, 0.0, 0.0, 0.0], [0.0, 6.0, 0.0, 0.0]]]), -1)  # KL > 1
+    for post, clipped in ((near, True), (far, False)):
+        post = post.clone().requires_grad_(True)
+        prior = uniform.clone().requires_grad_(True)
+        dyn, rep, raw = kl_losses(post, prior, free=1.0)
+        kl = (post.exp() * (post - prior)).sum((-2, -1)).detach()
+        torch.testing.assert_close(raw, kl)
+        expected = torch.ones(1) if clipped else kl
+        torch.testing.assert_close(dyn.detach(), expected)
+        torch.testing.assert_close(rep.detach(), expected)
+        grad_post_dyn, grad_prior_dyn = torch.autograd.grad(dyn.sum(), (post, prior), allow_unused=True,
+                                                            retain_graph=True)
+        grad_post_rep, grad_prior_rep = torch.autograd.grad(rep.sum(), (post, prior), allow_unused=True)
+        assert grad_post_dyn is None and grad_prior_rep is None  # dyn trains the prior, rep the posterior
+        assert (grad_prior_dyn.abs().sum() == 0) == clipped and (grad_post_rep.abs().sum() == 0) == clipped
+
+
+def test_return_normalizer_matches_numpy_percentiles():
+    rng = np.random.default_rng(0)
+    norm = ReturnNormalizer(low=5.0, high=95.0, decay=0.99, max=1.0)
+    low = high = 0.0
+    for _ in range(3):
+        returns = rng.normal(3.0, 40.0, size=(15, 64)).astype(np.float32)
+        norm.update(torch.as_tensor(returns))
+        low = 0.99 * low + 0.01 * np.percentile(returns, 5)
+        high = 0.99 * high + 0.01 * np.percentile(returns, 95)
+        assert norm.low.item() == pytest.approx(low, rel=1e-5)
+        assert norm.high.item() == pytest.approx(high, rel=1e-5)
+    assert norm.scale().item() == pytest.approx(max(1.0, high - low), rel=1e-5)
+    small = ReturnNormalizer()
+    small.update(torch.zeros(10))
+    assert small.scale().item() == 1.0  # the denominator is at least return_norm.max
+
+
+def test_action_size_rejects_mismatched_actor_dist():
+    with pytest.raises(ValueError, match=r"Discrete\(3\) but actor_dist is 'normal'.*--actor_dist onehot"):
+        action_size(gym.spaces.Discrete(3), "normal")
+    with pytest.raises(ValueError, match=r"continuous Box\(2,\) but actor_dist is 'onehot'.*--actor_dist normal"):
+        action_size(gym.spaces.Box(-1, 1, (2,), np.float32), "onehot")
+    assert action_size(gym.spaces.Discrete(4), "onehot") == 4
+
+
+# -- shapes of every public output ------------------------------------------------------------
+
+@pytest.mark.parametrize("obs", ["image", "vector", "mixed"])
+@pytest.mark.parametrize("dist", ["normal", "onehot"])
+def test_public_output_shapes(obs, dist):
+    agent, batch, cfg = make(obs, dist)
+    action_dim = 2 if dist == "normal" else 3
+    metrics = agent.train_step(batch)
+    expected = {"loss/model", "loss/reward", "loss/cont", "loss/kl_dyn", "loss/kl_rep", "loss/actor", "loss/critic",
+                "actor/entropy", "return/p5", "return/p95", "return/scale", "grad/model_norm", "grad/actor_norm",
+                "grad/critic_norm"}
+    expected |= {"loss/image"} if obs != "vector" else set()
+    expected |= {"loss/vector"} if obs != "image" else set()
+    assert expected <= set(metrics)
+    for name, value in metrics.items():
+        assert isinstance(value, torch.Tensor) and value.shape == () and not value.requires_grad, name
+        assert torch.isfinite(value), name
+    states = agent.wm.observe(batch)
+    B, T = cfg.batch_size, cfg.batch_length
+    assert states["stoch"].shape == (B, T, 16) and states["deter"].shape == (B, T, 32)
+    obs_np = {k: np.zeros((3, *s.shape), s.dtype) for k, s in OBS_SPACES[obs].items()}
+    obs_np["is_first"] = np.ones(3, bool)
+    actions, state = agent.policy(obs_np, None, "train")
+    assert actions.shape == (3, action_dim) and actions.dtype == np.float32
+    assert [s.shape for s in state] == [(3, 16), (3, 32), (3, action_dim)]
+    eval_actions, _ = agent.policy(obs_np, state, "eval")
+    assert eval_actions.shape == (3, action_dim)
+    if dist == "onehot":
+        assert np.array_equal(actions.sum(-1), np.ones(3)) and set(np.unique(actions)) <= {0.0, 1.0}
+    else:
+        assert np.abs(actions).max() <= 1.0
+    assert agent.random_actions(4).shape == (4, action_dim)
+    report = agent.report(batch)
+    if obs == "vector":
+        assert report == {}
+    else:
+        n = min(6, B)
+        assert report["openloop/image"].shape == (T, 3 * 16, n * 16, 3)
+        assert report["openloop/image"].dtype == np.uint8
+
+
+# -- learning and isolation ---------------------------------------------------------------------
+
+def test_world_model_loss_drops_on_a_fixed_batch():
+    """100 updates on one batch: the loss must fall below 75% of its start (it reaches about 65%)."""
+    agent, batch, _ = make("vector", "normal")
+    losses = [agent.train_world_model(batch)[1]["loss/model"] for _ in range(100)]
+    first, last = losses[0].item(), losses[-1].item()
+    assert last < 0.75 * first, (first, last)
+
+
+@pytest.mark.parametrize("dist", ["normal", "onehot"])
+def test_actor_critic_update_leaves_world_model_bit_identical(dist):
+    agent, batch, _ = make("mixed", dist)
+    states, _ = agent.train_world_model(batch)
+    agent.train_world_model(batch)  # non-zero reward and critic weights, Adam state present
+    before = {k: v.clone() for k, v in agent.wm.state_dict().items()}
+    actor_before = [p.clone() for p in agent.task.actor.parameters()]
+    critic_before = [p.clone() for p in agent.task.critic.parameters()]
+    agent.train_behavior(states, batch)
+    after = agent.wm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(a, p) for a, p in zip(actor_before, agent.task.actor.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(critic_before, agent.task.critic.parameters()))
+
+
+@pytest.mark.parametrize("dist", ["normal", "onehot"])
+def test_advantages_are_normalised_on_both_gradient_paths(dist):
+    """Actor gradients scale with 1 / return scale, for dynamics backprop and for REINFORCE."""
+    agent, batch, _ = make("vector", dist, "--actor.entropy", "0", "--return_norm.decay", "1.0")
+    for _ in range(3):
+        states, _ = agent.train_world_model(batch)
+    start = {"stoch": states["stoch"].detach().flatten(0, 1), "deter": states["deter"].detach().flatten(0, 1),
+             "cont": torch.ones(batch["reward"].numel())}
+    # give the reward head and critic non-trivial outputs
+    with torch.no_grad():
+        for p in list(agent.wm.reward_head.out.parameters()) + list(agent.task.critic.out.parameters()):
+            p.normal_(0.0, 0.5)
+    grads = []
+    for low, high in ((0.0, 0.5), (0.0, 4.0)):  # scales max(1, 0.5) = 1 and 4
+        agent.task.return_norm.low.fill_(low)
+        agent.task.return_norm.high.fill_(high)
+        torch.manual_seed(7)
+        actor_loss, _, metrics = agent.task.losses(agent.wm, start, lambda f, _: agent.wm.reward(f[1:]))
+        grads.append(torch.autograd.grad(actor_loss, list(agent.task.actor.parameters())))
+        assert metrics["return/scale"].item() == max(1.0, high - low)
+    for g1, g4 in zip(*grads):
+        torch.testing.assert_close(g4 * 4, g1, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+def test_state_dict_round_trip_reproduces_actions_and_updates():
+    agent, batch, _ = make("mixed", "normal", seed=0)
+    agent.train_step(batch)
+    buffer = io.BytesIO()
+    torch.save(agent.state_dict(), buffer)
+    buffer.seek(0)
+    other, _, _ = make("mixed", "normal", seed=123)  # different initial weights
+    other.load_state_dict(torch.load(buffer, weights_only=False))
+    assert other.updates == agent.updates == 1
+    obs = {"image": np.full((2, 16, 16, 3), 100, np.uint8), "vector": np.ones((2, 5), np.float32),
+           "is_first": np.ones(2, bool)}
+    outputs = []
+    for model in (agent, other):
+        torch.manual_seed(42)
+        actions, state = model.policy(obs, None, "train")
+        actions2, _ = model.policy({**obs, "is_first": np.zeros(2, bool)}, state, "train")
+        outputs.append((actions, actions2, model.random_actions(3)))
+    for a, b in zip(*outputs):
+        np.testing.assert_array_equal(a, b)
+    torch.manual_seed(5)
+    m1 = agent.train_step(batch)
+    torch.manual_seed(5)
+    m2 = other.train_step(batch)
+    for key in ("loss/model", "loss/actor", "loss/critic", "return/p95"):
+        assert m1[key].item() == m2[key].item(), key
+
+
+@pytest.mark.parametrize("precision", ["bf16", "16"])
+def test_reduced_precision_updates_are_finite(precision):
+    agent, batch, _ = make("mixed", "normal", "--precision", precision)
+    for _ in range(12):  # float16: the scaler halves its scale on overflowing steps (skipped) until they fit
+        metrics = agent.train_step(batch)
+        assert all(torch.isfinite(v) for k, v in metrics.items() if k.startswith("loss/")), metrics
+    assert all(torch.isfinite(v) for v in metrics.values()), metrics
+    assert (agent.optimizers["model"].scaler is not None) == (precision == "16")
