@@ -87,13 +87,16 @@ class Counters:
 # ------------------------------------------------------------------------------------------- factories
 
 
-def make_env_pool(config: Config, mode: str, amount: int, first_index: int):
-    """`amount` wrapped envs of `config.task` in the configured parallel mode."""
+def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logger: Logger):
+    """`amount` wrapped envs of `config.task` in the configured parallel mode; env worker restarts
+    are logged with the env's traceback."""
     import envs
 
+    def log_event(event: dict) -> None:
+        logger.warning(f"{mode} {event['message']}:\n{event.get('traceback', '')}")
+
     ctors = [functools.partial(envs.make_env, config, mode, first_index + i) for i in range(amount)]
-    parallel = config.envs.parallel if amount > 1 or config.envs.parallel != "process" else "none"
-    return envs.parallel.EnvPool(ctors, parallel)
+    return envs.parallel.EnvPool(ctors, config.envs.parallel, on_event=log_event)
 
 
 def make_agent(config: Config, obs_space, act_space, device: torch.device):
@@ -356,7 +359,8 @@ class Trainer:
 
     def setup(self) -> None:
         config, dist = self.config, self.dist
-        self.pool = make_env_pool(config, "train", config.envs.amount, dist.rank * config.envs.amount)
+        self.pool = make_env_pool(config, "train", config.envs.amount, dist.rank * config.envs.amount,
+                                  self.logger)
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
         if self.sync is not None:
             self.agent.set_grad_sync(self.sync.grads)
@@ -458,7 +462,7 @@ class Trainer:
     def run_eval(self) -> None:
         if self.eval_pool is None:
             amount = min(self.config.envs.amount, self.config.eval_episode_num)
-            self.eval_pool = make_env_pool(self.config, "eval", amount, 0)
+            self.eval_pool = make_env_pool(self.config, "eval", amount, 0, self.logger)
         evaluate(self.config, self.agent, self.eval_pool, self.logger)
         if self.config.video and self.prefetch is not None:
             for name, video in self.agent.report(self.prefetch.next()).items():

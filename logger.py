@@ -17,6 +17,7 @@ from typing import Any
 # TensorBoard's add_video goes through moviepy, which imports pygame when present: keep pygame from
 # probing audio devices (ALSA noise on headless machines) and from printing its banner.
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
 import numpy as np

@@ -292,7 +292,7 @@ class ActorCritic(nn.Module):
         feat, action, policy = traj["feat"], traj["action"], traj["policy"]
         reward = reward_fn(feat, action)  # (H, N)
         with torch.no_grad():
-            cont = torch.cat([start["cont"].unsqueeze(0).float(), wm.cont(feat[1:])], 0)  # (H+1, N)
+            cont = torch.cat([start["cont"].unsqueeze(0).float(), wm.cont(feat[1:].detach())], 0)  # (H+1, N)
             weight = torch.cumprod(discount * cont, 0) / discount  # (H+1, N)
         critic_logits = self.critic(feat)  # (H+1, N, bins)
         value = TwoHotSymlog(critic_logits).mean  # (H+1, N)

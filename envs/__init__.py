@@ -117,7 +117,15 @@ def make_env(config: Mapping[str, Any], mode: str, index: int) -> wrappers.Flags
     repeat = int(config['action_repeat'])
     options = config['env'].get(suite, {}) if 'env' in config else {}
     kwargs = suite_kwargs(cls, options, seed, repeat)
-    env = cls(name, **kwargs)
+    try:
+        env = cls(name, **kwargs)
+    except TypeError as error:
+        error.add_note(
+            f"make_env called {cls.__name__}({name!r}, **{kwargs}): the options are config "
+            f"env.{suite} (plus seed / action_repeat where the constructor names them). Make the "
+            f"constructor accept them, or change env.{suite} with --env.{suite}.<key> or in "
+            "configs.yaml.")
+        raise
     if index == 0:
         check_env(env, index)
         env.reset()

@@ -311,7 +311,9 @@ class Flags(Wrapper):
     def step(self, action: Any) -> tuple[dict, float, bool, bool, dict]:
         obs, reward, terminated, truncated, info = self._env.step(action)
         terminated, truncated = bool(terminated), bool(truncated)
-        obs = self._with_flags(obs, reward, False, terminated or truncated, terminated, 'step()')
+        # A suite may mark a step terminal while the episode goes on (Atari `lives: discount`).
+        terminal = terminated or bool(isinstance(info, Mapping) and info.get('is_terminal', False))
+        obs = self._with_flags(obs, reward, False, terminated or truncated, terminal, 'step()')
         return obs, float(reward), terminated, truncated, info
 
     def _with_flags(self, obs: Any, reward: float, first: bool, last: bool, terminal: bool,

@@ -213,6 +213,17 @@ def test_seed_and_action_repeat_go_only_to_constructors_that_name_them(monkeypat
     assert received == {'size': (64, 64)}
 
 
+def test_constructor_option_mismatch_says_where_the_options_come_from(monkeypatch):
+    class NoOptions(CustomEnv):
+        def __init__(self, name):
+            super().__init__(name)
+
+    monkeypatch.setitem(envs.REGISTRY, 'custom', NoOptions)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'size'") as info:
+        envs.make_env(make_config('--task', 'custom_reach'), 'train', 0)
+    assert "the options are config env.custom" in info.value.__notes__[0]
+
+
 def test_wrapper_stack_order():
     config = make_config('--task', 'custom_catch', '--time_limit', '7', '--reward_clip', '1.0')
     env = envs.make_env(config, 'train', 1)

@@ -1,0 +1,184 @@
+"""Benchmark one DreamerV3 update (world model + actor + critic) for a config, on synthetic data.
+
+    python3 scripts/bench.py --configs dmc_proprio --batch_size 16 --batch_length 64 --device cpu --iters 3
+    python3 scripts/bench.py --configs dmc_vision --iters 3 --json bench.json
+
+Takes the same `--configs ...` and `--key value` overrides as dreamer.py, plus `--iters N` (timed
+updates after one warm-up update) and `--json F`. The observation and action spaces are those of the
+config's task (made once); random batches of those shapes are fed to the real agent. Prints one
+`name: value` line per figure:
+
+  seconds_per_update        median over the timed updates (world model + actor + critic)
+  world_model_seconds       median of the world-model part
+  behavior_seconds          median of the imagination + actor + critic part
+  policy_steps_per_second   env steps per second of agent.policy on a batch of envs.amount envs
+  replay_samples_per_second sequences of batch_length per second sampled from replay.Replay
+  gflops_per_second         the update's FLOPs (torch FlopCounterMode) / seconds_per_update
+  matmul_peak_gflops        a plain 1024x1536 @ 1536x1536 float32 matmul on the same device/threads
+  peak_rss_mib              peak resident memory of this process
+  cuda_max_allocated_mib    (CUDA only) peak memory allocated by torch
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import config as config_lib  # noqa: E402
+import exploration  # noqa: E402
+from tools import resolve_device, set_seed, set_threads  # noqa: E402
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], int, str | None]:
+    """Take --iters and --json out of argv; the rest goes to config.load_config."""
+    rest, iters, json_path = [], 3, None
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--iters", "--json"):
+            if i + 1 >= len(argv):
+                raise SystemExit(f"{argv[i]} needs a value, e.g. {argv[i]} 3")
+            if argv[i] == "--iters":
+                iters = int(argv[i + 1])
+            else:
+                json_path = argv[i + 1]
+            i += 2
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest, iters, json_path
+
+
+def task_spaces(cfg) -> tuple[dict, object]:
+    """Observation and action spaces of the config's task (one env made and closed)."""
+    import envs
+
+    env = envs.make_env(cfg, "train", 0)
+    try:
+        return dict(env.obs_space), env.act_space
+    finally:
+        if hasattr(env, "close"):
+            env.close()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_updates(agent, batch, iters: int, device: torch.device) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {"total": [], "world_model": [], "behavior": []}
+    for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
+        states, metrics = agent.train_world_model(batch)
+        sync(device)
+        middle = time.perf_counter()
+        metrics.update(agent.train_behavior(states, batch))
+        sync(device)
+        end = time.perf_counter()
+        agent.updates += 1
+        times["total"].append(end - start)
+        times["world_model"].append(middle - start)
+        times["behavior"].append(end - middle)
+    return times
+
+
+def update_flops(agent, batch) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        states, _ = agent.train_world_model(batch)
+        agent.train_behavior(states, batch)
+    return float(counter.get_total_flops())
+
+
+def policy_steps_per_second(agent, obs_space: dict, amount: int, seconds: float = 1.0) -> float:
+    obs = {k: np.zeros((amount, *s.shape), s.dtype) for k, s in obs_space.items()}
+    obs["is_first"] = np.zeros(amount, bool)
+    _, state = agent.policy(obs, None, "train")
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        _, state = agent.policy(obs, state, "train")
+        steps += amount
+    return steps / (time.perf_counter() - start)
+
+
+def replay_samples_per_second(obs_space: dict, act_space, batch_size: int, length: int,
+                              seconds: float = 1.0) -> float:
+    from replay import Replay
+
+    steps = max(4 * length, 5000)
+    replay = Replay(capacity=steps, batch_length=length, seed=0)
+    action = np.zeros(exploration.action_size(act_space, "onehot" if hasattr(act_space, "n") else "normal"),
+                      np.float32)
+    for t in range(steps):
+        step = {k: np.zeros(s.shape, s.dtype) for k, s in obs_space.items()
+                if k not in ("is_first", "is_last", "is_terminal")}
+        step.update(action=action, reward=np.float32(0), is_first=t % 500 == 0, is_last=t % 500 == 499,
+                    is_terminal=False)
+        replay.add(step)
+    replay.sample(batch_size)
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        replay.sample(batch_size)
+        count += batch_size
+    return count / (time.perf_counter() - start)
+
+
+def matmul_peak_gflops(device: torch.device, repeats: int = 10) -> float:
+    a = torch.randn(1024, 1536, device=device)
+    b = torch.randn(1536, 1536, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024 * 1536 * 1536 / best / 1e9
+
+
+def main(argv: list[str]) -> dict[str, float]:
+    rest, iters, json_path = split_argv(argv)
+    cfg = config_lib.load_config(rest)
+    threads = set_threads(int(cfg.threads))
+    device = resolve_device(cfg.device)
+    set_seed(int(cfg.seed))
+    obs_space, act_space = task_spaces(cfg)
+    agent = exploration.make_agent(obs_space, act_space, cfg, device)
+    batch = exploration.synthetic_batch(obs_space, act_space, int(cfg.batch_size), int(cfg.batch_length), device)
+    print(f"# task {cfg.task}, obs {({k: tuple(s.shape) for k, s in obs_space.items()})}, act {act_space}, "
+          f"device {device}, threads {threads}, precision {cfg.precision}, compile {cfg.compile}", flush=True)
+    time_updates(agent, batch, 1, device)  # warm-up (and compilation)
+    times = time_updates(agent, batch, iters, device)
+    seconds = statistics.median(times["total"])
+    results = {
+        "seconds_per_update": seconds,
+        "world_model_seconds": statistics.median(times["world_model"]),
+        "behavior_seconds": statistics.median(times["behavior"]),
+        "policy_steps_per_second": policy_steps_per_second(agent, obs_space, int(cfg.envs.amount)),
+        "replay_samples_per_second": replay_samples_per_second(obs_space, act_space, int(cfg.batch_size),
+                                                               int(cfg.batch_length)),
+        "gflops_per_second": update_flops(agent, batch) / seconds / 1e9,
+        "matmul_peak_gflops": matmul_peak_gflops(device),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if device.type == "cuda":
+        results["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    for name, value in results.items():
+        print(f"{name}: {value:.4g}")
+    if json_path:
+        Path(json_path).write_text(json.dumps({**results, "argv": argv, "all_seconds": times}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,140 @@
+"""The agent object the loop drives: behaviours, the policy state, the gradient hook, errors."""
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import config
+import exploration
+from tools import set_seed
+
+VECTOR = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)
+OBS_SPACE = {"vector": VECTOR, "is_first": gym.spaces.Box(0, 1, (), bool)}
+BOX = gym.spaces.Box(-1, 1, (2,), np.float32)
+
+
+def make(behavior="greedy", act_space=BOX, dist="normal", *overrides):
+    cfg = config.load_config(["--configs", "debug", "--encoder.mlp_keys", ".*", "--decoder.mlp_keys", ".*",
+                              "--behavior", behavior, "--actor_dist", dist, *overrides])
+    set_seed(0)
+    agent = exploration.make_agent(OBS_SPACE, act_space, cfg, "cpu")
+    return agent, exploration.synthetic_batch(OBS_SPACE, act_space, cfg.batch_size, cfg.batch_length)
+
+
+def obs(n, first):
+    return {"vector": np.linspace(-1, 1, n * 5, dtype=np.float32).reshape(n, 5), "is_first": np.array(first)}
+
+
+def test_plan2explore_trains_and_acts():
+    agent, batch = make("plan2explore")
+    ensemble_before = [p.clone() for p in agent.expl.ensemble.parameters()]
+    actor_before = [p.clone() for p in agent.expl.ac.actor.parameters()]
+    for _ in range(3):
+        metrics = agent.train_step(batch)
+    for key in ("loss/expl_actor", "loss/expl_critic", "grad/expl_actor_norm", "return/expl_scale",
+                "imagine/expl_reward", "loss/actor", "loss/model"):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    assert metrics["imagine/expl_reward"].item() > 0  # ensemble disagreement is positive
+    with torch.no_grad():
+        states = agent.wm.observe(batch)  # fixed targets: the ensemble learns to predict them
+    losses = []
+    for _ in range(30):
+        loss = agent.expl.ensemble_loss(states, batch)
+        losses.append(loss.item())
+        agent.optimizers["expl_ensemble"].step(loss)
+    assert losses[-1] < 0.95 * losses[0], (losses[0], losses[-1])  # it falls by about 9%
+    assert all(not torch.equal(a, b) for a, b in zip(ensemble_before, agent.expl.ensemble.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(actor_before, agent.expl.ac.actor.parameters()))
+    actions, state = agent.policy(obs(3, [True] * 3), None, "train")
+    assert actions.shape == (3, 2) and np.abs(actions).max() <= 1.0
+    # train mode acts with the exploration actor, eval mode with the task actor
+    torch.manual_seed(0)
+    explore, _ = agent.policy(obs(3, [True] * 3), None, "train")
+    torch.manual_seed(0)
+    feat = None
+    with torch.no_grad():
+        stoch, deter, prev = agent.initial_state(3)
+        embed = agent.wm.encoder({"vector": torch.as_tensor(obs(3, [True] * 3)["vector"])})
+        stoch, deter, _ = agent.wm.rssm.obs_step(stoch, deter, prev, embed, torch.ones(3, dtype=torch.bool))
+        feat = torch.cat([stoch, deter], -1)
+        expected = agent.expl.ac.actor(feat).sample().clamp(-1, 1).numpy()
+    np.testing.assert_allclose(explore, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_random_behavior_acts_uniformly_and_evaluates_greedily():
+    agent, _ = make("random")
+    actions, _ = agent.policy(obs(500, [True] * 500), None, "train")
+    assert actions.shape == (500, 2) and actions.min() >= -1 and actions.max() <= 1
+    assert abs(actions.mean()) < 0.1 and actions.std() > 0.5  # uniform in [-1, 1]: std 0.577
+    evals = []
+    for _ in range(2):  # the latent is still a posterior sample; the action is the actor's mode
+        torch.manual_seed(3)
+        evals.append(agent.policy(obs(2, [True, True]), None, "eval")[0])
+    np.testing.assert_array_equal(*evals)
+    torch.manual_seed(3)
+    _, (stoch, deter, action) = agent.policy(obs(2, [True, True]), None, "eval")
+    with torch.no_grad():
+        np.testing.assert_array_equal(evals[0], agent.task.actor(torch.cat([stoch, deter], -1)).mode().numpy())
+
+
+def test_random_actions_for_discrete_spaces_are_one_hot():
+    agent, _ = make("greedy", gym.spaces.Discrete(4), "onehot")
+    actions = agent.random_actions(1000)
+    assert actions.shape == (1000, 4) and actions.dtype == np.float32
+    np.testing.assert_array_equal(actions.sum(-1), np.ones(1000))
+    assert (actions.mean(0) > 0.2).all()
+
+
+def test_policy_state_resets_per_env_where_is_first():
+    agent, _ = make()
+    _, state = agent.policy(obs(2, [True, True]), None, "train")
+    _, state = agent.policy(obs(2, [False, False]), state, "train")
+    torch.manual_seed(1)
+    _, reset_state = agent.policy(obs(2, [True, False]), state, "train")
+    torch.manual_seed(1)
+    _, fresh_state = agent.policy(obs(2, [True, True]), None, "train")
+    # env 0 restarted: its deterministic state equals a fresh start; env 1 continued
+    torch.testing.assert_close(reset_state[1][0], fresh_state[1][0])
+    assert not torch.allclose(reset_state[1][1], fresh_state[1][1])
+
+
+def test_grad_sync_hook_sees_every_group_before_the_step():
+    agent, batch = make()
+    seen = []
+
+    def zero_grads(params):
+        seen.append(len(params))
+        for p in params:
+            p.grad.zero_()
+
+    agent.set_grad_sync(zero_grads)
+    before = {k: v.clone() for k, v in agent.wm.state_dict().items()}
+    agent.train_step(batch)
+    assert seen == [len(list(agent.wm.parameters())), len(list(agent.task.actor.parameters())),
+                    len(list(agent.task.critic.parameters()))]
+    # Adam's first step with all-zero gradients leaves the parameters unchanged: the hook ran before it
+    assert all(torch.equal(before[k], v) for k, v in agent.wm.state_dict().items())
+    agent.set_grad_sync(None)
+    agent.train_step(batch)
+    assert len(seen) == 3
+
+
+def test_make_agent_errors_name_the_fix():
+    cfg = config.load_config(["--configs", "debug", "--actor_dist", "normal"])
+    with pytest.raises(ValueError, match=r"Discrete\(2\) but actor_dist is 'normal'.*use --actor_dist onehot"):
+        exploration.make_agent(OBS_SPACE, gym.spaces.Discrete(2), cfg, "cpu")
+    cfg = config.load_config(["--configs", "debug", "--encoder.mlp_keys", "$^", "--encoder.cnn_keys", "image"])
+    with pytest.raises(ValueError, match=r"The encoder selects no observation key.*'vector': \(\(5,\), 'float32'\)"):
+        exploration.make_agent(OBS_SPACE, BOX, cfg, "cpu")
+    agent, _ = make()
+    with pytest.raises(ValueError, match="policy mode must be 'train' or 'eval', got 'explore'"):
+        agent.policy(obs(1, [True]), None, "explore")
+
+
+def test_synthetic_batch_follows_the_data_conventions():
+    space = {"image": gym.spaces.Box(0, 255, (8, 8, 3), np.uint8), **OBS_SPACE}
+    batch = exploration.synthetic_batch(space, gym.spaces.Discrete(3), 2, 6)
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (2, 6, 8, 8, 3)
+    assert batch["action"].shape == (2, 6, 3) and batch["reward"].shape == (2, 6)
+    assert batch["is_first"][:, 0].all() and (batch["action"][batch["is_first"]] == 0).all()
+    assert not (batch["is_terminal"] & ~batch["is_last"]).any()
