@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ActorCritic, GradSync, Optimizer, WorldModel, action_size, autocast
+from models import ActorCritic, GradSync, Optimizer, RewardFn, WorldModel, action_size, autocast
 from networks import EnsembleMLP, features
 
 PolicyState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # stoch (N, S*C), deter (N, D), action (N, A)
@@ -42,12 +42,18 @@ class Plan2Explore(nn.Module):
         preds = self.ensemble(inputs.reshape(-1, inputs.shape[-1])).float()  # (M, n, S*C)
         return preds.std(0).mean(-1).reshape(feat.shape[:-1])
 
-    def reward(self, wm: WorldModel, feat: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Reward on arriving at steps 1..H of an imagined trajectory (H+1, N, ...) -> (H, N)."""
-        reward = self.intr_scale * self.disagreement(feat[:-1], action[:-1])
-        if self.extr_scale:
-            reward = reward + self.extr_scale * wm.reward(feat[1:])
-        return reward
+    def reward_terms(self, wm: WorldModel, horizon: int) -> RewardFn:
+        """Reward of the exploration actor-critic, per imagined step (see models.RewardFn): the
+        scaled disagreement about step t+1 predicted from (feat_t, action_t), plus the scaled reward
+        head on feat_t for t >= 1 when extr_scale is not 0."""
+        def terms(t: int, feat: torch.Tensor, action: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = {}
+            if t < horizon:
+                out["intrinsic"] = self.intr_scale * self.disagreement(feat, action)
+            if t >= 1 and self.extr_scale:
+                out["extrinsic"] = self.extr_scale * wm.reward(feat)
+            return out
+        return terms
 
     def ensemble_loss(self, states: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Squared error (summed over latent dims) predicting stoch_{t+1} from (feat_t, action_{t+1}),
@@ -110,6 +116,10 @@ class Agent:
     def _step(self, name: str, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
         return self.optimizers[name].step(loss, self.grad_sync, retain_graph)
 
+    def task_reward(self, t: int, feat: torch.Tensor, action: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The task's reward terms per imagined step: the reward head on feat_t for t >= 1."""
+        return {"reward": self.wm.reward(feat)} if t >= 1 else {}
+
     def _train_actor_critic(self, ac: ActorCritic, prefix: str, start: Mapping[str, torch.Tensor],
                             reward_fn: Callable) -> dict[str, torch.Tensor]:
         with autocast(self.device, self.precision):
@@ -137,14 +147,14 @@ class Agent:
             "deter": states["deter"].detach().reshape(-1, states["deter"].shape[-1]),  # (B*T, D)
             "cont": 1.0 - batch["is_terminal"].reshape(-1).float(),  # (B*T,)
         }
-        metrics = self._train_actor_critic(self.task, "", start, lambda feat, _: self.wm.reward(feat[1:]))
+        metrics = self._train_actor_critic(self.task, "", start, self.task_reward)
         if self.expl is not None:
             with autocast(self.device, self.precision):
                 ensemble_loss = self.expl.ensemble_loss(states, batch)
             metrics["loss/expl_ensemble"] = ensemble_loss.detach()
             metrics["grad/expl_ensemble_norm"] = self._step("expl_ensemble", ensemble_loss)
-            expl = self._train_actor_critic(self.expl.ac, "expl_", start,
-                                            lambda feat, action: self.expl.reward(self.wm, feat, action))
+            reward_fn = self.expl.reward_terms(self.wm, int(self.config.imag_horizon))
+            expl = self._train_actor_critic(self.expl.ac, "expl_", start, reward_fn)
             metrics.update({k.replace("/", "/expl_", 1): v for k, v in expl.items()})
         return metrics
 

@@ -23,6 +23,11 @@ from networks import RSSM, Actor, Head, MultiDecoder, MultiEncoder, features, ma
 from tools import symlog
 
 GradSync = Callable[[list[nn.Parameter]], None]
+# reward_fn(t, feat_t (N, F), action_t (N, A)) -> {name: (N,) reward term}: called at every imagined
+# step t = 0..H; each named term must be returned at exactly H steps, in the order of the arrival
+# steps 1..H it belongs to (e.g. the reward head on feat_t for t >= 1, or a prediction from
+# (feat_t, action_t) for t < H). The terms are summed.
+RewardFn = Callable[[int, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,31 +232,6 @@ class WorldModel(nn.Module):
             metrics["model/prior_entropy"] = OneHotCategorical.from_log_probs(states["prior"], 1).entropy().mean()
         return loss, states, metrics
 
-    def imagine(self, actor: Actor, stoch: torch.Tensor, deter: torch.Tensor, horizon: int,
-                dynamics_grad: bool) -> dict:
-        """Roll the actor out in the model from N start states for `horizon` steps.
-
-        The actor sees stop-gradient states; with dynamics_grad the sampled actions' gradients flow
-        through the dynamics into later states (the backprop estimator), without it the dynamics run
-        under no_grad (REINFORCE needs only the actor's graph). Returns feat (H+1, N, F), action
-        (H+1, N, A) and the stacked policy distribution over the H+1 steps.
-        """
-        feats, actions, dists = [], [], []
-        feat = features(stoch, deter)
-        for t in range(horizon + 1):
-            dist = actor(feat.detach())
-            action = dist.sample()
-            feats.append(feat)
-            actions.append(action)
-            dists.append(dist)
-            if t == horizon:
-                break
-            with contextlib.nullcontext() if dynamics_grad else torch.no_grad():
-                stoch, deter = self.rssm.img_step(stoch, deter, action if dynamics_grad else action.detach())
-                feat = features(stoch, deter)
-        dist_cls = type(dists[0])
-        return {"feat": torch.stack(feats), "action": torch.stack(actions), "policy": dist_cls.stack(dists)}
-
 
 # ----------------------------------------------------------------------------------------------
 # Actor-critic
@@ -278,25 +258,59 @@ class ActorCritic(nn.Module):
         fraction = float(self.config.slow_target_fraction)
         torch._foreach_lerp_(list(self.slow_critic.parameters()), list(self.critic.parameters()), fraction)
 
-    def losses(self, wm: WorldModel, start: Mapping[str, torch.Tensor],
-               reward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    def rollout(self, wm: WorldModel, start: Mapping[str, torch.Tensor], reward_fn: RewardFn) -> dict:
+        """Imagine `imag_horizon` steps from the N start states with the actor, evaluating the heads
+        step by step (N rows at a time keeps every tensor small and cache-friendly).
+
+        The actor sees stop-gradient states. For continuous actions the sampled actions' gradients
+        flow through the dynamics into later states, rewards and values (the backprop estimator);
+        for discrete actions the dynamics run under no_grad (REINFORCE needs only the actor's graph).
+        Returns stacked (H+1, N, ...) tensors: action, critic logits, slow critic value, continuation,
+        the policy distribution, and the reward (H, N) on arriving at steps 1..H.
+        """
+        horizon = int(self.config.imag_horizon)
+        stoch, deter = start["stoch"], start["deter"]
+        steps: dict[str, list] = {"action": [], "logits": [], "slow": [], "cont": [], "policy": []}
+        rewards: dict[str, list] = {}
+        for t in range(horizon + 1):
+            feat = features(stoch, deter)  # (N, F)
+            policy = self.actor(feat.detach())
+            action = policy.sample()
+            steps["policy"].append(policy)
+            steps["action"].append(action)
+            steps["logits"].append(self.critic(feat))
+            if self.config.slow_value_target:
+                steps["slow"].append(TwoHotSymlog(self.slow_critic(feat)).mean)
+            for name, value in reward_fn(t, feat, action).items():
+                rewards.setdefault(name, []).append(value)
+            with torch.no_grad():  # predicted continuation (mode); the start's is 1 - is_terminal
+                steps["cont"].append(start["cont"].float() if t == 0 else wm.cont(feat.detach()))
+            if t == horizon:
+                break
+            with contextlib.nullcontext() if self.backprop else torch.no_grad():
+                stoch, deter = wm.rssm.img_step(stoch, deter, action if self.backprop else action.detach())
+        out = {k: torch.stack(v) for k, v in steps.items() if v and k != "policy"}
+        out["policy"] = type(steps["policy"][0]).stack(steps["policy"])
+        assert all(len(v) == horizon for v in rewards.values()), {k: len(v) for k, v in rewards.items()}
+        out["reward"] = sum(torch.stack(v).float() for v in rewards.values())  # (H, N)
+        return out
+
+    def losses(self, wm: WorldModel, start: Mapping[str, torch.Tensor], reward_fn: RewardFn
                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Imagine from the start states and compute the actor and critic losses.
 
         start: stoch (N, S*C), deter (N, D), cont (N,) = 1 - is_terminal of the start states.
-        reward_fn(feat (H+1, N, F), action (H+1, N, A)) -> reward (H, N) on arriving at steps 1..H.
+        reward_fn(t, feat_t, action_t) -> {name: (N,)} reward terms; every term is given for H of
+        the H+1 steps, indexed by arrival step 1..H, and the reward is their sum (see RewardFn).
         """
         cfg = self.config
-        discount, horizon = float(cfg.discount), int(cfg.imag_horizon)
-        traj = wm.imagine(self.actor, start["stoch"], start["deter"], horizon, dynamics_grad=self.backprop)
-        feat, action, policy = traj["feat"], traj["action"], traj["policy"]
-        reward = reward_fn(feat, action)  # (H, N)
-        with torch.no_grad():
-            cont = torch.cat([start["cont"].unsqueeze(0).float(), wm.cont(feat[1:].detach())], 0)  # (H+1, N)
-            weight = torch.cumprod(discount * cont, 0) / discount  # (H+1, N)
-        critic_logits = self.critic(feat)  # (H+1, N, bins)
+        discount = float(cfg.discount)
+        traj = self.rollout(wm, start, reward_fn)
+        action, policy, reward, cont = traj["action"], traj["policy"], traj["reward"], traj["cont"]
+        weight = torch.cumprod(discount * cont, 0) / discount  # (H+1, N)
+        critic_logits = traj["logits"]  # (H+1, N, bins)
         value = TwoHotSymlog(critic_logits).mean  # (H+1, N)
-        slow_value = TwoHotSymlog(self.slow_critic(feat)).mean if cfg.slow_value_target else None
+        slow_value = traj["slow"] if cfg.slow_value_target else None
         bootstrap = slow_value if cfg.slow_value_target else value
         returns = lambda_returns(reward, bootstrap, discount * cont[1:], float(cfg.discount_lambda))  # (H, N)
         self.return_norm.update(returns)

@@ -178,7 +178,7 @@ def test_advantages_are_normalised_on_both_gradient_paths(dist):
         agent.task.return_norm.low.fill_(low)
         agent.task.return_norm.high.fill_(high)
         torch.manual_seed(7)
-        actor_loss, _, metrics = agent.task.losses(agent.wm, start, lambda f, _: agent.wm.reward(f[1:]))
+        actor_loss, _, metrics = agent.task.losses(agent.wm, start, agent.task_reward)
         grads.append(torch.autograd.grad(actor_loss, list(agent.task.actor.parameters())))
         assert metrics["return/scale"].item() == max(1.0, high - low)
     for g1, g4 in zip(*grads):
