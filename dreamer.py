@@ -425,10 +425,6 @@ class Trainer:
             done += 1
         return done
 
-    def log_episodes(self, finished: list[dict[str, float]], episode_stats: list) -> None:
-        for summary in finished:
-            self.counters.episodes += 1
-            episode_stats.append(summary)
 
     def write_log(self, episode_stats: list, interval_start: tuple[float, int, int]) -> None:
         start_time, start_step, start_updates = interval_start
@@ -438,8 +434,9 @@ class Trainer:
         logger.scalar("perf/train_updates_per_s", (self.counters.updates - start_updates) / elapsed)
         logger.scalar("perf/updates", self.counters.updates)
         logger.scalar("perf/replay_steps", len(self.replay))
-        logger.scalar("perf/episodes", self.counters.episodes)
         stats = self.gather_episode_stats(episode_stats)
+        self.counters.episodes += len(stats)
+        logger.scalar("perf/episodes", self.counters.episodes)
         if stats:
             logger.scalar("episode/return", float(np.mean([s["return"] for s in stats])))
             logger.scalar("episode/length", float(np.mean([s["length"] for s in stats])))
@@ -486,7 +483,7 @@ class Trainer:
             finished = self.store(observations, actions)
             if finished:
                 last_return = finished[-1]["return"]
-            self.log_episodes(finished, episode_stats)
+            episode_stats.extend(finished)
             counters.step += steps_per_iter
             prefill = counters.step < config.prefill
             self.train()

@@ -1,0 +1,31 @@
+"""A gymnasium env for the multi-process tests: `faulty_env:Faulty-v0` raises at step 15 when it was
+seeded with an odd seed (env 0 of rank 1 with one env per rank), and otherwise behaves like a tiny
+continuous control task."""
+import gymnasium
+import numpy as np
+
+
+class Faulty(gymnasium.Env):
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self):
+        self._odd = False
+        self._t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._odd = seed % 2 == 1
+        self._t = 0
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        self._t += 1
+        if self._odd and self._t >= 15:
+            raise RuntimeError("deliberate failure inside the env of rank 1")
+        obs = np.full(3, self._t / 100.0, np.float32)
+        return obs, float(-abs(action[0])), False, self._t >= 40, {}
+
+
+gymnasium.register(id="Faulty-v0", entry_point=Faulty)

@@ -1,0 +1,71 @@
+"""Multi-process training on torch.distributed with gloo on CPU (`--parallel N`)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPERS = Path(__file__).resolve().parent / "helpers"
+
+
+def run(args: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "CI": "1", **env}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
+def test_two_rank_gloo_debug_run_writes_one_set_of_logs(tmp_path):
+    logdir = tmp_path / "two_ranks"
+    result = run(["dreamer.py", "--configs", "debug", "custom", "--task", "custom_reach", "--parallel", "2",
+                  "--device", "cpu", "--steps", "300", "--eval_every", "0", "--logdir", str(logdir)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "parallel: 2 ranks, backend gloo" in result.stdout
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
+    records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    # 2 ranks x 1 env: the step counter moves by 2 per iteration and reaches --steps
+    assert records[-1]["step"] == 300
+    # custom_reach episodes are 50 agent steps after the reset step: each rank's 150 steps end 2
+    # episodes, and rank 0 logs the episodes of both ranks
+    assert records[-1]["perf/episodes"] == 4
+    assert sum("episode/return" in r for r in records) >= 2
+    assert (logdir / "latest.pt").exists()
+    assert sorted(p.name for p in (logdir / "replay").iterdir()) == ["rank0", "rank1"]
+    log = (logdir / "train.log").read_text()
+    assert log.count("finished: 300 steps") == 1
+
+
+def test_one_update_on_two_ranks_equals_one_on_the_whole_batch(tmp_path):
+    common = ["--configs", "debug", "custom", "--task", "custom_reach", "--batch_size", "4"]
+    single = run([str(HELPERS / "dist_equivalence.py"), "--world", "1", "--out", str(tmp_path / "one.pt"), *common])
+    assert single.returncode == 0, single.stderr[-4000:]
+    double = run([str(HELPERS / "dist_equivalence.py"), "--world", "2", "--out", str(tmp_path / "two.pt"), *common])
+    assert double.returncode == 0, double.stderr[-4000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys()
+    before = run([str(HELPERS / "dist_equivalence.py"), "--world", "1", "--out", str(tmp_path / "zero.pt"),
+                  *common, "--model_lr", "1e-30", "--actor_lr", "1e-30", "--critic_lr", "1e-30"])
+    assert before.returncode == 0, before.stderr[-4000:]
+    zero = torch.load(tmp_path / "zero.pt")
+    moved = 0
+    for name in one:
+        if one[name].dtype.is_floating_point:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+            moved += int(not torch.equal(one[name], zero[name]))
+    assert moved > 10  # the update really changed parameters of the world model, actor and critic
+
+
+def test_a_failing_rank_stops_the_whole_run_with_its_message(tmp_path):
+    start = time.time()
+    result = run(["dreamer.py", "--configs", "debug", "gym", "--task", "gym_faulty_env:Faulty-v0",
+                  "--parallel", "2", "--device", "cpu", "--prefill", "1000", "--steps", "5000",
+                  "--logdir", str(tmp_path / "faulty")], timeout=120, PYTHONPATH=str(HELPERS))
+    elapsed = time.time() - start
+    assert result.returncode != 0
+    assert "deliberate failure inside the env of rank 1" in result.stderr
+    assert "rank 1" in result.stderr
+    assert elapsed < 60, elapsed
