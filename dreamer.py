@@ -467,6 +467,7 @@ class Trainer:
             for name, video in self.agent.report(self.prefetch.next()).items():
                 self.logger.video(name, video[None] if video.ndim == 4 else video)
         self.counters.last_eval = self.counters.step
+        self.logger.write(self.counters.step)
 
     def loop(self, interrupt: Interrupt) -> None:
         config, counters, logger = self.config, self.counters, self.logger
@@ -528,7 +529,6 @@ def train(config: Config, dist: Dist = Dist(), sync=None) -> Counters:
         if config.eval_only:
             logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {config.eval_episode_num} episodes")
             trainer.run_eval()
-            logger.write(trainer.counters.step)
             return trainer.counters
         with Interrupt() as interrupt:
             try:
@@ -537,7 +537,6 @@ def train(config: Config, dist: Dist = Dist(), sync=None) -> Counters:
                 interrupt.requested = True
             if trainer.dist.main and trainer.should_eval_at_end():
                 trainer.run_eval()
-                logger.write(trainer.counters.step)
             if trainer.counters.last_save != trainer.counters.step or interrupt.requested:
                 save(config, trainer.agent, trainer.counters, trainer.replay, trainer.paths, dist, logger)
             if interrupt.requested:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ActorCritic, GradSync, Optimizer, RewardFn, WorldModel, action_size, autocast
+from models import ActorCritic, GradSync, Optimizer, RewardFn, WorldModel, action_size, autocast, frozen
 from networks import EnsembleMLP, features
 
 PolicyState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # stoch (N, S*C), deter (N, D), action (N, A)
@@ -111,6 +111,12 @@ class Agent:
         """Hook called with each parameter group after backward and before clipping (e.g. all-reduce)."""
         self.grad_sync = fn
 
+    def set_return_gather(self, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Function that concatenates a flat tensor over all processes (e.g. all_gather); the return
+        normalisers then take their percentiles over the imagined returns of every process."""
+        for ac in [self.task] + ([self.expl.ac] if self.expl is not None else []):
+            ac.return_gather = fn
+
     # -- training ----------------------------------------------------------------------------
 
     def _step(self, name: str, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
@@ -122,7 +128,7 @@ class Agent:
 
     def _train_actor_critic(self, ac: ActorCritic, prefix: str, start: Mapping[str, torch.Tensor],
                             reward_fn: Callable) -> dict[str, torch.Tensor]:
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision), frozen(self.wm):
             actor_loss, critic_loss, metrics = ac.losses(self.wm, start, reward_fn)
         metrics["grad/actor_norm"] = self._step(f"{prefix}actor", actor_loss, retain_graph=True)
         metrics["grad/critic_norm"] = self._step(f"{prefix}critic", critic_loss)

@@ -72,13 +72,32 @@ class ReturnNormalizer(nn.Module):
         self.register_buffer("high", torch.zeros(()))
 
     @torch.no_grad()
-    def update(self, returns: torch.Tensor) -> None:
-        low, high = torch.quantile(returns.detach().float().flatten(), self.quantiles)
+    def update(self, returns: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """EMA step toward this batch's percentiles; `gather` (multi-process training) concatenates
+        the flat returns of all processes so every process takes the same step."""
+        returns = returns.detach().float().flatten()
+        if gather is not None:
+            returns = gather(returns)
+        low, high = torch.quantile(returns, self.quantiles)
         self.low.lerp_(low, 1.0 - self.decay)
         self.high.lerp_(high, 1.0 - self.decay)
 
     def scale(self) -> torch.Tensor:
         return (self.high - self.low).clamp(min=self.min_scale)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Parameters of `module` do not require grad inside the block (gradients still flow through its
+    activations): autograd then neither saves nor computes anything for its weights."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield module
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def autocast(device: torch.device, precision: str | int):
@@ -161,21 +180,19 @@ def action_size(act_space: gymnasium.Space, actor_dist: str) -> int:
 
 
 class WorldModel(nn.Module):
-    """Encoder, RSSM, decoder, reward and continue heads, and their optimiser."""
+    """Encoder, RSSM, decoder, reward and continue heads, and the world-model loss."""
 
     def __init__(self, obs_space: Mapping[str, gymnasium.spaces.Box], action_dim: int, config):
         super().__init__()
         self.config = config
         eps = float(config.norm_eps)
         self.encoder = MultiEncoder(obs_space, **config.encoder, norm_eps=eps)
-        self.rssm = RSSM(action_dim, self.encoder.out_dim, **config.rssm, norm_eps=eps)
+        self.rssm = RSSM(action_dim, self.encoder.out_dim, **config.rssm, norm_eps=eps, compile=bool(config.compile))
         feat = self.rssm.feat_size
         self.decoder = MultiDecoder(feat, obs_space, **config.decoder, norm_eps=eps)
         rh, ch = config.reward_head, config.cont_head
         self.reward_head = Head(feat, rh.bins, rh.units, rh.layers, eps, out_scale=0.0)
         self.cont_head = Head(feat, 1, ch.units, ch.layers, eps, out_scale=1.0)
-        self.obs_keys = list(dict.fromkeys(self.encoder.cnn_keys + self.encoder.mlp_keys
-                                           + self.decoder.cnn_keys + self.decoder.mlp_keys))
         self._heads_loss = maybe_compile(self._heads_loss_eager, bool(config.compile), "world model heads")
 
     def reward(self, feat: torch.Tensor) -> torch.Tensor:
@@ -252,6 +269,7 @@ class ActorCritic(nn.Module):
         self.slow_critic.requires_grad_(False)
         self.return_norm = ReturnNormalizer(**config.return_norm)
         self.backprop = config.actor_dist == "normal"  # continuous: dynamics backprop; discrete: REINFORCE
+        self.return_gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # see Agent.set_return_gather
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
@@ -313,7 +331,7 @@ class ActorCritic(nn.Module):
         slow_value = traj["slow"] if cfg.slow_value_target else None
         bootstrap = slow_value if cfg.slow_value_target else value
         returns = lambda_returns(reward, bootstrap, discount * cont[1:], float(cfg.discount_lambda))  # (H, N)
-        self.return_norm.update(returns)
+        self.return_norm.update(returns, self.return_gather)
         scale = self.return_norm.scale()
         advantage = (returns - value[:-1]) / scale  # (H, N), normalised on both gradient paths
         if self.backprop:

@@ -144,7 +144,7 @@ class RSSM(nn.Module):
 
     def __init__(self, action_dim: int, embed_dim: int, deter: int = 512, hidden: int = 512,
                  stoch: int = 32, classes: int = 32, unimix: float = 0.01,
-                 gru_update_bias: float = -1.0, norm_eps: float = 1e-3):
+                 gru_update_bias: float = -1.0, norm_eps: float = 1e-3, compile: bool = False):
         super().__init__()
         self.deter, self.stoch, self.classes, self.unimix = deter, stoch, classes, unimix
         self.stoch_size = stoch * classes
@@ -157,6 +157,9 @@ class RSSM(nn.Module):
         self.img_logits = make_linear(hidden, self.stoch_size)
         self.obs_out = NormDense(deter + embed_dim, hidden, norm_eps)
         self.obs_logits = make_linear(hidden, self.stoch_size)
+        # The two per-step hot functions, compiled when asked (eager fallback with one warning).
+        self.img_step = maybe_compile(self._img_step, compile, "RSSM.img_step")
+        self._filter_step = maybe_compile(self._filter_step_eager, compile, "RSSM.observe step")
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -191,8 +194,8 @@ class RSSM(nn.Module):
 
     # -- steps -------------------------------------------------------------------------------
 
-    def img_step(self, stoch: torch.Tensor, deter: torch.Tensor, action: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _img_step(self, stoch: torch.Tensor, deter: torch.Tensor, action: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """One imagined step: sample the prior. Returns (stoch (N, S*C), deter (N, D))."""
         x = self.img_in(torch.cat([stoch, action.to(stoch.dtype)], -1))
         deter = self.gru(x, deter)
@@ -207,6 +210,17 @@ class RSSM(nn.Module):
         stoch, deter, action = self._reset(stoch, deter, action, is_first)
         deter = self.gru(self.img_in(torch.cat([stoch, action.to(stoch.dtype)], -1)), deter)
         post = self._latent_log_probs(self.obs_logits(self.obs_out(torch.cat([deter, embed.to(deter.dtype)], -1))))
+        return self._sample(post), deter, post
+
+    def _filter_step_eager(self, stoch, deter, mask, action_proj, embed_proj, w_in_stoch, w_out_deter,
+                           init_stoch, init_deter):
+        """observe()'s recurrence for one step, with the action and embedding already projected."""
+        stoch = torch.where(mask, init_stoch.to(stoch.dtype), stoch)  # mask (B, 1)
+        deter = torch.where(mask, init_deter.to(deter.dtype), deter)
+        x = F.silu(self.img_in.norm(F.linear(stoch, w_in_stoch) + action_proj))
+        deter = self.gru(x, deter)
+        h = F.silu(self.obs_out.norm(F.linear(deter, w_out_deter) + embed_proj))
+        post = self._latent_log_probs(self.obs_logits(h))  # (B, S, C)
         return self._sample(post), deter, post
 
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor
@@ -235,14 +249,8 @@ class RSSM(nn.Module):
         stoch, deter = init_stoch, init_deter
         stochs, deters, posts = [], [], []
         for t in range(length):
-            mask = reset[:, t].reshape(batch, 1)
-            stoch = torch.where(mask, init_stoch.to(stoch.dtype), stoch)
-            deter = torch.where(mask, init_deter.to(deter.dtype), deter)
-            x = F.silu(self.img_in.norm(F.linear(stoch, w_in_stoch) + action_proj[:, t]))
-            deter = self.gru(x, deter)
-            h = F.silu(self.obs_out.norm(F.linear(deter, w_out_deter) + embed_proj[:, t]))
-            post = self._latent_log_probs(self.obs_logits(h))  # (B, S, C)
-            stoch = self._sample(post)
+            stoch, deter, post = self._filter_step(stoch, deter, reset[:, t].reshape(batch, 1), action_proj[:, t],
+                                                   embed_proj[:, t], w_in_stoch, w_out_deter, init_stoch, init_deter)
             stochs.append(stoch)
             deters.append(deter)
             posts.append(post)
@@ -326,6 +334,19 @@ def make_conv(in_ch: int, out_ch: int, kernel: int, transpose: bool, bias: bool)
     return conv
 
 
+# Images per chunk in the conv stacks: keeps every activation near 4M floats (16 MB), below glibc's
+# mmap threshold, so buffers are reused instead of page-faulted in on every update; same maths.
+CONV_CHUNK_FLOATS = 2 ** 22
+
+
+def chunked(net: nn.Module, x: torch.Tensor, floats_per_item: int) -> torch.Tensor:
+    """net over the batch of x in chunks of about CONV_CHUNK_FLOATS floats of activations."""
+    size = max(1, CONV_CHUNK_FLOATS // max(1, floats_per_item))
+    if x.shape[0] <= size:
+        return net(x)
+    return torch.cat([net(part) for part in x.split(size)])
+
+
 class ImageEncoder(nn.Module):
     """Stride-2 conv stages (depth doubling) down to min_res, each with channel LayerNorm and SiLU.
     Input uint8 (N, H, W, C); output (N, min_res^2 * final depth)."""
@@ -340,11 +361,16 @@ class ImageEncoder(nn.Module):
             in_ch = out_ch
         self.net = nn.Sequential(*layers)
         self.out_dim = in_ch * min_res * min_res
+        self.largest = depth * (min_res * 2 ** (stages - 1)) ** 2  # floats of the first activation
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def _forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (N, C, H, W), converted on the device
         x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x).flatten(1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, C) -> (N, out_dim)."""
+        return chunked(self._forward, image, self.largest)
 
 
 class ImageDecoder(nn.Module):
@@ -368,11 +394,16 @@ class ImageDecoder(nn.Module):
                 layers += [ChannelNorm(out_ch, norm_eps), nn.SiLU()]
             in_ch = out_ch
         self.net = nn.Sequential(*layers)
+        self.largest = depth * (min_res * 2 ** (stages - 1)) ** 2  # floats of the last hidden activation
 
-    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+    def _forward(self, feat: torch.Tensor) -> torch.Tensor:
         x = self.linear(feat).reshape(-1, self.top_depth, self.min_res, self.min_res)
         x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x).permute(0, 2, 3, 1) + 0.5  # (N, H, W, C)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        """(N, F) -> mean images (N, H, W, C)."""
+        return chunked(self._forward, feat, self.largest)
 
 
 class MultiEncoder(nn.Module):

@@ -87,6 +87,15 @@ def test_return_normalizer_matches_numpy_percentiles():
     assert small.scale().item() == 1.0  # the denominator is at least return_norm.max
 
 
+def test_return_normalizer_gathers_returns_of_all_processes():
+    norm = ReturnNormalizer(decay=0.0)  # decay 0: the EMA equals this batch's percentiles
+    returns = torch.arange(10.0)
+    norm.update(returns, gather=lambda x: torch.cat([x, x + 100.0]))  # as if a second process had x + 100
+    both = np.concatenate([np.arange(10.0), np.arange(10.0) + 100])
+    assert norm.low.item() == pytest.approx(np.percentile(both, 5))
+    assert norm.high.item() == pytest.approx(np.percentile(both, 95))
+
+
 def test_action_size_rejects_mismatched_actor_dist():
     with pytest.raises(ValueError, match=r"Discrete\(3\) but actor_dist is 'normal'.*--actor_dist onehot"):
         action_size(gym.spaces.Discrete(3), "normal")
