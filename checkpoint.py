@@ -1,15 +1,16 @@
 """Checkpoints that survive crashes: atomic `latest.pt` with a `latest.prev.pt` fallback, RNG state
 capture/restore, and shape checks that name the config key behind a mismatch.
 
-save_checkpoint writes `<path>.tmp`, fsyncs it, renames the current file to `<stem>.prev.pt`,
-renames the tmp file into place and fsyncs the folder: at every moment at least one complete
-checkpoint is on disk. load_checkpoint falls back to the `.prev.pt` file when the newest one is
+save_checkpoint writes `<path>.tmp`, fsyncs it, renames the current file to `<stem>.prev.pt`
+(not when that file is damaged: it would replace a good fallback), renames the tmp file into place
+and fsyncs the folder: at every moment at least one complete checkpoint is on disk. load_checkpoint falls back to the `.prev.pt` file when the newest one is
 truncated or corrupt.
 """
 from __future__ import annotations
 
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -76,7 +77,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
             f"checkpoint, if any, is left untouched at {path}. Free disk space in {path.parent} "
             "(e.g. old runs or replay chunks) or point --logdir at a disk with room, then resume."
         ) from error
-    if path.exists():
+    if path.exists() and zipfile.is_zipfile(path):  # a damaged file never replaces the fallback
         os.replace(path, previous_path(path))
     os.replace(tmp, path)
     fsync_directory(path.parent)

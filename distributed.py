@@ -89,7 +89,6 @@ def run_rank(rank: int, world: int, local_rank: int, config_dict: dict, loaded_b
 
             dreamer.print_config(config, config_lib.LoadedConfig(loaded_blocks, debug_moved))
             print(f"parallel: {world} ranks, backend {backend}, batch_size {config.batch_size} per rank")
-            dreamer.write_config(config, dreamer.resolve_paths(config).logdir)
         dreamer.train(config, dreamer.Dist(rank, world), sync=DistSync())
     finally:
         torch_dist.destroy_process_group()

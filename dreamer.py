@@ -45,9 +45,15 @@ class RunPaths:
     replay_dir: Path
 
 
+def checkpoint_file(path: str) -> Path:
+    """--from_checkpoint names a latest.pt, or the run folder holding one."""
+    source = Path(path).expanduser()
+    return source / "latest.pt" if source.is_dir() else source
+
+
 def resolve_paths(config: Config) -> RunPaths:
     """The run folder: --logdir, else the folder of --from_checkpoint, else ./logdir/<task>."""
-    source = Path(config.from_checkpoint).expanduser() if config.from_checkpoint else None
+    source = checkpoint_file(config.from_checkpoint) if config.from_checkpoint else None
     if config.logdir:
         logdir = Path(config.logdir).expanduser()
     elif source is not None:
@@ -272,6 +278,10 @@ def restore(config: Config, agent, replay: Replay, paths: RunPaths, device: torc
     ckpt.restore_rng_states(state["rng"])
     replay.set_rng_state(state["replay_rng"])
     logger.info(f"resumed from {paths.resume_from} at step {counters.step} ({counters.updates} updates)")
+    if not config.eval_only:  # the steps after the checkpoint are trained and logged again
+        dropped = logger.rewind(counters.step)
+        if dropped:
+            logger.info(f"metrics.jsonl: dropped {dropped} records logged after step {counters.step}")
     return counters
 
 
@@ -364,8 +374,10 @@ class Trainer:
         self.pool = make_env_pool(config, "train", config.envs.amount, dist.rank * config.envs.amount,
                                   self.logger)
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
-        if self.sync is not None:
+        if self.sync is not None:  # data-parallel: act as one learner over all ranks' batches
             self.agent.set_grad_sync(self.sync.grads)
+            self.agent.set_return_gather(self.sync.gather)
+            self.sync.broadcast([m for m in (self.agent.wm, self.agent.task, self.agent.expl) if m is not None])
         self.replay = make_replay(config, self.paths, dist, self.logger.warning)
         self.counters = Counters()
         if self.paths.resume_from is not None:
@@ -526,6 +538,8 @@ def train(config: Config, dist: Dist = Dist(), sync=None) -> Counters:
     logger = trainer.logger
     try:
         trainer.setup()
+        if dist.main and not config.eval_only:  # after resume accepted the checkpoint
+            write_config(config, trainer.paths.logdir)
         if config.eval_only:
             logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {config.eval_episode_num} episodes")
             trainer.run_eval()
@@ -547,6 +561,9 @@ def train(config: Config, dist: Dist = Dist(), sync=None) -> Counters:
             else:
                 logger.info(f"finished: {trainer.counters.step} steps, {trainer.counters.updates} updates")
         return trainer.counters
+    except (RunError, ConfigError, ckpt.CheckpointError) as error:  # the user's to fix: no traceback
+        logger.error(str(error))
+        raise
     except Exception as error:
         logger.error(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
         raise
@@ -592,8 +609,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             return distributed.launch(config, loaded)
         check_run_inputs(config)
         print_config(config, loaded)
-        if not config.eval_only:
-            write_config(config, resolve_paths(config).logdir)
         train(config)
         return 0
     except (RunError, ConfigError, ckpt.CheckpointError) as error:
@@ -602,9 +617,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def check_run_inputs(config: Config) -> None:
-    """Problems that need no env or model: a resume path that does not exist."""
-    if config.from_checkpoint and not Path(config.from_checkpoint).expanduser().exists():
-        raise RunError(ckpt.missing_message(Path(config.from_checkpoint).expanduser()))
+    """Problems that need no env or model: a resume path that does not exist (nor its .prev.pt)."""
+    if config.from_checkpoint and not ckpt.has_checkpoint(checkpoint_file(config.from_checkpoint)):
+        raise RunError(ckpt.missing_message(checkpoint_file(config.from_checkpoint)))
 
 
 if __name__ == "__main__":

@@ -142,6 +142,29 @@ class Logger:
         self._text.write(f"[{timestamp()}] step {int(step)} | " + " | ".join(parts) + "\n")
         self._text.flush()
 
+    def rewind(self, step: int) -> int:
+        """Forget what was logged after `step`, for a run resumed from a checkpoint at `step` that
+        logs those steps again: drop the later records from metrics.jsonl (and a line cut short by
+        a kill) and hide the later TensorBoard events (purge_step). Returns the records dropped."""
+        if not self.enabled:
+            return 0
+        path = self.logdir / "metrics.jsonl"
+        self._jsonl.close()
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [line for line in lines if record_step(line) <= step]
+        if len(kept) != len(lines):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a", buffering=1)
+        if self._writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer.close()
+            self._writer = SummaryWriter(log_dir=str(self.logdir), max_queue=1000, flush_secs=30,
+                                         purge_step=int(step) + 1)
+        return len(lines) - len(kept)
+
     def info(self, message: str) -> None:
         self._message("INFO", message)
 
@@ -190,6 +213,14 @@ class Logger:
         for file in (self._text, self._jsonl):
             if not file.closed:
                 file.close()
+
+
+def record_step(line: str) -> float:
+    """The step of one metrics.jsonl line; infinity for a line that is not a complete record."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def live_terminal() -> bool:

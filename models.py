@@ -18,7 +18,7 @@ import gymnasium
 import torch
 from torch import nn
 
-from distributions import Bernoulli, BoundedNormal, OneHotCategorical, TwoHotSymlog, categorical_kl
+from distributions import Bernoulli, OneHotCategorical, TwoHotSymlog, categorical_kl
 from networks import RSSM, Actor, Head, MultiDecoder, MultiEncoder, features, maybe_compile
 from tools import symlog
 

@@ -93,7 +93,9 @@ class Actor(nn.Module):
 
     def __init__(self, in_dim: int, action_dim: int, dist: str, units: int, layers: int,
                  min_std: float = 0.1, max_std: float = 1.0, unimix: float = 0.01,
-                 norm_eps: float = 1e-3, **unused):
+                 entropy: float = 0.0, norm_eps: float = 1e-3):
+        """`entropy` is the loss coefficient (used by models.ActorCritic), accepted with the rest of
+        the config's actor block."""
         super().__init__()
         if dist not in ("normal", "onehot"):
             raise ValueError(f"actor_dist must be 'normal' or 'onehot', got '{dist}'.")
@@ -413,7 +415,7 @@ class MultiEncoder(nn.Module):
     def __init__(self, obs_space: Mapping[str, gymnasium.spaces.Box], mlp_keys: str = ".*",
                  cnn_keys: str = "image", cnn_depth: int = 32, kernel: int = 4, min_res: int = 4,
                  mlp_units: int = 1024, mlp_layers: int = 5, symlog_inputs: bool = True,
-                 norm_eps: float = 1e-3, **unused):
+                 norm_eps: float = 1e-3):
         super().__init__()
         self.cnn_keys, self.mlp_keys = select_keys(obs_space, cnn_keys, mlp_keys, "encoder")
         self.out_dim = 0
@@ -446,7 +448,7 @@ class MultiDecoder(nn.Module):
 
     def __init__(self, feat_dim: int, obs_space: Mapping[str, gymnasium.spaces.Box], mlp_keys: str = ".*",
                  cnn_keys: str = "image", cnn_depth: int = 32, kernel: int = 4, min_res: int = 4,
-                 mlp_units: int = 1024, mlp_layers: int = 5, norm_eps: float = 1e-3, **unused):
+                 mlp_units: int = 1024, mlp_layers: int = 5, norm_eps: float = 1e-3):
         super().__init__()
         self.cnn_keys, self.mlp_keys = select_keys(obs_space, cnn_keys, mlp_keys, "decoder")
         self.image_channels = [int(obs_space[k].shape[-1]) for k in self.cnn_keys]
@@ -500,7 +502,7 @@ class EnsembleMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.unsqueeze(0).expand(len(self.out_weight), *x.shape)  # (M, N, in)
         for weight, scale, shift in zip(self.weights, self.scales, self.shifts):
-            h = torch.bmm(h, weight.to(h.dtype) if not torch.is_autocast_enabled() else weight)
+            h = torch.bmm(h, weight)
             h = F.silu(F.layer_norm(h.float(), h.shape[-1:], eps=self.norm_eps) * scale + shift)
         return torch.baddbmm(self.out_bias, h, self.out_weight)  # (M, N, out)
 

@@ -118,6 +118,8 @@ class GymEnv:
     def _render_or_raise(self) -> np.ndarray:
         try:
             frame = self._env.render()
+        except NotImplementedError:
+            raise ValueError(f"gym_{self._name} does not implement render().") from None
         except gymnasium.error.DependencyNotInstalled as error:
             raise ImportError(
                 f"gym_{self._name} with image=True renders frames, which needs a package that is not "

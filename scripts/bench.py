@@ -148,7 +148,7 @@ def replay_samples_per_second(obs_space: dict, act_space, batch_size: int, lengt
     return count / (time.perf_counter() - start)
 
 
-def matmul_peak_gflops(device: torch.device, repeats: int = 10) -> float:
+def matmul_peak_gflops(device: torch.device, repeats: int = 30) -> float:
     a = torch.randn(1024, 1536, device=device)
     b = torch.randn(1536, 1536, device=device)
     best = float("inf")
@@ -161,25 +161,8 @@ def matmul_peak_gflops(device: torch.device, repeats: int = 10) -> float:
     return 2 * 1024 * 1536 * 1536 / best / 1e9
 
 
-def keep_freed_memory() -> bool:
-    """glibc malloc: serve every allocation from the heap and keep freed memory (no mmap per large
-    tensor, so no page faults on every update). Returns False where glibc is not available."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**62))
-    except (OSError, AttributeError):
-        return False
-
-
 def main(argv: list[str]) -> dict[str, float]:
     rest, iters, json_path = split_argv(argv)
-    import os
-    if os.environ.get("BENCH_MALLOC") == "1":
-        print("# keep_freed_memory:", keep_freed_memory())
     cfg = config_lib.load_config(rest)
     threads = set_threads(int(cfg.threads))
     device = resolve_device(cfg.device)

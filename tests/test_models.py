@@ -230,3 +230,14 @@ def test_reduced_precision_updates_are_finite(precision):
         assert all(torch.isfinite(v) for k, v in metrics.items() if k.startswith("loss/")), metrics
     assert all(torch.isfinite(v) for v in metrics.values()), metrics
     assert (agent.optimizers["model"].scaler is not None) == (precision == "16")
+
+
+@pytest.mark.slow
+def test_compiled_update_runs_and_learns():
+    """compile: True compiles the RSSM steps and the world-model heads (about a minute here)."""
+    agent, batch, _ = make("vector", "normal", "--compile", "True")
+    first = agent.train_step(batch)
+    for _ in range(20):
+        last = agent.train_step(batch)
+    assert all(torch.isfinite(v) for v in last.values())
+    assert last["loss/model"] < first["loss/model"]

@@ -1,5 +1,6 @@
 """One update of the agent on `--world` gloo ranks, each on its slice of a fixed batch; rank 0 writes
-the updated parameters to `--out`. With --world 1 the single process takes the whole batch.
+the gradients each optimizer applied (after the cross-rank average) and the updated parameters to
+`--out`. With --world 1 the single process takes the whole batch.
 
 Sampling is replaced by the distributions' modes in every process, so the only difference between a
 1-rank and a 2-rank update is how the batch is split: the test compares the two parameter sets.
@@ -40,19 +41,27 @@ def update_params(rank: int, world: int, argv: list[str], out: str, port: int) -
     torch.manual_seed(0)
     agent = exploration.make_agent(obs_space, act_space, cfg, "cpu")
     batch = exploration.synthetic_batch(obs_space, act_space, cfg.batch_size, cfg.batch_length, seed=1)
+    applied: list[torch.Tensor] = []  # the gradients each optimizer step used, in call order
+    sync = None
     if world > 1:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
         torch_dist.init_process_group("gloo", rank=rank, world_size=world)
         sync = distributed.DistSync()
-        agent.set_grad_sync(sync.grads)
-        agent.set_stats_gather(sync.gather)
+        agent.set_return_gather(sync.gather)
         share = cfg.batch_size // world
         batch = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
+
+    def record(params):
+        if sync is not None:
+            sync.grads(params)
+        applied.append(torch.cat([p.grad.reshape(-1) for p in params]).clone())
+
+    agent.set_grad_sync(record)
     agent.train_step(batch)
     if rank == 0:
         params = {f"wm.{k}": v for k, v in agent.wm.state_dict().items()}
         params.update({f"task.{k}": v for k, v in agent.task.state_dict().items()})
-        torch.save(params, out)
+        torch.save({"params": params, "grads": applied}, out)
     if world > 1:
         torch_dist.barrier()
         torch_dist.destroy_process_group()

@@ -1,0 +1,513 @@
+"""Checkpoints and resume that never lose a run (issue 6): an exact round trip of the agent and
+every RNG, a real `kill -9` followed by the same command, a corrupt latest.pt, a checkpoint built
+for another model, a missing path, --from_checkpoint without --logdir, map_location and compile.
+
+The CLI runs share one killed-then-resumed run (module fixture); the tests that change a run work
+on their own copy of its folder. tests/test_training.py already covers a clean stop/resume and
+--eval_only, so they are not repeated here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import config as config_lib
+import dreamer
+import envs
+import exploration
+from logger import Logger
+from replay import CHUNK_NAME, ORDER_KEY, Replay
+from tools import set_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A short run with frequent checkpoints and small replay chunks; train_ratio 8 keeps the updates
+# cheap: (600 - 100 prefill) * 8 / (4 x 16) + 1 = 63 updates in all.
+STEPS, SAVE_EVERY, LOG_EVERY = 600, 100, 20
+EXPECTED_UPDATES = (STEPS - 100) * 8 // (4 * 16) + 1
+
+
+def run_args(logdir: Path | None, *extra: str, steps: int = STEPS) -> list[str]:
+    args = ["--configs", "debug", "custom", "--task", "custom_reach", "--steps", str(steps),
+            "--save_every", str(SAVE_EVERY), "--log_every", str(LOG_EVERY), "--replay_chunk", "16",
+            "--eval_every", "0", "--train_ratio", "8", "--save_every_minutes", "0"]
+    if logdir is not None:
+        args += ["--logdir", str(logdir)]
+    return args + list(extra)
+
+
+def cli_command(args: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "dreamer.py"), *args]
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "CI": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(args), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=cli_env())
+
+
+def read_metrics(logdir: Path) -> list[dict]:
+    text = (logdir / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def saved_steps(log: str) -> list[int]:
+    return [int(s) for s in re.findall(r"INFO saved checkpoint \S+latest\.pt at step (\d+)\n", log)]
+
+
+def resumed_step(log: str) -> int:
+    match = re.search(r"INFO resumed from \S+ at step (\d+) \((\d+) updates\)\n", log)
+    assert match, log[-3000:]
+    return int(match.group(1))
+
+
+def steps_on_disk(replay_dir: Path) -> np.ndarray:
+    """The `_order` ids of every step in the replay chunk files (tmp files of a killed write are
+    not chunks)."""
+    orders = []
+    for path in sorted(replay_dir.iterdir()):
+        if CHUNK_NAME.match(path.name):
+            with np.load(path) as data:
+                orders.append(data[ORDER_KEY])
+    return np.concatenate(orders) if orders else np.zeros(0, np.int64)
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+# ------------------------------------------------------------------------- kill -9, then resume
+
+
+def wait_for_logged_step(process: subprocess.Popen, train_log: Path, step: int,
+                         timeout: float = 180.0) -> None:
+    """Wait until train.log shows the metrics line of `step`."""
+    pattern = re.compile(rf"\] step {step} \|")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if train_log.exists() and pattern.search(train_log.read_text()):
+            return
+        assert process.poll() is None, f"the run ended (code {process.returncode}) before step {step}"
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} was not logged within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> dict:
+    """A run killed with SIGKILL at a random moment after its first checkpoint, then resumed with
+    the very same command (no --from_checkpoint: the logdir's latest.pt is found by itself)."""
+    logdir = tmp_path_factory.mktemp("kill") / "run"
+    args = run_args(logdir)
+    out = open(logdir.parent / "first.out", "w")
+    process = subprocess.Popen(cli_command(args), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                               env=cli_env())
+    chance = random.SystemRandom()
+    # an arbitrary moment after the first checkpoint (step 100): a little after a random log step
+    # in (100, 240], so the kill lands mid-step, mid-update, mid-save or between a log and a save
+    logged = 100 + LOG_EVERY * chance.randint(1, 7)
+    delay = chance.uniform(0.0, 0.4)
+    try:
+        wait_for_logged_step(process, logdir / "train.log", logged)
+        time.sleep(delay)
+        assert process.poll() is None, "the run finished before it could be killed"
+        process.kill()  # SIGKILL: no handler, no final save, no flush
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        out.close()
+    assert process.returncode == -9
+    log_before = (logdir / "train.log").read_text()
+    metrics_before = read_metrics(logdir)
+    disk_before = steps_on_disk(logdir / "replay")
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log_after = (logdir / "train.log").read_text()
+    return {
+        "logdir": logdir, "moment": f"{delay:.2f} s after step {logged} was logged",
+        "log_before": log_before, "metrics_before": metrics_before, "disk_before": disk_before,
+        "new_log": log_after[len(log_before):], "metrics_after": read_metrics(logdir),
+    }
+
+
+def test_kill_9_then_same_command_resumes_from_the_last_saved_step(killed_run):
+    saves, new_log = saved_steps(killed_run["log_before"]), killed_run["new_log"]
+    step = resumed_step(new_log)
+    assert step > 0, f"resumed from zero (killed {killed_run['moment']})"
+    # the save logged last, or a later one whose write finished just before the kill
+    assert step in (saves[-1], saves[-1] + SAVE_EVERY), (step, saves, killed_run["moment"])
+    assert step % SAVE_EVERY == 0
+    assert re.search(rf"resumed from \S*{re.escape(str(killed_run['logdir']))}/latest\.pt at step {step}",
+                     new_log)
+    # counters continue: the run ends with the updates an uninterrupted run does, not more or fewer
+    assert f"INFO finished: {STEPS} steps, {EXPECTED_UPDATES} updates" in new_log
+    checkpoint_state = checkpoint.load_checkpoint(killed_run["logdir"] / "latest.pt")
+    assert checkpoint_state["counters"]["step"] == STEPS
+    assert checkpoint_state["counters"]["updates"] == EXPECTED_UPDATES
+
+
+def test_replay_after_a_kill_holds_every_step_written_before_it_once(killed_run):
+    new_log, disk_before = killed_run["new_log"], killed_run["disk_before"]
+    step = resumed_step(new_log)
+    match = re.search(r"INFO replay: loaded (\d+) steps from ", new_log)
+    assert match, new_log[-3000:]
+    loaded = int(match.group(1))
+    # chunks are flushed before every save, so the steps up to the checkpoint are all on disk, and
+    # the full chunks written between that save and the kill come back too
+    assert loaded == len(disk_before) >= step, (loaded, len(disk_before), step)
+    assert len(np.unique(disk_before)) == len(disk_before)
+    # the resumed run adds its own steps after them and never rewrites or repeats one
+    disk_after = steps_on_disk(killed_run["logdir"] / "replay")
+    assert len(disk_after) == len(disk_before) + (STEPS - step)
+    assert len(np.unique(disk_after)) == len(disk_after)
+    assert set(disk_before.tolist()) <= set(disk_after.tolist())
+
+
+def test_logged_step_never_goes_backwards_across_a_kill(killed_run):
+    """What is asserted: after the resume, metrics.jsonl holds each log step exactly once, in
+    increasing order (LOG_EVERY, 2 LOG_EVERY, ..., STEPS): the records of the killed run up to the
+    checkpoint's step S are kept as they were, the ones it logged after S are dropped (the resumed
+    run logs those steps again, and train.log says how many were dropped), and perf/updates
+    continues from the checkpoint instead of restarting near zero."""
+    before, final = killed_run["metrics_before"], killed_run["metrics_after"]
+    step, new_log = resumed_step(killed_run["new_log"]), killed_run["new_log"]
+    steps_before = [r["step"] for r in before]
+    assert steps_before == sorted(steps_before) and steps_before[-1] >= step, (steps_before, step)
+    assert [r["step"] for r in final] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    assert final[: step // LOG_EVERY] == [r for r in before if r["step"] <= step]
+    relogged = sum(r["step"] > step for r in before)
+    if relogged:
+        assert f"INFO metrics.jsonl: dropped {relogged} records logged after step {step}\n" in new_log
+    else:
+        assert "metrics.jsonl: dropped" not in new_log
+    updates = [r["perf/updates"] for r in final]
+    assert updates == sorted(updates) and updates[-1] == EXPECTED_UPDATES
+
+
+def test_logger_rewind_drops_later_records_and_a_cut_line(tmp_path):
+    logger = Logger(tmp_path)
+    for step in (10, 20, 30):
+        logger.scalar("loss/model", float(step))
+        logger.write(step)
+    with open(tmp_path / "metrics.jsonl", "a") as file:
+        file.write('{"step": 40, "loss/mo')  # a record cut short by kill -9
+    assert logger.rewind(20) == 2
+    logger.scalar("loss/model", 31.0)
+    logger.write(30)
+    logger.close()
+    assert read_metrics(tmp_path) == [{"step": 10, "loss/model": 10.0}, {"step": 20, "loss/model": 20.0},
+                                      {"step": 30, "loss/model": 31.0}]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss/model")] == [(10, 10.0), (20, 20.0), (30, 31.0)]
+
+
+# ------------------------------------------------------------------------- damaged or wrong runs
+
+
+def test_corrupt_latest_falls_back_to_the_previous_checkpoint(killed_run, tmp_path):
+    logdir = copy_run(killed_run["logdir"], tmp_path / "run")
+    latest = logdir / "latest.pt"
+    previous_step = checkpoint.load_checkpoint(logdir / "latest.prev.pt")["counters"]["step"]
+    assert previous_step == STEPS - SAVE_EVERY
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 3])  # truncated, as by a full disk or a dying node
+    log_start = len((logdir / "train.log").read_text())
+    result = run_cli(run_args(logdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    new_log = (logdir / "train.log").read_text()[log_start:]
+    assert re.search(
+        rf"WARNING checkpoint \S+/latest\.pt is truncated or corrupt \(\w+: .*\); resuming from the "
+        r"previous checkpoint latest\.prev\.pt instead \(the steps after it are trained again\)\.\n",
+        new_log), new_log[-3000:]
+    assert resumed_step(new_log) == previous_step
+    assert saved_steps(new_log) == [STEPS]
+    # the fallback is still there after the next save: the corrupt file never replaces it
+    assert checkpoint.load_checkpoint(latest)["counters"]["step"] == STEPS
+    assert checkpoint.load_checkpoint(logdir / "latest.prev.pt")["counters"]["step"] == previous_step
+
+
+def test_from_checkpoint_resumes_when_only_the_previous_file_survived(killed_run, tmp_path):
+    """A kill between save_checkpoint's two renames leaves latest.prev.pt (and latest.pt.tmp) but
+    no latest.pt: the guide's --from_checkpoint .../latest.pt must still resume."""
+    logdir = copy_run(killed_run["logdir"], tmp_path / "run")
+    (logdir / "latest.pt").rename(logdir / "latest.pt.tmp")
+    result = run_cli(run_args(None, "--from_checkpoint", str(logdir / "latest.pt")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (logdir / "train.log").read_text()
+    assert re.search(r"WARNING checkpoint \S+/latest\.pt is missing; resuming from the previous "
+                     r"checkpoint latest\.prev\.pt instead", log), log[-3000:]
+    assert resumed_step(log.split("WARNING checkpoint")[-1]) == STEPS - SAVE_EVERY
+
+
+def test_other_model_size_stops_with_exit_2_naming_both_values(killed_run, tmp_path):
+    logdir = copy_run(killed_run["logdir"], tmp_path / "run")
+    checkpoint_bytes = (logdir / "latest.pt").read_bytes()
+    config_text = (logdir / "config.yaml").read_text()
+    result = run_cli(run_args(logdir, "--rssm.deter", "64"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.fullmatch(
+        r"error: the checkpoint was trained with rssm\.deter=32 but the config asks for "
+        r"rssm\.deter=64, so its parameters do not fit the model\. Resume with --rssm\.deter 32 "
+        r"\(or the same --configs blocks as the original run\), or start a fresh run in a new "
+        r"--logdir\.", last_line(result.stderr)), result.stderr[-3000:]
+    # nothing of the run is touched: its checkpoint and the config it was trained with stay
+    assert (logdir / "latest.pt").read_bytes() == checkpoint_bytes
+    assert (logdir / "config.yaml").read_text() == config_text
+    assert "deter: 32" in config_text
+
+
+def test_missing_checkpoint_stops_with_exit_2_listing_the_folder(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "replay").mkdir(parents=True)
+    (folder / "latest.pt").write_bytes(b"")
+    (folder / "train.log").write_text("")
+    result = run_cli(run_args(None, "--from_checkpoint", str(folder / "lastest.pt")))
+    assert result.returncode == 2
+    assert re.fullmatch(
+        rf"error: checkpoint {re.escape(str(folder))}/lastest\.pt does not exist\. The folder "
+        rf"{re.escape(str(folder))} holds: latest\.pt, replay/, train\.log\. Check the "
+        r"--from_checkpoint path \(it should point at a run's latest\.pt\)\.",
+        last_line(result.stderr)), result.stderr[-3000:]
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "replay", "train.log"]
+
+
+def test_from_checkpoint_without_logdir_continues_in_its_folder(killed_run, tmp_path):
+    logdir = copy_run(killed_run["logdir"], tmp_path / "run")
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    records_before = len(read_metrics(logdir))
+    result = run_cli(run_args(None, "--from_checkpoint", str(logdir / "latest.pt"),
+                              steps=STEPS + SAVE_EVERY), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(workdir.iterdir()) == []  # no ./logdir/<task> next to where it was started
+    log = (logdir / "train.log").read_text()
+    assert re.search(rf"resumed from {re.escape(str(logdir))}/latest\.pt at step {STEPS} ", log)
+    assert f"INFO saved checkpoint {logdir}/latest.pt at step {STEPS + SAVE_EVERY}\n" in log
+    new_records = read_metrics(logdir)[records_before:]
+    assert new_records and all(r["step"] > STEPS for r in new_records)
+    assert checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]["step"] == STEPS + SAVE_EVERY
+
+
+# ---------------------------------------------------------------------------- in-process round trip
+
+
+@pytest.fixture
+def deterministic_torch():
+    """--deterministic True switches torch's deterministic algorithms on; switch them back after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def debug_config(*extra: str) -> config_lib.Config:
+    return config_lib.load_config(["--configs", "debug", "custom", "--task", "custom_reach",
+                                   "--device", "cpu", "--deterministic", "True", *extra])
+
+
+def spaces(cfg) -> tuple:
+    env = envs.make_env(cfg, "train", 0)
+    try:
+        return env.obs_space, env.act_space
+    finally:
+        getattr(env, "close", lambda: None)()
+
+
+def filled_replay(cfg, seed: int) -> Replay:
+    """A replay of 40 fixed steps (no directory): only its sampler state differs between runs."""
+    replay = Replay(64, cfg.batch_length, seed=seed)
+    for t in range(40):
+        replay.add({"vector": np.full(3, t, np.float32), "action": np.zeros(2, np.float32),
+                    "reward": np.float32(t), "is_first": t % 20 == 0, "is_last": t % 20 == 19,
+                    "is_terminal": False})
+    return replay
+
+
+def policy_obs(batch: dict[str, torch.Tensor], agent) -> dict[str, np.ndarray]:
+    keys = agent.wm.encoder.cnn_keys + agent.wm.encoder.mlp_keys + ["is_first"]
+    return {key: batch[key][:, 0].cpu().numpy() for key in keys}  # (B, ...)
+
+
+def draws(agent, replay: Replay, batch: dict[str, torch.Tensor]) -> dict:
+    """Everything random a run does next: a sampled train action, a random action, a replay
+    window, and python / numpy / torch draws."""
+    actions, _ = agent.policy(policy_obs(batch, agent), None, "train")
+    return {"policy": actions, "random_actions": agent.random_actions(3),
+            "replay": replay.sample(2)["reward"], "python": random.random(),
+            "numpy": np.random.rand(3), "torch": torch.rand(3)}
+
+
+def agent_tensors(agent) -> dict[str, torch.Tensor]:
+    """Every tensor of the agent's checkpoint: parameters, slow critics, return normalisers,
+    optimizer moments and steps."""
+    return checkpoint.flat_tensors(agent.state_dict())
+
+
+def restore_into_fresh_agent(cfg, path: Path, tmp_path: Path, obs_space, act_space):
+    set_seed(12345, True)  # a fresh process: other seeds, other initial weights
+    agent = exploration.make_agent(obs_space, act_space, cfg, "cpu")
+    replay = filled_replay(cfg, seed=99)
+    paths = dreamer.RunPaths(tmp_path, path, path, tmp_path / "replay")
+    logger = Logger(tmp_path / "resumed", tensorboard=False)
+    try:
+        counters = dreamer.restore(cfg, agent, replay, paths, torch.device("cpu"), logger)
+    finally:
+        logger.close()
+    return agent, replay, counters
+
+
+def test_round_trip_continues_exactly_like_an_uninterrupted_run(tmp_path, deterministic_torch):
+    cfg = debug_config()
+    obs_space, act_space = spaces(cfg)
+    set_seed(cfg.seed, True)
+    agent = exploration.make_agent(obs_space, act_space, cfg, "cpu")
+    batch = exploration.synthetic_batch(obs_space, act_space, cfg.batch_size, cfg.batch_length, seed=1)
+    replay = filled_replay(cfg, seed=cfg.seed)
+    for _ in range(3):  # N updates
+        agent.train_step(batch)
+    replay.sample(2)
+    counters = dreamer.Counters(step=300, updates=3, episodes=6, train_start=100, last_log=300,
+                                last_eval=200, last_save=300)
+    path = tmp_path / "latest.pt"
+    checkpoint.save_checkpoint(path, dreamer.checkpoint_state(cfg, agent, counters, replay))
+
+    for _ in range(3):  # the uninterrupted run: K more updates, then everything random it does next
+        agent.train_step(batch)
+    expected_tensors, expected_draws = agent_tensors(agent), draws(agent, replay, batch)
+
+    resumed, resumed_replay, resumed_counters = restore_into_fresh_agent(
+        cfg, path, tmp_path, obs_space, act_space)
+    assert resumed_counters == counters
+    assert resumed.updates == 3
+    for _ in range(3):
+        resumed.train_step(batch)
+    tensors = agent_tensors(resumed)
+    assert tensors.keys() == expected_tensors.keys()
+    assert any("slow_critic" in name for name in tensors) and any("optimizers" in name for name in tensors)
+    for name, value in expected_tensors.items():
+        assert torch.equal(tensors[name], value), name  # bit for bit on CPU in deterministic mode
+    got = draws(resumed, resumed_replay, batch)
+    for key, value in expected_draws.items():
+        assert np.array_equal(np.asarray(got[key]), np.asarray(value)), key
+
+
+def test_restore_loads_with_the_run_device_as_map_location(tmp_path, monkeypatch, deterministic_torch):
+    cfg = debug_config()
+    obs_space, act_space = spaces(cfg)
+    set_seed(cfg.seed, True)
+    agent = exploration.make_agent(obs_space, act_space, cfg, "cpu")
+    path = tmp_path / "latest.pt"
+    state = dreamer.checkpoint_state(cfg, agent, dreamer.Counters(), filled_replay(cfg, 0))
+    checkpoint.save_checkpoint(path, state)
+    calls = []
+    original = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("map_location", "not given"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    restore_into_fresh_agent(cfg, path, tmp_path, obs_space, act_space)
+    assert calls == [torch.device("cpu")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (checkpoints across devices)")
+@pytest.mark.parametrize("saved_on, loaded_on", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_checkpoint_moves_between_cuda_and_cpu(tmp_path, saved_on, loaded_on):
+    cfg = config_lib.load_config(["--configs", "debug", "custom", "--task", "custom_reach",
+                                  "--device", saved_on])
+    obs_space, act_space = spaces(cfg)
+    set_seed(cfg.seed)
+    agent = exploration.make_agent(obs_space, act_space, cfg, saved_on)
+    batch = exploration.synthetic_batch(obs_space, act_space, cfg.batch_size, cfg.batch_length, saved_on)
+    agent.train_step(batch)
+    path = tmp_path / "latest.pt"
+    checkpoint.save_checkpoint(path, dreamer.checkpoint_state(cfg, agent, dreamer.Counters(step=7),
+                                                               filled_replay(cfg, 0)))
+    target = config_lib.load_config(["--configs", "debug", "custom", "--task", "custom_reach",
+                                     "--device", loaded_on])
+    resumed = exploration.make_agent(obs_space, act_space, target, loaded_on)
+    paths = dreamer.RunPaths(tmp_path, path, path, tmp_path / "replay")
+    logger = Logger(tmp_path / "resumed", tensorboard=False)
+    try:
+        counters = dreamer.restore(target, resumed, filled_replay(target, 1), paths,
+                                   torch.device(loaded_on), logger)
+    finally:
+        logger.close()
+    assert counters.step == 7
+    expected = agent_tensors(agent)
+    for name, value in agent_tensors(resumed).items():
+        assert value.device.type == loaded_on, name
+        assert torch.equal(value.cpu(), expected[name].cpu()), name
+    resumed.train_step(exploration.synthetic_batch(obs_space, act_space, 4, 16, loaded_on))
+
+
+def test_compile_and_eager_checkpoints_have_the_same_layout(tmp_path, deterministic_torch):
+    """--compile True compiles functions, not modules: the parameter names, and so checkpoints,
+    are the same either way and one loads into the other (compiling itself happens on first use;
+    see the slow test below for an update after loading)."""
+    eager_cfg, compiled_cfg = debug_config(), debug_config("--compile", "True")
+    obs_space, act_space = spaces(eager_cfg)
+    set_seed(0, True)
+    eager = exploration.make_agent(obs_space, act_space, eager_cfg, "cpu")
+    compiled = exploration.make_agent(obs_space, act_space, compiled_cfg, "cpu")
+    assert agent_tensors(eager).keys() == agent_tensors(compiled).keys()
+    path = tmp_path / "latest.pt"
+    checkpoint.save_checkpoint(path, dreamer.checkpoint_state(eager_cfg, eager, dreamer.Counters(step=5),
+                                                               filled_replay(eager_cfg, 0)))
+    resumed, _, counters = restore_into_fresh_agent(compiled_cfg, path, tmp_path, obs_space, act_space)
+    assert counters.step == 5
+    expected = agent_tensors(eager)
+    for name, value in agent_tensors(resumed).items():
+        assert torch.equal(value, expected[name]), name
+
+
+@pytest.mark.slow
+def test_compiled_agent_trains_after_loading_an_eager_checkpoint(tmp_path, deterministic_torch):
+    """Slow: torch.compile takes ~35 s for the first update on a 2-core CPU (cold compile cache)."""
+    eager_cfg, compiled_cfg = debug_config(), debug_config("--compile", "True")
+    obs_space, act_space = spaces(eager_cfg)
+    set_seed(0, True)
+    eager = exploration.make_agent(obs_space, act_space, eager_cfg, "cpu")
+    batch = exploration.synthetic_batch(obs_space, act_space, 4, 16, seed=1)
+    eager.train_step(batch)
+    path = tmp_path / "latest.pt"
+    checkpoint.save_checkpoint(path, dreamer.checkpoint_state(eager_cfg, eager, dreamer.Counters(),
+                                                               filled_replay(eager_cfg, 0)))
+    resumed, _, _ = restore_into_fresh_agent(compiled_cfg, path, tmp_path, obs_space, act_space)
+    rng = checkpoint.capture_rng_states()  # the same random draws for both updates
+    eager_metrics = eager.train_step(batch)
+    checkpoint.restore_rng_states(rng)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled_metrics = resumed.train_step(batch)
+    fallbacks = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
+    assert not fallbacks, fallbacks  # the update really ran compiled, not in the eager fallback
+    assert torch.allclose(compiled_metrics["loss/model"], eager_metrics["loss/model"], rtol=1e-4)
+    compiled_tensors, eager_tensors = agent_tensors(resumed), agent_tensors(eager)
+    for name, value in eager_tensors.items():
+        assert torch.allclose(compiled_tensors[name], value, rtol=1e-3, atol=1e-5), name
