@@ -329,8 +329,9 @@ class ActorCritic(nn.Module):
         critic_logits = traj["logits"]  # (H+1, N, bins)
         value = TwoHotSymlog(critic_logits).mean  # (H+1, N)
         slow_value = traj["slow"] if cfg.slow_value_target else None
-        bootstrap = slow_value if cfg.slow_value_target else value
-        returns = lambda_returns(reward, bootstrap, discount * cont[1:], float(cfg.discount_lambda))  # (H, N)
+        # Bootstrapped from the critic itself, as in the paper's v1 code; the slow critic only
+        # regularises the critic's predictions (below).
+        returns = lambda_returns(reward, value, discount * cont[1:], float(cfg.discount_lambda))  # (H, N)
         self.return_norm.update(returns, self.return_gather)
         scale = self.return_norm.scale()
         advantage = (returns - value[:-1]) / scale  # (H, N), normalised on both gradient paths
