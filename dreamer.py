@@ -540,6 +540,8 @@ def train(config: Config, dist: Dist = Dist(), sync=None) -> Counters:
         trainer.setup()
         if dist.main and not config.eval_only:  # after resume accepted the checkpoint
             write_config(config, trainer.paths.logdir)
+            logger.info(f"logs in {trainer.paths.logdir.resolve()}: follow with `tail -f "
+                        f"{trainer.paths.logdir / 'train.log'}` or `tensorboard --logdir {trainer.paths.logdir}`")
         if config.eval_only:
             logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {config.eval_episode_num} episodes")
             trainer.run_eval()
@@ -554,10 +556,7 @@ def train(config: Config, dist: Dist = Dist(), sync=None) -> Counters:
             if trainer.counters.last_save != trainer.counters.step or interrupt.requested:
                 save(config, trainer.agent, trainer.counters, trainer.replay, trainer.paths, dist, logger)
             if interrupt.requested:
-                logger.info(
-                    f"stopped at step {trainer.counters.step}; resume with: python3 dreamer.py "
-                    f"{resume_hint(config, trainer.paths)}"
-                )
+                logger.info(f"stopped at step {trainer.counters.step}; to resume, {resume_hint(trainer.paths)}")
             else:
                 logger.info(f"finished: {trainer.counters.step} steps, {trainer.counters.updates} updates")
         return trainer.counters
@@ -571,8 +570,9 @@ def train(config: Config, dist: Dist = Dist(), sync=None) -> Counters:
         trainer.close()
 
 
-def resume_hint(config: Config, paths: RunPaths) -> str:
-    return f"--configs ... --task {config.task} --from_checkpoint {paths.checkpoint}"
+def resume_hint(paths: RunPaths) -> str:
+    return (f"run the same command again (it resumes from {paths.checkpoint} by itself), or add "
+            f"--from_checkpoint {paths.checkpoint}")
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -116,3 +116,32 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     last = read_metrics(logdir)[-1]
     assert last["eval/episodes"] == 2 and math.isfinite(last["eval/return"]) and last["step"] == 300
+
+
+def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
+    import os
+    import signal
+    import time
+
+    logdir = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "custom", "--task", "custom_reach",
+         "--steps", "100000", "--save_every", "100000", "--eval_every", "0", "--logdir", str(logdir)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CI": "1"},
+    )
+    log = logdir / "train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "step 200 |" in log.read_text()):
+        time.sleep(0.2)
+    assert "step 200 |" in log.read_text()
+    process.send_signal(signal.SIGINT)
+    start = time.time()
+    _, stderr = process.communicate(timeout=60)
+    assert time.time() - start < 15
+    assert process.returncode == 0, stderr[-3000:]
+    text = log.read_text()
+    assert "saved checkpoint" in text and "to resume, run the same command again" in text
+    import checkpoint
+
+    state = checkpoint.load_checkpoint(logdir / "latest.pt")
+    assert state["counters"]["step"] >= 200
