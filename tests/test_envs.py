@@ -10,6 +10,7 @@ import pytest
 import config as config_module
 import envs
 from envs import wrappers
+from helpers import guide_env
 from envs.custom_env import CustomEnv
 from envs.gym import GymEnv
 from envs.parallel import EnvPool
@@ -53,44 +54,7 @@ class YourCustomEnvironment(gym.Env):
         return np.full((64, 64, 3), self.t, np.uint8)
 
 
-class GuideCustomEnv:
-    def __init__(self, name, **kwargs):
-        # カスタム環境の初期化
-        self._env = YourCustomEnvironment(name, **kwargs)
-        self._env = wrappers.NormalizeActions(self._env)
-        # 必要に応じて他のラッパーを追加
-
-    @property
-    def obs_space(self):
-        # 観測空間の定義
-        spaces = {
-            'image': gym.spaces.Box(0, 255, (64, 64, 3), dtype=np.uint8),
-            # 他の観測を追加可能
-        }
-        return spaces
-
-    @property
-    def act_space(self):
-        # 行動空間の定義
-        return self._env.action_space
-
-    def step(self, action):
-        obs, reward, done, truncated, info = self._env.step(action)
-        return self._format_obs(obs), reward, done, truncated, info
-
-    def reset(self):
-        obs, info = self._env.reset()
-        return self._format_obs(obs), info
-
-    def _format_obs(self, obs):
-        # 観測を辞書形式に変換
-        return {'image': obs, 'is_first': False}
-
-    def render(self):
-        # 環境の可視化（TensorBoardでの動画記録用）
-        # rgb_array形式でnumpy配列の画像を返す
-        # (height, width, 3)
-        return self._env.render(mode='rgb_array')
+GuideCustomEnv = guide_env.GuideEnv
 
 
 def expected_flags(episode_lengths_and_ends):
@@ -107,6 +71,7 @@ def expected_flags(episode_lengths_and_ends):
 @pytest.mark.parametrize('parallel', ['none', 'thread'])
 def test_guide_example_env_runs_through_make_env_and_pool(monkeypatch, parallel):
     monkeypatch.setitem(envs.REGISTRY, 'custom', GuideCustomEnv)
+    monkeypatch.setattr(guide_env, 'YourCustomEnvironment', YourCustomEnvironment)
     config = make_config('--configs', 'custom', '--task', 'custom_task_name', '--action_repeat', '1')
     ctors = [functools.partial(envs.make_env, config, 'train', i) for i in range(2)]
     pool = EnvPool(ctors, parallel)
@@ -129,6 +94,7 @@ def test_guide_example_env_runs_through_make_env_and_pool(monkeypatch, parallel)
 
 def test_guide_example_actions_reach_the_inner_env_bounds(monkeypatch):
     monkeypatch.setitem(envs.REGISTRY, 'custom', GuideCustomEnv)
+    monkeypatch.setattr(guide_env, 'YourCustomEnvironment', YourCustomEnvironment)
     env = envs.make_env(make_config('--task', 'custom_x', '--action_repeat', '1'), 'train', 1)
     env.reset()
     env.step(np.array([1.0, -1.0], np.float32))

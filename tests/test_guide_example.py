@@ -25,6 +25,7 @@ import config as config_lib
 import dreamer
 import envs
 from envs import wrappers
+from helpers import guide_env
 
 STEPS = 200
 RENDER_RED_GREEN = (20, 200)  # render() frames: solid red and green, blue = 8 x env step;
@@ -97,44 +98,7 @@ def YourCustomEnvironment(name: str, **kwargs: Any) -> ToyEnv:  # noqa: N802 -- 
 # --- the guide's example, as written (class renamed) -----------------------------------------------
 
 
-class GuideEnv:
-    def __init__(self, name, **kwargs):
-        # カスタム環境の初期化
-        self._env = YourCustomEnvironment(name, **kwargs)
-        self._env = wrappers.NormalizeActions(self._env)
-        # 必要に応じて他のラッパーを追加
-
-    @property
-    def obs_space(self):
-        # 観測空間の定義
-        spaces = {
-            'image': gym.spaces.Box(0, 255, (64, 64, 3), dtype=np.uint8),
-            # 他の観測を追加可能
-        }
-        return spaces
-
-    @property
-    def act_space(self):
-        # 行動空間の定義
-        return self._env.action_space
-
-    def step(self, action):
-        obs, reward, done, truncated, info = self._env.step(action)
-        return self._format_obs(obs), reward, done, truncated, info
-
-    def reset(self):
-        obs, info = self._env.reset()
-        return self._format_obs(obs), info
-
-    def _format_obs(self, obs):
-        # 観測を辞書形式に変換
-        return {'image': obs, 'is_first': False}
-
-    def render(self):
-        # 環境の可視化（TensorBoardでの動画記録用）
-        # rgb_array形式でnumpy配列の画像を返す
-        # (height, width, 3)
-        return self._env.render(mode='rgb_array')
+GuideEnv = guide_env.GuideEnv
 
 
 # --- one training run per variant ------------------------------------------------------------------
@@ -162,6 +126,7 @@ def guide_run(request, tmp_path_factory):
                                      '--envs.parallel', 'none'])
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(envs.REGISTRY, 'guide', GuideEnv)
+        patch.setattr(guide_env, 'YourCustomEnvironment', YourCustomEnvironment)
         counters = dreamer.train(config)
     return config, logdir, VARIANTS[variant], counters
 
