@@ -15,7 +15,8 @@ fi
 "$PY" -m pip install --quiet -r requirements.txt
 
 GL_PACKAGES="libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1 libosmesa6"
-if ! ldconfig -p 2>/dev/null | grep -qE "libEGL.so.1|libOSMesa.so"; then
+GL_FOUND=$(ldconfig -p 2>/dev/null | grep -cE "libEGL.so.1|libOSMesa.so" || true)
+if [ "${GL_FOUND:-0}" = 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[install] installing headless rendering libraries: $GL_PACKAGES"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $GL_PACKAGES) >/dev/null \
