@@ -112,9 +112,10 @@ def make_agent(config: Config, obs_space, act_space, device: torch.device):
 
 
 def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str], None]) -> Replay:
-    directory = paths.replay_dir if dist.world == 1 else paths.replay_dir / f"rank{dist.rank}"
+    """This rank's replay shard. Every rank writes into the one replay folder under worker ids that
+    are global env indices, so a resume with another number of ranks finds every chunk."""
     capacity = max(config.replay_size // dist.world, config.batch_length)
-    return Replay(capacity, config.batch_length, directory, chunk=config.replay_chunk,
+    return Replay(capacity, config.batch_length, paths.replay_dir, chunk=config.replay_chunk,
                   seed=config.seed + dist.rank, warn=warn)
 
 
@@ -371,8 +372,8 @@ class Trainer:
 
     def setup(self) -> None:
         config, dist = self.config, self.dist
-        self.pool = make_env_pool(config, "train", config.envs.amount, dist.rank * config.envs.amount,
-                                  self.logger)
+        self.first_env = dist.rank * config.envs.amount  # global index of this rank's first env
+        self.pool = make_env_pool(config, "train", config.envs.amount, self.first_env, self.logger)
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
         if self.sync is not None:  # data-parallel: act as one learner over all ranks' batches
             self.agent.set_grad_sync(self.sync.grads)
@@ -382,7 +383,7 @@ class Trainer:
         self.counters = Counters()
         if self.paths.resume_from is not None:
             self.counters = restore(config, self.agent, self.replay, self.paths, self.device, self.logger)
-        loaded = self.replay.load()
+        loaded = self.replay.load(keep_worker=lambda worker: worker % dist.world == dist.rank)
         if loaded:
             self.logger.info(f"replay: loaded {loaded} steps from {self.replay.directory}")
         self.prefetch: Optional[Prefetcher] = None
@@ -416,7 +417,7 @@ class Trainer:
     def store(self, observations, actions) -> list[dict[str, float]]:
         finished = []
         for index, obs in enumerate(observations):
-            self.replay.add(to_transition(obs, actions[index]), worker=index)
+            self.replay.add(to_transition(obs, actions[index]), worker=self.first_env + index)
             summary = self.tracker.add(index, obs)
             if summary is not None:
                 finished.append(summary)
@@ -425,9 +426,11 @@ class Trainer:
     def train(self) -> int:
         """Do the updates owed by train_ratio; returns how many were done."""
         if self.counters.train_start < 0:
-            if self.counters.step < self.config.prefill or not self.replay.windows():
+            if self.counters.step < self.config.prefill:
                 return 0
             self.counters.train_start = self.counters.step
+        if not self.all_ranks(bool(self.replay.windows())):  # e.g. a resume whose replay was lost
+            return 0
         done = 0
         while self.counters.updates < updates_due(self.counters, self.config, self.dist.world):
             if self.prefetch is None:
@@ -517,13 +520,17 @@ class Trainer:
 
     def stop_requested(self, interrupt: Interrupt) -> bool:
         """Ctrl-C/SIGTERM on any rank stops all ranks at the same iteration."""
+        return not self.all_ranks(not interrupt.requested)
+
+    def all_ranks(self, flag: bool) -> bool:
+        """True when `flag` holds on every rank (so all ranks take the same branch together)."""
         if self.dist.world == 1:
-            return interrupt.requested
+            return flag
         import torch.distributed as torch_dist
 
-        flag = torch.tensor([float(interrupt.requested)])
-        torch_dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+        value = torch.tensor([float(flag)])
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MIN)
+        return bool(value.item() > 0)
 
     def close(self) -> None:
         for thing in (getattr(self, "prefetch", None), self.pool, self.eval_pool):

@@ -369,9 +369,10 @@ class Replay:
         for writer in self._writers.values():
             writer.write()
 
-    def load(self) -> int:
+    def load(self, keep_worker: Callable[[int], bool] | None = None) -> int:
         """Read the chunk files of `directory` back (the most recent `capacity` steps); returns how
-        many steps were loaded. Call once, on a fresh Replay, before adding."""
+        many steps were loaded. Call once, on a fresh Replay, before adding. `keep_worker` picks
+        whose chunks to load (a rank of a parallel run loads its share of the workers)."""
         if self.directory is None:
             return 0
         if self._next_id or self._next_order:
@@ -381,6 +382,8 @@ class Replay:
             )
         headers = self._chunk_headers()
         self._resume_counters(headers)
+        if keep_worker is not None:
+            headers = [header for header in headers if keep_worker(header[1])]
         if not headers:
             return 0
         orders = np.concatenate([order for order, *_ in headers])  # (steps on disk,)
