@@ -202,27 +202,26 @@ def render_frame(pool, obs: dict[str, Any]) -> Optional[np.ndarray]:
     return np.asarray(frame, np.uint8)
 
 
-def evaluate(config: Config, agent, pool, logger: Logger) -> dict[str, float]:
-    """Run eval_episode_num episodes with the deterministic policy; log returns and one video."""
+def evaluate(config: Config, agent, pool, logger: Logger) -> int:
+    """Run eval_episode_num episodes with the deterministic policy; log their returns and the video
+    of env 0's first episode. Returns the number of video frames recorded."""
     returns: list[float] = []
     lengths: list[int] = []
     tracker = EpisodeTracker(len(pool))
     frames: list[np.ndarray] = []
     want_video = config.video
-    actions = agent.random_actions(len(pool))
+    actions = agent.random_actions(len(pool))  # ignored: the first step resets every env
     state = None
-    started = [False] * len(pool)
     while len(returns) < config.eval_episode_num:
         observations = pool.step(actions)
         for index, obs in enumerate(observations):
-            started[index] = started[index] or obs["is_first"]
-            summary = tracker.add(index, obs) if started[index] else None
+            summary = tracker.add(index, obs)
             if summary is not None:
                 returns.append(summary["return"])
                 lengths.append(summary["length"])
                 if index == 0:
                     want_video = False
-        if want_video and started[0] and len(frames) < config.video_length:
+        if want_video and len(frames) < config.video_length:
             frame = render_frame(pool, observations[0])
             want_video = frame is not None
             if frame is not None:
@@ -233,7 +232,7 @@ def evaluate(config: Config, agent, pool, logger: Logger) -> dict[str, float]:
     logger.scalars(metrics)
     if frames:
         logger.video("eval/video", np.stack(frames)[None])
-    return metrics
+    return len(frames)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -368,7 +367,7 @@ class Trainer:
         self.threads = tools.set_threads(config.threads)
         tools.set_seed(config.seed + 1000 * dist.rank, config.deterministic)
         self.pool = None
-        self.eval_pool = None
+        self.told_no_video = False
 
     def setup(self) -> None:
         config, dist = self.config, self.dist
@@ -474,10 +473,15 @@ class Trainer:
         return [s for part in gathered for s in part]
 
     def run_eval(self) -> None:
-        if self.eval_pool is None:
-            amount = min(self.config.envs.amount, self.config.eval_episode_num)
-            self.eval_pool = make_env_pool(self.config, "eval", amount, 0, self.logger)
-        evaluate(self.config, self.agent, self.eval_pool, self.logger)
+        """Evaluate on fresh eval envs (the same seeds every time, apart from the train envs'), log
+        the returns, one episode's video and the world model's open-loop predictions."""
+        amount = min(self.config.envs.amount, self.config.eval_episode_num)
+        with make_env_pool(self.config, "eval", amount, 0, self.logger) as pool:
+            frames = evaluate(self.config, self.agent, pool, self.logger)
+        if self.config.video and not frames and not self.told_no_video:
+            self.logger.info("no eval video: the env's render() gives no frame and it has no 'image' "
+                             "observation (training is not affected)")
+            self.told_no_video = True
         if self.config.video and self.prefetch is not None:
             for name, video in self.agent.report(self.prefetch.next()).items():
                 self.logger.video(name, video[None] if video.ndim == 4 else video)
@@ -533,7 +537,7 @@ class Trainer:
         return bool(value.item() > 0)
 
     def close(self) -> None:
-        for thing in (getattr(self, "prefetch", None), self.pool, self.eval_pool):
+        for thing in (getattr(self, "prefetch", None), self.pool):
             if thing is not None:
                 thing.close()
         self.logger.close()

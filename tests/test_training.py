@@ -145,3 +145,19 @@ def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
 
     state = checkpoint.load_checkpoint(logdir / "latest.pt")
     assert state["counters"]["step"] >= 200
+
+
+def test_env_without_render_trains_and_says_there_is_no_video(tmp_path):
+    import os
+
+    logdir = tmp_path / "norender"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "gym", "--task", "gym_faulty_env:Faulty-v0",
+         "--steps", "200", "--eval_every", "100", "--logdir", str(logdir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CI": "1", "PYTHONPATH": str(ROOT / "tests" / "helpers")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (logdir / "train.log").read_text()
+    assert log.count("no eval video") == 1 and "finished: 200 steps" in log
+    assert len([r for r in read_metrics(logdir) if "eval/return" in r]) == 2

@@ -1,0 +1,316 @@
+"""Named learning checks: train end to end through dreamer.py, then compare the final eval return
+with the check's stated bar.
+
+    python3 scripts/learn.py CHECK [--steps N] [--logdir D] [--gpu] [--dry-run] [--key value ...]
+    python3 scripts/learn.py --list
+
+Every check is one `dreamer.py` command (printed before it runs; `--list` prints them all). Its
+`--steps` is the agent-step budget (env steps after action repeat), `--logdir` the run folder
+(default ./logdir/learn/<check>), and any further `--key value` pairs are dreamer.py overrides that
+replace the check's own. `--gpu` picks the check's larger GPU budget (paper-sized model and
+train_ratio) instead of the CPU one. After the run the script reads <logdir>/metrics.jsonl and
+prints the final eval return, the best one and the first step that met the bar, the random-policy
+return of the same run (episodes finished during the prefill), and `PASS` or `FAIL`; the exit
+code is 0 when the final eval return meets the bar (and, for checks that need them, achievements
+were logged), else 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+METRIC = "eval/return"
+
+# Tiny vector-observation model used by the CI learning check (tests/test_learning.py).
+CI_MODEL = (
+    ("encoder.mlp_keys", "vector"), ("encoder.cnn_keys", "$^"),
+    ("decoder.mlp_keys", "vector"), ("decoder.cnn_keys", "$^"),
+    ("rssm.deter", "64"), ("rssm.hidden", "64"), ("rssm.stoch", "8"), ("rssm.classes", "8"),
+    ("encoder.mlp_units", "64"), ("encoder.mlp_layers", "2"),
+    ("decoder.mlp_units", "64"), ("decoder.mlp_layers", "2"),
+    ("reward_head.units", "64"), ("reward_head.layers", "1"),
+    ("cont_head.units", "64"), ("cont_head.layers", "1"),
+    ("actor.units", "64"), ("actor.layers", "2"),
+    ("critic.units", "64"), ("critic.layers", "2"),
+)
+# One env in the main process, no videos, checkpoints only at the end: the CPU budgets below.
+CPU_RUN = (("envs.amount", "1"), ("envs.parallel", "none"), ("video", "False"))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One way to run a check: config blocks, agent-step budget and overrides."""
+
+    configs: tuple[str, ...]
+    steps: int
+    overrides: tuple[tuple[str, str], ...]
+    time: str  # how long it took / is expected to take, in words
+
+
+@dataclass(frozen=True)
+class Check:
+    """A named learning check: task, bar on the final eval return, and its CPU and GPU budgets."""
+
+    name: str
+    task: str
+    bar: float
+    about: str  # what the bar means and where it comes from
+    cpu: Budget
+    gpu: Budget
+    needs_achievements: bool = False
+    paper: str = ""  # the paper's figure at a comparable budget, where there is one
+
+
+CHECKS: dict[str, Check] = {c.name: c for c in (
+    Check(
+        name="custom_reach",
+        task="custom_reach",
+        bar=40.0,
+        about=("the CI check (tests/test_learning.py): tiny vector-only model; uniform random actions "
+               "score about -4 per episode, heading straight for the target about +95"),
+        cpu=Budget(("custom",), 4000, CI_MODEL + CPU_RUN + (
+            ("prefill", "500"), ("train_ratio", "64"), ("batch_size", "16"), ("batch_length", "16"),
+            ("model_lr", "3e-4"), ("actor_lr", "3e-4"), ("critic_lr", "3e-4"),
+            ("log_every", "500"), ("eval_every", "1000"), ("eval_episode_num", "10"),
+            ("save_every", "100000"), ("save_every_minutes", "0"), ("seed", "0"),
+        ), "about 2-3 minutes on 2 CPU cores"),
+        gpu=Budget(("custom",), 4000, CI_MODEL + CPU_RUN + (
+            ("prefill", "500"), ("train_ratio", "64"), ("batch_size", "16"), ("batch_length", "16"),
+            ("model_lr", "3e-4"), ("actor_lr", "3e-4"), ("critic_lr", "3e-4"),
+            ("log_every", "500"), ("eval_every", "1000"), ("eval_episode_num", "10"),
+        ), "a few minutes (the model is too small to gain from a GPU)"),
+    ),
+    Check(
+        name="dmc_cartpole_balance",
+        task="dmc_cartpole_balance",
+        bar=800.0,
+        about=("DMC cartpole-balance from proprio, action repeat 2: eval return >= 800 within 25,000 "
+               "agent steps = 50,000 env steps (issue 9's bar); the random policy scores about 300"),
+        cpu=Budget(("dmc_proprio", "size_xs"), 25000, CPU_RUN + (
+            ("prefill", "2500"), ("train_ratio", "128"),
+            ("log_every", "500"), ("eval_every", "2500"), ("eval_episode_num", "5"), ("save_every", "5000"),
+        ), "about an hour on 2 CPU cores (size_xs, train_ratio 128 instead of 512)"),
+        gpu=Budget(("dmc_proprio", "size_s"), 25000, (
+            ("train_ratio", "512"), ("eval_every", "2500"), ("eval_episode_num", "10"),
+        ), "about 1-2 hours on one GPU (paper settings, size S)"),
+        paper="the paper's curves solve it (near 1000) well before this budget",
+    ),
+    Check(
+        name="dmc_cartpole_swingup_pixels",
+        task="dmc_cartpole_swingup",
+        bar=200.0,
+        about=("DMC cartpole-swingup from 64x64 pixels, action repeat 2: clear learning on CPU, eval "
+               "return >= 200 within 50,000 agent steps (a random policy scores below 50); the full "
+               "comparison with the paper is the GPU budget: 500,000 agent steps = 1M env steps"),
+        cpu=Budget(("dmc_vision", "size_xs"), 50000, CPU_RUN + (
+            ("prefill", "2500"), ("train_ratio", "64"),
+            ("log_every", "1000"), ("eval_every", "5000"), ("eval_episode_num", "5"), ("save_every", "10000"),
+        ), "several hours on 2 CPU cores"),
+        gpu=Budget(("dmc_vision", "size_s"), 500000, (
+            ("train_ratio", "512"), ("eval_every", "10000"), ("eval_episode_num", "10"),
+        ), "about a day on one GPU (paper settings, size S, 1M env steps)"),
+        paper="DMC vision 1M env steps: paper mean over 20 tasks 739.6 (per-task table in the paper)",
+    ),
+    Check(
+        name="gym_cartpole",
+        task="gym_CartPole-v1",
+        bar=400.0,
+        about=("gymnasium CartPole-v1 through the gym_ adapter, discrete actions (onehot): eval return "
+               ">= 400 of at most 500 within 20,000 agent steps; a random policy scores about 22"),
+        cpu=Budget(("gym", "size_xs"), 20000, CPU_RUN + (
+            ("actor_dist", "onehot"), ("prefill", "1000"), ("train_ratio", "128"),
+            ("log_every", "500"), ("eval_every", "2000"), ("eval_episode_num", "5"), ("save_every", "5000"),
+        ), "about an hour on 2 CPU cores"),
+        gpu=Budget(("gym", "size_s"), 50000, (
+            ("actor_dist", "onehot"), ("train_ratio", "512"), ("eval_every", "5000"),
+        ), "about an hour on one GPU"),
+    ),
+    Check(
+        name="crafter",
+        task="crafter_reward",
+        bar=2.0,
+        about=("Crafter for a short budget: achievements are logged (achievement/* and "
+               "achievement/crafter_score in metrics.jsonl) and the final eval return is >= 2; the "
+               "paper's 1M-step figure is 11.7 +- 1.9, far beyond this budget"),
+        cpu=Budget(("crafter", "size_xs"), 20000, CPU_RUN + (
+            ("prefill", "2500"), ("train_ratio", "32"),
+            ("log_every", "1000"), ("eval_every", "5000"), ("eval_episode_num", "3"), ("save_every", "10000"),
+        ), "a few hours on 2 CPU cores"),
+        gpu=Budget(("crafter", "size_s"), 1000000, (
+            ("train_ratio", "512"), ("eval_every", "50000"),
+        ), "days on one GPU (paper settings except size S; 1M steps)"),
+        needs_achievements=True,
+        paper="Crafter 1M steps: reward 11.7 +- 1.9",
+    ),
+)}
+
+
+@dataclass
+class Outcome:
+    """What a run's metrics say about a check."""
+
+    final: Optional[float]
+    final_step: Optional[int]
+    best: Optional[float]
+    first_step_at_bar: Optional[int]
+    random_return: Optional[float]
+    achievements: dict[str, float] = field(default_factory=dict)
+
+
+def merged_overrides(base: tuple[tuple[str, str], ...], extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The check's overrides with the user's replacing those of the same key, user's new keys last."""
+    merged = dict(base)
+    for key, value in extra:
+        merged.pop(key, None)
+        merged[key] = value
+    return list(merged.items())
+
+
+def command(check: Check, budget: Budget, steps: int, logdir: str, extra: list[tuple[str, str]]) -> list[str]:
+    """The dreamer.py command line (argv) of one check run."""
+    argv = [sys.executable, str(ROOT / "dreamer.py"), "--configs", *budget.configs, "--task", check.task,
+            "--steps", str(steps), "--logdir", logdir]
+    for key, value in merged_overrides(budget.overrides, extra):
+        argv += [f"--{key}", value]
+    return argv
+
+
+def parse_extra(tokens: list[str]) -> list[tuple[str, str]]:
+    """`--key value` / `--key=value` pairs for dreamer.py."""
+    pairs, index = [], 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or token == "--":
+            raise SystemExit(f"learn.py: unexpected argument '{token}': extra arguments are dreamer.py "
+                             "overrides as '--key value' pairs, e.g. --seed 1 --train_ratio 256.")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if index + 1 >= len(tokens):
+                raise SystemExit(f"learn.py: --{key} needs a value, e.g. --{key} VALUE.")
+            value = tokens[index + 1]
+            index += 1
+        pairs.append((key, value))
+        index += 1
+    return pairs
+
+
+def read_records(logdir: Path) -> list[dict]:
+    """Records of <logdir>/metrics.jsonl in step order (a resumed run's rewritten steps replace the old)."""
+    path = logdir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records: list[dict] = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            continue
+        while records and records[-1]["step"] > record["step"]:
+            records.pop()
+        records.append(record)
+    return records
+
+
+def outcome(records: list[dict], bar: float, prefill: int) -> Outcome:
+    """Final, best and first-at-bar eval returns, the prefill (random-policy) episode return, and the
+    last logged achievement rates."""
+    evals = [(int(r["step"]), float(r[METRIC])) for r in records
+             if r.get(METRIC) is not None and math.isfinite(float(r[METRIC]))]
+    random_returns = [float(r["episode/return"]) for r in records
+                      if r.get("episode/return") is not None and r["step"] <= prefill]
+    achievements: dict[str, float] = {}
+    for r in records:
+        achievements.update({k: float(v) for k, v in r.items() if k.startswith("achievement/")})
+    first = next((step for step, value in evals if value >= bar), None)
+    return Outcome(
+        final=evals[-1][1] if evals else None, final_step=evals[-1][0] if evals else None,
+        best=max(v for _, v in evals) if evals else None, first_step_at_bar=first,
+        random_return=sum(random_returns) / len(random_returns) if random_returns else None,
+        achievements=achievements)
+
+
+def passed(check: Check, result: Outcome) -> bool:
+    if result.final is None or result.final < check.bar:
+        return False
+    return bool(result.achievements) or not check.needs_achievements
+
+
+def report(check: Check, result: Outcome) -> str:
+    """Lines that state the figures and the verdict."""
+    def fmt(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value:.1f}"
+
+    lines = [
+        f"check: {check.name} ({check.about})",
+        f"final {METRIC}: {fmt(result.final)} at step {result.final_step}   bar: >= {check.bar:g}",
+        f"best {METRIC}: {fmt(result.best)}; first step at the bar: {result.first_step_at_bar}",
+        f"random-policy return (prefill episodes of this run): {fmt(result.random_return)}",
+    ]
+    if check.needs_achievements:
+        score = result.achievements.get("achievement/crafter_score")
+        lines.append(f"achievements logged: {len(result.achievements)} keys, crafter score {fmt(score)}")
+    if check.paper:
+        lines.append(f"paper: {check.paper}")
+    lines.append("PASS" if passed(check, result) else "FAIL")
+    return "\n".join(lines)
+
+
+def list_checks() -> str:
+    out = []
+    for check in CHECKS.values():
+        out.append(f"{check.name}: bar final {METRIC} >= {check.bar:g}; {check.about}")
+        for label, budget in (("cpu", check.cpu), ("gpu", check.gpu)):
+            argv = command(check, budget, budget.steps, f"./logdir/learn/{check.name}", [])
+            argv[:2] = ["python3", "dreamer.py"]
+            out.append(f"  {label} ({budget.time}): {shlex.join(argv)}")
+    return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("check", nargs="?", help="one of: " + ", ".join(CHECKS))
+    parser.add_argument("--list", action="store_true", help="print the checks, their bars and commands")
+    parser.add_argument("--steps", type=float, default=None, help="agent-step budget (default: the check's)")
+    parser.add_argument("--logdir", default=None, help="run folder (default ./logdir/learn/<check>)")
+    parser.add_argument("--gpu", action="store_true", help="use the check's GPU budget")
+    parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing; judge the metrics already in --logdir")
+    args, rest = parser.parse_known_args(argv)
+    if args.list:
+        print(list_checks())
+        return 0
+    if args.check not in CHECKS:
+        parser.error(f"CHECK must be one of {', '.join(CHECKS)} (got {args.check!r}); "
+                     "`python3 scripts/learn.py --list` prints them with their bars.")
+    check = CHECKS[args.check]
+    budget = check.gpu if args.gpu else check.cpu
+    extra = parse_extra(rest)
+    steps = int(args.steps) if args.steps is not None else budget.steps
+    logdir = args.logdir or str(ROOT / "logdir" / "learn" / check.name)
+    argv_run = command(check, budget, steps, logdir, extra)
+    print("$ " + shlex.join(argv_run), flush=True)
+    if args.dry_run:
+        return 0
+    if not args.report_only:
+        code = subprocess.run(argv_run, cwd=ROOT).returncode
+        if code != 0:
+            print(f"dreamer.py exited with code {code}; judging what {logdir}/metrics.jsonl holds.")
+    prefill = int(float(dict(merged_overrides(budget.overrides, extra)).get("prefill", 2500)))
+    result = outcome(read_records(Path(logdir)), check.bar, prefill)
+    print(report(check, result))
+    return 0 if passed(check, result) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
