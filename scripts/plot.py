@@ -3,7 +3,7 @@
     python3 scripts/plot.py LOGDIR [LOGDIR ...] --out curves.png \\
         [--keys episode/return eval/return] [--smooth 10] [--label NAME [NAME ...]]
 
-One panel per key, the key against env steps, one line per run, each smoothed with a trailing mean
+One panel per key, the key against agent steps, one line per run, each smoothed with a trailing mean
 over `--smooth` logged points. Runs that share a label are drawn as their mean with a min-max band;
 a run's label is its folder name without a trailing `_seed<N>` or `-seed<N>` (`walker_seed0` and
 `walker_seed1` form one group), or the matching `--label` entry when given.
@@ -132,7 +132,7 @@ def draw_key(axis, runs: list[tuple[str, list[dict]]], key: str, smooth: int) ->
         line = axis.plot(grid, mean, label=f"{label} ({len(curves)} runs)")[0]
         axis.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     axis.set_title(key)
-    axis.set_xlabel("env steps")
+    axis.set_xlabel("agent steps (env steps after action repeat)")
     axis.grid(alpha=0.3)
     if groups:
         axis.legend(fontsize="small")
