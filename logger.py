@@ -230,3 +230,26 @@ def live_terminal() -> bool:
 
 def timestamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def read_metrics(logdir: Path) -> list[dict]:
+    """The records of `logdir/metrics.jsonl`; an unreadable line (e.g. cut by a crash) is skipped,
+    and after a resume the records logged again replace those of later steps."""
+    path = Path(logdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no metrics.jsonl in {logdir} (expected {path}). Pass run folders (the --logdir of "
+            "dreamer.py runs) that have logged at least once."
+        )
+    records: list[dict] = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            continue
+        while records and records[-1]["step"] > record["step"]:
+            records.pop()  # logged past the checkpoint before a crash: the resumed run rewrites it
+        records.append(record)
+    return records

@@ -17,7 +17,6 @@ were logged), else 1.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import subprocess
@@ -25,6 +24,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from logger import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METRIC = "eval/return"
@@ -213,22 +215,11 @@ def parse_extra(tokens: list[str]) -> list[tuple[str, str]]:
 
 
 def read_records(logdir: Path) -> list[dict]:
-    """Records of <logdir>/metrics.jsonl in step order (a resumed run's rewritten steps replace the old)."""
-    path = logdir / "metrics.jsonl"
-    if not path.is_file():
+    """Records of <logdir>/metrics.jsonl in step order; none while the run has not logged yet."""
+    try:
+        return read_metrics(logdir)
+    except FileNotFoundError:
         return []
-    records: list[dict] = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or "step" not in record:
-            continue
-        while records and records[-1]["step"] > record["step"]:
-            records.pop()
-        records.append(record)
-    return records
 
 
 def outcome(records: list[dict], bar: float, prefill: int) -> Outcome:

@@ -11,12 +11,14 @@ a run's label is its folder name without a trailing `_seed<N>` or `-seed<N>` (`w
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from logger import read_metrics  # noqa: E402
 
 DEFAULT_KEYS = ("episode/return", "eval/return")
 SEED_SUFFIX = re.compile(r"[_-]seed\d+$")
@@ -25,29 +27,6 @@ SEED_SUFFIX = re.compile(r"[_-]seed\d+$")
 def run_label(logdir: Path) -> str:
     """Folder name without a trailing `_seed<N>` / `-seed<N>`."""
     return SEED_SUFFIX.sub("", Path(logdir).resolve().name)
-
-
-def read_metrics(logdir: Path) -> list[dict]:
-    """The records of `logdir/metrics.jsonl`; an unreadable line (e.g. cut by a crash) is skipped,
-    and after a resume the records logged again replace those of later steps."""
-    path = Path(logdir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no metrics.jsonl in {logdir} (expected {path}). Pass run folders (the --logdir of "
-            "dreamer.py runs) that have logged at least once."
-        )
-    records: list[dict] = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or "step" not in record:
-            continue
-        while records and records[-1]["step"] > record["step"]:
-            records.pop()  # logged past the checkpoint before a crash: the resumed run rewrites it
-        records.append(record)
-    return records
 
 
 def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
