@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from config import lookup
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: unreadable (and no fallback), or built for another model."""
@@ -235,7 +237,7 @@ def check_config_sizes(saved: Mapping, current: Mapping, keys: list[str]) -> Non
     """Raise CheckpointMismatch naming the first dotted config key (e.g. 'rssm.deter') whose value
     in the config the checkpoint was trained with (`saved`) differs from the current config."""
     for key in keys:
-        old, new = lookup(saved, key), lookup(current, key)
+        old, new = lookup(saved, key, _MISSING), lookup(current, key, _MISSING)
         if old is not _MISSING and new is not _MISSING and old != new:
             raise CheckpointMismatch(
                 f"the checkpoint was trained with {key}={old!r} but the config asks for "
@@ -246,13 +248,3 @@ def check_config_sizes(saved: Mapping, current: Mapping, keys: list[str]) -> Non
 
 
 _MISSING = object()
-
-
-def lookup(config: Mapping, dotted: str) -> Any:
-    """config['a']['b'] for 'a.b', or a private sentinel when any part is absent."""
-    value: Any = config
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value

@@ -344,19 +344,19 @@ def validate(tree: dict[str, Any]) -> dict[str, Any]:
     """Check choices and ranges; normalise choice values to strings and floats to float."""
     tree["precision"] = str(tree["precision"])
     for key, allowed in CHOICES.items():
-        value = _get(tree, key)
+        value = lookup(tree, key)
         if value is not None and str(value) not in allowed:
             raise ConfigError(
                 f"--{key} is '{value}', which is not one of {', '.join(allowed)}. Pick one of those."
             )
     for key in POSITIVE:
-        if _get(tree, key) is not None and not _get(tree, key) > 0:
-            raise ConfigError(f"--{key} must be greater than 0, but it is {_get(tree, key)}.")
+        if lookup(tree, key) is not None and not lookup(tree, key) > 0:
+            raise ConfigError(f"--{key} must be greater than 0, but it is {lookup(tree, key)}.")
     for key in NON_NEGATIVE:
-        if _get(tree, key) is not None and _get(tree, key) < 0:
-            raise ConfigError(f"--{key} must be 0 or greater, but it is {_get(tree, key)}.")
+        if lookup(tree, key) is not None and lookup(tree, key) < 0:
+            raise ConfigError(f"--{key} must be 0 or greater, but it is {lookup(tree, key)}.")
     for key in UNIT_INTERVAL:
-        value = _get(tree, key)
+        value = lookup(tree, key)
         if value is not None and not 0 <= value <= 1:
             raise ConfigError(f"--{key} must lie in [0, 1], but it is {value}.")
     if "_" not in tree["task"]:
@@ -380,11 +380,12 @@ def validate(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _get(tree: Mapping[str, Any], dotted: str) -> Any:
+def lookup(tree: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    """tree['a']['b'] for 'a.b', or `default` when any part is absent."""
     node: Any = tree
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return None
+            return default
         node = node[part]
     return node
 
