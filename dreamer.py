@@ -365,6 +365,7 @@ class Trainer:
         self.logger = make_logger(config, self.paths, dist)
         self.device = tools.resolve_device(config.device)
         self.threads = tools.set_threads(config.threads)
+        tools.use_tf32_on_cuda(self.device, config.deterministic)
         tools.set_seed(config.seed + 1000 * dist.rank, config.deterministic)
         self.pool = None
         self.told_no_video = False

@@ -111,6 +111,17 @@ def autocast(device: torch.device, precision: str | int):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def as_param_layout(param: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """The gradient with its parameter's strides. autograd.grad returns whatever layout the backward
+    kernel produced (cuDNN gives convolution weights channels-last gradients), while fused Adam
+    needs parameters, gradients and moments laid out alike (backward() would fix this itself)."""
+    if grad is None:
+        return torch.zeros_like(param)
+    if grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
+
+
 class Optimizer:
     """Adam over one parameter group with gradient-norm clipping; an optional hook sees the gradients
     after backward and before clipping; float16 training gets its own gradient scaler."""
@@ -132,7 +143,7 @@ class Optimizer:
         scaled = self.scaler.scale(loss) if self.scaler else loss
         grads = torch.autograd.grad(scaled, self.params, retain_graph=retain_graph, allow_unused=True)
         for param, grad in zip(self.params, grads):
-            param.grad = torch.zeros_like(param) if grad is None else grad
+            param.grad = as_param_layout(param, grad)
         if self.scaler:
             self.scaler.unscale_(self.adam)
         if grad_sync is not None:

@@ -47,6 +47,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def use_tf32_on_cuda(device: torch.device, deterministic: bool = False) -> bool:
+    """Let float32 matrix products and convolutions on a CUDA device use TF32 tensor cores (as JAX
+    does by default on such GPUs; DreamerV3's official code runs there). CPU arithmetic is untouched,
+    and so is a deterministic run. Returns whether TF32 is on."""
+    if device.type != "cuda" or deterministic:
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def default_threads() -> int:
     """Torch CPU threads to use when the config says 0: one per core, but 1 on machines with 2 cores
     or fewer, where a second thread mostly adds synchronisation for DreamerV3's small layers."""

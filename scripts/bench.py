@@ -4,7 +4,8 @@
     python3 scripts/bench.py --configs dmc_vision --iters 3 --json bench.json
 
 Takes the same `--configs ...` and `--key value` overrides as dreamer.py, plus `--iters N` (timed
-updates after one warm-up update) and `--json F`. The observation and action spaces are those of the
+updates after one warm-up update), `--json F` and `--profile F` (a torch.profiler table of two
+updates, sorted by device time on CUDA and by CPU time otherwise, written to F). The observation and action spaces are those of the
 config's task (made once); random batches of those shapes are fed to the real agent. Prints one
 `name: value` line per figure:
 
@@ -35,26 +36,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config as config_lib  # noqa: E402
 import exploration  # noqa: E402
-from tools import resolve_device, set_seed, set_threads  # noqa: E402
+from tools import resolve_device, set_seed, set_threads, use_tf32_on_cuda  # noqa: E402
 
 
-def split_argv(argv: list[str]) -> tuple[list[str], int, str | None]:
-    """Take --iters and --json out of argv; the rest goes to config.load_config."""
-    rest, iters, json_path = [], 3, None
+BENCH_OPTIONS = {"--iters": "3", "--json": None, "--profile": None}
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], dict[str, str | None]]:
+    """Take the benchmark's own options (BENCH_OPTIONS) out of argv; the rest goes to
+    config.load_config."""
+    rest, options = [], dict(BENCH_OPTIONS)
     i = 0
     while i < len(argv):
-        if argv[i] in ("--iters", "--json"):
+        if argv[i] in BENCH_OPTIONS:
             if i + 1 >= len(argv):
                 raise SystemExit(f"{argv[i]} needs a value, e.g. {argv[i]} 3")
-            if argv[i] == "--iters":
-                iters = int(argv[i + 1])
-            else:
-                json_path = argv[i + 1]
+            options[argv[i]] = argv[i + 1]
             i += 2
         else:
             rest.append(argv[i])
             i += 1
-    return rest, iters, json_path
+    return rest, options
 
 
 def task_spaces(cfg) -> tuple[dict, object]:
@@ -106,13 +108,37 @@ def time_updates(agent, batch, iters: int, device: torch.device) -> dict[str, li
 
 
 def update_flops(agent, batch) -> float:
+    """FLOPs of one update counted by torch's FlopCounterMode (NaN, with a note, where the counter
+    cannot see through the update, e.g. some compiled graphs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
-        states, _ = agent.train_world_model(batch)
-        agent.train_behavior(states, batch)
+    try:
+        with counter:
+            states, _ = agent.train_world_model(batch)
+            agent.train_behavior(states, batch)
+    except Exception as error:  # noqa: BLE001 - a benchmark figure, not a reason to stop
+        print(f"# FLOPs not counted ({type(error).__name__}: {error})")
+        return float("nan")
     return float(counter.get_total_flops())
+
+
+def write_profile(agent, batch, device: torch.device, path: str, updates: int = 2) -> None:
+    """torch.profiler table of `updates` updates, sorted by device time on CUDA, and the number of
+    device kernels launched per update (the figure that bounds eager speed on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_updates(agent, batch, updates, device)
+    averages = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels = sum(e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) \
+        if device.type == "cuda" else 0
+    Path(path).write_text(f"device kernels per update: {kernels / updates:.0f}\n\n"
+                          + averages.table(sort_by=sort, row_limit=60))
+    if device.type == "cuda":
+        print(f"# kernels_per_update: {kernels / updates:.0f}")
 
 
 def policy_steps_per_second(agent, obs_space: dict, amount: int, seconds: float = 1.0) -> float:
@@ -162,10 +188,12 @@ def matmul_peak_gflops(device: torch.device, repeats: int = 30) -> float:
 
 
 def main(argv: list[str]) -> dict[str, float]:
-    rest, iters, json_path = split_argv(argv)
+    rest, options = split_argv(argv)
+    iters, json_path = int(options["--iters"]), options["--json"]
     cfg = config_lib.load_config(rest)
     threads = set_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
+    use_tf32_on_cuda(device, bool(cfg.deterministic))
     set_seed(int(cfg.seed))
     obs_space, act_space = task_spaces(cfg)
     agent = exploration.make_agent(obs_space, act_space, cfg, device)
@@ -175,21 +203,25 @@ def main(argv: list[str]) -> dict[str, float]:
     time_updates(agent, batch, 1, device)  # warm-up (and compilation)
     times = time_updates(agent, batch, iters, device)
     seconds = statistics.median(times["total"])
-    results = {
-        "seconds_per_update": seconds,
-        "world_model_seconds": statistics.median(times["world_model"]),
-        "behavior_seconds": statistics.median(times["behavior"]),
-        "policy_steps_per_second": policy_steps_per_second(agent, obs_space, int(cfg.envs.amount)),
-        "replay_samples_per_second": replay_samples_per_second(obs_space, act_space, int(cfg.batch_size),
-                                                               int(cfg.batch_length)),
-        "gflops_per_second": update_flops(agent, batch) / seconds / 1e9,
-        "matmul_peak_gflops": matmul_peak_gflops(device),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    figures = {
+        "seconds_per_update": lambda: seconds,
+        "world_model_seconds": lambda: statistics.median(times["world_model"]),
+        "behavior_seconds": lambda: statistics.median(times["behavior"]),
+        "policy_steps_per_second": lambda: policy_steps_per_second(agent, obs_space, int(cfg.envs.amount)),
+        "replay_samples_per_second": lambda: replay_samples_per_second(
+            obs_space, act_space, int(cfg.batch_size), int(cfg.batch_length)),
+        "gflops_per_second": lambda: update_flops(agent, batch) / seconds / 1e9,
+        "matmul_peak_gflops": lambda: matmul_peak_gflops(device),
+        "peak_rss_mib": lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if device.type == "cuda":
-        results["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    for name, value in results.items():
-        print(f"{name}: {value:.4g}")
+        figures["cuda_max_allocated_mib"] = lambda: torch.cuda.max_memory_allocated(device) / 2**20
+    results = {}
+    for name, figure in figures.items():  # printed as measured, so a cut-off run still reports
+        results[name] = figure()
+        print(f"{name}: {results[name]:.4g}", flush=True)
+    if options["--profile"]:
+        write_profile(agent, batch, device, options["--profile"])
     if json_path:
         Path(json_path).write_text(json.dumps({**results, "argv": argv, "all_seconds": times}, indent=2))
     return results

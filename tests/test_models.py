@@ -241,3 +241,22 @@ def test_compiled_update_runs_and_learns():
         last = agent.train_step(batch)
     assert all(torch.isfinite(v) for v in last.values())
     assert last["loss/model"] < first["loss/model"]
+
+
+def test_gradients_take_their_parameters_layout_for_fused_adam():
+    """cuDNN returns channels-last weight gradients from autograd.grad; fused Adam needs the
+    parameter's strides (the failure seen on an H200 with image models before this was fixed)."""
+    from models import Optimizer, as_param_layout
+
+    param = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
+    grad = torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert grad.stride() != param.stride()
+    fixed = as_param_layout(param, grad)
+    assert fixed.stride() == param.stride() and torch.equal(fixed, grad)
+    assert as_param_layout(param, None).abs().sum() == 0
+    same = torch.randn(8, 4, 3, 3)
+    assert as_param_layout(param, same) is same  # no copy when the layout already matches
+    opt = Optimizer([param], lr=1e-3, eps=1e-8, clip=100.0, device=torch.device("cpu"))
+    before = param.detach().clone()
+    opt.step((param * grad).sum())
+    assert not torch.equal(param.detach(), before)

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One prepared check on a CUDA machine, sized for a short lease (about 9 minutes on one H100/H200):
+#   A. correctness, run side by side: the CUDA tests (tests/test_cuda.py and the CUDA<->CPU checkpoint
+#      test), a debug training run with bf16 + compile that is then resumed, a data-parallel run through
+#      torchrun with the NCCL backend, and the clear error of --parallel 2 on one GPU;
+#   B. benchmarks one at a time (nothing else on the GPU): size S and XL, vector and image
+#      observations, float32 and bf16, eager and compiled, then a real training run's speed.
+# Logs go to /tmp/gpu_check/*.log and are packed into $OUT/logs.tgz after every step; the summary
+# (one line per step, every bench figure) is $OUT/summary.txt and the end of stdout.
+#
+#     OUT=./gpu_out bash scripts/gpu_check.sh            # on any CUDA machine
+#
+# Python packages missing on the machine can travel as wheels in .whl/ (installed to /tmp/site).
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+BUDGET=${GPU_CHECK_SECONDS:-540}   # the whole script ends by then: later steps are skipped
+DEV=${GPU_CHECK_DEVICE:-cuda}       # cpu: a dry run of the plumbing on a machine without a GPU
+LOGS=/tmp/gpu_check
+mkdir -p "$OUT" "$LOGS"
+export PYTHONUNBUFFERED=1 CI=1
+START=$(date +%s)
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+pack() { tar -czf "$OUT/logs.tgz" --exclude='*.pt' --exclude=replay --exclude='events.*' -C "$LOGS" . 2>/dev/null; }
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+# step NAME LIMIT CMD...: run CMD with a time limit (shortened to what is left), log its output.
+step() {
+  local name=$1 limit=$2; shift 2
+  local rest; rest=$(left)
+  if (( rest < 20 )); then note "$name: SKIPPED (out of time)"; return; fi
+  (( limit > rest )) && limit=$rest
+  local t0; t0=$(date +%s)
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  note "$name: rc=$rc in $(( $(date +%s) - t0 ))s (limit ${limit}s)"
+  pack
+}
+
+note "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/summary.txt"
+python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/summary.txt"
+nproc | sed 's/^/cpu cores: /' | tee -a "$OUT/summary.txt"
+
+note "== A. correctness (side by side)"
+RUN=(python3 dreamer.py --configs debug custom --task custom_reach --device $DEV --eval_every 0 --save_every_minutes 0)
+step pytest_cuda 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  tests/test_resume.py::test_checkpoint_moves_between_cuda_and_cpu &
+step train_bf16_compile 240 bash -c "${RUN[*]} --logdir $LOGS/run --precision bf16 --compile True --steps 600 \
+  && ${RUN[*]} --logdir $LOGS/run --precision bf16 --compile True --steps 1000 && grep -h 'resumed from' $LOGS/run/train.log" &
+step torchrun_nccl 240 python3 -m torch.distributed.run --standalone --nproc_per_node 1 dreamer.py --configs debug custom \
+  --task custom_reach --device $DEV --eval_every 0 --logdir "$LOGS/ddp" --steps 600 &
+step parallel2_one_gpu 120 "${RUN[@]}" --logdir "$LOGS/p2" --parallel 2 &
+wait
+grep -h "passed\|failed\|error" "$LOGS/pytest_cuda.log" | tail -3 | sed 's/^/  pytest: /' | tee -a "$OUT/summary.txt"
+grep -h "resumed from\|Error\|error" "$LOGS/train_bf16_compile.log" | tail -3 | sed 's/^/  train: /' | tee -a "$OUT/summary.txt"
+grep -h "parallel:\|Error\|error" "$LOGS/torchrun_nccl.log" | tail -3 | sed 's/^/  torchrun: /' | tee -a "$OUT/summary.txt"
+grep -h "GPUs\|rror" "$LOGS/parallel2_one_gpu.log" | tail -2 | sed 's/^/  parallel 2: /' | tee -a "$OUT/summary.txt"
+
+note "== B. benchmarks, batch 16 x 64, one at a time"
+bench() {  # bench NAME LIMIT ARGS...
+  local name=$1 limit=$2; shift 2
+  step "bench_$name" "$limit" python3 scripts/bench.py --batch_size 16 --batch_length 64 --device $DEV --iters 20 \
+    --json "$LOGS/bench_$name.json" "$@"
+  grep -h "^seconds_per_update\|^world_model\|^behavior\|^gflops\|^cuda_max\|^policy_steps\|kernels_per_update\|Error" \
+    "$LOGS/bench_$name.log" | tr '\n' ' ' | sed "s/^/  $name: /" | tee -a "$OUT/summary.txt"
+  echo | tee -a "$OUT/summary.txt"
+}
+bench S_vec_fp32 90 --configs dmc_proprio --profile "$LOGS/profile_S_vec_fp32.txt"
+bench S_vec_bf16 90 --configs dmc_proprio --precision bf16
+bench S_img_fp32 90 --configs dmc_vision
+bench S_img_bf16 90 --configs dmc_vision --precision bf16
+bench XL_vec_bf16 90 --configs dmc_proprio size_xl --precision bf16
+bench XL_img_bf16 90 --configs dmc_vision size_xl --precision bf16
+bench S_vec_bf16_compiled 180 --configs dmc_proprio --precision bf16 --compile True
+bench XL_vec_fp32 90 --configs dmc_proprio size_xl
+bench XL_img_fp32 90 --configs dmc_vision size_xl
+bench S_img_bf16_compiled 180 --configs dmc_vision --precision bf16 --compile True
+bench XL_img_bf16_compiled 180 --configs dmc_vision size_xl --precision bf16 --compile True
+
+note "== C. a real training run's speed (custom_reach, size S, bf16)"
+step train_speed 120 python3 dreamer.py --configs custom --task custom_reach --device $DEV --precision bf16 \
+  --logdir "$LOGS/speed" --steps 6000 --eval_every 0 --log_every 1000
+grep -h "fps\|updates" "$LOGS/train_speed.log" | tail -3 | sed 's/^/  speed: /' | tee -a "$OUT/summary.txt"
+note "== done in $(( $(date +%s) - START ))s"
+pack
