@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 # Keys that must be positive / non-negative numbers.
 POSITIVE = (
+    "graph_warmup",
     "steps", "train_ratio", "log_every", "eval_episode_num", "save_every", "batch_size",
     "batch_length", "replay_size", "replay_chunk", "imag_horizon", "parallel", "action_repeat",
     "envs.amount", "model_lr", "actor_lr", "critic_lr", "slow_target_update", "video_length",

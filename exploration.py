@@ -8,6 +8,7 @@ reward). Evaluation always uses the task actor's deterministic mode.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Mapping
 
 import gymnasium
@@ -68,6 +69,66 @@ class Plan2Explore(nn.Module):
         return (error * valid).sum() / (valid.sum() * error.shape[0]).clamp(min=1.0)
 
 
+class CudaGraphUpdate:
+    """Runs `update(batch) -> metrics` as one CUDA graph: the first `warmup` calls run eagerly on a
+    side stream (they are real updates: Adam state, compiled kernels and cuDNN plans get made), the
+    next call captures the update once and every call from then on copies its batch into the
+    graph's input tensors and replays it. One update's thousands of small kernels then cost one
+    launch. If capturing fails, one warning, and every later update runs eagerly."""
+
+    def __init__(self, update: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
+                 warmup: int = 3):
+        self.update, self.warmup = update, warmup
+        self.stream = torch.cuda.Stream()
+        self.reset()
+        self.failed = False
+
+    def reset(self) -> None:
+        """Forget the graph (after parameters or optimizer state were replaced, e.g. by a load)."""
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.calls = 0
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.failed:
+            return self.update(batch)
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            return self._on_side_stream(batch)
+        if self.graph is None and not self._capture(batch):
+            return self.update(batch)
+        for key, value in batch.items():
+            self.inputs[key].copy_(value, non_blocking=True)
+        self.graph.replay()
+        return {k: v.clone() if torch.is_tensor(v) else v for k, v in self.outputs.items()}
+
+    def _on_side_stream(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            metrics = self.update(batch)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return metrics
+
+    def _capture(self, batch: Mapping[str, torch.Tensor]) -> bool:
+        """Record one update (nothing runs while recording); False, with a warning, if it fails."""
+        self.inputs = {k: v.detach().clone() for k, v in batch.items()}  # (B, T, ...) graph inputs
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                self.outputs = self.update(self.inputs)
+        except Exception as error:  # noqa: BLE001 - any capture failure: keep training eagerly
+            self.failed = True
+            self.reset()
+            torch.cuda.synchronize()
+            warnings.warn(f"cuda_graphs: capturing the update failed ({type(error).__name__}: {error}); "
+                          "training goes on without CUDA graphs (use --cuda_graphs False to skip the try).")
+            return False
+        self.graph = graph
+        return True
+
+
 class Agent:
     """World model + task actor-critic (+ exploration behaviour), their optimisers and counters."""
 
@@ -87,17 +148,20 @@ class Agent:
             self.expl = Plan2Explore(feat_size, self.wm.rssm.stoch_size, self.action_dim, config).to(self.device)
         elif self.behavior not in ("greedy", "random"):
             raise ValueError(f"behavior must be greedy, random or plan2explore, got '{self.behavior}'.")
+        self.graphed = use_cuda_graphs(config, self.device)
         self.optimizers = self._make_optimizers()
         self.updates = 0
         self.grad_sync: GradSync | None = None
         self.rng = np.random.default_rng(int(config.seed))
+        self.graph_update = CudaGraphUpdate(self._update, int(config.graph_warmup)) if self.graphed else None
 
     def _make_optimizers(self) -> dict[str, Optimizer]:
         cfg, scaler = self.config, self.precision == "16"
-        ac = dict(eps=float(cfg.ac_eps), clip=float(cfg.ac_grad_clip), device=self.device, use_scaler=scaler)
+        ac = dict(eps=float(cfg.ac_eps), clip=float(cfg.ac_grad_clip), device=self.device, use_scaler=scaler,
+                  capturable=self.graphed)
         opts = {
             "model": Optimizer(self.wm.parameters(), float(cfg.model_lr), float(cfg.model_eps),
-                               float(cfg.model_grad_clip), self.device, scaler),
+                               float(cfg.model_grad_clip), self.device, scaler, capturable=self.graphed),
             "actor": Optimizer(self.task.actor.parameters(), float(cfg.actor_lr), **ac),
             "critic": Optimizer(self.task.critic.parameters(), float(cfg.critic_lr), **ac),
         }
@@ -108,8 +172,11 @@ class Agent:
         return opts
 
     def set_grad_sync(self, fn: GradSync | None) -> None:
-        """Hook called with each parameter group after backward and before clipping (e.g. all-reduce)."""
+        """Hook called with each parameter group after backward and before clipping (e.g. all-reduce).
+        Data-parallel updates run eagerly (collectives stay outside CUDA graphs)."""
         self.grad_sync = fn
+        if fn is not None:
+            self.graph_update = None
 
     def set_return_gather(self, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         """Function that concatenates a flat tensor over all processes (e.g. all_gather); the return
@@ -128,18 +195,22 @@ class Agent:
 
     def _train_actor_critic(self, ac: ActorCritic, prefix: str, start: Mapping[str, torch.Tensor],
                             reward_fn: Callable) -> dict[str, torch.Tensor]:
-        with autocast(self.device, self.precision), frozen(self.wm):
+        with autocast(self.device, self.precision, cache=not self.graphed), frozen(self.wm):
             actor_loss, critic_loss, metrics = ac.losses(self.wm, start, reward_fn)
         metrics["grad/actor_norm"] = self._step(f"{prefix}actor", actor_loss, retain_graph=True)
         metrics["grad/critic_norm"] = self._step(f"{prefix}critic", critic_loss)
-        if self.updates % int(self.config.slow_target_update) == 0:
-            ac.update_slow_critic()
         return metrics
+
+    def update_slow_critics(self) -> None:
+        """Every `slow_target_update` updates, move the slow critics toward the critics."""
+        if self.updates % int(self.config.slow_target_update) == 0:
+            for ac in [self.task] + ([self.expl.ac] if self.expl is not None else []):
+                ac.update_slow_critic()
 
     def train_world_model(self, batch: Mapping[str, torch.Tensor]
                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One world-model update. Returns the filtered states (B, T, ...) and the metrics."""
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision, cache=not self.graphed):
             model_loss, states, metrics = self.wm.loss(batch)
         metrics["grad/model_norm"] = self._step("model", model_loss)
         return states, metrics
@@ -155,7 +226,7 @@ class Agent:
         }
         metrics = self._train_actor_critic(self.task, "", start, self.task_reward)
         if self.expl is not None:
-            with autocast(self.device, self.precision):
+            with autocast(self.device, self.precision, cache=not self.graphed):
                 ensemble_loss = self.expl.ensemble_loss(states, batch)
             metrics["loss/expl_ensemble"] = ensemble_loss.detach()
             metrics["grad/expl_ensemble_norm"] = self._step("expl_ensemble", ensemble_loss)
@@ -168,6 +239,11 @@ class Agent:
         """One update of the world model, then of the task actor and critic (and the exploration
         behaviour). batch: (B, T, ...) tensors on the device. Returns detached 0-dim metric tensors."""
         self.updates += 1
+        metrics = self.graph_update(batch) if self.graph_update is not None else self._update(batch)
+        self.update_slow_critics()
+        return metrics
+
+    def _update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         states, metrics = self.train_world_model(batch)
         metrics.update(self.train_behavior(states, batch))
         return metrics
@@ -271,6 +347,15 @@ class Agent:
             opt.load_state_dict(state["optimizers"][name])
         self.updates = int(state["updates"])
         self.rng.bit_generator.state = state["rng"]
+        if self.graph_update is not None:
+            self.graph_update.reset()  # the graph holds the replaced optimizer state: record anew
+
+
+def use_cuda_graphs(config, device: torch.device) -> bool:
+    """Whether updates replay as CUDA graphs: asked for, on CUDA, and not float16 (its gradient
+    scaler reads values back to the host each step). A config asking for it elsewhere trains
+    eagerly (the config's comment says so)."""
+    return bool(config.cuda_graphs) and device.type == "cuda" and str(config.precision) != "16"
 
 
 def make_agent(obs_space: Mapping[str, gymnasium.spaces.Box], act_space: gymnasium.Space, config,

@@ -100,15 +100,17 @@ def frozen(module: nn.Module):
             p.requires_grad_(flag)
 
 
-def autocast(device: torch.device, precision: str | int):
-    """Autocast context for precision '32' (off), '16' (float16) or 'bf16' (bfloat16)."""
+def autocast(device: torch.device, precision: str | int, cache: bool = True):
+    """Autocast context for precision '32' (off), '16' (float16) or 'bf16' (bfloat16). `cache`
+    keeps each weight's low-precision copy for the whole block; it must be off while a CUDA graph
+    is captured (the cached copies would outlive the capture)."""
     precision = str(precision)
     if precision == "32":
         return contextlib.nullcontext()
     if precision not in ("16", "bf16"):
         raise ValueError(f"precision must be 32, 16 or bf16, got '{precision}'. Use --precision 32.")
     dtype = torch.float16 if precision == "16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def as_param_layout(param: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -127,13 +129,13 @@ class Optimizer:
     after backward and before clipping; float16 training gets its own gradient scaler."""
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float, eps: float, clip: float,
-                 device: torch.device, use_scaler: bool = False):
+                 device: torch.device, use_scaler: bool = False, capturable: bool = False):
         self.params = list(params)
-        self.clip = clip
-        try:
-            self.adam = torch.optim.Adam(self.params, lr=lr, eps=eps, fused=True)
+        self.clip, self.capturable = clip, capturable
+        try:  # capturable: its step counters live on the device, so a CUDA graph can replay step()
+            self.adam = torch.optim.Adam(self.params, lr=lr, eps=eps, fused=True, capturable=capturable)
         except (RuntimeError, TypeError):
-            self.adam = torch.optim.Adam(self.params, lr=lr, eps=eps, foreach=True)
+            self.adam = torch.optim.Adam(self.params, lr=lr, eps=eps, foreach=True, capturable=capturable)
         self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
 
     def step(self, loss: torch.Tensor, grad_sync: GradSync | None = None, retain_graph: bool = False
@@ -162,7 +164,11 @@ class Optimizer:
         return {"adam": self.adam.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Adam's moments and steps from `state`; `capturable` stays this run's own (a checkpoint of
+        an eager run resumes with CUDA graphs and the other way round)."""
         self.adam.load_state_dict(state["adam"])
+        for group in self.adam.param_groups:
+            group["capturable"] = self.capturable
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 

@@ -10,8 +10,8 @@ config's task (made once); random batches of those shapes are fed to the real ag
 `name: value` line per figure:
 
   seconds_per_update        median over the timed updates (world model + actor + critic)
-  world_model_seconds       median of the world-model part
-  behavior_seconds          median of the imagination + actor + critic part
+  world_model_seconds       median of the world-model part (NaN with --cuda_graphs True)
+  behavior_seconds          median of the imagination + actor + critic part (likewise)
   policy_steps_per_second   env steps per second of agent.policy on a batch of envs.amount envs
   replay_samples_per_second sequences of batch_length per second sampled from replay.Replay
   gflops_per_second         the update's FLOPs (torch FlopCounterMode) / seconds_per_update
@@ -90,21 +90,34 @@ def sync(device: torch.device) -> None:
 
 
 def time_updates(agent, batch, iters: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of `iters` updates: whole, and split into world model and behaviour (the split is
+    NaN when the update replays as one CUDA graph)."""
     times: dict[str, list[float]] = {"total": [], "world_model": [], "behavior": []}
     for _ in range(iters):
         sync(device)
         start = time.perf_counter()
-        states, metrics = agent.train_world_model(batch)
-        sync(device)
-        middle = time.perf_counter()
-        metrics.update(agent.train_behavior(states, batch))
+        if agent.graph_update is not None:
+            agent.train_step(batch)
+            sync(device)
+            middle = float("nan")
+        else:
+            agent.updates += 1
+            states, metrics = agent.train_world_model(batch)
+            sync(device)
+            middle = time.perf_counter()
+            metrics.update(agent.train_behavior(states, batch))
+            agent.update_slow_critics()
         sync(device)
         end = time.perf_counter()
-        agent.updates += 1
         times["total"].append(end - start)
         times["world_model"].append(middle - start)
         times["behavior"].append(end - middle)
     return times
+
+
+def warmup_updates(cfg, agent) -> int:
+    """Updates before timing: one (compilation), or the CUDA graph's eager warm-up plus capture."""
+    return int(cfg.graph_warmup) + 2 if agent.graph_update is not None else 1
 
 
 def update_flops(agent, batch) -> float:
@@ -199,8 +212,9 @@ def main(argv: list[str]) -> dict[str, float]:
     agent = exploration.make_agent(obs_space, act_space, cfg, device)
     batch = exploration.synthetic_batch(obs_space, act_space, int(cfg.batch_size), int(cfg.batch_length), device)
     print(f"# task {cfg.task}, obs {({k: tuple(s.shape) for k, s in obs_space.items()})}, act {act_space}, "
-          f"device {device}, threads {threads}, precision {cfg.precision}, compile {cfg.compile}", flush=True)
-    time_updates(agent, batch, 1, device)  # warm-up (and compilation)
+          f"device {device}, threads {threads}, precision {cfg.precision}, compile {cfg.compile}, "
+          f"cuda_graphs {agent.graph_update is not None}", flush=True)
+    time_updates(agent, batch, warmup_updates(cfg, agent), device)  # warm-up (compilation, graph capture)
     times = time_updates(agent, batch, iters, device)
     seconds = statistics.median(times["total"])
     figures = {

@@ -4,11 +4,13 @@
 #      test), a debug training run with bf16 + compile that is then resumed, a data-parallel run through
 #      torchrun with the NCCL backend, and the clear error of --parallel 2 on one GPU;
 #   B. benchmarks one at a time (nothing else on the GPU): size S and XL, vector and image
-#      observations, float32 and bf16, eager and compiled, then a real training run's speed.
+#      observations, float32 and bf16, eager, CUDA graphs and compiled (GPU_CHECK_BENCHES picks),
+#   C. a real training run's speed.
 # Logs go to /tmp/gpu_check/*.log and are packed into $OUT/logs.tgz after every step; the summary
 # (one line per step, every bench figure) is $OUT/summary.txt and the end of stdout.
 #
 #     OUT=./gpu_out bash scripts/gpu_check.sh            # on any CUDA machine
+#     GPU_CHECK_SECONDS=270 GPU_CHECK_BENCHES="S_vec_fp32_graphs S_img_fp32" bash scripts/gpu_check.sh
 #
 # Python packages missing on the machine can travel as wheels in .whl/ (installed to /tmp/site).
 set -u
@@ -49,16 +51,17 @@ nproc | sed 's/^/cpu cores: /' | tee -a "$OUT/summary.txt"
 
 note "== A. correctness (side by side)"
 RUN=(python3 dreamer.py --configs debug custom --task custom_reach --device $DEV --eval_every 0 --save_every_minutes 0)
-step pytest_cuda 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+step pytest_cuda "${GPU_CHECK_A_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
   tests/test_resume.py::test_checkpoint_moves_between_cuda_and_cpu &
-step train_bf16_compile 240 bash -c "${RUN[*]} --logdir $LOGS/run --precision bf16 --compile True --steps 600 \
-  && ${RUN[*]} --logdir $LOGS/run --precision bf16 --compile True --steps 1000 && grep -h 'resumed from' $LOGS/run/train.log" &
-step torchrun_nccl 240 python3 -m torch.distributed.run --standalone --nproc_per_node 1 dreamer.py --configs debug custom \
+step train_bf16_compile_graphs "${GPU_CHECK_A_LIMIT:-240}" bash -c "${RUN[*]} --logdir $LOGS/run --precision bf16 --compile True \
+  --cuda_graphs True --steps 600 && ${RUN[*]} --logdir $LOGS/run --precision bf16 --compile True --cuda_graphs True \
+  --steps 1000 && grep -h 'resumed from' $LOGS/run/train.log" &
+step torchrun_nccl "${GPU_CHECK_A_LIMIT:-240}" python3 -m torch.distributed.run --standalone --nproc_per_node 1 dreamer.py --configs debug custom \
   --task custom_reach --device $DEV --eval_every 0 --logdir "$LOGS/ddp" --steps 600 &
 step parallel2_one_gpu 120 "${RUN[@]}" --logdir "$LOGS/p2" --parallel 2 &
 wait
 grep -h "passed\|failed\|error" "$LOGS/pytest_cuda.log" | tail -3 | sed 's/^/  pytest: /' | tee -a "$OUT/summary.txt"
-grep -h "resumed from\|Error\|error" "$LOGS/train_bf16_compile.log" | tail -3 | sed 's/^/  train: /' | tee -a "$OUT/summary.txt"
+grep -h "resumed from\|Error\|error\|cuda_graphs: capturing" "$LOGS/train_bf16_compile_graphs.log" | tail -3 | sed 's/^/  train: /' | tee -a "$OUT/summary.txt"
 grep -h "parallel:\|Error\|error" "$LOGS/torchrun_nccl.log" | tail -3 | sed 's/^/  torchrun: /' | tee -a "$OUT/summary.txt"
 grep -h "GPUs\|rror" "$LOGS/parallel2_one_gpu.log" | tail -2 | sed 's/^/  parallel 2: /' | tee -a "$OUT/summary.txt"
 
@@ -71,17 +74,30 @@ bench() {  # bench NAME LIMIT ARGS...
     "$LOGS/bench_$name.log" | tr '\n' ' ' | sed "s/^/  $name: /" | tee -a "$OUT/summary.txt"
   echo | tee -a "$OUT/summary.txt"
 }
-bench S_vec_fp32 90 --configs dmc_proprio --profile "$LOGS/profile_S_vec_fp32.txt"
-bench S_vec_bf16 90 --configs dmc_proprio --precision bf16
-bench S_img_fp32 90 --configs dmc_vision
-bench S_img_bf16 90 --configs dmc_vision --precision bf16
-bench XL_vec_bf16 90 --configs dmc_proprio size_xl --precision bf16
-bench XL_img_bf16 90 --configs dmc_vision size_xl --precision bf16
-bench S_vec_bf16_compiled 180 --configs dmc_proprio --precision bf16 --compile True
-bench XL_vec_fp32 90 --configs dmc_proprio size_xl
-bench XL_img_fp32 90 --configs dmc_vision size_xl
-bench S_img_bf16_compiled 180 --configs dmc_vision --precision bf16 --compile True
-bench XL_img_bf16_compiled 180 --configs dmc_vision size_xl --precision bf16 --compile True
+# NAME LIMIT ARGS: vec = dmc_proprio sizes (vector observations), img = dmc_vision (64x64 images)
+BENCH_TABLE='
+S_vec_fp32 90 --configs dmc_proprio --profile /tmp/gpu_check/profile_S_vec_fp32.txt
+S_vec_fp32_graphs 90 --configs dmc_proprio --cuda_graphs True
+S_img_fp32 90 --configs dmc_vision
+S_img_fp32_graphs 90 --configs dmc_vision --cuda_graphs True
+S_img_bf16_graphs 90 --configs dmc_vision --precision bf16 --cuda_graphs True
+S_vec_bf16 90 --configs dmc_proprio --precision bf16
+S_img_bf16 90 --configs dmc_vision --precision bf16
+XL_vec_bf16_graphs 90 --configs dmc_proprio size_xl --precision bf16 --cuda_graphs True
+XL_img_bf16 90 --configs dmc_vision size_xl --precision bf16
+XL_img_bf16_graphs 90 --configs dmc_vision size_xl --precision bf16 --cuda_graphs True
+XL_vec_fp32 90 --configs dmc_proprio size_xl
+S_vec_bf16_compiled_graphs 180 --configs dmc_proprio --precision bf16 --compile True --cuda_graphs True
+S_img_bf16_compiled 180 --configs dmc_vision --precision bf16 --compile True
+'
+# GPU_CHECK_BENCHES="S_vec_fp32 S_img_fp32": run only these, in this order (default: the whole table).
+names=${GPU_CHECK_BENCHES:-$(echo "$BENCH_TABLE" | awk 'NF {print $1}')}
+for name in $names; do
+  row=$(echo "$BENCH_TABLE" | awk -v n="$name" '$1 == n')
+  [ -z "$row" ] && { note "bench $name: not in the table"; continue; }
+  # shellcheck disable=SC2086
+  bench $row
+done
 
 note "== C. a real training run's speed (custom_reach, size S, bf16)"
 step train_speed 120 python3 dreamer.py --configs custom --task custom_reach --device $DEV --precision bf16 \

@@ -260,3 +260,30 @@ def test_gradients_take_their_parameters_layout_for_fused_adam():
     before = param.detach().clone()
     opt.step((param * grad).sum())
     assert not torch.equal(param.detach(), before)
+
+
+def test_cuda_graphs_asked_for_on_the_cpu_train_eagerly_and_identically():
+    """cuda_graphs only applies on CUDA: on the CPU the same seed gives bit-identical updates."""
+    results = []
+    for graphs in ("False", "True"):
+        agent, batch, _ = make("vector", "normal", "--cuda_graphs", graphs)
+        assert agent.graph_update is None
+        results.append([agent.train_step(batch)["loss/model"].item() for _ in range(3)])
+    assert results[0] == results[1]
+
+
+def test_optimizer_state_of_an_eager_run_loads_into_a_cuda_graph_run_and_back():
+    """Adam.load_state_dict would bring back the saved `capturable` flag; on CUDA a graph capture
+    then fails (seen on an H200 when a resumed eager checkpoint met --cuda_graphs True)."""
+    from models import Optimizer
+
+    param = torch.nn.Parameter(torch.randn(3))
+    eager = Optimizer([param], lr=1e-3, eps=1e-8, clip=100.0, device=torch.device("cpu"))
+    eager.step(param.square().sum())
+    graphed = Optimizer([torch.nn.Parameter(torch.randn(3))], lr=1e-3, eps=1e-8, clip=100.0,
+                        device=torch.device("cpu"), capturable=True)
+    graphed.load_state_dict(eager.state_dict())
+    assert graphed.adam.param_groups[0]["capturable"] is True
+    assert torch.equal(graphed.adam.state_dict()["state"][0]["exp_avg"], eager.adam.state[param]["exp_avg"])
+    eager.load_state_dict(graphed.state_dict())
+    assert eager.adam.param_groups[0]["capturable"] is False
