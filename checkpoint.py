@@ -92,13 +92,23 @@ def load_checkpoint(
 ) -> dict:
     """Load a checkpoint; a truncated or corrupt file falls back to `<stem>.prev.pt` and calls
     `warn` with the reason (warnings.warn when not given)."""
+    return load_checkpoint_and_source(path, map_location, warn)[0]
+
+
+def load_checkpoint_and_source(
+    path: Path,
+    map_location: Any = "cpu",
+    warn: Callable[[str], None] | None = None,
+) -> tuple[dict, Path]:
+    """load_checkpoint, and the file the state came from: `path`, or `<stem>.prev.pt` after a
+    fallback."""
     path = Path(path)
     if not path.exists():
         if previous_path(path).is_file():  # a crash between the two renames of save_checkpoint
-            return load_fallback(path, map_location, warn, "is missing")
+            return load_fallback(path, map_location, warn, "is missing"), previous_path(path)
         raise CheckpointMissing(missing_message(path))
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False), path
     except Exception as error:  # noqa: BLE001 -- any unreadable file falls back the same way
         first_error = error
     fallback = previous_path(path)
@@ -109,7 +119,7 @@ def load_checkpoint(
             "--logdir, or restore the file from a backup."
         ) from first_error
     problem = f"is truncated or corrupt ({describe(first_error)})"
-    return load_fallback(path, map_location, warn, problem)
+    return load_fallback(path, map_location, warn, problem), fallback
 
 
 def load_fallback(

@@ -268,7 +268,7 @@ SIZE_KEYS = ["rssm.deter", "rssm.hidden", "rssm.stoch", "rssm.classes", "encoder
 def restore(config: Config, agent, replay: Replay, paths: RunPaths, device: torch.device,
             logger: Logger) -> Counters:
     """Load the checkpoint named by paths.resume_from into the agent; return its counters."""
-    state = ckpt.load_checkpoint(paths.resume_from, map_location=device, warn=logger.warning)
+    state, source = ckpt.load_checkpoint_and_source(paths.resume_from, map_location=device, warn=logger.warning)
     ckpt.check_config_sizes(state["config"], config.to_dict(), SIZE_KEYS)
     modules = ("wm", "task", "expl")  # optimizer state is shaped by these; a fresh agent has none yet
     ckpt.check_shapes({k: state["agent"].get(k) or {} for k in modules},
@@ -277,7 +277,7 @@ def restore(config: Config, agent, replay: Replay, paths: RunPaths, device: torc
     counters = Counters(**state["counters"])
     ckpt.restore_rng_states(state["rng"])
     replay.set_rng_state(state["replay_rng"])
-    logger.info(f"resumed from {paths.resume_from} at step {counters.step} ({counters.updates} updates)")
+    logger.info(f"resumed from {source} at step {counters.step} ({counters.updates} updates)")
     if not config.eval_only:  # the steps after the checkpoint are trained and logged again
         dropped = logger.rewind(counters.step)
         if dropped:
@@ -364,7 +364,7 @@ class Trainer:
         self.paths = resolve_paths(config)
         self.logger = make_logger(config, self.paths, dist)
         self.device = tools.resolve_device(config.device)
-        self.threads = tools.set_threads(config.threads)
+        self.threads = tools.set_threads(config.threads, processes=dist.world)
         tools.use_tf32_on_cuda(self.device, config.deterministic)
         tools.set_seed(config.seed + 1000 * dist.rank, config.deterministic)
         self.pool = None

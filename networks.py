@@ -196,10 +196,18 @@ class RSSM(nn.Module):
 
     # -- steps -------------------------------------------------------------------------------
 
+    @staticmethod
+    def clip_action(action: torch.Tensor) -> torch.Tensor:
+        """Scale each action entry into [-1, 1] as the paper's code does (action_clip 1.0): imagined
+        Gaussian samples leave that range (a quarter of them at the initial std), the env only ever
+        sees clipped actions, and the model must not be asked about actions it never saw. The scale
+        factor carries no gradient, so the actor's gradient is rescaled, never zeroed."""
+        return action / action.detach().abs().clamp(min=1.0)
+
     def _img_step(self, stoch: torch.Tensor, deter: torch.Tensor, action: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """One imagined step: sample the prior. Returns (stoch (N, S*C), deter (N, D))."""
-        x = self.img_in(torch.cat([stoch, action.to(stoch.dtype)], -1))
+        x = self.img_in(torch.cat([stoch, self.clip_action(action).to(stoch.dtype)], -1))
         deter = self.gru(x, deter)
         stoch = self._sample(self.prior_log_probs(deter))
         return stoch, deter
@@ -209,7 +217,7 @@ class RSSM(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One filtering step (the policy's): reset where is_first, advance, sample the posterior.
         Returns (stoch (N, S*C), deter (N, D), posterior log-probs (N, S, C))."""
-        stoch, deter, action = self._reset(stoch, deter, action, is_first)
+        stoch, deter, action = self._reset(stoch, deter, self.clip_action(action), is_first)
         deter = self.gru(self.img_in(torch.cat([stoch, action.to(stoch.dtype)], -1)), deter)
         post = self._latent_log_probs(self.obs_logits(self.obs_out(torch.cat([deter, embed.to(deter.dtype)], -1))))
         return self._sample(post), deter, post
@@ -243,7 +251,7 @@ class RSSM(nn.Module):
         n = self.stoch_size
         w_in = self.img_in.linear.weight  # (hidden, S*C + A)
         w_out = self.obs_out.linear.weight  # (hidden, D + E)
-        action_proj = F.linear(action * keep, w_in[:, n:])  # (B, T, hidden)
+        action_proj = F.linear(self.clip_action(action) * keep, w_in[:, n:])  # (B, T, hidden)
         embed_proj = F.linear(embed, w_out[:, self.deter:])  # (B, T, hidden)
         w_in_stoch = w_in[:, :n].contiguous()
         w_out_deter = w_out[:, :self.deter].contiguous()

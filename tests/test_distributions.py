@@ -132,3 +132,11 @@ def test_bernoulli_log_prob_and_mode():
     torch.testing.assert_close(dist.log_prob(target), expected)
     assert dist.mode().tolist() == [0.0, 1.0, 1.0]
     np.testing.assert_allclose(dist.mean.numpy(), 1 / (1 + np.exp(-logits.numpy())), rtol=1e-6)
+
+
+@pytest.mark.parametrize("cores, processes, expected", [(2, 1, 2), (2, 2, 1), (2, 4, 1), (64, 1, 16), (16, 4, 4)])
+def test_default_threads_share_the_cores_among_training_processes(monkeypatch, cores, processes, expected):
+    import tools
+
+    monkeypatch.setattr(tools.os, "cpu_count", lambda: cores)
+    assert tools.default_threads(processes) == expected

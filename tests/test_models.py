@@ -287,3 +287,22 @@ def test_optimizer_state_of_an_eager_run_loads_into_a_cuda_graph_run_and_back():
     assert torch.equal(graphed.adam.state_dict()["state"][0]["exp_avg"], eager.adam.state[param]["exp_avg"])
     eager.load_state_dict(graphed.state_dict())
     assert eager.adam.param_groups[0]["capturable"] is False
+
+
+def test_imagined_actions_are_clipped_into_the_range_the_model_was_trained_on():
+    """The paper's RSSM scales actions by sg(1 / max(1, |a|)): an imagined sample of 3.0 enters the
+    dynamics as 1.0, and its gradient is scaled by 1/3, not zeroed."""
+    agent, _, _ = make("vector", "normal")
+    rssm = agent.wm.rssm
+    stoch, deter = rssm.initial(2)
+    outside = torch.tensor([[3.0, -0.5], [-2.0, 0.25]], requires_grad=True)
+    inside = torch.tensor([[1.0, -0.5], [-1.0, 0.25]])
+    torch.manual_seed(0)
+    _, deter_outside = rssm.img_step(stoch, deter, outside)
+    torch.manual_seed(0)
+    _, deter_inside = rssm.img_step(stoch, deter, inside)
+    torch.testing.assert_close(deter_outside, deter_inside)
+    clipped = rssm.clip_action(outside)
+    torch.testing.assert_close(clipped, inside)
+    clipped.sum().backward()
+    torch.testing.assert_close(outside.grad, torch.tensor([[1 / 3, 1.0], [0.5, 1.0]]))

@@ -245,6 +245,7 @@ def test_corrupt_latest_falls_back_to_the_previous_checkpoint(killed_run, tmp_pa
         r"previous checkpoint latest\.prev\.pt instead \(the steps after it are trained again\)\.\n",
         new_log), new_log[-3000:]
     assert resumed_step(new_log) == previous_step
+    assert re.search(r"INFO resumed from \S+/latest\.prev\.pt at step", new_log)  # the file it really used
     assert saved_steps(new_log) == [STEPS]
     # the fallback is still there after the next save: the corrupt file never replaces it
     assert checkpoint.load_checkpoint(latest)["counters"]["step"] == STEPS
@@ -261,6 +262,7 @@ def test_from_checkpoint_resumes_when_only_the_previous_file_survived(killed_run
     log = (logdir / "train.log").read_text()
     assert re.search(r"WARNING checkpoint \S+/latest\.pt is missing; resuming from the previous "
                      r"checkpoint latest\.prev\.pt instead", log), log[-3000:]
+    assert re.search(r"INFO resumed from \S+/latest\.prev\.pt at step", log)
     assert resumed_step(log.split("WARNING checkpoint")[-1]) == STEPS - SAVE_EVERY
 
 
