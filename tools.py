@@ -59,11 +59,16 @@ def use_tf32_on_cuda(device: torch.device, deterministic: bool = False) -> bool:
 
 
 def default_threads(processes: int = 1) -> int:
-    """Torch CPU threads per process when the config says 0: the cores shared among the training
-    processes on this machine (at least 1, at most 16). On a quiet 2-core machine two threads
-    measured 1.5-1.7x faster than one (BENCHMARKS.md); more threads than cores only thrash."""
+    """Torch CPU threads per process when the config says 0: the cores not already busy when the run
+    starts (1-minute load average), shared among the training processes; at least 1, at most 16.
+    On a quiet 2-core machine two threads measured 1.5-1.7x faster than one; with another busy
+    program beside it, two threads made the update several times slower than one (BENCHMARKS.md)."""
     cores = os.cpu_count() or 1
-    return max(1, min(cores // max(processes, 1), 16))
+    try:
+        busy = min(max(round(os.getloadavg()[0]), 0), cores - 1)
+    except (AttributeError, OSError):  # no load average on this platform
+        busy = 0
+    return max(1, min((cores - busy) // max(processes, 1), 16))
 
 
 def set_threads(threads: int, processes: int = 1) -> int:

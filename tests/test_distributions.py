@@ -134,9 +134,15 @@ def test_bernoulli_log_prob_and_mode():
     np.testing.assert_allclose(dist.mean.numpy(), 1 / (1 + np.exp(-logits.numpy())), rtol=1e-6)
 
 
-@pytest.mark.parametrize("cores, processes, expected", [(2, 1, 2), (2, 2, 1), (2, 4, 1), (64, 1, 16), (16, 4, 4)])
-def test_default_threads_share_the_cores_among_training_processes(monkeypatch, cores, processes, expected):
+@pytest.mark.parametrize("cores, load, processes, expected", [
+    (2, 0.1, 1, 2), (2, 0.1, 2, 1), (2, 0.1, 4, 1), (64, 0.0, 1, 16), (16, 0.0, 4, 4),
+    (2, 1.2, 1, 1),  # another busy program on a 2-core machine: one thread
+    (2, 9.0, 1, 1), (16, 6.0, 1, 10),
+])
+def test_default_threads_use_the_idle_cores_shared_among_training_processes(monkeypatch, cores, load, processes,
+                                                                            expected):
     import tools
 
     monkeypatch.setattr(tools.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(tools.os, "getloadavg", lambda: (load, load, load))
     assert tools.default_threads(processes) == expected
