@@ -370,11 +370,21 @@ class Trainer:
         self.pool = None
         self.told_no_video = False
 
+    def compute_summary(self) -> str:
+        """One line: where the update runs and how (threads picked, CUDA graphs)."""
+        if self.device.type == "cpu":
+            how = f"torch threads {self.threads}" + (" (--threads 0: the cores idle at start)"
+                                                     if self.config.threads == 0 else "")
+        else:
+            how = "CUDA graphs" if self.agent.graph_update is not None else "eager updates"
+        return f"training on {self.device}: {how}, precision {self.config.precision}"
+
     def setup(self) -> None:
         config, dist = self.config, self.dist
         self.first_env = dist.rank * config.envs.amount  # global index of this rank's first env
         self.pool = make_env_pool(config, "train", config.envs.amount, self.first_env, self.logger)
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
+        self.logger.info(self.compute_summary())
         if self.sync is not None:  # data-parallel: act as one learner over all ranks' batches
             self.agent.set_grad_sync(self.sync.grads)
             self.agent.set_return_gather(self.sync.gather)
