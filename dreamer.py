@@ -238,10 +238,13 @@ def evaluate(config: Config, agent, pool, logger: Logger) -> int:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def checkpoint_state(config: Config, agent, counters: Counters, replay: Replay) -> dict[str, Any]:
+def checkpoint_state(config: Config, agent, counters: Counters, replay: Replay,
+                     replay_rng: dict | None = None) -> dict[str, Any]:
+    """Everything a resumed run needs. replay_rng: the sampler state after the last batch trained
+    on (Prefetcher.consumed_rng_state); the replay's own state when not given."""
     return {
         "agent": agent.state_dict(),
-        "replay_rng": replay.rng_state(),
+        "replay_rng": replay_rng if replay_rng is not None else replay.rng_state(),
         "counters": dataclasses.asdict(counters),
         "rng": ckpt.capture_rng_states(),
         "config": config.to_dict(),
@@ -250,11 +253,12 @@ def checkpoint_state(config: Config, agent, counters: Counters, replay: Replay) 
 
 
 def save(config: Config, agent, counters: Counters, replay: Replay, paths: RunPaths, dist: Dist,
-         logger: Logger) -> None:
+         logger: Logger, prefetch: Optional[Prefetcher] = None) -> None:
     """Flush replay chunks (every rank), then rank 0 writes latest.pt atomically."""
     replay.flush()
     if dist.main:
-        ckpt.save_checkpoint(paths.checkpoint, checkpoint_state(config, agent, counters, replay))
+        replay_rng = prefetch.consumed_rng_state() if prefetch is not None else None
+        ckpt.save_checkpoint(paths.checkpoint, checkpoint_state(config, agent, counters, replay, replay_rng))
         logger.info(f"saved checkpoint {paths.checkpoint} at step {counters.step}")
 
 
@@ -527,7 +531,7 @@ class Trainer:
                 self.run_eval()
             if self.should_save(last_save_time):
                 counters.last_save = counters.step
-                save(config, self.agent, counters, self.replay, self.paths, self.dist, logger)
+                save(config, self.agent, counters, self.replay, self.paths, self.dist, logger, self.prefetch)
                 last_save_time = time.time()
             if self.dist.main:
                 elapsed = max(time.time() - interval[0], 1e-9)
@@ -576,7 +580,8 @@ def train(config: Config, dist: Dist = Dist(), sync=None) -> Counters:
             if trainer.dist.main and trainer.should_eval_at_end():
                 trainer.run_eval()
             if trainer.counters.last_save != trainer.counters.step or interrupt.requested:
-                save(config, trainer.agent, trainer.counters, trainer.replay, trainer.paths, dist, logger)
+                save(config, trainer.agent, trainer.counters, trainer.replay, trainer.paths, dist, logger,
+                     trainer.prefetch)
             if interrupt.requested:
                 logger.info(f"stopped at step {trainer.counters.step}; to resume, {resume_hint(trainer.paths)}")
             else:

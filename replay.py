@@ -460,7 +460,10 @@ class Prefetcher:
     (dtypes kept: uint8 images stay uint8; pinned memory and non-blocking copies on CUDA).
 
     next() waits for the next batch (re-raising any error of the thread); close() stops the thread.
-    Until the replay holds a full window the thread waits instead of failing.
+    Until the replay holds a full window the thread waits instead of failing. The thread samples
+    `depth` batches ahead, so the replay's own RNG state runs ahead of what was used;
+    consumed_rng_state() is the state right after the last batch handed out, the one a checkpoint
+    must keep for a resumed run to draw the very next batch.
     """
 
     def __init__(
@@ -468,6 +471,7 @@ class Prefetcher:
     ) -> None:
         self.replay, self.batch_size, self.device = replay, batch_size, torch.device(device)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._consumed_rng_state: dict | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="replay-prefetch", daemon=True)
         self._thread.start()
@@ -482,9 +486,15 @@ class Prefetcher:
                 continue
             if isinstance(item, BaseException):
                 raise RuntimeError(f"replay prefetch thread failed: {item!r}") from item
-            return item
+            batch, self._consumed_rng_state = item
+            return batch
 
     __next__ = next
+
+    def consumed_rng_state(self) -> dict | None:
+        """The replay sampler's RNG state right after the last batch next() returned (None before
+        the first)."""
+        return self._consumed_rng_state
 
     def __iter__(self) -> "Prefetcher":
         return self
@@ -505,10 +515,10 @@ class Prefetcher:
                 if sample is None:
                     time.sleep(0.01)
                     continue
-                batch = self._to_device(sample)
+                item = (self._to_device(sample), self.replay.rng_state())  # state after this batch
                 while not self._stop.is_set():
                     try:
-                        self._queue.put(batch, timeout=0.1)
+                        self._queue.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue

@@ -1,6 +1,7 @@
 """Replay: uniform sampling, episode boundaries, FIFO capacity, workers, dtypes, chunks on disk."""
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -359,3 +360,26 @@ def test_kill_9_during_writes_keeps_every_flushed_step_once(tmp_path: Path) -> N
     assert counters[0] == list(range(0, 2 * len(counters[0]), 2))
     assert counters[1] == list(range(1, 2 * len(counters[1]) + 1, 2))
     assert counters[0][-1] >= flushed - 2 and counters[1][-1] >= flushed - 1
+
+
+def test_prefetcher_reports_the_sampler_state_of_the_next_unconsumed_batch() -> None:
+    """The thread samples ahead; a checkpoint keeps consumed_rng_state(), so a resumed replay with
+    the same contents draws exactly the batch the run would have trained on next."""
+    replay = Replay(capacity=200, batch_length=5, seed=3)
+    fill(replay, 100)
+    prefetcher = Prefetcher(replay, batch_size=4, depth=3)
+    try:
+        assert prefetcher.consumed_rng_state() is None
+        prefetcher.next()
+        saved = prefetcher.consumed_rng_state()
+        expected_next = prefetcher.next()["reward"].numpy()
+        deadline = time.time() + 5
+        while prefetcher._queue.qsize() < 2 and time.time() < deadline:
+            time.sleep(0.01)  # the thread has sampled further ahead by now
+        assert replay.rng_state() != saved
+    finally:
+        prefetcher.close()
+    resumed = Replay(capacity=200, batch_length=5, seed=99)
+    fill(resumed, 100)
+    resumed.set_rng_state(saved)
+    np.testing.assert_array_equal(resumed.sample(4)["reward"], expected_next)
