@@ -388,11 +388,11 @@ class Trainer:
         self.first_env = dist.rank * config.envs.amount  # global index of this rank's first env
         self.pool = make_env_pool(config, "train", config.envs.amount, self.first_env, self.logger)
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
-        self.logger.info(self.compute_summary())
         if self.sync is not None:  # data-parallel: act as one learner over all ranks' batches
             self.agent.set_grad_sync(self.sync.grads)
             self.agent.set_return_gather(self.sync.gather)
             self.sync.broadcast([m for m in (self.agent.wm, self.agent.task, self.agent.expl) if m is not None])
+        self.logger.info(self.compute_summary())  # after set_grad_sync: data-parallel runs are eager
         self.replay = make_replay(config, self.paths, dist, self.logger.warning)
         self.counters = Counters()
         if self.paths.resume_from is not None:

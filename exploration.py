@@ -148,12 +148,12 @@ class Agent:
             self.expl = Plan2Explore(feat_size, self.wm.rssm.stoch_size, self.action_dim, config).to(self.device)
         elif self.behavior not in ("greedy", "random"):
             raise ValueError(f"behavior must be greedy, random or plan2explore, got '{self.behavior}'.")
-        self.graphed = use_cuda_graphs(config, self.device)
+        self.graph_update = CudaGraphUpdate(self._update, int(config.graph_warmup)) \
+            if use_cuda_graphs(config, self.device) else None
         self.optimizers = self._make_optimizers()
         self.updates = 0
         self.grad_sync: GradSync | None = None
         self.rng = np.random.default_rng(int(config.seed))
-        self.graph_update = CudaGraphUpdate(self._update, int(config.graph_warmup)) if self.graphed else None
 
     def _make_optimizers(self) -> dict[str, Optimizer]:
         cfg, scaler = self.config, self.precision == "16"
@@ -170,6 +170,11 @@ class Agent:
             opts["expl_actor"] = Optimizer(self.expl.ac.actor.parameters(), float(cfg.actor_lr), **ac)
             opts["expl_critic"] = Optimizer(self.expl.ac.critic.parameters(), float(cfg.critic_lr), **ac)
         return opts
+
+    @property
+    def graphed(self) -> bool:
+        """Whether updates replay as a CUDA graph (autocast then keeps no weight cache)."""
+        return self.graph_update is not None
 
     def set_grad_sync(self, fn: GradSync | None) -> None:
         """Hook called with each parameter group after backward and before clipping (e.g. all-reduce).

@@ -306,3 +306,13 @@ def test_imagined_actions_are_clipped_into_the_range_the_model_was_trained_on():
     torch.testing.assert_close(clipped, inside)
     clipped.sum().backward()
     torch.testing.assert_close(outside.grad, torch.tensor([[1 / 3, 1.0], [0.5, 1.0]]))
+
+
+def test_data_parallel_agent_reports_eager_updates():
+    """A gradient hook (data-parallel run) switches CUDA graphs off; `graphed` follows, so autocast
+    keeps its weight cache in the eager updates."""
+    agent, _, _ = make("vector", "normal")
+    agent.graph_update = object()  # stand-in for a CudaGraphUpdate (CUDA only)
+    assert agent.graphed
+    agent.set_grad_sync(lambda params: None)
+    assert agent.graph_update is None and not agent.graphed
