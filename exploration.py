@@ -240,16 +240,25 @@ class Agent:
             metrics.update({k.replace("/", "/expl_", 1): v for k, v in expl.items()})
         return metrics
 
-    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: Mapping[str, torch.Tensor],
+                   after_world_model: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
         """One update of the world model, then of the task actor and critic (and the exploration
-        behaviour). batch: (B, T, ...) tensors on the device. Returns detached 0-dim metric tensors."""
+        behaviour). batch: (B, T, ...) tensors on the device. Returns detached 0-dim metric tensors.
+        `after_world_model` is called between the two halves of an eager update (benchmarks time
+        them apart); a CUDA-graph update replays as one piece and never calls it."""
         self.updates += 1
-        metrics = self.graph_update(batch) if self.graph_update is not None else self._update(batch)
+        if self.graph_update is not None:
+            metrics = self.graph_update(batch)
+        else:
+            metrics = self._update(batch, after_world_model)
         self.update_slow_critics()
         return metrics
 
-    def _update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _update(self, batch: Mapping[str, torch.Tensor],
+                after_world_model: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
         states, metrics = self.train_world_model(batch)
+        if after_world_model is not None:
+            after_world_model()
         metrics.update(self.train_behavior(states, batch))
         return metrics
 

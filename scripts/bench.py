@@ -94,24 +94,20 @@ def time_updates(agent, batch, iters: int, device: torch.device) -> dict[str, li
     NaN when the update replays as one CUDA graph)."""
     times: dict[str, list[float]] = {"total": [], "world_model": [], "behavior": []}
     for _ in range(iters):
+        middle = [float("nan")]
+
+        def mark_middle() -> None:
+            sync(device)
+            middle[0] = time.perf_counter()
+
         sync(device)
         start = time.perf_counter()
-        if agent.graph_update is not None:
-            agent.train_step(batch)
-            sync(device)
-            middle = float("nan")
-        else:
-            agent.updates += 1
-            states, metrics = agent.train_world_model(batch)
-            sync(device)
-            middle = time.perf_counter()
-            metrics.update(agent.train_behavior(states, batch))
-            agent.update_slow_critics()
+        agent.train_step(batch, after_world_model=mark_middle)
         sync(device)
         end = time.perf_counter()
         times["total"].append(end - start)
-        times["world_model"].append(middle - start)
-        times["behavior"].append(end - middle)
+        times["world_model"].append(middle[0] - start)
+        times["behavior"].append(end - middle[0])
     return times
 
 

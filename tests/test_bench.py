@@ -1,0 +1,35 @@
+"""scripts/bench.py: the figures issue 10 names, printed as `name: value` and written with --json."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_FIGURES = ["seconds_per_update", "world_model_seconds", "behavior_seconds", "policy_steps_per_second",
+               "replay_samples_per_second", "gflops_per_second", "matmul_peak_gflops", "peak_rss_mib"]
+
+
+def test_bench_prints_every_figure_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--configs", "debug", "--task", "custom_reach",
+         "--device", "cpu", "--threads", "1", "--iters", "2", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    printed = {}
+    for line in run.stdout.splitlines():
+        if not line.startswith("#") and ": " in line:
+            name, value = line.split(": ", 1)
+            printed[name] = float(value)
+    assert list(printed) == CPU_FIGURES  # exactly these names, in this order, no CUDA figure on CPU
+    assert all(math.isfinite(v) and v > 0 for v in printed.values()), printed
+    # The two halves are timed inside the same updates: they add up to the whole (medians, so loosely).
+    halves = printed["world_model_seconds"] + printed["behavior_seconds"]
+    assert 0.7 * printed["seconds_per_update"] < halves < 1.3 * printed["seconds_per_update"]
+    saved = json.loads(out.read_text())
+    assert all(abs(saved[name] - printed[name]) <= 1e-3 * abs(printed[name]) + 1e-9 for name in CPU_FIGURES)
+    assert len(saved["all_seconds"]["total"]) == 2  # --iters timed updates
+    assert saved["argv"][-2:] == ["--json", str(out)]
