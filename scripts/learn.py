@@ -129,6 +129,23 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
         paper="DMC vision 1M env steps: paper mean over 20 tasks 739.6 (per-task table in the paper)",
     ),
     Check(
+        name="dmc_cartpole_balance_pixels",
+        task="dmc_cartpole_balance",
+        bar=600.0,
+        about=("DMC cartpole-balance from 64x64 pixels, action repeat 2: the pixel task a CPU budget "
+               "can show learning on: eval return >= 600 within 25,000 agent steps = 50,000 env steps "
+               "and at least 250 above this run's random policy (about 300)"),
+        cpu=Budget(("dmc_vision", "size_xs"), 25000, CPU_RUN + CPU_RATES + (
+            ("prefill", "2500"), ("train_ratio", "128"),
+            ("log_every", "500"), ("eval_every", "2500"), ("eval_episode_num", "5"), ("save_every", "5000"),
+        ), "about 1.5 hours on one CPU core: size_xs, batch 16 x 32, train_ratio 128 so ~5,600 updates"),
+        gpu=Budget(("dmc_vision", "size_s"), 250000, (
+            ("train_ratio", "512"), ("eval_every", "10000"), ("eval_episode_num", "10"),
+        ), "several hours on one GPU (the paper's train_ratio and learning rates, size S, 500K env steps)"),
+        over_random=250.0,
+        paper="the paper's DMC vision curves solve cartpole-balance (near 1000) within 1M env steps",
+    ),
+    Check(
         name="gym_cartpole",
         task="gym_CartPole-v1",
         bar=400.0,

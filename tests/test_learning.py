@@ -131,3 +131,18 @@ def test_tiny_dreamer_beats_random_policy_on_custom_reach(tmp_path):
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert failures(learn.read_records(logdir), learn, check) == []
+
+
+def test_every_check_command_is_a_valid_dreamer_config():
+    """Each check's CPU and GPU command line loads and validates as dreamer.py would load it."""
+    import config as config_lib
+
+    learn = load_learn()
+    for check in learn.CHECKS.values():
+        for budget in (check.cpu, check.gpu):
+            argv = learn.command(check, budget, budget.steps, "/tmp/unused", [])
+            cfg = config_lib.load_config(argv[2:])  # what follows `python3 dreamer.py`
+            assert (cfg.task, int(cfg.steps)) == (check.task, budget.steps), check.name
+            overrides = dict(budget.overrides)
+            if "train_ratio" in overrides:
+                assert float(cfg.train_ratio) == float(overrides["train_ratio"]), check.name
