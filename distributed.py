@@ -19,7 +19,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from config import Config
+from config import Config, LoadedConfig
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
@@ -118,7 +118,7 @@ def _spawned(index: int, world: int, port: int, config_dict: dict, blocks: list,
         raise
 
 
-def launch(config: Config, loaded) -> int:
+def launch(config: Config, loaded: LoadedConfig) -> int:
     """Start the ranks: read them from torchrun's environment, or spawn `config.parallel` processes."""
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

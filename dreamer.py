@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -26,6 +26,11 @@ import tools
 from config import Config, ConfigError
 from logger import Logger
 from replay import Prefetcher, Replay
+
+if TYPE_CHECKING:  # imported late at run time (start-up speed, optional suites)
+    from distributed import DistSync
+    from envs.parallel import EnvPool
+    from exploration import Agent, PolicyState
 
 EXIT_CONFIG_ERROR = 2
 
@@ -93,7 +98,7 @@ class Counters:
 # ------------------------------------------------------------------------------------------- factories
 
 
-def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logger: Logger):
+def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logger: Logger) -> EnvPool:
     """`amount` wrapped envs of `config.task` in the configured parallel mode; env worker restarts
     are logged with the env's traceback."""
     import envs
@@ -105,7 +110,7 @@ def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logg
     return envs.parallel.EnvPool(ctors, config.envs.parallel, on_event=log_event)
 
 
-def make_agent(config: Config, obs_space, act_space, device: torch.device):
+def make_agent(config: Config, obs_space: dict, act_space: Any, device: torch.device) -> Agent:
     import exploration
 
     return exploration.make_agent(obs_space, act_space, config, device)
@@ -191,7 +196,7 @@ def stack_obs(observations: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def render_frame(pool, obs: dict[str, Any]) -> Optional[np.ndarray]:
+def render_frame(pool: EnvPool, obs: dict[str, Any]) -> Optional[np.ndarray]:
     """An (H, W, 3) uint8 frame of eval env 0: its render(), else its image observation."""
     frame = pool.call_one(0, "render") if hasattr(pool, "call_one") else pool.call("render")[0]
     if frame is None:
@@ -202,7 +207,7 @@ def render_frame(pool, obs: dict[str, Any]) -> Optional[np.ndarray]:
     return np.asarray(frame, np.uint8)
 
 
-def evaluate(config: Config, agent, pool, logger: Logger) -> int:
+def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger) -> int:
     """Run eval_episode_num episodes with the deterministic policy; log their returns and the video
     of env 0's first episode. Returns the number of video frames recorded."""
     returns: list[float] = []
@@ -238,7 +243,7 @@ def evaluate(config: Config, agent, pool, logger: Logger) -> int:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def checkpoint_state(config: Config, agent, counters: Counters, replay: Replay,
+def checkpoint_state(config: Config, agent: Agent, counters: Counters, replay: Replay,
                      replay_rng: dict | None = None) -> dict[str, Any]:
     """Everything a resumed run needs. replay_rng: the sampler state after the last batch trained
     on (Prefetcher.consumed_rng_state); the replay's own state when not given."""
@@ -252,7 +257,7 @@ def checkpoint_state(config: Config, agent, counters: Counters, replay: Replay,
     }
 
 
-def save(config: Config, agent, counters: Counters, replay: Replay, paths: RunPaths, dist: Dist,
+def save(config: Config, agent: Agent, counters: Counters, replay: Replay, paths: RunPaths, dist: Dist,
          logger: Logger, prefetch: Optional[Prefetcher] = None) -> None:
     """Flush replay chunks (every rank), then rank 0 writes latest.pt atomically."""
     replay.flush()
@@ -269,7 +274,7 @@ SIZE_KEYS = ["rssm.deter", "rssm.hidden", "rssm.stoch", "rssm.classes", "encoder
              "critic.layers", "critic.bins", "actor_dist"]
 
 
-def restore(config: Config, agent, replay: Replay, paths: RunPaths, device: torch.device,
+def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, device: torch.device,
             logger: Logger) -> Counters:
     """Load the checkpoint named by paths.resume_from into the agent; return its counters."""
     state, source = ckpt.load_checkpoint_and_source(paths.resume_from, map_location=device, warn=logger.warning)
@@ -363,7 +368,7 @@ def updates_due(counters: Counters, config: Config, world: int) -> int:
 class Trainer:
     """Owns the run's objects and runs the act / store / train loop."""
 
-    def __init__(self, config: Config, dist: Dist = Dist(), sync=None):
+    def __init__(self, config: Config, dist: Dist = Dist(), sync: Optional[DistSync] = None):
         self.config, self.dist, self.sync = config, dist, sync
         self.paths = resolve_paths(config)
         self.logger = make_logger(config, self.paths, dist)
@@ -423,12 +428,13 @@ class Trainer:
         return by_steps or by_time
 
     # -- parts of one iteration
-    def act(self, observations, state, prefill: bool):
+    def act(self, observations: list[dict], state: Optional[PolicyState], prefill: bool
+            ) -> tuple[np.ndarray, Optional[PolicyState]]:
         if prefill:
             return self.agent.random_actions(len(self.pool)), state
         return self.agent.policy(stack_obs(observations), state, "train")
 
-    def store(self, observations, actions) -> list[dict[str, float]]:
+    def store(self, observations: list[dict], actions: np.ndarray) -> list[dict[str, float]]:
         finished = []
         for index, obs in enumerate(observations):
             self.replay.add(to_transition(obs, actions[index]), worker=self.first_env + index)
@@ -558,7 +564,7 @@ class Trainer:
         self.logger.close()
 
 
-def train(config: Config, dist: Dist = Dist(), sync=None) -> Counters:
+def train(config: Config, dist: Dist = Dist(), sync: Optional[DistSync] = None) -> Counters:
     """Set up, resume if there is a checkpoint, run the loop, save at the end (and on Ctrl-C)."""
     trainer = Trainer(config, dist, sync)
     logger = trainer.logger

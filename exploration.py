@@ -9,7 +9,7 @@ reward). Evaluation always uses the task actor's deterministic mode.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import gymnasium
 import numpy as np
@@ -19,6 +19,9 @@ from torch import nn
 
 from models import ActorCritic, GradSync, Optimizer, RewardFn, WorldModel, action_size, autocast, frozen
 from networks import EnsembleMLP, features
+
+if TYPE_CHECKING:
+    from config import Config
 
 PolicyState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # stoch (N, S*C), deter (N, D), action (N, A)
 OPENLOOP_CONTEXT = 5  # steps observed before the open-loop prediction in report()
@@ -365,14 +368,14 @@ class Agent:
             self.graph_update.reset()  # the graph holds the replaced optimizer state: record anew
 
 
-def use_cuda_graphs(config, device: torch.device) -> bool:
+def use_cuda_graphs(config: Config, device: torch.device) -> bool:
     """Whether updates replay as CUDA graphs: asked for, on CUDA, and not float16 (its gradient
     scaler reads values back to the host each step). A config asking for it elsewhere trains
     eagerly (the config's comment says so)."""
     return bool(config.cuda_graphs) and device.type == "cuda" and str(config.precision) != "16"
 
 
-def make_agent(obs_space: Mapping[str, gymnasium.spaces.Box], act_space: gymnasium.Space, config,
+def make_agent(obs_space: Mapping[str, gymnasium.spaces.Box], act_space: gymnasium.Space, config: Config,
                device: torch.device | str) -> Agent:
     """The agent for these spaces and config, on `device`, with the behaviour `config.behavior`."""
     return Agent(obs_space, act_space, config, torch.device(device))
