@@ -8,6 +8,8 @@ Death is `terminated`; the 10000-step length limit is `truncated`.
 from __future__ import annotations
 
 import math
+import sys
+from types import ModuleType
 
 import gymnasium
 import numpy as np
@@ -30,6 +32,24 @@ def crafter_score(success_rates_percent: dict[str, float]) -> float:
     return float(math.exp(np.mean(np.log1p(rates))) - 1.0)
 
 
+def import_crafter() -> ModuleType:
+    """The crafter package, imported without the legacy `gym` package it optionally takes its space
+    classes from (gym 0.26 prints a deprecation banner on import, on every run); crafter then uses
+    its own plain space types, and this wrapper builds gymnasium spaces itself. sys.modules is
+    restored at once, so other code can still import gym."""
+    if 'crafter' in sys.modules:
+        return sys.modules['crafter']
+    hide_gym = 'gym' not in sys.modules
+    if hide_gym:
+        sys.modules['gym'] = None  # `import gym` raises ImportError inside crafter's optional import
+    try:
+        import crafter
+    finally:
+        if hide_gym:
+            del sys.modules['gym']
+    return crafter
+
+
 def achievement_logs(achievements: dict[str, int], names: list[str]) -> dict[str, np.int64]:
     """{'log_achievement_<name>': count so far} for every achievement name (0 when absent)."""
     return {LOG_PREFIX + name: np.int64(achievements.get(name, 0)) for name in names}
@@ -43,7 +63,7 @@ class Crafter:
             raise ValueError(f"Unknown Crafter task 'crafter_{name}': expected crafter_reward or "
                              f"crafter_noreward, got {name!r}.")
         try:
-            import crafter
+            crafter = import_crafter()
         except ImportError as error:
             raise ImportError("Crafter tasks need the crafter package. Install it with "
                               "`pip install crafter opensimplex==0.3`.") from error

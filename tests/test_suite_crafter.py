@@ -1,5 +1,8 @@
 """Crafter: a real env, achievement log keys that count up, and the paper's score formula."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ import pytest
 from envs.crafter import Crafter, crafter_score
 
 ACHIEVEMENTS = 22
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def log_keys(obs):
@@ -93,3 +97,18 @@ def test_crafter_score_rejects_bad_input():
 def test_unknown_task():
     with pytest.raises(ValueError, match="Unknown Crafter task 'crafter_hard'"):
         Crafter('hard')
+
+
+def test_no_legacy_gym_banner_and_gym_still_importable():
+    """crafter imports the legacy gym package when present, which prints a deprecation banner on
+    every run; the wrapper imports crafter without it and leaves gym importable for other code."""
+    code = ("import importlib.util, sys\n"
+            "from envs.crafter import Crafter\n"
+            "env = Crafter('reward', seed=0)\n"
+            "obs, _ = env.reset()\n"
+            "assert env.act_space.n == 17 and obs['image'].shape == (64, 64, 3)\n"
+            "assert 'gym' not in sys.modules\n"
+            "importlib.util.find_spec('gym')\n")  # raises ValueError if sys.modules['gym'] were left None
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "unmaintained" not in run.stderr + run.stdout
