@@ -374,6 +374,7 @@ class Trainer:
         self.logger = make_logger(config, self.paths, dist)
         self.device = tools.resolve_device(config.device)
         self.threads = tools.set_threads(config.threads, processes=dist.world)
+        self.keeps_freed_memory = tools.keep_freed_cpu_memory()
         tools.use_tf32_on_cuda(self.device, config.deterministic)
         tools.set_seed(config.seed + 1000 * dist.rank, config.deterministic)
         self.pool = None
@@ -384,6 +385,7 @@ class Trainer:
         if self.device.type == "cpu":
             how = f"torch threads {self.threads}" + (" (--threads 0: the cores idle at start)"
                                                      if self.config.threads == 0 else "")
+            how += ", freed memory kept for reuse" if self.keeps_freed_memory else ""
         else:
             how = "CUDA graphs" if self.agent.graph_update is not None else "eager updates"
         return f"training on {self.device}: {how}, precision {self.config.precision}"

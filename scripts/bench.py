@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config as config_lib  # noqa: E402
 import exploration  # noqa: E402
-from tools import resolve_device, set_seed, set_threads, use_tf32_on_cuda  # noqa: E402
+from tools import keep_freed_cpu_memory, resolve_device, set_seed, set_threads, use_tf32_on_cuda  # noqa: E402
 
 
 BENCH_OPTIONS = {"--iters": "3", "--json": None, "--profile": None}
@@ -201,6 +201,7 @@ def main(argv: list[str]) -> dict[str, float]:
     iters, json_path = int(options["--iters"]), options["--json"]
     cfg = config_lib.load_config(rest)
     threads = set_threads(int(cfg.threads))
+    keep_freed_cpu_memory()  # as dreamer.py does
     device = resolve_device(cfg.device)
     use_tf32_on_cuda(device, bool(cfg.deterministic))
     set_seed(int(cfg.seed))
