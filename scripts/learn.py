@@ -139,7 +139,7 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
         cpu=Budget(("dmc_vision", "size_xs"), 25000, CPU_RUN + CPU_RATES + (
             ("prefill", "2500"), ("train_ratio", "128"),
             ("log_every", "500"), ("eval_every", "2500"), ("eval_episode_num", "5"), ("save_every", "5000"),
-        ), "about 1.5 hours on one CPU core: size_xs, batch 16 x 32, train_ratio 128 so ~5,600 updates"),
+        ), "about 2 hours on one CPU core: size_xs, batch 16 x 32, train_ratio 128 so ~5,600 updates"),
         gpu=Budget(("dmc_vision", "size_s"), 250000, (
             ("train_ratio", "512"), ("eval_every", "10000"), ("eval_episode_num", "10"),
         ), "several hours on one GPU (the paper's train_ratio and learning rates, size S, 500K env steps)"),
