@@ -58,6 +58,14 @@ CPU_RATES = (("batch_length", "32"), ("model_lr", "3e-4"), ("actor_lr", "1e-4"),
 CPU_RUN = (("envs.amount", "1"), ("envs.parallel", "none"), ("video", "False"))
 
 
+
+def cpu_schedule(prefill: int, train_ratio: int, log_every: int, eval_every: int, eval_episodes: int,
+                 save_every: int, first: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
+    """The overrides of a larger check's CPU budget: one env, CPU_RATES, `first`, then its schedule."""
+    return CPU_RUN + CPU_RATES + first + (
+        ("prefill", str(prefill)), ("train_ratio", str(train_ratio)), ("log_every", str(log_every)),
+        ("eval_every", str(eval_every)), ("eval_episode_num", str(eval_episodes)), ("save_every", str(save_every)))
+
 @dataclass(frozen=True)
 class Budget:
     """One way to run a check: config blocks, agent-step budget and overrides."""
@@ -102,10 +110,8 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
         bar=800.0,
         about=("DMC cartpole-balance from proprio, action repeat 2: eval return >= 800 within 25,000 "
                "agent steps = 50,000 env steps (issue 9's bar); the random policy scores about 300"),
-        cpu=Budget(("dmc_proprio", "size_xs"), 25000, CPU_RUN + CPU_RATES + (
-            ("prefill", "2500"), ("train_ratio", "256"),
-            ("log_every", "500"), ("eval_every", "2500"), ("eval_episode_num", "10"), ("save_every", "5000"),
-        ), "about 75 minutes on one CPU core: size_xs, batch 16 x 32, train_ratio 256 (paper: 512) so "
+        cpu=Budget(("dmc_proprio", "size_xs"), 25000, cpu_schedule(2500, 256, 500, 2500, 10, 5000),
+                   "about 75 minutes on one CPU core: size_xs, batch 16 x 32, train_ratio 256 (paper: 512) so "
            "~11,000 updates (the paper's count at this step: ~12,500 of batch 16 x 64), learning rates "
            "3x the paper's"),
         gpu=Budget(("dmc_proprio", "size_s"), 25000, (
@@ -120,10 +126,8 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
         about=("DMC cartpole-swingup from 64x64 pixels, action repeat 2: clear learning on CPU, eval "
                "return >= 200 within 50,000 agent steps (a random policy scores below 50); the full "
                "comparison with the paper is the GPU budget: 500,000 agent steps = 1M env steps"),
-        cpu=Budget(("dmc_vision", "size_xs"), 50000, CPU_RUN + CPU_RATES + (
-            ("prefill", "2500"), ("train_ratio", "64"),
-            ("log_every", "1000"), ("eval_every", "5000"), ("eval_episode_num", "5"), ("save_every", "10000"),
-        ), "several hours on 2 CPU cores"),
+        cpu=Budget(("dmc_vision", "size_xs"), 50000, cpu_schedule(2500, 64, 1000, 5000, 5, 10000),
+                   "several hours on 2 CPU cores"),
         gpu=Budget(("dmc_vision", "size_s"), 500000, (
             ("train_ratio", "512"), ("eval_every", "10000"), ("eval_episode_num", "10"),
         ), "about a day on one GPU (the paper's train_ratio and learning rates, size S, 1M env steps)"),
@@ -136,10 +140,8 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
         about=("DMC cartpole-balance from 64x64 pixels, action repeat 2: the pixel task a CPU budget "
                "can show learning on: eval return >= 600 within 25,000 agent steps = 50,000 env steps "
                "and at least 250 above this run's random policy (about 300)"),
-        cpu=Budget(("dmc_vision", "size_xs"), 25000, CPU_RUN + CPU_RATES + (
-            ("prefill", "2500"), ("train_ratio", "128"),
-            ("log_every", "500"), ("eval_every", "2500"), ("eval_episode_num", "5"), ("save_every", "5000"),
-        ), "about 2 hours on one CPU core: size_xs, batch 16 x 32, train_ratio 128 so ~5,600 updates"),
+        cpu=Budget(("dmc_vision", "size_xs"), 25000, cpu_schedule(2500, 128, 500, 2500, 5, 5000),
+                   "about 2 hours on one CPU core: size_xs, batch 16 x 32, train_ratio 128 so ~5,600 updates"),
         gpu=Budget(("dmc_vision", "size_s"), 250000, (
             ("train_ratio", "512"), ("eval_every", "10000"), ("eval_episode_num", "10"),
         ), "several hours on one GPU (the paper's train_ratio and learning rates, size S, 500K env steps)"),
@@ -152,10 +154,8 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
         bar=400.0,
         about=("gymnasium CartPole-v1 through the gym_ adapter, discrete actions (onehot): eval return "
                ">= 400 of at most 500 within 20,000 agent steps; a random policy scores about 22"),
-        cpu=Budget(("gym", "size_xs"), 20000, CPU_RUN + CPU_RATES + (
-            ("actor_dist", "onehot"), ("prefill", "1000"), ("train_ratio", "128"),
-            ("log_every", "500"), ("eval_every", "2000"), ("eval_episode_num", "5"), ("save_every", "5000"),
-        ), "about an hour on 2 CPU cores"),
+        cpu=Budget(("gym", "size_xs"), 20000, cpu_schedule(1000, 128, 500, 2000, 5, 5000, first=(("actor_dist", "onehot"),)),
+                   "about an hour on 2 CPU cores"),
         gpu=Budget(("gym", "size_s"), 50000, (
             ("actor_dist", "onehot"), ("train_ratio", "512"), ("eval_every", "5000"),
         ), "about an hour on one GPU"),
@@ -168,10 +168,8 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
                "achievement/crafter_score in metrics.jsonl) and the final eval return is >= 2 and at "
                "least 1 above the random policy's return in the same run (prefill episodes); the "
                "paper's 1M-step figure is 11.7 +- 1.9, far beyond this budget"),
-        cpu=Budget(("crafter", "size_xs"), 20000, CPU_RUN + CPU_RATES + (
-            ("prefill", "2500"), ("train_ratio", "32"),
-            ("log_every", "1000"), ("eval_every", "5000"), ("eval_episode_num", "3"), ("save_every", "10000"),
-        ), "a few hours on 2 CPU cores"),
+        cpu=Budget(("crafter", "size_xs"), 20000, cpu_schedule(2500, 32, 1000, 5000, 3, 10000),
+                   "a few hours on 2 CPU cores"),
         gpu=Budget(("crafter", "size_s"), 1000000, (
             ("train_ratio", "512"), ("eval_every", "50000"),
         ), "days on one GPU (the paper's train_ratio and learning rates, size S, 1M steps)"),
