@@ -112,8 +112,8 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
                "agent steps = 50,000 env steps (issue 9's bar); the random policy scores about 300"),
         cpu=Budget(("dmc_proprio", "size_xs"), 25000, cpu_schedule(2500, 256, 500, 2500, 10, 5000),
                    "about 75 minutes on one CPU core: size_xs, batch 16 x 32, train_ratio 256 (paper: 512) so "
-           "~11,000 updates (the paper's count at this step: ~12,500 of batch 16 x 64), learning rates "
-           "3x the paper's"),
+                   "~11,000 updates (the paper's count at this step: ~12,500 of batch 16 x 64), learning "
+                   "rates 3x the paper's"),
         gpu=Budget(("dmc_proprio", "size_s"), 25000, (
             ("train_ratio", "512"), ("eval_every", "2500"), ("eval_episode_num", "10"),
         ), "about 1-2 hours on one GPU (the paper's train_ratio and learning rates, size S)"),
@@ -154,7 +154,8 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
         bar=400.0,
         about=("gymnasium CartPole-v1 through the gym_ adapter, discrete actions (onehot): eval return "
                ">= 400 of at most 500 within 20,000 agent steps; a random policy scores about 22"),
-        cpu=Budget(("gym", "size_xs"), 20000, cpu_schedule(1000, 128, 500, 2000, 5, 5000, first=(("actor_dist", "onehot"),)),
+        cpu=Budget(("gym", "size_xs"), 20000, cpu_schedule(
+            1000, 128, 500, 2000, 5, 5000, first=(("actor_dist", "onehot"),)),
                    "about an hour on 2 CPU cores"),
         gpu=Budget(("gym", "size_s"), 50000, (
             ("actor_dist", "onehot"), ("train_ratio", "512"), ("eval_every", "5000"),
