@@ -40,6 +40,9 @@ NON_NEGATIVE = ("prefill", "eval_every", "time_limit", "threads", "save_every_mi
 UNIT_INTERVAL = ("discount", "discount_lambda", "slow_target_fraction", "rssm.unimix", "actor.unimix")
 
 
+EXIT_USER_ERROR = 2  # exit status of a run stopped by an error the user fixes (config, env, checkpoint)
+
+
 class ConfigError(ValueError):
     """A bad `--configs` block, key or value: the message says what and how to fix it."""
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from config import Config, LoadedConfig
+from config import EXIT_USER_ERROR, Config, ConfigError, LoadedConfig
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
@@ -110,9 +110,16 @@ class DistSync:
 def _spawned(index: int, world: int, port: int, config_dict: dict, blocks: list, moved: bool) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
+    import dreamer  # late import: dreamer imports this module
+
     try:
         run_rank(index, world, index, config_dict, blocks, moved)
-    except Exception:
+    except Exception as error:
+        if dreamer.is_user_error(error):  # one paragraph, no traceback; launch() exits 2
+            where = "" if index == 0 else f"[rank {index}] "
+            sys.stderr.write(f"error: {where}{error}\n")
+            sys.stderr.flush()
+            sys.exit(EXIT_USER_ERROR)
         sys.stderr.write(f"[rank {index}] failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
         raise
@@ -127,7 +134,7 @@ def launch(config: Config, loaded: LoadedConfig) -> int:
         return 0
     world = config.parallel
     if backend_for(config) == "nccl" and torch.cuda.device_count() < world:
-        raise RuntimeError(
+        raise ConfigError(
             f"--parallel {world} asks for {world} GPUs but {torch.cuda.device_count()} are visible. "
             f"Lower --parallel, or use --device cpu to run {world} gloo processes on the CPU."
         )
@@ -140,6 +147,8 @@ def launch(config: Config, loaded: LoadedConfig) -> int:
         print(f"error: a rank failed; the whole run stopped.\n{error}", file=sys.stderr)
         return 1
     except mp.ProcessExitedException as error:
+        if error.exit_code == EXIT_USER_ERROR:  # the rank printed what to fix
+            return EXIT_USER_ERROR
         print(f"error: a rank exited unexpectedly ({error}); the whole run stopped.", file=sys.stderr)
         return 1
     return 0

@@ -23,7 +23,7 @@ import torch
 import checkpoint as ckpt
 import config as config_lib
 import tools
-from config import Config, ConfigError
+from config import EXIT_USER_ERROR, Config, ConfigError
 from logger import Logger
 from replay import Prefetcher, Replay
 
@@ -32,11 +32,18 @@ if TYPE_CHECKING:  # imported late at run time (start-up speed, optional suites)
     from envs.parallel import EnvPool
     from exploration import Agent, PolicyState
 
-EXIT_CONFIG_ERROR = 2
-
 
 class RunError(RuntimeError):
     """A problem found before or while training whose message tells the user what to do."""
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` is one whose message tells the user what to fix (a config value, the env or
+    its options, a checkpoint, a missing optional package): reported as that one paragraph, exit
+    status 2, no traceback. Anything else is a bug and keeps its traceback."""
+    from envs.checker import EnvCheckError, MissingDependency
+
+    return isinstance(error, (RunError, ConfigError, ckpt.CheckpointError, EnvCheckError, MissingDependency))
 
 
 # ------------------------------------------------------------------------------------------ run set-up
@@ -197,7 +204,8 @@ def stack_obs(observations: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def render_frame(pool: EnvPool, obs: dict[str, Any]) -> Optional[np.ndarray]:
-    """An (H, W, 3) uint8 frame of eval env 0: its render(), else its image observation."""
+    """An (H, W, 3) uint8 frame of eval env 0: its render(), else its image observation. Raises
+    envs.EnvError when the env's render() fails."""
     frame = pool.call_one(0, "render") if hasattr(pool, "call_one") else pool.call("render")[0]
     if frame is None:
         image = obs.get("image")
@@ -207,14 +215,28 @@ def render_frame(pool: EnvPool, obs: dict[str, Any]) -> Optional[np.ndarray]:
     return np.asarray(frame, np.uint8)
 
 
-def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger) -> int:
-    """Run eval_episode_num episodes with the deterministic policy; log their returns and the video
-    of env 0's first episode. Returns the number of video frames recorded."""
+def render_failure(error: Exception) -> str:
+    """One paragraph for an env whose render() raised: its last error line and what to do."""
+    text = getattr(error, "worker_traceback", "") or str(error)
+    last = [line for line in text.strip().splitlines() if line.strip()][-1:] or [type(error).__name__]
+    return (f"no eval videos from now on: env 0's render() failed ({last[0].strip()}). Training and "
+            "evaluation go on. Make render() return an (H, W, 3) uint8 frame: a gymnasium env made with "
+            "render_mode='rgb_array' is rendered with render(), an old gym env with "
+            "render(mode='rgb_array'); or set --video False.")
+
+
+def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger, video: bool = True
+             ) -> tuple[int, bool]:
+    """Run eval_episode_num episodes with the deterministic policy; log their returns and, if
+    `video`, the video of env 0's first episode. Returns (video frames recorded, whether render()
+    worked: False after it raised, which is logged once here)."""
+    import envs
+
     returns: list[float] = []
     lengths: list[int] = []
     tracker = EpisodeTracker(len(pool))
     frames: list[np.ndarray] = []
-    want_video = config.video
+    want_video, render_ok = video, True
     actions = agent.random_actions(len(pool))  # ignored: the first step resets every env
     state = None
     while len(returns) < config.eval_episode_num:
@@ -227,7 +249,11 @@ def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger) -> int
                 if index == 0:
                     want_video = False
         if want_video and len(frames) < config.video_length:
-            frame = render_frame(pool, observations[0])
+            try:
+                frame = render_frame(pool, observations[0])
+            except envs.EnvError as error:
+                logger.warning(render_failure(error))
+                frame, render_ok = None, False
             want_video = frame is not None
             if frame is not None:
                 frames.append(frame)
@@ -237,7 +263,7 @@ def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger) -> int
     logger.scalars(metrics)
     if frames:
         logger.video("eval/video", np.stack(frames)[None])
-    return len(frames)
+    return len(frames), render_ok
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -379,6 +405,7 @@ class Trainer:
         tools.set_seed(config.seed + 1000 * dist.rank, config.deterministic)
         self.pool = None
         self.told_no_video = False
+        self.wants_video = bool(config.video)  # False once the env's render() has raised
 
     def compute_summary(self) -> str:
         """One line: where the update runs and how (threads picked, CUDA graphs)."""
@@ -500,8 +527,10 @@ class Trainer:
         the returns, one episode's video and the world model's open-loop predictions."""
         amount = min(self.config.envs.amount, self.config.eval_episode_num)
         with make_env_pool(self.config, "eval", amount, 0, self.logger) as pool:
-            frames = evaluate(self.config, self.agent, pool, self.logger)
-        if self.config.video and not frames and not self.told_no_video:
+            frames, render_ok = evaluate(self.config, self.agent, pool, self.logger, self.wants_video)
+        if not render_ok:  # logged once by evaluate; later evaluations record no video
+            self.wants_video = False
+        elif self.wants_video and not frames and not self.told_no_video:
             self.logger.info("no eval video: the env's render() gives no frame and it has no 'image' "
                              "observation (training is not affected)")
             self.told_no_video = True
@@ -595,11 +624,11 @@ def train(config: Config, dist: Dist = Dist(), sync: Optional[DistSync] = None) 
             else:
                 logger.info(f"finished: {trainer.counters.step} steps, {trainer.counters.updates} updates")
         return trainer.counters
-    except (RunError, ConfigError, ckpt.CheckpointError) as error:  # the user's to fix: no traceback
-        logger.error(str(error))
-        raise
     except Exception as error:
-        logger.error(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        if is_user_error(error):  # into train.log; main() prints it once on stderr
+            logger.error(str(error), echo=False)
+        else:
+            logger.error(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
         raise
     finally:
         trainer.close()
@@ -636,23 +665,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         config, loaded = config_lib.build_config(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return EXIT_USER_ERROR
     try:
+        check_run_inputs(config)
         if config.parallel > 1 or "WORLD_SIZE" in os.environ:
             import distributed
 
             return distributed.launch(config, loaded)
-        check_run_inputs(config)
         print_config(config, loaded)
         train(config)
         return 0
-    except (RunError, ConfigError, ckpt.CheckpointError) as error:
+    except Exception as error:
+        if not is_user_error(error):
+            raise
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return EXIT_USER_ERROR
 
 
 def check_run_inputs(config: Config) -> None:
-    """Problems that need no env or model: a resume path that does not exist (nor its .prev.pt)."""
+    """Problems that need no env or model, found before anything is printed or written: a task whose
+    suite is not registered, a resume path that does not exist (nor its .prev.pt)."""
+    import envs
+
+    envs.parse_task(config.task)
     if config.from_checkpoint and not ckpt.has_checkpoint(checkpoint_file(config.from_checkpoint)):
         raise RunError(ckpt.missing_message(checkpoint_file(config.from_checkpoint)))
 

@@ -171,17 +171,19 @@ class Logger:
     def warning(self, message: str) -> None:
         self._message("WARNING", message)
 
-    def error(self, message: str) -> None:
-        self._message("ERROR", message)
+    def error(self, message: str, echo: bool = True) -> None:
+        """An ERROR line in train.log, and on stderr unless `echo` is False (the caller prints it)."""
+        self._message("ERROR", message, echo)
 
-    def _message(self, level: str, message: str) -> None:
+    def _message(self, level: str, message: str, echo: bool = True) -> None:
         if not self.enabled:
             return
         line = f"[{timestamp()}] {level} {message}"
         self._text.write(line + "\n")
         self._text.flush()
-        self._clear_progress()
-        print(line, file=sys.stderr, flush=True)
+        if echo:
+            self._clear_progress()
+            print(line, file=sys.stderr, flush=True)
 
     def progress(self, step: int, total: int, fps: float, last_return: float | None = None) -> None:
         """A live one-line status (steps done/total, fps, last return, time left) on an interactive

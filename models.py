@@ -18,6 +18,7 @@ import gymnasium
 import torch
 from torch import nn
 
+from config import ConfigError
 from distributions import Bernoulli, OneHotCategorical, TwoHotSymlog, categorical_kl
 from networks import RSSM, Actor, Head, MultiDecoder, MultiEncoder, features, maybe_compile
 from tools import symlog
@@ -177,13 +178,13 @@ def action_size(act_space: gymnasium.Space, actor_dist: str) -> int:
     """Width of the (N, A) action vectors; checks that actor_dist fits the action space."""
     if isinstance(act_space, gymnasium.spaces.Discrete):
         if actor_dist != "onehot":
-            raise ValueError(
+            raise ConfigError(
                 f"The action space is Discrete({act_space.n}) but actor_dist is '{actor_dist}'. "
                 "Discrete actions need a categorical policy: use --actor_dist onehot.")
         return int(act_space.n)
     if isinstance(act_space, gymnasium.spaces.Box) and len(act_space.shape) == 1:
         if actor_dist != "normal":
-            raise ValueError(
+            raise ConfigError(
                 f"The action space is a continuous Box{tuple(act_space.shape)} but actor_dist is "
                 f"'{actor_dist}'. Continuous actions need a Gaussian policy: use --actor_dist normal.")
         return int(act_space.shape[0])

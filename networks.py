@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from config import ConfigError
 from distributions import BoundedNormal, OneHotCategorical, unimix_log_probs
 from tools import symlog
 
@@ -294,7 +295,7 @@ def select_keys(obs_space: Mapping[str, gymnasium.spaces.Box], cnn_keys: str, ml
     mlp = [k for k, v in usable.items() if len(v.shape) == 1 and full_match(mlp_keys, k)]
     if not cnn and not mlp:
         available = {k: (tuple(v.shape), str(v.dtype)) for k, v in usable.items()}
-        raise ValueError(
+        raise ConfigError(
             f"The {who} selects no observation key: cnn_keys='{cnn_keys}' matches no (H, W, C) uint8 "
             f"image and mlp_keys='{mlp_keys}' matches no (n,) vector among the available keys "
             f"{available}. Set --{who}.cnn_keys / --{who}.mlp_keys (full-match regular expressions, "
@@ -309,12 +310,12 @@ def image_stages(obs_space: Mapping[str, gymnasium.spaces.Box], keys: list[str],
     height, width = shapes[keys[0]][:2]
     for key, shape in shapes.items():
         if shape[:2] != (height, width) or height != width:
-            raise ValueError(
+            raise ConfigError(
                 f"Image observations must be square and share one size: got {shapes}. Resize the "
                 "images in the env (e.g. env size [64, 64]) or select one image key with cnn_keys.")
     stages = int(round(math.log2(height / min_res))) if height >= min_res else 0
     if stages < 1 or min_res * 2 ** stages != height:
-        raise ValueError(
+        raise ConfigError(
             f"Image '{keys[0]}' has size {height}x{width}, but the CNN needs min_res * 2^k with k >= 1 "
             f"(min_res={min_res}): e.g. 64x64. Resize the images in the env or change encoder.min_res.")
     return height, sum(s[2] for s in shapes.values()), stages

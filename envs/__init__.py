@@ -19,7 +19,7 @@ import gymnasium
 
 from . import wrappers
 from .atari import Atari
-from .checker import EnvCheckError, check_env
+from .checker import EnvCheckError, MissingDependency, check_env
 from .crafter import Crafter
 from .custom_env import CustomEnv
 from .dmc import DMC
@@ -41,7 +41,7 @@ REGISTRY = {
 MODES = ('train', 'eval')
 EVAL_SEED_OFFSET = 10000
 
-__all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'EnvPool', 'check_env', 'env_seed', 'make_env',
+__all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'MissingDependency', 'EnvPool', 'check_env', 'env_seed', 'make_env',
            'make_pool', 'parse_task', 'suite_kwargs', 'wrap_env', 'wrappers']
 
 
@@ -50,11 +50,11 @@ def parse_task(task: str) -> tuple[str, str]:
     suite, _, name = str(task).partition('_')
     registered = ', '.join(sorted(REGISTRY))
     if not name:
-        raise ValueError(
+        raise EnvCheckError(
             f"Task '{task}' has no suite prefix; expected '<suite>_<name>' such as custom_reach, "
             f"dmc_walker_walk or gym_CartPole-v1. Registered suites: {registered}.")
     if suite not in REGISTRY:
-        raise ValueError(
+        raise EnvCheckError(
             f"Unknown suite '{suite}' in task '{task}'. Registered suites: {registered}. Name the "
             "task '<suite>_<name>' with one of these, or add your env class to REGISTRY in "
             "envs/__init__.py (e.g. 'custom': CustomEnv for --task custom_<name>).")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gymnasium
 import numpy as np
+from .checker import EnvCheckError, MissingDependency
 
 NOOP = 0  # index of NOOP in every ALE action set
 STICKY_PROBABILITY = 0.25
@@ -50,7 +51,7 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int], method: str) -> np.nd
         try:
             import cv2
         except ImportError as error:
-            raise ImportError(
+            raise MissingDependency(
                 "env.atari.resize is 'opencv' but OpenCV is not installed. Install it with "
                 "`pip install opencv-python-headless`, or set --env.atari.resize pillow.") from error
         return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
@@ -60,7 +61,7 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int], method: str) -> np.nd
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"env.atari.{key} must be one of {', '.join(choices)}; got {value!r}. "
+        raise EnvCheckError(f"env.atari.{key} must be one of {', '.join(choices)}; got {value!r}. "
                          f"Fix it with e.g. --env.atari.{key} {choices[0]}.")
 
 
@@ -73,7 +74,7 @@ class Atari:
         check_choice('lives', lives, LIVES_MODES)
         check_choice('resize', resize, RESIZE_MODES)
         if action_repeat < 1:
-            raise ValueError(f'Atari action_repeat must be >= 1; got {action_repeat}. '
+            raise EnvCheckError(f'Atari action_repeat must be >= 1; got {action_repeat}. '
                              'Use 4 as in the paper.')
         self._ale = make_emulator(name, seed)
         self._actions = list(self._ale.getMinimalActionSet())
@@ -173,11 +174,11 @@ def make_emulator(game: str, seed: int):
         import ale_py
         from ale_py import roms
     except ImportError as error:
-        raise ImportError("Atari tasks need ale-py (its wheel ships the ROMs). Install it with "
+        raise MissingDependency("Atari tasks need ale-py (its wheel ships the ROMs). Install it with "
                           "`pip install ale-py==0.12.1`.") from error
     rom_ids = roms.get_all_rom_ids()
     if game not in rom_ids:
-        raise ValueError(f"Unknown Atari game 'atari_{game}': expected atari_<rom id> with a snake_case "
+        raise EnvCheckError(f"Unknown Atari game 'atari_{game}': expected atari_<rom id> with a snake_case "
                          f"ROM id shipped by ale-py, got {game!r}. Known games: {', '.join(rom_ids)}.")
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
     ale = ale_py.ALEInterface()

@@ -18,7 +18,18 @@ FLAG_KEYS = ('reward', 'is_first', 'is_last', 'is_terminal')
 
 
 class EnvCheckError(ValueError):
-    """The env breaks the env contract; the message says where, what was expected and how to fix it."""
+    """The env breaks the env contract, or the task / env options name something that does not exist;
+    the message says where, what was expected and how to fix it (reported without a traceback)."""
+
+
+class MissingDependency(ImportError):
+    """A suite's optional package is not installed; the message names it and the install command
+    (reported without a traceback)."""
+
+
+def type_name(value: Any) -> str:
+    """'gym.spaces.box.Box' style name, so that look-alike classes from other packages show."""
+    return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
 def check_env(env: Any, index: int = 0) -> None:
@@ -56,8 +67,9 @@ def _check_obs_space(space: Any, where: str) -> dict:
             continue
         if not isinstance(box, gymnasium.spaces.Box):
             raise EnvCheckError(
-                f"{where}: obs_space['{key}'] must be a gymnasium.spaces.Box, got {box!r}. Describe "
-                "each observation as a Box (a Discrete value can be sent as a one-hot float32 Box).")
+                f"{where}: obs_space['{key}'] must be a gymnasium.spaces.Box, got {box!r} of type "
+                f"{type_name(box)}. Describe each observation as a gymnasium.spaces.Box (import gymnasium, "
+                "not the legacy gym package; a Discrete value can be sent as a one-hot float32 Box).")
     return {k: v for k, v in space.items() if is_model_input(k)}
 
 
@@ -68,7 +80,8 @@ def _check_act_space(space: Any, where: str) -> gymnasium.spaces.Space:
         return space
     if not isinstance(space, gymnasium.spaces.Box):
         raise EnvCheckError(
-            f"{where}: unsupported action space {space!r}; expected gymnasium.spaces.Box (continuous) "
+            f"{where}: unsupported action space {space!r} of type {type_name(space)}; expected "
+            "gymnasium.spaces.Box (continuous) "
             "or gymnasium.spaces.Discrete (discrete). Flatten a MultiDiscrete or Tuple space into one "
             "Discrete, or describe continuous actions as a 1-D Box.")
     if len(space.shape) != 1:

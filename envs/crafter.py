@@ -13,6 +13,7 @@ from types import ModuleType
 
 import gymnasium
 import numpy as np
+from .checker import EnvCheckError, MissingDependency
 
 TASKS = {'reward': True, 'noreward': False}  # task name -> whether the env gives rewards
 LOG_PREFIX = 'log_achievement_'
@@ -60,12 +61,12 @@ class Crafter:
 
     def __init__(self, name: str, size: tuple[int, int] = (64, 64), seed: int = 0):
         if name not in TASKS:
-            raise ValueError(f"Unknown Crafter task 'crafter_{name}': expected crafter_reward or "
+            raise EnvCheckError(f"Unknown Crafter task 'crafter_{name}': expected crafter_reward or "
                              f"crafter_noreward, got {name!r}.")
         try:
             crafter = import_crafter()
         except ImportError as error:
-            raise ImportError("Crafter tasks need the crafter package. Install it with "
+            raise MissingDependency("Crafter tasks need the crafter package. Install it with "
                               "`pip install crafter opensimplex==0.3`.") from error
         self._size = (int(size[0]), int(size[1]))  # (H, W)
         self._env = crafter.Env(area=(64, 64), size=self._size, reward=TASKS[name], seed=seed)

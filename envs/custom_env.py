@@ -24,6 +24,7 @@ import gymnasium as gym
 import numpy as np
 
 from . import wrappers
+from .checker import EnvCheckError
 
 EPISODE_LENGTH = 100  # env steps per episode, for every task
 SPEED = 0.1  # distance moved per env step
@@ -180,12 +181,15 @@ def make_task(name: str, size: tuple[int, int]) -> gym.Env:
     """The built-in task `name`; an unknown name gets one paragraph listing the tasks."""
     if name not in TASKS:
         listed = ', '.join(f'custom_{task}' for task in TASKS)
-        raise ValueError(
-            f"Unknown custom task 'custom_{name}'. The example env in envs/custom_env.py offers: "
-            f"{listed} (e.g. --task custom_reach). If 'custom_{name}' is the guide's placeholder "
-            "'custom_task_name', replace it with one of these, or put your own environment into "
-            "envs/custom_env.py (class CustomEnv, following the guide's template) and give its "
-            "task name after the 'custom_' prefix.")
+        if name == 'task_name':
+            what = ("'custom_task_name' is the guide's placeholder for your task's name: replace it with "
+                    f"one of the example env's tasks, {listed} (e.g. --task custom_reach)")
+        else:
+            what = (f"Unknown custom task 'custom_{name}'. The example env in envs/custom_env.py offers "
+                    f"{listed} (e.g. --task custom_reach): use one of these")
+        raise EnvCheckError(
+            f"{what}, or put your own environment into envs/custom_env.py (class CustomEnv, following "
+            "the guide's template) and give its task name after the 'custom_' prefix.")
     return TASKS[name](size)
 
 
@@ -194,7 +198,7 @@ class CustomEnv:
 
     def __init__(self, name: str, seed: int = 0, size: tuple[int, int] = (64, 64), **kwargs: Any):
         if kwargs:
-            raise TypeError(
+            raise EnvCheckError(
                 f"CustomEnv got unknown option(s) {sorted(kwargs)}; it accepts 'size' (config "
                 "env.custom) and 'seed'. Remove the others from env.custom in configs.yaml.")
         self._env = make_task(name, size)

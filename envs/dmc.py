@@ -17,6 +17,7 @@ from typing import Any
 
 import gymnasium
 import numpy as np
+from .checker import EnvCheckError, MissingDependency
 
 QUADRUPED_CAMERA = 2  # the paper's view for quadruped tasks; every other domain uses camera 0
 HEADLESS_BACKENDS = ('egl', 'osmesa')
@@ -64,7 +65,7 @@ def split_task_name(name: str, all_tasks: list[tuple[str, str]]) -> tuple[str, s
     matches = [(domain, task) for domain, task in all_tasks if f'{domain}_{task}' == name]
     if len(matches) != 1:
         known = ', '.join(f'dmc_{domain}_{task}' for domain, task in sorted(all_tasks))
-        raise ValueError(
+        raise EnvCheckError(
             f"Unknown DeepMind Control task 'dmc_{name}': expected dmc_<domain>_<task> with a pair from "
             f"dm_control.suite.ALL_TASKS, got {name!r}. Pick one of: {known}.")
     return matches[0]
@@ -88,14 +89,14 @@ class DMC:
     def __init__(self, name: str, size: tuple[int, int] = (64, 64), camera: int = -1,
                  image: bool = True, proprio: bool = True, seed: int = 0):
         if not (image or proprio):
-            raise ValueError(
+            raise EnvCheckError(
                 f"DMC task '{name}' got image=False and proprio=False: the observation would be empty. "
                 "Set env.dmc.image or env.dmc.proprio to True.")
         select_mujoco_gl()
         try:
             from dm_control import suite
         except ImportError as error:
-            raise ImportError(
+            raise MissingDependency(
                 f"DMC task '{name}' needs dm_control, which failed to import ({error}). "
                 "Install it with `pip install dm_control==1.0.50 mujoco==3.17.0`.") from error
         self._domain, self._task = split_task_name(name, list(suite.ALL_TASKS))

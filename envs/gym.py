@@ -13,6 +13,7 @@ from typing import Any
 
 import gymnasium
 import numpy as np
+from .checker import EnvCheckError, MissingDependency
 
 CLASSIC_CONTROL_INSTALL = 'pip install "gymnasium[classic-control]"  (installs pygame)'
 
@@ -38,7 +39,7 @@ def make_gymnasium_env(env_id: str) -> gymnasium.Env:
     except gymnasium.error.UnregisteredEnv as error:
         close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=5, cutoff=0.5)
         suggestion = f" Close matches: {', '.join(close)}." if close else ''
-        raise ValueError(
+        raise EnvCheckError(
             f"Unknown gymnasium environment '{env_id}' (task gym_{env_id}): {error}.{suggestion} Use "
             "--task gym_<EnvId> with an id from gymnasium.registry (e.g. gym_CartPole-v1, "
             "gym_Pendulum-v1); envs from other packages must be installed and imported to register."
@@ -63,7 +64,7 @@ class GymEnv:
             return 'box'
         if isinstance(space, gymnasium.spaces.Discrete):
             return 'discrete'
-        raise ValueError(
+        raise EnvCheckError(
             f"gym_{self._name}: observation space {space!r} is not supported; GymEnv handles Box "
             "(sent as 'vector') and Discrete (sent one-hot as 'vector'). Wrap the env with "
             "gymnasium.wrappers.FlattenObservation first, or write a suite class for it in envs/.")
@@ -121,11 +122,11 @@ class GymEnv:
         except NotImplementedError:
             raise ValueError(f"gym_{self._name} does not implement render().") from None
         except gymnasium.error.DependencyNotInstalled as error:
-            raise ImportError(
+            raise MissingDependency(
                 f"gym_{self._name} with image=True renders frames, which needs a package that is not "
                 f"installed ({error}). Install it: {CLASSIC_CONTROL_INSTALL}.") from None
         if frame is None:
-            raise ValueError(
+            raise EnvCheckError(
                 f"gym_{self._name}: render() returned None, so image=True has no frames. Use "
                 "env.gym.image False, or an env that supports render_mode='rgb_array'.")
         return frame

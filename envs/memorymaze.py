@@ -11,6 +11,7 @@ from __future__ import annotations
 import gymnasium
 import numpy as np
 
+from .checker import EnvCheckError, MissingDependency
 from .dmc import select_mujoco_gl
 
 SIZES = ('9x9', '11x11', '13x13', '15x15')
@@ -23,7 +24,7 @@ def import_memory_maze_tasks():
     try:
         from memory_maze import tasks
     except ImportError as error:
-        raise ImportError(f'Memory Maze tasks need the memory-maze package and gym 0.26.2 ({error}). '
+        raise MissingDependency(f'Memory Maze tasks need the memory-maze package and gym 0.26.2 ({error}). '
                           f'Install them with `{INSTALL}`.') from error
     return tasks
 
@@ -33,10 +34,10 @@ class MemoryMaze:
 
     def __init__(self, name: str, size: tuple[int, int] = (64, 64), seed: int = 0):
         if name not in SIZES:
-            raise ValueError(f"Unknown Memory Maze task 'memorymaze_{name}': expected one of "
+            raise EnvCheckError(f"Unknown Memory Maze task 'memorymaze_{name}': expected one of "
                              f"{', '.join('memorymaze_' + s for s in SIZES)}, got {name!r}.")
         if int(size[0]) != int(size[1]):
-            raise ValueError(f'Memory Maze renders square images; env.memorymaze.size must be [N, N], '
+            raise EnvCheckError(f'Memory Maze renders square images; env.memorymaze.size must be [N, N], '
                              f'got {list(size)}. Use [64, 64] as in the paper.')
         tasks = import_memory_maze_tasks()
         make_task = getattr(tasks, 'memory_maze_' + name)

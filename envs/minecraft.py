@@ -23,6 +23,7 @@ from typing import Any
 
 import gymnasium
 import numpy as np
+from .checker import EnvCheckError, MissingDependency
 
 INSTALL_MESSAGE = (
     "Minecraft tasks need MineRL 0.4.4, which is not installed (or failed to import: {error}). "
@@ -207,7 +208,7 @@ class Minecraft:
     def __init__(self, name: str, size: tuple[int, int] = (64, 64), break_speed: float = 100.0,
                  seed: int = 0, length: int = EPISODE_LENGTH):
         if name not in TASK_ACTIONS:
-            raise ValueError(f"Unknown Minecraft task 'minecraft_{name}': expected one of "
+            raise EnvCheckError(f"Unknown Minecraft task 'minecraft_{name}': expected one of "
                              f"{', '.join('minecraft_' + task for task in TASK_ACTIONS)}, got {name!r}.")
         self._task, self._size, self._length = name, (int(size[0]), int(size[1])), int(length)
         self._env = self._make_backend(self._size, float(break_speed))
@@ -300,7 +301,7 @@ def make_minerl_env(size: tuple[int, int], break_speed: float):
         from minerl.herobraine.env_spec import EnvSpec
         from minerl.herobraine.hero import handler, handlers, mc
     except ImportError as error:
-        raise ImportError(INSTALL_MESSAGE.format(error=error)) from error
+        raise MissingDependency(INSTALL_MESSAGE.format(error=error)) from error
 
     class BreakSpeed(handler.Handler):
         def to_string(self) -> str:

@@ -84,3 +84,13 @@ def test_a_failing_rank_stops_the_whole_run_with_its_message(tmp_path):
     assert "deliberate failure inside the env of rank 1" in result.stderr
     assert "rank 1" in result.stderr
     assert elapsed < 60, elapsed
+
+
+def test_a_user_error_in_the_ranks_exits_2_with_its_paragraph(tmp_path):
+    """The guide's placeholder task under --parallel: each failing rank prints the one paragraph
+    (no traceback) and the run exits 2, like a single-process run."""
+    result = run(["dreamer.py", "--configs", "debug", "custom", "--task", "custom_task_name",
+                  "--parallel", "2", "--device", "cpu", "--logdir", str(tmp_path / "run")], timeout=120)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "'custom_task_name' is the guide's placeholder for your task's name" in result.stderr
+    assert "Traceback" not in result.stderr and "failed:" not in result.stderr

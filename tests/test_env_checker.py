@@ -197,3 +197,13 @@ def test_make_env_checks_env_zero_in_both_modes(monkeypatch):
 def test_example_tasks_pass_raw_and_wrapped(task):
     env = envs.make_env({'task': task, 'seed': 0, 'action_repeat': 2, 'env': {}}, 'train', 0)
     check_env(env)
+
+
+def test_a_look_alike_box_is_named_with_its_module():
+    """A Box from another package (e.g. the legacy gym) prints like gymnasium's; the message names
+    the class's module so the difference shows."""
+    LegacyBox = type('Box', (), {'__module__': 'gym.spaces.box', '__repr__': lambda self: 'Box(0, 255, (64, 64, 3), uint8)'})
+    with pytest.raises(EnvCheckError, match=(
+            r"obs_space\['image'\] must be a gymnasium.spaces.Box, got Box\(0, 255, \(64, 64, 3\), uint8\) of "
+            r"type gym\.spaces\.box\.Box\. .*import gymnasium, not the legacy gym package")):
+        check_env(ToyEnv(obs_space={'image': LegacyBox()}))

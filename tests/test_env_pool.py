@@ -133,7 +133,7 @@ def test_constructor_failure_names_the_env_and_keeps_its_traceback(parallel):
 def test_start_up_check_error_keeps_its_type_from_a_process():
     config = config_module.load_config(['--configs', 'custom'])  # task custom_task_name
     ctors = [functools.partial(envs.make_env, config, 'train', 0)]
-    with pytest.raises(ValueError, match=r"Unknown custom task 'custom_task_name'"):
+    with pytest.raises(envs.EnvCheckError, match=r"'custom_task_name' is the guide's placeholder"):
         EnvPool(ctors, 'process')
 
 

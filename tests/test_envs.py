@@ -132,10 +132,16 @@ def test_task_without_suite_prefix():
 def test_guide_placeholder_task_lists_the_example_tasks():
     config = make_config('--configs', 'custom')
     assert config.task == 'custom_task_name'
-    with pytest.raises(ValueError, match=(
-            r"Unknown custom task 'custom_task_name'\. The example env in envs/custom_env\.py offers: "
-            r"custom_reach, custom_reach_discrete, custom_catch \(e\.g\. --task custom_reach\)")):
+    with pytest.raises(envs.EnvCheckError, match=(
+            r"^'custom_task_name' is the guide's placeholder for your task's name: replace it with one of "
+            r"the example env's tasks, custom_reach, custom_reach_discrete, custom_catch \(e\.g\. --task "
+            r"custom_reach\), or put your own environment into envs/custom_env\.py")):
         envs.make_env(config, 'train', 0)
+    other = make_config('--configs', 'custom', '--task', 'custom_rech')
+    with pytest.raises(envs.EnvCheckError, match=(
+            r"^Unknown custom task 'custom_rech'\. The example env in envs/custom_env\.py offers "
+            r"custom_reach, custom_reach_discrete, custom_catch \(e\.g\. --task custom_reach\): use one")):
+        envs.make_env(other, 'train', 0)
 
 
 def test_missing_suite_package_names_what_to_install(monkeypatch):
@@ -280,7 +286,7 @@ def test_custom_env_is_deterministic_per_seed_and_sized_by_config():
 
 
 def test_custom_env_rejects_unknown_options():
-    with pytest.raises(TypeError, match=r"CustomEnv got unknown option\(s\) \['colour'\]"):
+    with pytest.raises(envs.EnvCheckError, match=r"CustomEnv got unknown option\(s\) \['colour'\]"):
         CustomEnv('reach', colour='red')
 
 

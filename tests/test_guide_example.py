@@ -185,3 +185,33 @@ def test_eval_video_comes_from_render(guide_run):
     colors = frames.reshape(len(frames), -1, 3)[:, 0].astype(int)  # (T, 3): frames are solid
     assert np.abs(colors[:, :2] - RENDER_RED_GREEN).max() <= 4, colors
     assert len(np.unique(colors[:, 2])) > 1, colors  # successive render() frames, not one repeated
+
+
+class RaisingRenderToy(TruncatingToy):
+    """render() raises, as the guide's `self._env.render(mode='rgb_array')` does when it reaches a
+    gymnasium-style render() without a project wrapper in between."""
+
+    def render(self) -> np.ndarray:
+        raise TypeError("RaisingRenderToy.render() got an unexpected keyword argument 'mode'")
+
+
+def test_a_render_that_raises_costs_the_videos_not_the_run(tmp_path):
+    """Both evaluations (steps 200 and 400) run; the failure is logged once; no video is written."""
+    config = config_lib.load_config(['--configs', 'debug', 'custom', '--task', 'guide_broken',
+                                     '--logdir', str(tmp_path), '--steps', '400', '--envs.parallel', 'none'])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(envs.REGISTRY, 'guide', GuideEnv)
+        patch.setattr(guide_env, 'YourCustomEnvironment', lambda name, **kwargs: RaisingRenderToy())
+        counters = dreamer.train(config)
+    assert counters.step == 400
+    log = (tmp_path / 'train.log').read_text()
+    expected = ("WARNING no eval videos from now on: env 0's render() failed (TypeError: "
+                "RaisingRenderToy.render() got an unexpected keyword argument 'mode'). Training and evaluation go on.")
+    assert log.count(expected) == 1, log
+    evals = [line for line in log.splitlines() if 'eval/return' in line]
+    assert len(evals) == 2, evals
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path), size_guidance={'images': 0})
+    acc.Reload()
+    assert not [tag for tag in acc.Tags()['images'] if tag.startswith('eval/video')]

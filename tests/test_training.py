@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from config import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,10 +90,35 @@ def test_config_error_exits_2_and_writes_nothing(tmp_path):
     assert not logdir.exists()
 
 
-def test_placeholder_task_lists_the_example_tasks(tmp_path):
-    result = run_cli("--configs", "debug", "custom", "--task", "custom_task_name", "--logdir", str(tmp_path / "x"))
-    assert result.returncode != 0
-    assert "custom_reach" in result.stderr and "Traceback" not in result.stderr.splitlines()[-1]
+def test_placeholder_task_is_one_paragraph_without_traceback(tmp_path):
+    """The guide's literal `custom_task_name`: exit 2, the paragraph once on stderr and in train.log."""
+    logdir = tmp_path / "x"
+    result = run_cli("--configs", "debug", "custom", "--task", "custom_task_name", "--logdir", str(logdir))
+    assert result.returncode == 2, result.stderr[-3000:]
+    paragraph = ("error: 'custom_task_name' is the guide's placeholder for your task's name: replace it with "
+                 "one of the example env's tasks, custom_reach, custom_reach_discrete, custom_catch")
+    assert result.stderr.count(paragraph) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith(paragraph)
+    assert "ERROR 'custom_task_name' is the guide's placeholder" in (logdir / "train.log").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--task", "mine_reach"), "error: Unknown suite 'mine' in task 'mine_reach'. Registered suites: atari, crafter, custom,"),
+    (("--task", "custom_reach_discrete", "--actor_dist", "normal"),
+     "error: The action space is Discrete(5) but actor_dist is 'normal'"),
+    (("--task", "custom_reach", "--encoder.mlp_keys", "$^", "--encoder.cnn_keys", "$^"),
+     "error: The encoder selects no observation key: cnn_keys='$^'"),
+])
+def test_user_errors_exit_2_with_their_paragraph_only(tmp_path, args, message):
+    """Errors found in the task name (before the config is printed), the agent's construction
+    (action space vs actor_dist, encoder keys): one paragraph, exit 2, no traceback."""
+    result = run_cli("--configs", "debug", "custom", *args, "--logdir", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count(message) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    if args[1] == "mine_reach":  # checked before anything is printed or written
+        assert result.stdout == "" and not (tmp_path / "run").exists()
 
 
 def test_help_lists_blocks_and_keys():
@@ -161,3 +188,15 @@ def test_env_without_render_trains_and_says_there_is_no_video(tmp_path):
     log = (logdir / "train.log").read_text()
     assert log.count("no eval video") == 1 and "finished: 200 steps" in log
     assert len([r for r in read_metrics(logdir) if "eval/return" in r]) == 2
+
+
+def test_user_errors_are_the_ones_whose_message_says_what_to_fix():
+    import checkpoint
+    import dreamer
+    from envs.checker import EnvCheckError, MissingDependency
+
+    for error in (dreamer.RunError("x"), ConfigError("x"), checkpoint.CheckpointError("x"),
+                  EnvCheckError("x"), MissingDependency("x")):
+        assert dreamer.is_user_error(error), error
+    for error in (RuntimeError("x"), ValueError("x"), ImportError("x"), TypeError("x")):
+        assert not dreamer.is_user_error(error), error  # bugs keep their traceback
