@@ -61,13 +61,19 @@ class TwoHotSymlog:
     """Categorical over `bins` symlog-space bins; its mean is symexp of the expected bin value."""
 
     def __init__(self, logits: torch.Tensor):
-        self.logits = logits.float()  # (..., bins)
-        self.bins = self.logits.shape[-1]
-        self.log_probs = torch.log_softmax(self.logits, -1)
+        self.log_probs = torch.log_softmax(logits.float(), -1)  # (..., bins)
+        self.bins = self.log_probs.shape[-1]
+
+    @classmethod
+    def from_log_probs(cls, log_probs: torch.Tensor) -> "TwoHotSymlog":
+        """From log-probabilities already normalised (e.g. stacked from per-step distributions)."""
+        out = cls.__new__(cls)
+        out.log_probs, out.bins = log_probs, log_probs.shape[-1]
+        return out
 
     @property
     def mean(self) -> torch.Tensor:
-        centres = two_hot_bins(self.bins, self.logits.device)
+        centres = two_hot_bins(self.bins, self.log_probs.device)
         return symexp((self.log_probs.exp() * centres).sum(-1))
 
     def mode(self) -> torch.Tensor:
@@ -110,9 +116,10 @@ class OneHotCategorical:
         return cls.from_log_probs(torch.stack([d.log_probs for d in dists]), dists[0].event_dims)
 
     def sample(self) -> torch.Tensor:
-        """One-hot sample (Gumbel-max, exact) with straight-through gradients to the probabilities."""
+        """One-hot sample (Gumbel-max, exact) with straight-through gradients to the probabilities:
+        argmax(log p - log(-log u)) = argmax(p / -log u), which needs one logarithm instead of two."""
         uniform = torch.rand_like(self.log_probs).clamp_(1e-20, 1.0)
-        index = (self.log_probs - torch.log(-torch.log(uniform))).argmax(-1)
+        index = (self.probs.detach() / -torch.log(uniform)).argmax(-1)
         one_hot = F.one_hot(index, self.log_probs.shape[-1]).to(self.probs.dtype)
         return self._straight_through(one_hot)
 

@@ -24,11 +24,11 @@ from networks import RSSM, Actor, Head, MultiDecoder, MultiEncoder, features, ma
 from tools import symlog
 
 GradSync = Callable[[list[nn.Parameter]], None]
-# reward_fn(t, feat_t (N, F), action_t (N, A)) -> {name: (N,) reward term}: called at every imagined
-# step t = 0..H; each named term must be returned at exactly H steps, in the order of the arrival
-# steps 1..H it belongs to (e.g. the reward head on feat_t for t >= 1, or a prediction from
-# (feat_t, action_t) for t < H). The terms are summed.
-RewardFn = Callable[[int, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# reward_fn(t, feat_t (N, F), action_t (N, A) or None at t = H) -> {name: (N,) reward term}: called at
+# every imagined step t = 0..H (no action is taken at the last one); each named term must be returned
+# at exactly H steps, in the order of the arrival steps 1..H it belongs to (e.g. the reward head on
+# feat_t for t >= 1, or a prediction from (feat_t, action_t) for t < H). The terms are summed.
+RewardFn = Callable[[int, torch.Tensor, "torch.Tensor | None"], dict[str, torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,27 +301,39 @@ class ActorCritic(nn.Module):
         The actor sees stop-gradient states. For continuous actions the sampled actions' gradients
         flow through the dynamics into later states, rewards and values (the backprop estimator);
         for discrete actions the dynamics run under no_grad (REINFORCE needs only the actor's graph).
-        Returns stacked (H+1, N, ...) tensors: action, critic logits, slow critic value, continuation,
-        the policy distribution, and the reward (H, N) on arriving at steps 1..H.
+        No action is taken at the last state (its value only bootstraps the returns), so the actor
+        and the slow critic run at steps 0..H-1 and the critic's log-probabilities for its loss are
+        kept for those steps only: nothing is computed whose loss weight would be zero.
+        Returns stacked tensors: action (H, N, A), the policy distribution over (H, N), the critic's
+        log-probabilities (H, N, bins) and value (H+1, N), the slow critic's value (H, N), the
+        continuation (H+1, N), and the reward (H, N) on arriving at steps 1..H.
         """
         horizon = int(self.config.imag_horizon)
         stoch, deter = start["stoch"], start["deter"]
-        steps: dict[str, list] = {"action": [], "logits": [], "slow": [], "cont": [], "policy": []}
+        steps: dict[str, list] = {"action": [], "critic_log_probs": [], "value": [], "slow": [], "cont": [],
+                                  "policy": []}
         rewards: dict[str, list] = {}
         for t in range(horizon + 1):
             feat = features(stoch, deter)  # (N, F)
-            policy = self.actor(feat.detach())
-            action = policy.sample()
-            steps["policy"].append(policy)
-            steps["action"].append(action)
-            steps["logits"].append(self.critic(feat))
-            if self.config.slow_value_target:
-                steps["slow"].append(TwoHotSymlog(self.slow_critic(feat)).mean)
+            last = t == horizon
+            action = None
+            if not last:
+                policy = self.actor(feat.detach())
+                action = policy.sample()
+                steps["policy"].append(policy)
+                steps["action"].append(action)
+            critic = TwoHotSymlog(self.critic(feat))  # one log-softmax for the value and the loss
+            steps["value"].append(critic.mean)
+            if not last:
+                steps["critic_log_probs"].append(critic.log_probs)
+                if self.config.slow_value_target:  # a regression target only: no graph
+                    with torch.no_grad():
+                        steps["slow"].append(TwoHotSymlog(self.slow_critic(feat.detach())).mean)
             for name, value in reward_fn(t, feat, action).items():
                 rewards.setdefault(name, []).append(value)
             with torch.no_grad():  # predicted continuation (mode); the start's is 1 - is_terminal
                 steps["cont"].append(start["cont"].float() if t == 0 else wm.cont(feat.detach()))
-            if t == horizon:
+            if last:
                 break
             with contextlib.nullcontext() if self.backprop else torch.no_grad():
                 stoch, deter = wm.rssm.img_step(stoch, deter, action if self.backprop else action.detach())
@@ -344,9 +356,7 @@ class ActorCritic(nn.Module):
         traj = self.rollout(wm, start, reward_fn)
         action, policy, reward, cont = traj["action"], traj["policy"], traj["reward"], traj["cont"]
         weight = torch.cumprod(discount * cont, 0) / discount  # (H+1, N)
-        critic_logits = traj["logits"]  # (H+1, N, bins)
-        value = TwoHotSymlog(critic_logits).mean  # (H+1, N)
-        slow_value = traj["slow"] if cfg.slow_value_target else None
+        value = traj["value"]  # (H+1, N)
         # Bootstrapped from the critic itself, as in the paper's v1 code; the slow critic only
         # regularises the critic's predictions (below).
         returns = lambda_returns(reward, value, discount * cont[1:], float(cfg.discount_lambda))  # (H, N)
@@ -356,14 +366,14 @@ class ActorCritic(nn.Module):
         if self.backprop:
             actor_loss = -advantage
         else:
-            actor_loss = -policy.log_prob(action.detach())[:-1] * advantage.detach()
-        entropy = policy.entropy()[:-1]  # (H, N)
+            actor_loss = -policy.log_prob(action.detach()) * advantage.detach()
+        entropy = policy.entropy()  # (H, N)
         actor_loss = actor_loss - float(cfg.actor.entropy) * entropy
         actor_loss = (actor_loss * weight[:-1]).mean()
-        critic_dist = TwoHotSymlog(critic_logits[:-1])
+        critic_dist = TwoHotSymlog.from_log_probs(traj["critic_log_probs"])  # (H, N, bins)
         critic_loss = -critic_dist.log_prob(returns.detach())
         if cfg.slow_value_target:
-            critic_loss = critic_loss - float(cfg.slow_reg_scale) * critic_dist.log_prob(slow_value[:-1].detach())
+            critic_loss = critic_loss - float(cfg.slow_reg_scale) * critic_dist.log_prob(traj["slow"])
         critic_loss = (critic_loss * weight[:-1]).mean()
         metrics = {
             "loss/actor": actor_loss.detach(), "loss/critic": critic_loss.detach(),

@@ -259,9 +259,12 @@ class RSSM(nn.Module):
         init_stoch, init_deter = self.initial(batch)
         stoch, deter = init_stoch, init_deter
         stochs, deters, posts = [], [], []
+        # unbind: one view per step whose gradients autograd stacks once, where per-step slicing
+        # would add a zero-filled (B, T, hidden) gradient for every step
+        actions_t, embeds_t, resets_t = action_proj.unbind(1), embed_proj.unbind(1), reset.unbind(1)
         for t in range(length):
-            stoch, deter, post = self._filter_step(stoch, deter, reset[:, t].reshape(batch, 1), action_proj[:, t],
-                                                   embed_proj[:, t], w_in_stoch, w_out_deter, init_stoch, init_deter)
+            stoch, deter, post = self._filter_step(stoch, deter, resets_t[t].reshape(batch, 1), actions_t[t],
+                                                   embeds_t[t], w_in_stoch, w_out_deter, init_stoch, init_deter)
             stochs.append(stoch)
             deters.append(deter)
             posts.append(post)

@@ -22,6 +22,7 @@ config's task (made once); random batches of those shapes are fed to the real ag
 from __future__ import annotations
 
 import json
+import math
 import re
 import resource
 import statistics
@@ -234,7 +235,9 @@ def main(argv: list[str]) -> dict[str, float]:
     if options["--profile"]:
         write_profile(agent, batch, device, options["--profile"])
     if json_path:
-        Path(json_path).write_text(json.dumps({**results, "argv": argv, "all_seconds": times}, indent=2))
+        strict = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in results.items()}
+        Path(json_path).write_text(json.dumps({**strict, "argv": argv, "all_seconds": times}, indent=2,
+                                              allow_nan=False))  # a figure not measured is null
     return results
 
 
