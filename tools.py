@@ -61,12 +61,21 @@ def use_tf32_on_cuda(device: torch.device, deterministic: bool = False) -> bool:
     return True
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container or `taskset` limit), which
+    os.cpu_count() ignores; the machine's count where affinity is not available."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_threads(processes: int = 1) -> int:
     """Torch CPU threads per process when the config says 0: the cores not already busy when the run
     starts (1-minute load average), shared among the training processes; at least 1, at most 16.
     On a quiet 2-core machine two threads measured 1.5-1.7x faster than one; with another busy
     program beside it, two threads made the update several times slower than one (BENCHMARKS.md)."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     try:
         busy = min(max(round(os.getloadavg()[0]), 0), cores - 1)
     except (AttributeError, OSError):  # no load average on this platform

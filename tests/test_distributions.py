@@ -132,17 +132,3 @@ def test_bernoulli_log_prob_and_mode():
     torch.testing.assert_close(dist.log_prob(target), expected)
     assert dist.mode().tolist() == [0.0, 1.0, 1.0]
     np.testing.assert_allclose(dist.mean.numpy(), 1 / (1 + np.exp(-logits.numpy())), rtol=1e-6)
-
-
-@pytest.mark.parametrize("cores, load, processes, expected", [
-    (2, 0.1, 1, 2), (2, 0.1, 2, 1), (2, 0.1, 4, 1), (64, 0.0, 1, 16), (16, 0.0, 4, 4),
-    (2, 1.2, 1, 1),  # another busy program on a 2-core machine: one thread
-    (2, 9.0, 1, 1), (16, 6.0, 1, 10),
-])
-def test_default_threads_use_the_idle_cores_shared_among_training_processes(monkeypatch, cores, load, processes,
-                                                                            expected):
-    import tools
-
-    monkeypatch.setattr(tools.os, "cpu_count", lambda: cores)
-    monkeypatch.setattr(tools.os, "getloadavg", lambda: (load, load, load))
-    assert tools.default_threads(processes) == expected

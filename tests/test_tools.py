@@ -47,3 +47,29 @@ def test_updates_reuse_freed_memory_without_page_faults():
     # update measured); kept, the second and later updates reuse them.
     assert default_faults > 5000, default_faults
     assert faults < default_faults / 20, (faults, default_faults)
+
+
+@pytest.mark.parametrize("cores, load, processes, expected", [
+    (2, 0.1, 1, 2), (2, 0.1, 2, 1), (2, 0.1, 4, 1), (64, 0.0, 1, 16), (16, 0.0, 4, 4),
+    (2, 1.2, 1, 1),  # another busy program on a 2-core machine: one thread
+    (2, 9.0, 1, 1), (16, 6.0, 1, 10),
+])
+def test_default_threads_use_the_idle_cores_shared_among_training_processes(monkeypatch, cores, load, processes,
+                                                                            expected):
+    import tools
+
+    monkeypatch.setattr(tools.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(tools.os, "getloadavg", lambda: (load, load, load))
+    assert tools.default_threads(processes) == expected
+
+
+def test_usable_cores_follow_the_cpu_affinity(monkeypatch):
+    """A container or `taskset` may allow fewer cores than the machine has: threads follow them."""
+    import tools
+
+    monkeypatch.setattr(tools.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(tools.os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(tools.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert tools.usable_cores() == 1 and tools.default_threads() == 1
+    monkeypatch.delattr(tools.os, "sched_getaffinity")  # platforms without affinity: the machine's count
+    assert tools.usable_cores() == 64 and tools.default_threads() == 16
