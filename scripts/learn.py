@@ -110,10 +110,10 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
         bar=800.0,
         about=("DMC cartpole-balance from proprio, action repeat 2: eval return >= 800 within 25,000 "
                "agent steps = 50,000 env steps (issue 9's bar); the random policy scores about 300"),
-        cpu=Budget(("dmc_proprio", "size_xs"), 25000, cpu_schedule(2500, 256, 500, 2500, 10, 5000),
-                   "about 75 minutes on one CPU core: size_xs, batch 16 x 32, train_ratio 256 (paper: 512) so "
-                   "~11,000 updates (the paper's count at this step: ~12,500 of batch 16 x 64), learning "
-                   "rates 3x the paper's"),
+        cpu=Budget(("dmc_proprio", "size_xs"), 25000, cpu_schedule(2500, 512, 500, 2500, 10, 5000),
+                   "about 1.5 hours on 2 quiet CPU cores, 2.5 hours on one (--threads 1): size_xs, batch "
+                   "16 x 32, the paper's train_ratio 512, so 22,500 updates replay the paper's number of "
+                   "steps; learning rates 3x the paper's"),
         gpu=Budget(("dmc_proprio", "size_s"), 25000, (
             ("train_ratio", "512"), ("eval_every", "2500"), ("eval_episode_num", "10"),
         ), "about 1-2 hours on one GPU (the paper's train_ratio and learning rates, size S)"),
