@@ -316,3 +316,15 @@ def test_data_parallel_agent_reports_eager_updates():
     assert agent.graphed
     agent.set_grad_sync(lambda params: None)
     assert agent.graph_update is None and not agent.graphed
+
+
+def test_imagination_runs_actor_and_slow_critic_only_where_losses_read_them():
+    """No action is taken at the last imagined state: the actor and the slow critic run H times, the
+    critic H + 1 times (its value bootstraps the returns)."""
+    agent, batch, cfg = make("vector", "normal")
+    calls = {"actor": 0, "critic": 0, "slow_critic": 0}
+    for name in calls:
+        getattr(agent.task, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    agent.train_step(batch)
+    horizon = int(cfg.imag_horizon)
+    assert calls == {"actor": horizon, "critic": horizon + 1, "slow_critic": horizon}, calls
