@@ -404,8 +404,7 @@ class Trainer:
         tools.use_tf32_on_cuda(self.device, config.deterministic)
         tools.set_seed(config.seed + 1000 * dist.rank, config.deterministic)
         self.pool = None
-        self.told_no_video = False
-        self.wants_video = bool(config.video)  # False once the env's render() has raised
+        self.wants_video = bool(config.video)  # False once render() has raised or given no frame
 
     def compute_summary(self) -> str:
         """One line: where the update runs and how (threads picked, CUDA graphs)."""
@@ -528,12 +527,11 @@ class Trainer:
         amount = min(self.config.envs.amount, self.config.eval_episode_num)
         with make_env_pool(self.config, "eval", amount, 0, self.logger) as pool:
             frames, render_ok = evaluate(self.config, self.agent, pool, self.logger, self.wants_video)
-        if not render_ok:  # logged once by evaluate; later evaluations record no video
-            self.wants_video = False
-        elif self.wants_video and not frames and not self.told_no_video:
+        if self.wants_video and render_ok and not frames:
             self.logger.info("no eval video: the env's render() gives no frame and it has no 'image' "
                              "observation (training is not affected)")
-            self.told_no_video = True
+        if not (render_ok and frames):  # a raising render() is logged once by evaluate
+            self.wants_video = False  # later evaluations record no video
         if self.config.video and self.prefetch is not None:
             for name, video in self.agent.report(self.prefetch.next()).items():
                 self.logger.video(name, video[None] if video.ndim == 4 else video)

@@ -316,19 +316,18 @@ class ActorCritic(nn.Module):
         for t in range(horizon + 1):
             feat = features(stoch, deter)  # (N, F)
             last = t == horizon
-            action = None
-            if not last:
-                policy = self.actor(feat.detach())
-                action = policy.sample()
-                steps["policy"].append(policy)
-                steps["action"].append(action)
             critic = TwoHotSymlog(self.critic(feat))  # one log-softmax for the value and the loss
             steps["value"].append(critic.mean)
-            if not last:
+            action = None
+            if not last:  # at t = H only the value (the bootstrap) is needed
                 steps["critic_log_probs"].append(critic.log_probs)
                 if self.config.slow_value_target:  # a regression target only: no graph
                     with torch.no_grad():
                         steps["slow"].append(TwoHotSymlog(self.slow_critic(feat.detach())).mean)
+                policy = self.actor(feat.detach())
+                action = policy.sample()
+                steps["policy"].append(policy)
+                steps["action"].append(action)
             for name, value in reward_fn(t, feat, action).items():
                 rewards.setdefault(name, []).append(value)
             with torch.no_grad():  # predicted continuation (mode); the start's is 1 - is_terminal

@@ -133,6 +133,34 @@ def test_observe_equals_stepping_obs_step():
     torch.testing.assert_close(out["prior"], rssm.prior_log_probs(out["deter"]))
 
 
+def autograd_node_names(tensor: torch.Tensor) -> list[str]:
+    """The names of every node in the backward graph of a tensor."""
+    seen, names, stack = set(), [], [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack.extend(child for child, _ in node.next_functions)
+    return names
+
+
+def test_observe_splits_the_sequence_projections_once():
+    """observe() unbinds the (B, T, hidden) action and embedding projections into per-step views, so
+    backward stacks their gradients once; indexing [:, t] per step would add a zero-filled
+    (B, T, hidden) gradient for every step (a SelectBackward node per step)."""
+    rssm = make_rssm()
+    embed = torch.randn(2, 5, 7, requires_grad=True)
+    action = torch.randn(2, 5, 2, requires_grad=True)
+    out = rssm.observe(embed, action, torch.zeros(2, 5, dtype=torch.bool))
+    names = autograd_node_names(out["stoch"].sum())
+    assert names.count("UnbindBackward0") == 2, names  # the action and the embedding projections
+    assert "SelectBackward0" not in names, names
+    out["stoch"].sum().backward()
+    assert embed.grad.shape == (2, 5, 7) and embed.grad.abs().sum(-1).gt(0).all()
+
+
 def test_is_first_resets_state_per_sequence():
     rssm = make_rssm()
     embed, action = torch.randn(2, 6, 7), torch.randn(2, 6, 2)
