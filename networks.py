@@ -523,21 +523,79 @@ class EnsembleMLP(nn.Module):
 # torch.compile with a fallback
 
 
+def grad_leaves(fn: Callable, args: tuple) -> list[torch.Tensor]:
+    """Tensors a backward pass through `fn` can reach directly: its tensor arguments that require
+    grad and, for a bound method of a module, that module's trainable parameters."""
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        leaves += [p for p in owner.parameters() if p.requires_grad]
+    return leaves
+
+
+def differentiable_outputs(result) -> list[torch.Tensor]:
+    """The floating-point tensors in a (nested) result that carry a graph."""
+    if isinstance(result, torch.Tensor):
+        return [result] if result.requires_grad and result.is_floating_point() else []
+    if isinstance(result, dict):
+        result = list(result.values())
+    if isinstance(result, (list, tuple)):
+        return [t for item in result for t in differentiable_outputs(item)]
+    return []
+
+
+def detached_leaves(args: tuple) -> tuple:
+    """The arguments with every tensor cut from its graph (a leaf that requires grad as before)."""
+    return tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+
+
+def probe_backward(compiled: Callable, fn: Callable, args: tuple, kwargs: dict) -> bool:
+    """One extra forward and backward of the compiled function on graph-free copies of its
+    arguments, random state restored afterwards, gradients discarded. torch.compile builds the
+    backward lazily, so a compiler failure that only the backward meets raises here, where the
+    caller can still fall back, instead of in the optimizer step. True once a backward has run."""
+    probe_args = detached_leaves(args)
+    cuda = sorted({a.device.index or 0 for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        outputs = differentiable_outputs(compiled(*probe_args, **kwargs))
+        leaves = grad_leaves(fn, probe_args)
+        if not (outputs and leaves):
+            return False
+        torch.autograd.grad(sum(o.float().sum() for o in outputs), leaves, allow_unused=True)
+    return True
+
+
+def allow_retained_backward() -> None:
+    """Tell torch.compile (process-wide; its own setting) not to donate saved tensors to backward
+    passes: the actor's gradient runs backward with retain_graph=True (the critic's gradient reuses
+    that graph), which a compiled backward with donated buffers refuses. The decision is taken when
+    a backward is compiled, lazily, outside any call of ours, so a scoped patch would not reach it."""
+    config = getattr(getattr(torch, "_functorch", None), "config", None)
+    if config is not None and hasattr(config, "donated_buffer"):
+        config.donated_buffer = False
+
+
 def maybe_compile(fn: Callable, enabled: bool, name: str) -> Callable:
     """torch.compile `fn` when enabled; if compiling or running the compiled code fails, warn once
-    and use the eager function from then on."""
+    and use the eager function from then on. The first call that builds a graph first runs the
+    compiled forward and backward once on detached copies (probe_backward), so a failure in the
+    lazily compiled backward falls back too."""
     if not enabled:
         return fn
     try:
+        allow_retained_backward()
         compiled = torch.compile(fn, dynamic=False)
     except Exception as error:  # noqa: BLE001 - any failure means: run eagerly
         warnings.warn(f"torch.compile is unavailable for {name} ({error!r}); running eagerly.")
         return fn
-    failed = []
+    failed, backward_checked = [], []
 
     def run(*args, **kwargs):
         if not failed:
             try:
+                if not backward_checked and torch.is_grad_enabled() and probe_backward(compiled, fn, args, kwargs):
+                    backward_checked.append(True)
                 return compiled(*args, **kwargs)
             except Exception as error:  # noqa: BLE001
                 failed.append(error)

@@ -202,6 +202,48 @@ def test_maybe_compile_falls_back_with_one_warning(monkeypatch):
         torch.testing.assert_close(compiled(torch.ones(2)), torch.full((2,), 2.0))
 
 
+class FailingBackward(torch.autograd.Function):
+    """Identity forward; a backward that fails as a lazily compiled backward graph can."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward compilation failed")
+
+
+def test_maybe_compile_falls_back_when_only_the_backward_fails(monkeypatch):
+    """torch.compile builds the backward at the first backward pass; a failure there is found at
+    the first call that builds a graph (not in the optimizer step), and the eager function's
+    gradients are used from then on."""
+    def compile_with_broken_backward(fn, **kwargs):
+        return lambda *args: FailingBackward.apply(fn(*args))
+
+    monkeypatch.setattr(torch, "compile", compile_with_broken_backward)
+    layer = torch.nn.Linear(3, 2)
+    compiled = maybe_compile(layer.forward, True, "layer")
+    with torch.no_grad():  # no graph: nothing to check yet, the compiled forward is used
+        torch.testing.assert_close(compiled(torch.ones(4, 3)), layer(torch.ones(4, 3)))
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"torch.compile failed for layer \(RuntimeError: backward compilation"):
+        out = compiled(x)
+    out.sum().backward()  # the eager graph: no failure in the real backward
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(4, 3))
+    torch.testing.assert_close(layer.weight.grad, x.detach().sum(0).expand(2, 3))
+
+
+def test_maybe_compile_backward_probe_leaves_grads_untouched(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    layer = torch.nn.Linear(3, 2)
+    compiled = maybe_compile(layer.forward, True, "layer")
+    out = compiled(torch.randn(4, 3))
+    assert layer.weight.grad is None and layer.bias.grad is None  # the probe's gradients are discarded
+    out.sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((2,), 4.0))  # counted once, not twice
+
+
 @pytest.mark.slow
 def test_maybe_compile_really_compiles():
     compiled = maybe_compile(lambda x: torch.tanh(x) * 2 + 1, True, "f")
