@@ -96,7 +96,8 @@ class Counters:
     step: int = 0  # agent steps summed over envs (and ranks)
     updates: int = 0  # gradient updates done
     episodes: int = 0  # finished train episodes
-    train_start: int = -1  # step at which training began (-1 = not yet)
+    train_start: int = -1  # step at which training began (-1 = not yet); moved by a resume that changes the rate
+    schedule_updates: int = 0  # updates done before train_start (nonzero after such a resume)
     last_log: int = 0
     last_eval: int = 0
     last_save: int = 0
@@ -310,6 +311,7 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
                       {k: agent.state_dict().get(k) or {} for k in modules}, hints=shape_hints(config))
     agent.load_state_dict(state["agent"])
     counters = Counters(**state["counters"])
+    restart_update_schedule(counters, state["config"], config, logger)
     ckpt.restore_rng_states(state["rng"])
     replay.set_rng_state(state["replay_rng"])
     logger.info(f"resumed from {source} at step {counters.step} ({counters.updates} updates)")
@@ -387,8 +389,31 @@ def updates_due(counters: Counters, config: Config, world: int) -> int:
     with the replayed steps of all ranks counted (each rank's update consumes one batch)."""
     if counters.train_start < 0:
         return 0
+    steps = counters.step - counters.train_start
     replayed_per_update = config.batch_size * config.batch_length * world
-    return int((counters.step - counters.train_start) * config.train_ratio / replayed_per_update) + 1
+    return counters.schedule_updates + int(steps * config.train_ratio / replayed_per_update) + 1
+
+
+def updates_per_step(train_ratio: float, batch_size: int, batch_length: int, world: int) -> float:
+    """Gradient updates per agent step: train_ratio / (batch_size x batch_length x processes)."""
+    return train_ratio / (batch_size * batch_length * world)
+
+
+def restart_update_schedule(counters: Counters, saved: dict, config: Config, logger: Logger) -> None:
+    """A resume whose train_ratio, batch size or number of processes changes the updates per step
+    applies the new rate from the resume's step on: without this, the new rate counted from the
+    start of training would owe (or refuse) thousands of updates before the next env step."""
+    before = updates_per_step(saved["train_ratio"], saved["batch_size"], saved["batch_length"],
+                              int(saved.get("parallel", 1)))
+    now = updates_per_step(config.train_ratio, config.batch_size, config.batch_length, int(config.parallel))
+    if counters.train_start < 0 or math.isclose(before, now):
+        return
+    counters.train_start, counters.schedule_updates = counters.step, counters.updates - 1
+    logger.info(f"updates per agent step changed from {before:.4g} to {now:.4g} (train_ratio "
+                f"{saved['train_ratio']} -> {config.train_ratio}, batch {saved['batch_size']} x "
+                f"{saved['batch_length']} -> {config.batch_size} x {config.batch_length}, processes "
+                f"{saved.get('parallel', 1)} -> {config.parallel}): the new rate applies from step "
+                f"{counters.step} on ({counters.updates} updates so far)")
 
 
 class Trainer:

@@ -132,7 +132,7 @@ class Optimizer:
     def __init__(self, params: Iterable[nn.Parameter], lr: float, eps: float, clip: float,
                  device: torch.device, use_scaler: bool = False, capturable: bool = False):
         self.params = list(params)
-        self.clip, self.capturable = clip, capturable
+        self.lr, self.eps, self.clip, self.capturable = lr, eps, clip, capturable
         try:  # capturable: its step counters live on the device, so a CUDA graph can replay step()
             self.adam = torch.optim.Adam(self.params, lr=lr, eps=eps, fused=True, capturable=capturable)
         except (RuntimeError, TypeError):
@@ -165,11 +165,12 @@ class Optimizer:
         return {"adam": self.adam.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Adam's moments and steps from `state`; `capturable` stays this run's own (a checkpoint of
-        an eager run resumes with CUDA graphs and the other way round)."""
+        """Adam's moments and steps from `state`; the learning rate, epsilon and `capturable` stay
+        this run's own (a resume may change the rates; a checkpoint of an eager run resumes with
+        CUDA graphs and the other way round)."""
         self.adam.load_state_dict(state["adam"])
         for group in self.adam.param_groups:
-            group["capturable"] = self.capturable
+            group.update(lr=self.lr, eps=self.eps, capturable=self.capturable)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 

@@ -301,6 +301,23 @@ def test_optimizer_state_of_an_eager_run_loads_into_a_cuda_graph_run_and_back():
     assert eager.adam.param_groups[0]["capturable"] is False
 
 
+def test_resumed_optimizer_uses_this_runs_learning_rate_and_epsilon():
+    """Adam.load_state_dict would bring back the saved lr and eps, silently ignoring a resume's
+    --actor_lr / --model_lr; the moments and step counts come from the checkpoint."""
+    from models import Optimizer
+
+    param = torch.nn.Parameter(torch.randn(3))
+    old = Optimizer([param], lr=1e-4, eps=1e-8, clip=100.0, device=torch.device("cpu"))
+    old.step(param.square().sum())
+    new = Optimizer([torch.nn.Parameter(torch.randn(3))], lr=3e-4, eps=1e-5, clip=100.0,
+                    device=torch.device("cpu"))
+    new.load_state_dict(old.state_dict())
+    group = new.adam.param_groups[0]
+    assert (group["lr"], group["eps"]) == (3e-4, 1e-5)
+    assert torch.equal(new.adam.state_dict()["state"][0]["exp_avg"], old.adam.state[param]["exp_avg"])
+    assert float(new.adam.state_dict()["state"][0]["step"]) == 1.0
+
+
 def test_imagined_actions_are_clipped_into_the_range_the_model_was_trained_on():
     """The paper's RSSM scales actions by sg(1 / max(1, |a|)): an imagined sample of 3.0 enters the
     dynamics as 1.0, and its gradient is scaled by 1/3, not zeroed."""

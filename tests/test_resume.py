@@ -315,6 +315,43 @@ def test_from_checkpoint_without_logdir_continues_in_its_folder(killed_run, tmp_
     assert checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]["step"] == STEPS + SAVE_EVERY
 
 
+def test_resume_with_a_new_train_ratio_applies_it_from_the_resume_step(killed_run, tmp_path):
+    """The finished run (600 steps, 63 updates at train_ratio 8) resumed to 700 steps at
+    train_ratio 32 makes 100 x 32 / (4 x 16) = 50 more updates, not the 301 - 63 = 238 that the new
+    ratio counted from the start of training would owe before the next env step."""
+    logdir = copy_run(killed_run["logdir"], tmp_path / "run")
+    args = run_args(logdir, steps=STEPS + 100)
+    args[args.index("--train_ratio") + 1] = "32"
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (logdir / "train.log").read_text()
+    assert (f"INFO updates per agent step changed from 0.125 to 0.5 (train_ratio 8 -> 32, batch 4 x 16 "
+            f"-> 4 x 16, processes 1 -> 1): the new rate applies from step {STEPS} on "
+            f"({EXPECTED_UPDATES} updates so far)") in log
+    counters = checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]
+    assert counters["step"] == STEPS + 100
+    assert counters["updates"] == EXPECTED_UPDATES + 50
+
+
+def test_lowered_train_ratio_keeps_training_after_a_resume():
+    """A lower rate counted from the start of training would owe fewer updates than were done, so
+    training would pause for thousands of steps; restarted at the resume step, it goes on at once."""
+    cfg = debug_config("--train_ratio", "2")  # 2 / (4 x 16) updates per step
+    saved = {**cfg.to_dict(), "train_ratio": 8}
+    counters = dreamer.Counters(step=600, updates=63, train_start=100)
+    messages = []
+    logger = type("Log", (), {"info": lambda self, text: messages.append(text)})()
+    dreamer.restart_update_schedule(counters, saved, cfg, logger)
+    assert (counters.train_start, counters.schedule_updates) == (600, 62)
+    assert dreamer.updates_due(counters, cfg, world=1) == 63  # nothing owed at the resume step
+    counters.step = 600 + 64
+    assert dreamer.updates_due(counters, cfg, world=1) == 65  # then 2 per 64 steps
+    assert len(messages) == 1 and "train_ratio 8 -> 2" in messages[0]
+    unchanged = dreamer.Counters(step=600, updates=63, train_start=100)
+    dreamer.restart_update_schedule(unchanged, cfg.to_dict(), cfg, logger)
+    assert (unchanged.train_start, unchanged.schedule_updates, len(messages)) == (100, 0, 1)
+
+
 # ---------------------------------------------------------------------------- in-process round trip
 
 
