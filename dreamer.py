@@ -311,10 +311,10 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
                       {k: agent.state_dict().get(k) or {} for k in modules}, hints=shape_hints(config))
     agent.load_state_dict(state["agent"])
     counters = Counters(**state["counters"])
-    restart_update_schedule(counters, state["config"], config, logger)
     ckpt.restore_rng_states(state["rng"])
     replay.set_rng_state(state["replay_rng"])
     logger.info(f"resumed from {source} at step {counters.step} ({counters.updates} updates)")
+    restart_update_schedule(counters, state["config"], config, logger)
     if not config.eval_only:  # the steps after the checkpoint are trained and logged again
         dropped = logger.rewind(counters.step)
         if dropped:
