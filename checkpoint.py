@@ -160,7 +160,8 @@ def missing_message(path: Path) -> str:
             f"checkpoint {path} does not exist, and neither does its folder {folder}. Check the "
             "--from_checkpoint path (it should point at a run's latest.pt)."
         )
-    entries = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
+    entries = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir()
+                     if not entry.name.startswith("."))  # not the run lock
     listing = ", ".join(entries[:30])
     if len(entries) > 30:
         listing += f", ... ({len(entries)} entries)"

@@ -106,15 +106,16 @@ class Counters:
 # ------------------------------------------------------------------------------------------- factories
 
 
-def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logger: Logger) -> EnvPool:
+def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logger: Logger,
+                  seed_shift: int = 0) -> EnvPool:
     """`amount` wrapped envs of `config.task` in the configured parallel mode; env worker restarts
-    are logged with the env's traceback."""
+    are logged with the env's traceback. `seed_shift` moves the envs' seeds (envs.env_seed)."""
     import envs
 
     def log_event(event: dict) -> None:
         logger.warning(f"{mode} {event['message']}:\n{event.get('traceback', '')}")
 
-    ctors = [functools.partial(envs.make_env, config, mode, first_index + i) for i in range(amount)]
+    ctors = [functools.partial(envs.make_env, config, mode, first_index + i, seed_shift) for i in range(amount)]
     return envs.parallel.EnvPool(ctors, config.envs.parallel, on_event=log_event)
 
 
@@ -130,6 +131,21 @@ def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str
     capacity = max(config.replay_size // dist.world, config.batch_length)
     return Replay(capacity, config.batch_length, paths.replay_dir, chunk=config.replay_chunk,
                   seed=config.seed + dist.rank, warn=warn)
+
+
+def lock_run_folder(paths: RunPaths, dist: Dist, eval_only: bool) -> Optional[tools.FolderLock]:
+    """One training run per folder: the main rank locks it (an --eval_only run, which writes no
+    checkpoint or replay, takes no lock); a second run there stops before writing anything."""
+    if not dist.main or eval_only:
+        return None
+    lock = tools.FolderLock(paths.logdir)
+    holder = lock.acquire()
+    if holder is not None:
+        raise RunError(
+            f"{paths.logdir} is in use by another run ({holder}, see {lock.path}): two runs in one "
+            "folder would overwrite each other's checkpoint, replay chunks and metrics. Wait for "
+            "that run to finish or stop it (Ctrl-C saves it), or use another --logdir.")
+    return lock
 
 
 def make_logger(config: Config, paths: RunPaths, dist: Dist) -> Logger:
@@ -226,11 +242,12 @@ def render_failure(error: Exception) -> str:
             "render(mode='rgb_array'); or set --video False.")
 
 
-def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger, video: bool = True
-             ) -> tuple[int, bool]:
+def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger, video: bool = True,
+             stop: Callable[[], bool] = lambda: False) -> tuple[int, bool, bool]:
     """Run eval_episode_num episodes with the deterministic policy; log their returns and, if
-    `video`, the video of env 0's first episode. Returns (video frames recorded, whether render()
-    worked: False after it raised, which is logged once here)."""
+    `video`, the video of env 0's first episode. `stop()` true (a stop request) ends it early with
+    nothing logged. Returns (video frames recorded, whether render() worked: False after it raised,
+    which is logged once here, whether it ran to the end)."""
     import envs
 
     returns: list[float] = []
@@ -241,6 +258,10 @@ def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger, video:
     actions = agent.random_actions(len(pool))  # ignored: the first step resets every env
     state = None
     while len(returns) < config.eval_episode_num:
+        if stop():
+            logger.info(f"evaluation stopped by the stop request after {len(returns)} of "
+                        f"{config.eval_episode_num} episodes (not logged)")
+            return len(frames), render_ok, False
         observations = pool.step(actions)
         for index, obs in enumerate(observations):
             summary = tracker.add(index, obs)
@@ -264,17 +285,19 @@ def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger, video:
     logger.scalars(metrics)
     if frames:
         logger.video("eval/video", np.stack(frames)[None])
-    return len(frames), render_ok
+    return len(frames), render_ok, True
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
 def checkpoint_state(config: Config, agent: Agent, counters: Counters, replay: Replay,
-                     replay_rng: dict | None = None) -> dict[str, Any]:
+                     replay_rng: dict | None = None, world: int = 1) -> dict[str, Any]:
     """Everything a resumed run needs. replay_rng: the sampler state after the last batch trained
-    on (Prefetcher.consumed_rng_state); the replay's own state when not given."""
+    on (Prefetcher.consumed_rng_state); the replay's own state when not given. world: the number
+    of data-parallel processes (under torchrun it is not in the config)."""
     return {
+        "world": world,
         "agent": agent.state_dict(),
         "replay_rng": replay_rng if replay_rng is not None else replay.rng_state(),
         "counters": dataclasses.asdict(counters),
@@ -290,7 +313,7 @@ def save(config: Config, agent: Agent, counters: Counters, replay: Replay, paths
     replay.flush()
     if dist.main:
         replay_rng = prefetch.consumed_rng_state() if prefetch is not None else None
-        ckpt.save_checkpoint(paths.checkpoint, checkpoint_state(config, agent, counters, replay, replay_rng))
+        ckpt.save_checkpoint(paths.checkpoint, checkpoint_state(config, agent, counters, replay, replay_rng, dist.world))
         logger.info(f"saved checkpoint {paths.checkpoint} at step {counters.step}")
 
 
@@ -301,10 +324,18 @@ SIZE_KEYS = ["rssm.deter", "rssm.hidden", "rssm.stoch", "rssm.classes", "encoder
              "critic.layers", "critic.bins", "actor_dist"]
 
 
+def load_resume_state(paths: RunPaths, device: torch.device, logger: Logger) -> tuple[dict, Path]:
+    """The checkpoint named by paths.resume_from (or its .prev fallback) and the file it came from."""
+    return ckpt.load_checkpoint_and_source(paths.resume_from, map_location=device, warn=logger.warning)
+
+
 def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, device: torch.device,
-            logger: Logger) -> Counters:
-    """Load the checkpoint named by paths.resume_from into the agent; return its counters."""
-    state, source = ckpt.load_checkpoint_and_source(paths.resume_from, map_location=device, warn=logger.warning)
+            logger: Logger, world: int = 1, loaded: tuple[dict, Path] | None = None) -> Counters:
+    """Load the checkpoint named by paths.resume_from (or the already `loaded` state) into the
+    agent; return its counters. `world`: this run's number of data-parallel processes."""
+    state, source = loaded if loaded is not None else load_resume_state(paths, device, logger)
+    if not config.eval_only:
+        check_same_task(state["config"], config, source)
     ckpt.check_config_sizes(state["config"], config.to_dict(), SIZE_KEYS)
     modules = ("wm", "task", "expl")  # optimizer state is shaped by these; a fresh agent has none yet
     ckpt.check_shapes({k: state["agent"].get(k) or {} for k in modules},
@@ -314,12 +345,37 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     ckpt.restore_rng_states(state["rng"])
     replay.set_rng_state(state["replay_rng"])
     logger.info(f"resumed from {source} at step {counters.step} ({counters.updates} updates)")
-    restart_update_schedule(counters, state["config"], config, logger)
+    changes = changed_settings(state["config"], config.to_dict())
+    if changes:
+        logger.info("settings changed since the checkpoint: " + ", ".join(changes))
+    saved_world = int(state.get("world", state["config"].get("parallel", 1)))
+    restart_update_schedule(counters, state["config"], saved_world, config, world, logger)
     if not config.eval_only:  # the steps after the checkpoint are trained and logged again
         dropped = logger.rewind(counters.step)
         if dropped:
             logger.info(f"metrics.jsonl: dropped {dropped} records logged after step {counters.step}")
     return counters
+
+
+def check_same_task(saved: dict, config: Config, source: Path) -> None:
+    """Training on from a checkpoint of another task mixes the two in one agent and one replay."""
+    if saved.get("task", config.task) != config.task:
+        raise ckpt.CheckpointMismatch(
+            f"the checkpoint {source} was trained on task {saved['task']}, but this run asks for "
+            f"--task {config.task}. Resume with --task {saved['task']}, or train {config.task} in a "
+            f"new --logdir (this folder's replay holds {saved['task']}'s episodes).")
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """'key old -> new' for every config key whose value differs from the checkpoint's config
+    (the run folder and checkpoint paths aside)."""
+    changes = []
+    for key in config_lib.flat_keys(current):
+        old = config_lib.lookup(saved, key, None)
+        new = config_lib.lookup(current, key)
+        if key not in ("logdir", "from_checkpoint") and old is not None and old != new:
+            changes.append(f"{key} {old} -> {new}")
+    return changes
 
 
 def shape_hints(config: Config) -> dict[str, str]:
@@ -342,6 +398,7 @@ class Interrupt:
 
     def __init__(self):
         self.requested = False
+        self.shielded = False  # while the final checkpoint is written, a further Ctrl-C waits
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -353,9 +410,14 @@ class Interrupt:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # second Ctrl-C: stop at once
+        if self.shielded:
+            sys.stderr.write("\nsaving the checkpoint; the run stops when it is written\n")
+            return
+        if self.requested:  # second Ctrl-C: stop at once (the run still saves)
             raise KeyboardInterrupt
         self.requested = True
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after the current step (an evaluation "
+                         "in progress is cut short) and saving; press Ctrl-C again to stop at once\n")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -399,20 +461,21 @@ def updates_per_step(train_ratio: float, batch_size: int, batch_length: int, wor
     return train_ratio / (batch_size * batch_length * world)
 
 
-def restart_update_schedule(counters: Counters, saved: dict, config: Config, logger: Logger) -> None:
-    """A resume whose train_ratio, batch size or number of processes changes the updates per step
-    applies the new rate from the resume's step on: without this, the new rate counted from the
-    start of training would owe (or refuse) thousands of updates before the next env step."""
-    before = updates_per_step(saved["train_ratio"], saved["batch_size"], saved["batch_length"],
-                              int(saved.get("parallel", 1)))
-    now = updates_per_step(config.train_ratio, config.batch_size, config.batch_length, int(config.parallel))
+def restart_update_schedule(counters: Counters, saved: dict, saved_world: int, config: Config, world: int,
+                            logger: Logger) -> None:
+    """A resume whose train_ratio, batch size or number of processes (`saved_world` -> `world`,
+    also under torchrun) changes the updates per step applies the new rate from the resume's step
+    on: without this, the new rate counted from the start of training would owe (or refuse)
+    thousands of updates before the next env step."""
+    before = updates_per_step(saved["train_ratio"], saved["batch_size"], saved["batch_length"], saved_world)
+    now = updates_per_step(config.train_ratio, config.batch_size, config.batch_length, world)
     if counters.train_start < 0 or math.isclose(before, now):
         return
     counters.train_start, counters.schedule_updates = counters.step, counters.updates - 1
     logger.info(f"updates per agent step changed from {before:.4g} to {now:.4g} (train_ratio "
                 f"{saved['train_ratio']} -> {config.train_ratio}, batch {saved['batch_size']} x "
                 f"{saved['batch_length']} -> {config.batch_size} x {config.batch_length}, processes "
-                f"{saved.get('parallel', 1)} -> {config.parallel}): the new rate applies from step "
+                f"{saved_world} -> {world}): the new rate applies from step "
                 f"{counters.step} on ({counters.updates} updates so far)")
 
 
@@ -422,6 +485,7 @@ class Trainer:
     def __init__(self, config: Config, dist: Dist = Dist(), sync: Optional[DistSync] = None):
         self.config, self.dist, self.sync = config, dist, sync
         self.paths = resolve_paths(config)
+        self.lock = lock_run_folder(self.paths, dist, config.eval_only)  # before anything is written there
         self.logger = make_logger(config, self.paths, dist)
         self.device = tools.resolve_device(config.device)
         self.threads = tools.set_threads(config.threads, processes=dist.world)
@@ -444,7 +508,10 @@ class Trainer:
     def setup(self) -> None:
         config, dist = self.config, self.dist
         self.first_env = dist.rank * config.envs.amount  # global index of this rank's first env
-        self.pool = make_env_pool(config, "train", config.envs.amount, self.first_env, self.logger)
+        resumed = None if self.paths.resume_from is None else load_resume_state(self.paths, self.device, self.logger)
+        # a resumed run's train envs get new seeds, or they would replay the first run's episodes
+        seed_shift = 0 if resumed is None else 100_003 * int(resumed[0]["counters"]["step"])
+        self.pool = make_env_pool(config, "train", config.envs.amount, self.first_env, self.logger, seed_shift)
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
         if self.sync is not None:  # data-parallel: act as one learner over all ranks' batches
             self.agent.set_grad_sync(self.sync.grads)
@@ -453,11 +520,18 @@ class Trainer:
         self.logger.info(self.compute_summary())  # after set_grad_sync: data-parallel runs are eager
         self.replay = make_replay(config, self.paths, dist, self.logger.warning)
         self.counters = Counters()
-        if self.paths.resume_from is not None:
-            self.counters = restore(config, self.agent, self.replay, self.paths, self.device, self.logger)
+        if resumed is not None:
+            self.counters = restore(config, self.agent, self.replay, self.paths, self.device, self.logger,
+                                    dist.world, resumed)
         loaded = self.replay.load(keep_worker=lambda worker: worker % dist.world == dist.rank)
         if loaded:
             self.logger.info(f"replay: loaded {loaded} steps from {self.replay.directory}")
+        elif resumed is not None and self.counters.step > 0 and not config.eval_only:
+            self.logger.warning(
+                f"resumed at step {self.counters.step} but {self.replay.directory} holds no replay: "
+                "training waits for batch_length new steps and then trains on those alone. A run "
+                "resumed from another folder's checkpoint does not bring its replay along: copy that "
+                "run's replay/ folder into this one to keep it.")
         self.prefetch: Optional[Prefetcher] = None
         self.metrics = MetricSums()
         self.tracker = EpisodeTracker(len(self.pool))
@@ -546,12 +620,16 @@ class Trainer:
         torch_dist.all_gather_object(gathered, list(episode_stats))
         return [s for part in gathered for s in part]
 
-    def run_eval(self) -> None:
+    def run_eval(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Evaluate on fresh eval envs (the same seeds every time, apart from the train envs'), log
-        the returns, one episode's video and the world model's open-loop predictions."""
+        the returns, one episode's video and the world model's open-loop predictions. A stop
+        request (`stop()`) cuts it short: nothing is logged and the evaluation stays due."""
         amount = min(self.config.envs.amount, self.config.eval_episode_num)
         with make_env_pool(self.config, "eval", amount, 0, self.logger) as pool:
-            frames, render_ok = evaluate(self.config, self.agent, pool, self.logger, self.wants_video)
+            frames, render_ok, completed = evaluate(self.config, self.agent, pool, self.logger,
+                                                    self.wants_video, stop)
+        if not completed:
+            return
         if self.wants_video and render_ok and not frames:
             self.logger.info("no eval video: the env's render() gives no frame and it has no 'image' "
                              "observation (training is not affected)")
@@ -588,7 +666,7 @@ class Trainer:
                 interval = (time.time(), counters.step, counters.updates)
                 counters.last_log = counters.step
             if self.should_eval():
-                self.run_eval()
+                self.run_eval(stop=lambda: interrupt.requested)
             if self.should_save(last_save_time):
                 counters.last_save = counters.step
                 save(config, self.agent, counters, self.replay, self.paths, self.dist, logger, self.prefetch)
@@ -616,45 +694,58 @@ class Trainer:
             if thing is not None:
                 thing.close()
         self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def train(config: Config, dist: Dist = Dist(), sync: Optional[DistSync] = None) -> Counters:
     """Set up, resume if there is a checkpoint, run the loop, save at the end (and on Ctrl-C)."""
     trainer = Trainer(config, dist, sync)
     logger = trainer.logger
-    try:
-        trainer.setup()
-        if dist.main and not config.eval_only:  # after resume accepted the checkpoint
-            write_config(config, trainer.paths.logdir)
-            logger.info(f"logs in {trainer.paths.logdir.resolve()}: follow with `tail -f "
-                        f"{trainer.paths.logdir / 'train.log'}` or `tensorboard --logdir {trainer.paths.logdir}`")
-        if config.eval_only:
-            logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {config.eval_episode_num} episodes")
-            trainer.run_eval()
-            return trainer.counters
-        with Interrupt() as interrupt:
-            try:
-                trainer.loop(interrupt)
-            except KeyboardInterrupt:
-                interrupt.requested = True
-            if trainer.dist.main and trainer.should_eval_at_end():
-                trainer.run_eval()
-            if trainer.counters.last_save != trainer.counters.step or interrupt.requested:
-                save(config, trainer.agent, trainer.counters, trainer.replay, trainer.paths, dist, logger,
-                     trainer.prefetch)
-            if interrupt.requested:
-                logger.info(f"stopped at step {trainer.counters.step}; to resume, {resume_hint(trainer.paths)}")
+    with Interrupt() as interrupt:  # Ctrl-C / SIGTERM from here on: stop at a clean point and save
+        try:
+            return run_training(trainer, interrupt)
+        except Exception as error:
+            if is_user_error(error):  # into train.log; main() prints it once on stderr
+                logger.error(str(error), echo=False)
             else:
-                logger.info(f"finished: {trainer.counters.step} steps, {trainer.counters.updates} updates")
+                logger.error(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+            raise
+        finally:
+            interrupt.shielded = True  # a late Ctrl-C does not cut the closing of envs and logs
+            trainer.close()
+
+
+def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
+    """setup, then evaluate only, or train to config.steps (or a stop request) and save."""
+    config, dist, logger = trainer.config, trainer.dist, trainer.logger
+    trainer.setup()
+    if dist.main and not config.eval_only:  # after resume accepted the checkpoint
+        write_config(config, trainer.paths.logdir)
+        logger.info(f"logs in {trainer.paths.logdir.resolve()}: follow with `tail -f "
+                    f"{trainer.paths.logdir / 'train.log'}` or `tensorboard --logdir {trainer.paths.logdir}`")
+    if config.eval_only:
+        logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {config.eval_episode_num} episodes")
+        trainer.run_eval(stop=lambda: interrupt.requested)
         return trainer.counters
-    except Exception as error:
-        if is_user_error(error):  # into train.log; main() prints it once on stderr
-            logger.error(str(error), echo=False)
-        else:
-            logger.error(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
-        raise
-    finally:
-        trainer.close()
+    if trainer.counters.step >= config.steps:
+        logger.info(f"nothing to train: the run is at step {trainer.counters.step}, at or past --steps "
+                    f"{config.steps}; raise --steps to train further")
+    try:
+        trainer.loop(interrupt)
+        if dist.main and trainer.should_eval_at_end() and not interrupt.requested:
+            trainer.run_eval(stop=lambda: interrupt.requested)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, but still save
+        interrupt.requested = True
+    interrupt.shielded = True
+    if trainer.counters.last_save != trainer.counters.step:  # else saved at this very step
+        trainer.counters.last_save = trainer.counters.step
+        save(config, trainer.agent, trainer.counters, trainer.replay, trainer.paths, dist, logger, trainer.prefetch)
+    if interrupt.requested:
+        logger.info(f"stopped at step {trainer.counters.step}; to resume, {resume_hint(trainer.paths)}")
+    else:
+        logger.info(f"finished: {trainer.counters.step} steps, {trainer.counters.updates} updates")
+    return trainer.counters
 
 
 def resume_hint(paths: RunPaths) -> str:

@@ -113,3 +113,39 @@ def keep_freed_cpu_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+class FolderLock:
+    """An exclusive advisory lock on `<folder>/.lock` (fcntl.flock), held until release() or the
+    process ends (kill -9 included, so it never outlives its run). The file names the holder's pid."""
+
+    def __init__(self, folder: os.PathLike):
+        self.path = os.path.join(os.fspath(folder), ".lock")
+        self._file = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; None on success, else what the file says about the run holding it."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return None
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            return holder
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the flock
+            self._file = None

@@ -61,11 +61,12 @@ def parse_task(task: str) -> tuple[str, str]:
     return suite, name
 
 
-def env_seed(seed: int, mode: str, index: int) -> int:
-    """Train env i gets seed + i, eval env i gets seed + 10000 + i."""
+def env_seed(seed: int, mode: str, index: int, shift: int = 0) -> int:
+    """Train env i gets seed + i, eval env i gets seed + 10000 + i; `shift` moves them (a resumed
+    run's train envs, so they do not replay the first run's episodes), modulo 2**31."""
     if mode not in MODES:
         raise ValueError(f"Env mode must be one of {MODES}, got {mode!r}.")
-    return int(seed) + index + (EVAL_SEED_OFFSET if mode == 'eval' else 0)
+    return (int(seed) + index + (EVAL_SEED_OFFSET if mode == 'eval' else 0) + int(shift)) % 2**31
 
 
 def constructor_parameters(cls: Any) -> set[str]:
@@ -105,15 +106,16 @@ def wrap_env(env: Any, action_repeat: int = 1, time_limit: int = 0,
     return wrappers.Flags(env)
 
 
-def make_env(config: Mapping[str, Any], mode: str, index: int) -> wrappers.Flags:
-    """The `index`-th train or eval env of `config.task`, wrapped; env 0 is checked at start-up.
+def make_env(config: Mapping[str, Any], mode: str, index: int, seed_shift: int = 0) -> wrappers.Flags:
+    """The `index`-th train or eval env of `config.task`, wrapped; env 0 is checked at start-up;
+    `seed_shift` moves its seed (env_seed).
 
     Reads config keys task, seed, action_repeat, time_limit (agent steps, 0 = off), reward_clip
     (0 = off) and env.<suite>. Rewards are not scaled here (the model applies reward_scale).
     """
     suite, name = parse_task(config['task'])
     cls = REGISTRY[suite]
-    seed = env_seed(config['seed'], mode, index)
+    seed = env_seed(config['seed'], mode, index, seed_shift)
     repeat = int(config['action_repeat'])
     options = config['env'].get(suite, {}) if 'env' in config else {}
     kwargs = suite_kwargs(cls, options, seed, repeat)

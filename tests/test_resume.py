@@ -185,6 +185,29 @@ def test_replay_after_a_kill_holds_every_step_written_before_it_once(killed_run)
     assert set(disk_before.tolist()) <= set(disk_after.tolist())
 
 
+def episode_starts(replay_dir: Path) -> dict[int, bytes]:
+    """The first `vector` observation of every episode in the replay chunks, by its `_order` id."""
+    starts = {}
+    for path in sorted(replay_dir.iterdir()):
+        if CHUNK_NAME.match(path.name):
+            with np.load(path) as data:
+                for order, first, vector in zip(data[ORDER_KEY], data["is_first"], data["vector"]):
+                    if first:
+                        starts[int(order)] = vector.tobytes()
+    return starts
+
+
+def test_resumed_train_envs_do_not_replay_the_first_runs_episodes(killed_run):
+    """Train env seeds are moved on resume (envs.env_seed's shift): the episodes started after the
+    resume begin from other initial states than the killed run's (which all came from one seed)."""
+    disk_before = set(killed_run["disk_before"].tolist())
+    starts = episode_starts(killed_run["logdir"] / "replay")
+    before = {v for order, v in starts.items() if order in disk_before}
+    after = {v for order, v in starts.items() if order not in disk_before}
+    assert len(before) >= 3 and len(after) >= 3, (len(before), len(after))
+    assert not before & after
+
+
 def test_logged_step_never_goes_backwards_across_a_kill(killed_run):
     """What is asserted: after the resume, metrics.jsonl holds each log step exactly once, in
     increasing order (LOG_EVERY, 2 LOG_EVERY, ..., STEPS): the records of the killed run up to the
@@ -328,9 +351,61 @@ def test_resume_with_a_new_train_ratio_applies_it_from_the_resume_step(killed_ru
     assert (f"INFO updates per agent step changed from 0.125 to 0.5 (train_ratio 8 -> 32, batch 4 x 16 "
             f"-> 4 x 16, processes 1 -> 1): the new rate applies from step {STEPS} on "
             f"({EXPECTED_UPDATES} updates so far)") in log
+    assert f"INFO settings changed since the checkpoint: steps {STEPS} -> {STEPS + 100}, train_ratio 8 -> 32\n" in log
     counters = checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]
     assert counters["step"] == STEPS + 100
     assert counters["updates"] == EXPECTED_UPDATES + 50
+
+
+def test_second_run_in_a_folder_stops_before_writing_anything(killed_run, tmp_path):
+    logdir = copy_run(killed_run["logdir"], tmp_path / "run")
+    from tools import FolderLock
+    lock = FolderLock(logdir)
+    assert lock.acquire() is None  # stands for a run that is still going
+    before = {p.name: p.stat().st_mtime_ns for p in logdir.iterdir()}
+    try:
+        result = run_cli(run_args(logdir, steps=STEPS + 100))
+    finally:
+        lock.release()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.fullmatch(
+        rf"error: {re.escape(str(logdir))} is in use by another run \(pid {os.getpid()}, see "
+        rf"{re.escape(str(logdir))}/\.lock\): two runs in one folder would overwrite each other's "
+        r"checkpoint, replay chunks and metrics\. Wait for that run to finish or stop it \(Ctrl-C "
+        r"saves it\), or use another --logdir\.", last_line(result.stderr)), result.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in logdir.iterdir()} == before  # train.log included
+    again = run_cli(run_args(logdir, steps=STEPS))  # the lock is gone with its holder
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (f"nothing to train: the run is at step {STEPS}, at or past --steps {STEPS}; raise --steps "
+            "to train further") in (logdir / "train.log").read_text()
+
+
+def test_resume_checks_the_task_and_reports_changed_settings(tmp_path):
+    cfg = debug_config("--model_lr", "3e-4")
+    saved = {**cfg.to_dict(), "model_lr": 1e-4, "logdir": "elsewhere"}
+    assert dreamer.changed_settings(saved, cfg.to_dict()) == ["model_lr 0.0001 -> 0.0003"]
+    dreamer.check_same_task(saved, cfg, tmp_path / "latest.pt")  # same task: accepted
+    with pytest.raises(checkpoint.CheckpointMismatch) as raised:
+        dreamer.check_same_task({**saved, "task": "gym_CartPole-v1"}, cfg, tmp_path / "latest.pt")
+    assert str(raised.value) == (
+        f"the checkpoint {tmp_path}/latest.pt was trained on task gym_CartPole-v1, but this run asks "
+        "for --task custom_reach. Resume with --task gym_CartPole-v1, or train custom_reach in a new "
+        "--logdir (this folder's replay holds gym_CartPole-v1's episodes).")
+
+
+def test_torchrun_world_size_is_saved_and_a_change_restarts_the_schedule():
+    """Under torchrun the config's `parallel` stays 1, so the checkpoint records the real number of
+    processes; going from 2 to 1 halves the replayed steps per update's worth of updates per step."""
+    cfg = debug_config()
+    state = dreamer.checkpoint_state(cfg, exploration.make_agent(*spaces(cfg), cfg, torch.device("cpu")),
+                                     dreamer.Counters(), filled_replay(cfg, 0), world=2)
+    assert state["world"] == 2 and state["config"]["parallel"] == 1
+    counters = dreamer.Counters(step=400, updates=76, train_start=100)
+    messages = []
+    logger = type("Log", (), {"info": lambda self, text: messages.append(text)})()
+    dreamer.restart_update_schedule(counters, state["config"], state["world"], cfg, 1, logger)
+    assert (counters.train_start, counters.schedule_updates) == (400, 75)
+    assert dreamer.updates_due(counters, cfg, world=1) == 76 and "processes 2 -> 1" in messages[0]
 
 
 def test_lowered_train_ratio_keeps_training_after_a_resume():
@@ -341,14 +416,14 @@ def test_lowered_train_ratio_keeps_training_after_a_resume():
     counters = dreamer.Counters(step=600, updates=63, train_start=100)
     messages = []
     logger = type("Log", (), {"info": lambda self, text: messages.append(text)})()
-    dreamer.restart_update_schedule(counters, saved, cfg, logger)
+    dreamer.restart_update_schedule(counters, saved, 1, cfg, 1, logger)
     assert (counters.train_start, counters.schedule_updates) == (600, 62)
     assert dreamer.updates_due(counters, cfg, world=1) == 63  # nothing owed at the resume step
     counters.step = 600 + 64
     assert dreamer.updates_due(counters, cfg, world=1) == 65  # then 2 per 64 steps
     assert len(messages) == 1 and "train_ratio 8 -> 2" in messages[0]
     unchanged = dreamer.Counters(step=600, updates=63, train_start=100)
-    dreamer.restart_update_schedule(unchanged, cfg.to_dict(), cfg, logger)
+    dreamer.restart_update_schedule(unchanged, cfg.to_dict(), 1, cfg, 1, logger)
     assert (unchanged.train_start, unchanged.schedule_updates, len(messages)) == (100, 0, 1)
 
 

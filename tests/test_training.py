@@ -1,6 +1,7 @@
 """End-to-end runs of the command line: what a user sees in the logdir, train_ratio, errors, eval."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,6 +173,43 @@ def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
 
     state = checkpoint.load_checkpoint(logdir / "latest.pt")
     assert state["counters"]["step"] >= 200
+
+
+def test_ctrl_c_during_an_evaluation_cuts_it_short_and_saves(tmp_path):
+    """Ctrl-C (or a scheduler's SIGTERM) during a long evaluation stops it within a step, logs
+    nothing for it and saves the current step, the evaluation still due (it used to run the whole
+    evaluation first, then start it again as the final one)."""
+    import os
+    import signal
+    import time
+
+    import checkpoint
+
+    logdir = tmp_path / "stopped_eval"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "custom", "--task", "custom_reach",
+         "--steps", "300", "--eval_every", "300", "--eval_episode_num", "1000", "--log_every", "100",
+         "--save_every", "100000", "--save_every_minutes", "0", "--logdir", str(logdir)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CI": "1"},
+    )
+    log = logdir / "train.log"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and "step 300 |" in log.read_text()):
+        time.sleep(0.1)
+    assert "step 300 |" in log.read_text()
+    time.sleep(1.0)  # inside the evaluation (1,000 episodes)
+    process.send_signal(signal.SIGINT)
+    start = time.time()
+    _, stderr = process.communicate(timeout=120)
+    assert time.time() - start < 20
+    assert process.returncode == 0, stderr[-3000:]
+    assert "SIGINT: stopping after the current step" in stderr and "Traceback" not in stderr
+    text = log.read_text()
+    assert re.search(r"evaluation stopped by the stop request after \d+ of 1000 episodes \(not logged\)", text)
+    assert f"saved checkpoint {logdir}/latest.pt at step 300" in text and "stopped at step 300" in text
+    assert not any("eval/return" in record for record in read_metrics(logdir))
+    counters = checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]
+    assert (counters["step"], counters["last_save"], counters["last_eval"]) == (300, 300, 0)  # eval still due
 
 
 def test_env_without_render_trains_and_says_there_is_no_video(tmp_path):
