@@ -149,7 +149,9 @@ def lock_run_folder(paths: RunPaths, dist: Dist, eval_only: bool) -> Optional[to
 
 
 def make_logger(config: Config, paths: RunPaths, dist: Dist) -> Logger:
-    return Logger(paths.logdir, enabled=dist.main)
+    """The run's logs in its folder; an --eval_only run's in <logdir>/eval_only, apart from the
+    training curves (TensorBoard shows it as a run of its own)."""
+    return Logger(paths.logdir / "eval_only" if config.eval_only else paths.logdir, enabled=dist.main)
 
 
 # ------------------------------------------------------------------------------------- episode tracking
@@ -511,7 +513,10 @@ class Trainer:
         resumed = None if self.paths.resume_from is None else load_resume_state(self.paths, self.device, self.logger)
         # a resumed run's train envs get new seeds, or they would replay the first run's episodes
         seed_shift = 0 if resumed is None else 100_003 * int(resumed[0]["counters"]["step"])
-        self.pool = make_env_pool(config, "train", config.envs.amount, self.first_env, self.logger, seed_shift)
+        if config.eval_only:  # one env for the spaces; each evaluation makes its own eval envs
+            self.pool = make_env_pool(config, "eval", 1, 0, self.logger)
+        else:
+            self.pool = make_env_pool(config, "train", config.envs.amount, self.first_env, self.logger, seed_shift)
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
         if self.sync is not None:  # data-parallel: act as one learner over all ranks' batches
             self.agent.set_grad_sync(self.sync.grads)
@@ -523,7 +528,8 @@ class Trainer:
         if resumed is not None:
             self.counters = restore(config, self.agent, self.replay, self.paths, self.device, self.logger,
                                     dist.world, resumed)
-        loaded = self.replay.load(keep_worker=lambda worker: worker % dist.world == dist.rank)
+        # an --eval_only run trains nothing: its replay stays on disk, unread
+        loaded = 0 if config.eval_only else self.replay.load(keep_worker=lambda worker: worker % dist.world == dist.rank)
         if loaded:
             self.logger.info(f"replay: loaded {loaded} steps from {self.replay.directory}")
         elif resumed is not None and self.counters.step > 0 and not config.eval_only:

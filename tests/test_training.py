@@ -139,11 +139,15 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
     assert "resumed from" in log and "at step 200" in log
     steps = [r["step"] for r in read_metrics(logdir)]
     assert steps == sorted(steps) and steps[-1] == 300
+    records_before = read_metrics(logdir)
     evaluated = run_cli("--configs", "debug", "custom", "--task", "custom_reach", "--eval_only", "True",
                         "--from_checkpoint", str(logdir / "latest.pt"), "--eval_episode_num", "2")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    last = read_metrics(logdir)[-1]
-    assert last["eval/episodes"] == 2 and math.isfinite(last["eval/return"]) and last["step"] == 300
+    # logged apart from the training curves, at the checkpoint's step; the replay is not read
+    assert read_metrics(logdir) == records_before
+    (record,) = read_metrics(logdir / "eval_only")
+    assert record["eval/episodes"] == 2 and math.isfinite(record["eval/return"]) and record["step"] == 300
+    assert "replay: loaded" not in (logdir / "eval_only" / "train.log").read_text()
 
 
 def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
