@@ -355,7 +355,8 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     if not config.eval_only:  # the steps after the checkpoint are trained and logged again
         dropped = logger.rewind(counters.step)
         if dropped:
-            logger.info(f"metrics.jsonl: dropped {dropped} records logged after step {counters.step}")
+            logger.info(f"metrics.jsonl: moved {dropped} records logged after step {counters.step} "
+                        "to metrics.dropped.jsonl")
     return counters
 
 
@@ -525,6 +526,11 @@ class Trainer:
         self.logger.info(self.compute_summary())  # after set_grad_sync: data-parallel runs are eager
         self.replay = make_replay(config, self.paths, dist, self.logger.warning)
         self.counters = Counters()
+        if resumed is None and not config.eval_only:  # a fresh run in a folder an earlier one left
+            dropped = self.logger.rewind(0)  # without a checkpoint: its curves are not this run's
+            if dropped:
+                self.logger.info(f"metrics.jsonl: moved {dropped} records of an earlier run in this folder, "
+                                 "which left no checkpoint, to metrics.dropped.jsonl; this run starts at step 0")
         if resumed is not None:
             self.counters = restore(config, self.agent, self.replay, self.paths, self.device, self.logger,
                                     dist.world, resumed)

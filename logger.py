@@ -144,8 +144,9 @@ class Logger:
 
     def rewind(self, step: int) -> int:
         """Forget what was logged after `step`, for a run resumed from a checkpoint at `step` that
-        logs those steps again: drop the later records from metrics.jsonl (and a line cut short by
-        a kill) and hide the later TensorBoard events (purge_step). Returns the records dropped."""
+        logs those steps again: move the later records from metrics.jsonl (and a line cut short by
+        a kill) to metrics.dropped.jsonl and hide the later TensorBoard events (purge_step).
+        Returns the records moved."""
         if not self.enabled:
             return 0
         path = self.logdir / "metrics.jsonl"
@@ -153,6 +154,8 @@ class Logger:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         kept = [line for line in lines if record_step(line) <= step]
         if len(kept) != len(lines):
+            with open(self.logdir / "metrics.dropped.jsonl", "a", encoding="utf-8") as aside:
+                aside.write("".join(line + "\n" for line in lines if record_step(line) > step))
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)

@@ -222,9 +222,12 @@ def test_logged_step_never_goes_backwards_across_a_kill(killed_run):
     assert final[: step // LOG_EVERY] == [r for r in before if r["step"] <= step]
     relogged = sum(r["step"] > step for r in before)
     if relogged:
-        assert f"INFO metrics.jsonl: dropped {relogged} records logged after step {step}\n" in new_log
+        assert (f"INFO metrics.jsonl: moved {relogged} records logged after step {step} to "
+                "metrics.dropped.jsonl\n") in new_log
+        aside = [json.loads(line) for line in (killed_run["logdir"] / "metrics.dropped.jsonl").read_text().splitlines()]
+        assert aside == [r for r in before if r["step"] > step]
     else:
-        assert "metrics.jsonl: dropped" not in new_log
+        assert "metrics.jsonl: moved" not in new_log
     updates = [r["perf/updates"] for r in final]
     assert updates == sorted(updates) and updates[-1] == EXPECTED_UPDATES
 
@@ -237,6 +240,7 @@ def test_logger_rewind_drops_later_records_and_a_cut_line(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as file:
         file.write('{"step": 40, "loss/mo')  # a record cut short by kill -9
     assert logger.rewind(20) == 2
+    assert (tmp_path / "metrics.dropped.jsonl").read_text() == '{"step": 30, "loss/model": 30.0}\n{"step": 40, "loss/mo\n'
     logger.scalar("loss/model", 31.0)
     logger.write(30)
     logger.close()
@@ -406,6 +410,22 @@ def test_torchrun_world_size_is_saved_and_a_change_restarts_the_schedule():
     dreamer.restart_update_schedule(counters, state["config"], state["world"], cfg, 1, logger)
     assert (counters.train_start, counters.schedule_updates) == (400, 75)
     assert dreamer.updates_due(counters, cfg, world=1) == 76 and "processes 2 -> 1" in messages[0]
+
+
+def test_fresh_run_in_a_folder_left_without_a_checkpoint_sets_the_old_curves_aside(tmp_path):
+    """A run that crashed before its first save leaves metrics but no checkpoint; a new run there
+    starts at step 0, so the old records move to metrics.dropped.jsonl instead of zigzagging."""
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    old = [{"step": s, "perf/updates": s} for s in (100, 200, 300)]
+    (logdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    result = run_cli(run_args(logdir, steps=200))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("INFO metrics.jsonl: moved 3 records of an earlier run in this folder, which left no checkpoint, "
+            "to metrics.dropped.jsonl; this run starts at step 0") in (logdir / "train.log").read_text()
+    assert [r["step"] for r in read_metrics(logdir)] == list(range(LOG_EVERY, 201, LOG_EVERY))
+    aside = [json.loads(line) for line in (logdir / "metrics.dropped.jsonl").read_text().splitlines()]
+    assert aside == old
 
 
 def test_lowered_train_ratio_keeps_training_after_a_resume():
