@@ -686,6 +686,9 @@ class Trainer:
             if self.dist.main:
                 elapsed = max(time.time() - interval[0], 1e-9)
                 logger.progress(counters.step, config.steps, (counters.step - interval[1]) / elapsed, last_return)
+        if counters.step > max(counters.last_log, interval[1]):  # the same on every rank
+            self.write_log(episode_stats, interval)  # the last, partial interval (a stop request)
+            counters.last_log = counters.step
 
     def stop_requested(self, interrupt: Interrupt) -> bool:
         """Ctrl-C/SIGTERM on any rank stops all ranks at the same iteration."""

@@ -177,6 +177,8 @@ def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
 
     state = checkpoint.load_checkpoint(logdir / "latest.pt")
     assert state["counters"]["step"] >= 200
+    last = read_metrics(logdir)[-1]  # the partial interval before the stop is logged too
+    assert last["step"] == state["counters"]["step"] and last["perf/updates"] == state["counters"]["updates"]
 
 
 def test_ctrl_c_during_an_evaluation_cuts_it_short_and_saves(tmp_path):
