@@ -91,17 +91,23 @@ class Logger:
         self.logdir, self.enabled = Path(logdir), enabled
         self._scalars: dict[str, Any] = {}
         self._videos: dict[str, np.ndarray] = {}
-        self._writer = None
+        self._writer = None  # made at the first write, so a rewind before it makes no extra events file
+        self._tensorboard, self._purge_step = tensorboard, None
         self._progress_shown = False
         if not enabled:
             return
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._text = open(self.logdir / "train.log", "a", buffering=1)
         self._jsonl = open(self.logdir / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
+
+    def _tensorboard_writer(self):
+        """The TensorBoard writer (None when off); it hides the events at or after a rewind's step."""
+        if self._writer is None and self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.logdir), max_queue=1000, flush_secs=30)
+            self._writer = SummaryWriter(log_dir=str(self.logdir), max_queue=1000, flush_secs=30,
+                                         purge_step=self._purge_step)
+        return self._writer
 
     # --- collecting -----------------------------------------------------------------------------
 
@@ -128,12 +134,13 @@ class Logger:
         if values:
             self._write_text(step, values)
             self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-        if self._writer is not None:
+        writer = self._tensorboard_writer()
+        if writer is not None and (values or self._videos):
             for name, value in values.items():
-                self._writer.add_scalar(name, value, int(step))
+                writer.add_scalar(name, value, int(step))
             for name, frames in self._videos.items():
-                self._writer.add_video(name, torch.from_numpy(frames), int(step), fps=16)
-            self._writer.flush()
+                writer.add_video(name, torch.from_numpy(frames), int(step), fps=16)
+            writer.flush()
         self._scalars, self._videos = {}, {}
 
     def _write_text(self, step: int, values: dict[str, float]) -> None:
@@ -160,12 +167,10 @@ class Logger:
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)
         self._jsonl = open(path, "a", buffering=1)
-        if self._writer is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
+        if self._writer is not None:  # the next write opens a new events file with the purge step
             self._writer.close()
-            self._writer = SummaryWriter(log_dir=str(self.logdir), max_queue=1000, flush_secs=30,
-                                         purge_step=int(step) + 1)
+            self._writer = None
+        self._purge_step = int(step) + 1
         return len(lines) - len(kept)
 
     def info(self, message: str) -> None:

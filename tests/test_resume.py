@@ -239,6 +239,9 @@ def test_logger_rewind_drops_later_records_and_a_cut_line(tmp_path):
         logger.write(step)
     with open(tmp_path / "metrics.jsonl", "a") as file:
         file.write('{"step": 40, "loss/mo')  # a record cut short by kill -9
+    # a resume rewinds in a new process, seconds after the first run wrote; TensorBoard orders a
+    # folder's events files by name (creation second first), so keep the two files a second apart
+    time.sleep(1.05)
     assert logger.rewind(20) == 2
     assert (tmp_path / "metrics.dropped.jsonl").read_text() == '{"step": 30, "loss/model": 30.0}\n{"step": 40, "loss/mo\n'
     logger.scalar("loss/model", 31.0)
