@@ -150,22 +150,32 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
     assert "replay: loaded" not in (logdir / "eval_only" / "train.log").read_text()
 
 
-def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
+def start_debug_run_until_logged(logdir: Path, step: int, *args: str) -> subprocess.Popen:
+    """A debug custom_reach run in the background, returned once train.log shows `step`."""
     import os
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "custom", "--task", "custom_reach",
+         *args, "--logdir", str(logdir)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CI": "1"},
+    )
+    log = logdir / "train.log"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and f"step {step} |" in log.read_text()):
+        time.sleep(0.1)
+    assert f"step {step} |" in log.read_text()
+    return process
+
+
+def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
     import signal
     import time
 
     logdir = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "custom", "--task", "custom_reach",
-         "--steps", "100000", "--save_every", "100000", "--eval_every", "0", "--logdir", str(logdir)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CI": "1"},
-    )
+    process = start_debug_run_until_logged(logdir, 200, "--steps", "100000", "--save_every", "100000",
+                                           "--eval_every", "0")
     log = logdir / "train.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and "step 200 |" in log.read_text()):
-        time.sleep(0.2)
-    assert "step 200 |" in log.read_text()
     process.send_signal(signal.SIGINT)
     start = time.time()
     _, stderr = process.communicate(timeout=60)
@@ -185,24 +195,16 @@ def test_ctrl_c_during_an_evaluation_cuts_it_short_and_saves(tmp_path):
     """Ctrl-C (or a scheduler's SIGTERM) during a long evaluation stops it within a step, logs
     nothing for it and saves the current step, the evaluation still due (it used to run the whole
     evaluation first, then start it again as the final one)."""
-    import os
     import signal
     import time
 
     import checkpoint
 
     logdir = tmp_path / "stopped_eval"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "custom", "--task", "custom_reach",
-         "--steps", "300", "--eval_every", "300", "--eval_episode_num", "1000", "--log_every", "100",
-         "--save_every", "100000", "--save_every_minutes", "0", "--logdir", str(logdir)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CI": "1"},
-    )
+    process = start_debug_run_until_logged(
+        logdir, 300, "--steps", "300", "--eval_every", "300", "--eval_episode_num", "1000", "--log_every", "100",
+        "--save_every", "100000", "--save_every_minutes", "0")
     log = logdir / "train.log"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (log.exists() and "step 300 |" in log.read_text()):
-        time.sleep(0.1)
-    assert "step 300 |" in log.read_text()
     time.sleep(1.0)  # inside the evaluation (1,000 episodes)
     process.send_signal(signal.SIGINT)
     start = time.time()
