@@ -289,6 +289,10 @@ class ActorCritic(nn.Module):
         self.return_norm = ReturnNormalizer(**config.return_norm)
         self.backprop = config.actor_dist == "normal"  # continuous: dynamics backprop; discrete: REINFORCE
         self.return_gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # see Agent.set_return_gather
+        # Evaluate the critic, slow critic and continue heads once on the stacked imagined steps
+        # (few, large kernels: right for a GPU) instead of per step (cache-sized tensors: right for a
+        # CPU); the same numbers either way. The Agent sets it from its device.
+        self.stack_heads = False
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
@@ -296,8 +300,10 @@ class ActorCritic(nn.Module):
         torch._foreach_lerp_(list(self.slow_critic.parameters()), list(self.critic.parameters()), fraction)
 
     def rollout(self, wm: WorldModel, start: Mapping[str, torch.Tensor], reward_fn: RewardFn) -> dict:
-        """Imagine `imag_horizon` steps from the N start states with the actor, evaluating the heads
-        step by step (N rows at a time keeps every tensor small and cache-friendly).
+        """Imagine `imag_horizon` steps from the N start states with the actor. The critic, slow
+        critic and continue heads run per imagined step (N rows at a time keeps every tensor small and
+        cache-friendly on a CPU) or, with `stack_heads`, once on all H+1 steps (fewer, larger kernels
+        on a GPU); the reward terms always come per step from reward_fn.
 
         The actor sees stop-gradient states. For continuous actions the sampled actions' gradients
         flow through the dynamics into later states, rewards and values (the backprop estimator);
@@ -311,36 +317,60 @@ class ActorCritic(nn.Module):
         """
         horizon = int(self.config.imag_horizon)
         stoch, deter = start["stoch"], start["deter"]
-        steps: dict[str, list] = {"action": [], "critic_log_probs": [], "value": [], "slow": [], "cont": [],
-                                  "policy": []}
-        rewards: dict[str, list] = {}
+        feats, actions, policies, heads, rewards = [], [], [], {}, {}
         for t in range(horizon + 1):
             feat = features(stoch, deter)  # (N, F)
             last = t == horizon
-            critic = TwoHotSymlog(self.critic(feat))  # one log-softmax for the value and the loss
-            steps["value"].append(critic.mean)
+            if self.stack_heads:
+                feats.append(feat)
+            else:
+                self._append_heads(heads, wm, feat, start["cont"] if t == 0 else None, last)
             action = None
             if not last:  # at t = H only the value (the bootstrap) is needed
-                steps["critic_log_probs"].append(critic.log_probs)
-                if self.config.slow_value_target:  # a regression target only: no graph
-                    with torch.no_grad():
-                        steps["slow"].append(TwoHotSymlog(self.slow_critic(feat.detach())).mean)
                 policy = self.actor(feat.detach())
                 action = policy.sample()
-                steps["policy"].append(policy)
-                steps["action"].append(action)
+                policies.append(policy)
+                actions.append(action)
             for name, value in reward_fn(t, feat, action).items():
                 rewards.setdefault(name, []).append(value)
-            with torch.no_grad():  # predicted continuation (mode); the start's is 1 - is_terminal
-                steps["cont"].append(start["cont"].float() if t == 0 else wm.cont(feat.detach()))
             if last:
                 break
             with contextlib.nullcontext() if self.backprop else torch.no_grad():
                 stoch, deter = wm.rssm.img_step(stoch, deter, action if self.backprop else action.detach())
-        out = {k: torch.stack(v) for k, v in steps.items() if v and k != "policy"}
-        out["policy"] = type(steps["policy"][0]).stack(steps["policy"])
+        if self.stack_heads:
+            out = self._stacked_heads(wm, torch.stack(feats), start["cont"])  # feats (H+1, N, F)
+        else:
+            out = {k: torch.stack(v) for k, v in heads.items()}
+        out["action"] = torch.stack(actions)  # (H, N, A)
+        out["policy"] = type(policies[0]).stack(policies)
         assert all(len(v) == horizon for v in rewards.values()), {k: len(v) for k, v in rewards.items()}
         out["reward"] = sum(torch.stack(v).float() for v in rewards.values())  # (H, N)
+        return out
+
+    def _append_heads(self, heads: dict[str, list], wm: WorldModel, feat: torch.Tensor,
+                      start_cont: torch.Tensor | None, last: bool) -> None:
+        """The heads at one imagined step, appended to heads' lists: value and continuation at
+        every step; the critic's log-probabilities and the slow value where an action is taken."""
+        critic = TwoHotSymlog(self.critic(feat))  # one log-softmax for the value and the loss
+        heads.setdefault("value", []).append(critic.mean)
+        if not last:
+            heads.setdefault("critic_log_probs", []).append(critic.log_probs)
+            if self.config.slow_value_target:  # a regression target only: no graph
+                with torch.no_grad():
+                    heads.setdefault("slow", []).append(TwoHotSymlog(self.slow_critic(feat.detach())).mean)
+        with torch.no_grad():  # predicted continuation (mode); the start's is 1 - is_terminal
+            heads.setdefault("cont", []).append(start_cont.float() if start_cont is not None
+                                                else wm.cont(feat.detach()))
+
+    def _stacked_heads(self, wm: WorldModel, feat: torch.Tensor, start_cont: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+        """The heads on all imagined steps at once; feat (H+1, N, F). Same outputs as _append_heads."""
+        critic = TwoHotSymlog(self.critic(feat))  # (H+1, N, bins)
+        out = {"value": critic.mean, "critic_log_probs": critic.log_probs[:-1]}
+        with torch.no_grad():
+            if self.config.slow_value_target:
+                out["slow"] = TwoHotSymlog(self.slow_critic(feat[:-1].detach())).mean  # (H, N)
+            out["cont"] = torch.cat([start_cont.float()[None], wm.cont(feat[1:].detach())])  # (H+1, N)
         return out
 
     def losses(self, wm: WorldModel, start: Mapping[str, torch.Tensor], reward_fn: RewardFn

@@ -66,10 +66,10 @@ grep -h "parallel:\|Error\|error" "$LOGS/torchrun_nccl.log" | tail -3 | sed 's/^
 grep -h "GPUs\|rror" "$LOGS/parallel2_one_gpu.log" | tail -2 | sed 's/^/  parallel 2: /' | tee -a "$OUT/summary.txt"
 
 note "== B. benchmarks, batch 16 x 64, one at a time"
-bench() {  # bench NAME LIMIT ARGS...
+bench() {  # bench NAME LIMIT ARGS... (run from $BENCH_DIR: this checkout, or the baseline's)
   local name=$1 limit=$2; shift 2
-  step "bench_$name" "$limit" python3 scripts/bench.py --batch_size 16 --batch_length 64 --device $DEV --iters 20 \
-    --json "$LOGS/bench_$name.json" "$@"
+  step "bench_$name" "$limit" bash -c 'cd "$0" && exec python3 scripts/bench.py "$@"' "${BENCH_DIR:-.}" \
+    --batch_size 16 --batch_length 64 --device $DEV --iters 20 --json "$LOGS/bench_$name.json" "$@"
   grep -h "^seconds_per_update\|^world_model\|^behavior\|^gflops\|^cuda_max\|^policy_steps\|kernels_per_update\|Error" \
     "$LOGS/bench_$name.log" | tr '\n' ' ' | sed "s/^/  $name: /" | tee -a "$OUT/summary.txt"
   echo | tee -a "$OUT/summary.txt"
@@ -89,12 +89,24 @@ XL_img_bf16_graphs 90 --configs dmc_vision size_xl --precision bf16 --cuda_graph
 XL_vec_fp32 90 --configs dmc_proprio size_xl
 S_vec_bf16_compiled_graphs 180 --configs dmc_proprio --precision bf16 --compile True --cuda_graphs True
 S_img_bf16_compiled 180 --configs dmc_vision --precision bf16 --compile True
+S_vec_fp32_compiled_graphs 180 --configs dmc_proprio --compile True --cuda_graphs True
+S_img_fp32_compiled_graphs 180 --configs dmc_vision --compile True --cuda_graphs True
+S_vec_fp32_compiled 180 --configs dmc_proprio --compile True --cuda_graphs False --profile /tmp/gpu_check/profile_S_vec_compiled.txt
+XL_vec_fp32_compiled_graphs 180 --configs dmc_proprio size_xl --compile True --cuda_graphs True
+XL_img_bf16_compiled_graphs 180 --configs dmc_vision size_xl --precision bf16 --compile True --cuda_graphs True
 '
 # GPU_CHECK_BENCHES="S_vec_fp32 S_img_fp32": run only these, in this order (default: the whole table).
 names=${GPU_CHECK_BENCHES:-$(echo "$BENCH_TABLE" | awk 'NF {print $1}')}
+# A name "base_ROW" runs ROW's benchmark from GPU_CHECK_BASE, a copy of an earlier version of the repo
+# carried along (e.g. `git archive HEAD | tar -x -C .ab`), for a side-by-side figure on the same card.
 for name in $names; do
-  row=$(echo "$BENCH_TABLE" | awk -v n="$name" '$1 == n')
+  row=$(echo "$BENCH_TABLE" | awk -v n="${name#base_}" '$1 == n')
   [ -z "$row" ] && { note "bench $name: not in the table"; continue; }
+  BENCH_DIR=.
+  if [[ $name == base_* ]]; then
+    [ -d "${GPU_CHECK_BASE:-}" ] || { note "bench $name: GPU_CHECK_BASE is not a folder"; continue; }
+    BENCH_DIR=$(cd "$GPU_CHECK_BASE" && pwd); row="$name ${row#* }"
+  fi
   # shellcheck disable=SC2086
   bench $row
 done

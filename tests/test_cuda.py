@@ -144,3 +144,10 @@ def test_cuda_graph_updates_learn_like_eager_updates(precision, cpu_reference):
     agent.load_state_dict(agent.state_dict())  # new optimizer state: the graph must be recorded anew
     assert agent.graph_update.graph is None
     assert torch.isfinite(agent.train_step(batch)["loss/model"])
+
+
+def test_imagination_heads_run_stacked_on_cuda():
+    """The critic, slow critic and continue heads run once on the stacked imagined steps on a GPU
+    (tests/test_models.py checks that this gives the per-step numbers)."""
+    agent, _, _ = make("cuda", "--behavior", "plan2explore")
+    assert agent.task.stack_heads is True and agent.expl.ac.stack_heads is True

@@ -357,3 +357,36 @@ def test_imagination_runs_actor_and_slow_critic_only_where_losses_read_them():
     agent.train_step(batch)
     horizon = int(cfg.imag_horizon)
     assert calls == {"actor": horizon, "critic": horizon + 1, "slow_critic": horizon}, calls
+
+
+@pytest.mark.parametrize("dist", ["normal", "onehot"])
+def test_stacked_heads_give_the_per_step_losses_and_gradients(dist):
+    """On a GPU the critic, slow critic and continue heads run once on the stacked imagined steps;
+    the losses, metrics and actor/critic gradients equal those of the per-step evaluation (CPU)."""
+    results = []
+    for stacked in (False, True):
+        agent, batch, _ = make("vector", dist)
+        agent.task.stack_heads = stacked
+        states, _ = agent.train_world_model(batch)
+        start = {"stoch": states["stoch"].detach().flatten(0, 1), "deter": states["deter"].detach().flatten(0, 1),
+                 "cont": 1.0 - batch["is_terminal"].flatten().float()}
+        torch.manual_seed(1)
+        actor_loss, critic_loss, metrics = agent.task.losses(agent.wm, start, agent.task_reward)
+        params = list(agent.task.actor.parameters()) + list(agent.task.critic.parameters())
+        grads = torch.autograd.grad(actor_loss + critic_loss, params, allow_unused=True)
+        results.append((actor_loss, critic_loss, metrics, grads))
+    (a0, c0, m0, g0), (a1, c1, m1, g1) = results
+    assert a0.item() != 0.0 and c0.item() != 0.0
+    torch.testing.assert_close(a1, a0)
+    torch.testing.assert_close(c1, c0)
+    torch.testing.assert_close(m1, m0)
+    for x, y in zip(g0, g1):
+        if x is None:
+            assert y is None
+        else:
+            torch.testing.assert_close(y, x)
+
+
+def test_agent_stacks_the_imagination_heads_on_cuda_only():
+    agent, _, _ = make("vector", "normal", "--behavior", "plan2explore")
+    assert agent.task.stack_heads is False and agent.expl.ac.stack_heads is False
