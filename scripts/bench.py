@@ -117,6 +117,15 @@ def warmup_updates(cfg, agent) -> int:
     return int(cfg.graph_warmup) + 2 if agent.graph_update is not None else 1
 
 
+def nan_to_none(value):
+    """The value with every float NaN in it (nested in dicts and lists) replaced by None, for JSON."""
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def update_flops(agent, batch) -> float:
     """FLOPs of one update counted by torch's FlopCounterMode (NaN, with a note, where the counter
     cannot see through the update, e.g. some compiled graphs)."""
@@ -214,6 +223,8 @@ def main(argv: list[str]) -> dict[str, float]:
           f"cuda_graphs {agent.graph_update is not None}", flush=True)
     time_updates(agent, batch, warmup_updates(cfg, agent), device)  # warm-up (compilation, graph capture)
     times = time_updates(agent, batch, iters, device)
+    if options["--profile"]:  # before the FLOP count: compiled code runs eagerly after a FlopCounterMode
+        write_profile(agent, batch, device, options["--profile"])
     seconds = statistics.median(times["total"])
     figures = {
         "seconds_per_update": lambda: seconds,
@@ -232,12 +243,9 @@ def main(argv: list[str]) -> dict[str, float]:
     for name, figure in figures.items():  # printed as measured, so a cut-off run still reports
         results[name] = figure()
         print(f"{name}: {results[name]:.4g}", flush=True)
-    if options["--profile"]:
-        write_profile(agent, batch, device, options["--profile"])
-    if json_path:
-        strict = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in results.items()}
-        Path(json_path).write_text(json.dumps({**strict, "argv": argv, "all_seconds": times}, indent=2,
-                                              allow_nan=False))  # a figure not measured is null
+    if json_path:  # a figure not measured (NaN) is null
+        Path(json_path).write_text(json.dumps({**nan_to_none(results), "argv": argv,
+                                               "all_seconds": nan_to_none(times)}, indent=2, allow_nan=False))
     return results
 
 

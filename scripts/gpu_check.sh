@@ -11,6 +11,7 @@
 #
 #     OUT=./gpu_out bash scripts/gpu_check.sh            # on any CUDA machine
 #     GPU_CHECK_SECONDS=270 GPU_CHECK_BENCHES="S_vec_fp32_graphs S_img_fp32" bash scripts/gpu_check.sh
+#     GPU_CHECK_PARTS="B" ...   # only some of the parts A, B, C (default: all three)
 #
 # Python packages missing on the machine can travel as wheels in .whl/ (installed to /tmp/site).
 set -u
@@ -49,6 +50,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/summary.txt"
 nproc | sed 's/^/cpu cores: /' | tee -a "$OUT/summary.txt"
 
+PARTS=" ${GPU_CHECK_PARTS:-A B C} "
+part() { [[ $PARTS == *" $1 "* ]]; }
+
+if part A; then
 note "== A. correctness (side by side)"
 RUN=(python3 dreamer.py --configs debug custom --task custom_reach --device $DEV --eval_every 0 --save_every_minutes 0)
 step pytest_cuda "${GPU_CHECK_A_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
@@ -64,7 +69,9 @@ grep -h "passed\|failed\|error" "$LOGS/pytest_cuda.log" | tail -3 | sed 's/^/  p
 grep -h "resumed from\|Error\|error\|cuda_graphs: capturing" "$LOGS/train_bf16_compile_graphs.log" | tail -3 | sed 's/^/  train: /' | tee -a "$OUT/summary.txt"
 grep -h "parallel:\|Error\|error" "$LOGS/torchrun_nccl.log" | tail -3 | sed 's/^/  torchrun: /' | tee -a "$OUT/summary.txt"
 grep -h "GPUs\|rror" "$LOGS/parallel2_one_gpu.log" | tail -2 | sed 's/^/  parallel 2: /' | tee -a "$OUT/summary.txt"
+fi
 
+if part B; then
 note "== B. benchmarks, batch 16 x 64, one at a time"
 bench() {  # bench NAME LIMIT ARGS... (run from $BENCH_DIR: this checkout, or the baseline's)
   local name=$1 limit=$2; shift 2
@@ -110,10 +117,13 @@ for name in $names; do
   # shellcheck disable=SC2086
   bench $row
 done
+fi
 
+if part C; then
 note "== C. a real training run's speed (custom_reach, size S, bf16)"
 step train_speed 120 python3 dreamer.py --configs custom --task custom_reach --device $DEV --precision bf16 \
   --logdir "$LOGS/speed" --steps 6000 --eval_every 0 --log_every 1000
 grep -h "fps\|updates" "$LOGS/train_speed.log" | tail -3 | sed 's/^/  speed: /' | tee -a "$OUT/summary.txt"
+fi
 note "== done in $(( $(date +%s) - START ))s"
 pack

@@ -33,3 +33,17 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path: Path) -> None:
     assert all(abs(saved[name] - printed[name]) <= 1e-3 * abs(printed[name]) + 1e-9 for name in CPU_FIGURES)
     assert len(saved["all_seconds"]["total"]) == 2  # --iters timed updates
     assert saved["argv"][-2:] == ["--json", str(out)]
+
+
+def test_unmeasured_figures_are_written_as_null() -> None:
+    """A CUDA-graph update has no world-model/behaviour split (NaN): --json writes null for it, also
+    inside the per-update lists (a NaN there made the H200 benchmarks exit 1 after printing)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    nan = float("nan")
+    times = {"total": [0.02, 0.03], "world_model": [nan, nan]}
+    assert bench.nan_to_none({"seconds_per_update": 0.02, "world_model_seconds": nan, "all_seconds": times}) == {
+        "seconds_per_update": 0.02, "world_model_seconds": None,
+        "all_seconds": {"total": [0.02, 0.03], "world_model": [None, None]}}
+    json.dumps(bench.nan_to_none(times), allow_nan=False)
