@@ -159,10 +159,12 @@ class Logger:
         path = self.logdir / "metrics.jsonl"
         self._jsonl.close()
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in lines if record_step(line) <= step]
-        if len(kept) != len(lines):
+        kept, dropped = [], []
+        for line in lines:
+            (kept if record_step(line) <= step else dropped).append(line)
+        if dropped:
             with open(self.logdir / "metrics.dropped.jsonl", "a", encoding="utf-8") as aside:
-                aside.write("".join(line + "\n" for line in lines if record_step(line) > step))
+                aside.write("".join(line + "\n" for line in dropped))
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)
@@ -171,7 +173,7 @@ class Logger:
             self._writer.close()
             self._writer = None
         self._purge_step = int(step) + 1
-        return len(lines) - len(kept)
+        return len(dropped)
 
     def info(self, message: str) -> None:
         self._message("INFO", message)
