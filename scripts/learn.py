@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -298,6 +299,25 @@ def list_checks() -> str:
     return "\n".join(out)
 
 
+def run_training(argv: list[str]) -> int:
+    """Run dreamer.py to its end and return its exit code. Ctrl-C and SIGTERM sent to this script
+    are passed on to it one for one while this script keeps waiting, so dreamer.py stops after its
+    current step and saves its checkpoint (subprocess.run would kill it mid-save on a Ctrl-C). It
+    runs in its own process group, so a terminal's Ctrl-C reaches it once, through here."""
+    process = subprocess.Popen(argv, cwd=ROOT, start_new_session=True)
+
+    def forward(signum, _frame) -> None:
+        if process.poll() is None:
+            process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("check", nargs="?", help="one of: " + ", ".join(CHECKS))
@@ -325,7 +345,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.dry_run:
         return 0
     if not args.report_only:
-        code = subprocess.run(argv_run, cwd=ROOT).returncode
+        code = run_training(argv_run)
         if code != 0:
             print(f"dreamer.py exited with code {code}; judging what {logdir}/metrics.jsonl holds.")
     prefill = int(float(dict(merged_overrides(budget.overrides, extra)).get("prefill", 2500)))

@@ -94,6 +94,35 @@ def test_unknown_check_names_the_choices(capsys):
     assert "CHECK must be one of custom_reach, dmc_cartpole_balance" in capsys.readouterr().err
 
 
+def test_ctrl_c_to_learn_py_lets_the_run_save_instead_of_killing_it(tmp_path):
+    """Ctrl-C (SIGINT) or SIGTERM to scripts/learn.py reaches dreamer.py once, and learn.py waits
+    while it saves: subprocess.run used to kill the training run on Ctrl-C, losing everything since
+    its last checkpoint, and learn.py ended in a traceback."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from checkpoint import load_checkpoint
+
+    logdir = tmp_path / "reach"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "learn.py"), "custom_reach", "--logdir", str(logdir),
+         "--steps", "100000", "--log_every", "100", "--save_every", "100000", "--eval_every", "0"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CI": "1"})
+    log = logdir / "train.log"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and "step 200 |" in log.read_text()):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)  # to learn.py only, as `kill -INT` does
+    stdout, stderr = process.communicate(timeout=120)
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert process.returncode == 1  # the run stopped early: no eval return, so the check fails
+    assert "saved checkpoint" in log.read_text() and "FAIL" in stdout
+    assert load_checkpoint(logdir / "latest.pt")["counters"]["step"] >= 200
+
+
 def last_with(records: list[dict], key: str) -> dict:
     return [r for r in records if key in r][-1]
 
