@@ -10,7 +10,7 @@
 # (one line per step, every bench figure) is $OUT/summary.txt and the end of stdout.
 #
 #     OUT=./gpu_out bash scripts/gpu_check.sh            # on any CUDA machine
-#     GPU_CHECK_SECONDS=270 GPU_CHECK_BENCHES="S_vec_fp32_graphs S_img_fp32" bash scripts/gpu_check.sh
+#     GPU_CHECK_SECONDS=270 GPU_CHECK_BENCHES="S_vec_fp32_graphs S_img_fp32_eager" bash scripts/gpu_check.sh
 #     GPU_CHECK_PARTS="B" ...   # only some of the parts A, B, C (default: all three)
 #
 # Python packages missing on the machine can travel as wheels in .whl/ (installed to /tmp/site).
@@ -81,28 +81,29 @@ bench() {  # bench NAME LIMIT ARGS... (run from $BENCH_DIR: this checkout, or th
     "$LOGS/bench_$name.log" | tr '\n' ' ' | sed "s/^/  $name: /" | tee -a "$OUT/summary.txt"
   echo | tee -a "$OUT/summary.txt"
 }
-# NAME LIMIT ARGS: vec = dmc_proprio sizes (vector observations), img = dmc_vision (64x64 images)
+# NAME LIMIT ARGS: vec = dmc_proprio sizes (vector observations), img = dmc_vision (64x64 images);
+# graphs = CUDA graphs (the default mode), compiled = --compile True, eager = neither. Most telling
+# first, so a short budget measures the modes users run: the whole table takes ~25 minutes.
 BENCH_TABLE='
-S_vec_fp32 90 --configs dmc_proprio --profile /tmp/gpu_check/profile_S_vec_fp32.txt
-S_vec_fp32_graphs 90 --configs dmc_proprio --cuda_graphs True
-S_img_fp32 90 --configs dmc_vision
-S_img_fp32_graphs 90 --configs dmc_vision --cuda_graphs True
-S_img_bf16_graphs 90 --configs dmc_vision --precision bf16 --cuda_graphs True
-S_vec_bf16 90 --configs dmc_proprio --precision bf16
-S_img_bf16 90 --configs dmc_vision --precision bf16
-XL_vec_bf16_graphs 90 --configs dmc_proprio size_xl --precision bf16 --cuda_graphs True
-XL_img_bf16 90 --configs dmc_vision size_xl --precision bf16
-XL_img_bf16_graphs 90 --configs dmc_vision size_xl --precision bf16 --cuda_graphs True
-XL_vec_fp32 90 --configs dmc_proprio size_xl
-S_vec_bf16_compiled_graphs 180 --configs dmc_proprio --precision bf16 --compile True --cuda_graphs True
-S_img_bf16_compiled 180 --configs dmc_vision --precision bf16 --compile True
 S_vec_fp32_compiled_graphs 180 --configs dmc_proprio --compile True --cuda_graphs True
-S_img_fp32_compiled_graphs 180 --configs dmc_vision --compile True --cuda_graphs True
 S_vec_fp32_compiled 180 --configs dmc_proprio --compile True --cuda_graphs False --profile /tmp/gpu_check/profile_S_vec_compiled.txt
+S_img_fp32_compiled_graphs 180 --configs dmc_vision --compile True --cuda_graphs True
+S_vec_fp32_graphs 90 --configs dmc_proprio --cuda_graphs True
+S_img_fp32_graphs 90 --configs dmc_vision --cuda_graphs True
 XL_vec_fp32_compiled_graphs 180 --configs dmc_proprio size_xl --compile True --cuda_graphs True
 XL_img_bf16_compiled_graphs 180 --configs dmc_vision size_xl --precision bf16 --compile True --cuda_graphs True
+S_vec_bf16_compiled_graphs 180 --configs dmc_proprio --precision bf16 --compile True --cuda_graphs True
+S_img_bf16_compiled_graphs 180 --configs dmc_vision --precision bf16 --compile True --cuda_graphs True
+S_vec_fp32_eager 90 --configs dmc_proprio --cuda_graphs False --profile /tmp/gpu_check/profile_S_vec_eager.txt
+S_img_fp32_eager 90 --configs dmc_vision --cuda_graphs False
+S_vec_bf16_graphs 90 --configs dmc_proprio --precision bf16 --cuda_graphs True
+S_img_bf16_graphs 90 --configs dmc_vision --precision bf16 --cuda_graphs True
+XL_vec_fp32_graphs 90 --configs dmc_proprio size_xl --cuda_graphs True
+XL_vec_bf16_graphs 90 --configs dmc_proprio size_xl --precision bf16 --cuda_graphs True
+XL_img_bf16_graphs 90 --configs dmc_vision size_xl --precision bf16 --cuda_graphs True
+XL_img_bf16_eager 90 --configs dmc_vision size_xl --precision bf16 --cuda_graphs False
 '
-# GPU_CHECK_BENCHES="S_vec_fp32 S_img_fp32": run only these, in this order (default: the whole table).
+# GPU_CHECK_BENCHES="S_vec_fp32_graphs S_img_fp32_eager": run only these, in this order (default: the whole table).
 names=${GPU_CHECK_BENCHES:-$(echo "$BENCH_TABLE" | awk 'NF {print $1}')}
 # A name "base_ROW" runs ROW's benchmark from GPU_CHECK_BASE, a copy of an earlier version of the repo
 # carried along (e.g. `git archive HEAD | tar -x -C .ab`), for a side-by-side figure on the same card.
