@@ -207,6 +207,9 @@ def matmul_peak_gflops(device: torch.device, repeats: int = 30) -> float:
 
 
 def main(argv: list[str]) -> dict[str, float]:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__.strip())
+        raise SystemExit(0)
     rest, options = split_argv(argv)
     iters, json_path = int(options["--iters"]), options["--json"]
     cfg = config_lib.load_config(rest)

@@ -47,3 +47,12 @@ def test_unmeasured_figures_are_written_as_null() -> None:
         "seconds_per_update": 0.02, "world_model_seconds": None,
         "all_seconds": {"total": [0.02, 0.03], "world_model": [None, None]}}
     json.dumps(bench.nan_to_none(times), allow_nan=False)
+
+
+def test_bench_help_prints_usage_and_measures_nothing(tmp_path: Path) -> None:
+    """--help prints the figure names and options and exits 0 (it used to run a whole benchmark)."""
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--help"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--iters N" in run.stdout and "seconds_per_update" in run.stdout
+    assert not any(line.startswith("seconds_per_update: ") for line in run.stdout.splitlines())
