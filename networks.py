@@ -132,7 +132,16 @@ class LayerNormGRU(nn.Module):
         self.norm = nn.LayerNorm(3 * deter, eps=norm_eps)
 
     def forward(self, x: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
-        gates = self.norm(self.linear(torch.cat([deter, x.to(deter.dtype)], -1))).float()  # (N, 3D)
+        return self.cell(self.linear(self.gate_inputs(x, deter)), deter)
+
+    @staticmethod
+    def gate_inputs(x: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+        """What the gates' Linear reads: [deter, x] (N, D + in)."""
+        return torch.cat([deter, x.to(deter.dtype)], -1)
+
+    def cell(self, preact: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+        """The new state from the gates' pre-activations (N, 3D) and the old state (N, D)."""
+        gates = self.norm(preact).float()  # (N, 3D)
         reset, cand, update = gates.split(self.deter, -1)
         cand = torch.tanh(torch.sigmoid(reset) * cand)
         update = torch.sigmoid(update + self.update_bias)
@@ -223,16 +232,21 @@ class RSSM(nn.Module):
         post = self._latent_log_probs(self.obs_logits(self.obs_out(torch.cat([deter, embed.to(deter.dtype)], -1))))
         return self._sample(post), deter, post
 
-    def _filter_step_eager(self, stoch, deter, mask, action_proj, embed_proj, w_in_stoch, w_out_deter,
-                           init_stoch, init_deter):
-        """observe()'s recurrence for one step, with the action and embedding already projected."""
+    def _filter_step_eager(self, stoch, deter, mask, action_proj, gru_addend, embed_proj, logits_addend,
+                           weights, init_stoch, init_deter):
+        """observe()'s recurrence for one step. Each of its four per-step Linear layers is
+        F.linear(x_t, weight) + addend_t, the addends carrying what does not depend on the step's
+        state (the projected action and embedding, the logits' bias, zeros for the GRU). Returns
+        stoch (B, S*C), deter (B, D), post (B, S, C) and the four layers' inputs x_t."""
+        w_in_stoch, w_gru, w_out_deter, w_logits = weights
         stoch = torch.where(mask, init_stoch.to(stoch.dtype), stoch)  # mask (B, 1)
         deter = torch.where(mask, init_deter.to(deter.dtype), deter)
         x = F.silu(self.img_in.norm(F.linear(stoch, w_in_stoch) + action_proj))
-        deter = self.gru(x, deter)
-        h = F.silu(self.obs_out.norm(F.linear(deter, w_out_deter) + embed_proj))
-        post = self._latent_log_probs(self.obs_logits(h))  # (B, S, C)
-        return self._sample(post), deter, post
+        gru_in = self.gru.gate_inputs(x, deter)  # (B, D + hidden)
+        new_deter = self.gru.cell(F.linear(gru_in, w_gru) + gru_addend, deter)
+        h = F.silu(self.obs_out.norm(F.linear(new_deter, w_out_deter) + embed_proj))
+        post = self._latent_log_probs(F.linear(h, w_logits) + logits_addend)  # (B, S, C)
+        return self._sample(post), new_deter, post, (stoch, gru_in, new_deter, h)
 
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
@@ -240,7 +254,9 @@ class RSSM(nn.Module):
 
         embed (B, T, E), action (B, T, A) = the action that led to step t, is_first (B, T) bool; the
         first step of the window always starts from the initial state. The action and embedding
-        projections are computed for all steps at once; only the recurrence runs step by step.
+        projections are computed for all steps at once; only the recurrence runs step by step, and
+        the weight gradients of its four per-step layers are one GEMM each over all steps
+        (ScanWeightGrad) instead of T small ones and T sums.
         Returns stoch (B, T, S*C), deter (B, T, D), post and prior log-probs (B, T, S, C).
         """
         batch, length = is_first.shape
@@ -254,17 +270,27 @@ class RSSM(nn.Module):
         w_out = self.obs_out.linear.weight  # (hidden, D + E)
         action_proj = F.linear(self.clip_action(action) * keep, w_in[:, n:])  # (B, T, hidden)
         embed_proj = F.linear(embed, w_out[:, self.deter:])  # (B, T, hidden)
-        w_in_stoch = w_in[:, :n].contiguous()
-        w_out_deter = w_out[:, :self.deter].contiguous()
+        dtype = action_proj.dtype  # the Linear layers' output dtype (bfloat16 under autocast)
+        gru_zeros = torch.zeros(batch, length, 3 * self.deter, dtype=dtype, device=embed.device)  # (B, T, 3D)
+        logits_bias = self.obs_logits.bias.to(dtype).expand(batch, length, -1)  # (B, T, S*C)
+        scan_weights = (w_in[:, :n], self.gru.linear.weight, w_out[:, :self.deter], self.obs_logits.weight)
+        step_inputs = [StepInputs() for _ in scan_weights]
+        addends = [ScanWeightGrad.apply(addend, weight, inputs) for addend, weight, inputs
+                   in zip((action_proj, gru_zeros, embed_proj, logits_bias), scan_weights, step_inputs)]
+        weights = tuple(w.detach().contiguous() for w in scan_weights)
         init_stoch, init_deter = self.initial(batch)
         stoch, deter = init_stoch, init_deter
         stochs, deters, posts = [], [], []
         # unbind: one view per step whose gradients autograd stacks once, where per-step slicing
-        # would add a zero-filled (B, T, hidden) gradient for every step
-        actions_t, embeds_t, resets_t = action_proj.unbind(1), embed_proj.unbind(1), reset.unbind(1)
+        # would add a zero-filled (B, T, ...) gradient for every step
+        per_step = [a.unbind(1) for a in addends]
+        resets_t = reset.unbind(1)
         for t in range(length):
-            stoch, deter, post = self._filter_step(stoch, deter, resets_t[t].reshape(batch, 1), actions_t[t],
-                                                   embeds_t[t], w_in_stoch, w_out_deter, init_stoch, init_deter)
+            stoch, deter, post, inputs = self._filter_step(
+                stoch, deter, resets_t[t].reshape(batch, 1), *(a[t] for a in per_step), weights,
+                init_stoch, init_deter)
+            for record, x in zip(step_inputs, inputs):
+                record.append(x)
             stochs.append(stoch)
             deters.append(deter)
             posts.append(post)
@@ -275,6 +301,43 @@ class RSSM(nn.Module):
             "post": torch.stack(posts, 1),  # (B, T, S, C)
             "prior": self.prior_log_probs(deter),  # (B, T, S, C), all steps in one batch
         }
+
+
+class StepInputs:
+    """The inputs x_t (B, in) one per-step layer of a scan read, kept without their graphs (a
+    reference from an autograd node's context to the graph would be a cycle that leaks), stacked
+    only when a backward pass needs them."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def append(self, x: torch.Tensor) -> None:
+        self.steps.append(x.detach())
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack(self.steps, 1)  # (B, T, in)
+
+
+class ScanWeightGrad(torch.autograd.Function):
+    """For a scan's per-step layer y_t = x_t W^T + addend_t whose steps use the detached weight:
+    the identity on the addend (B, T, out), whose backward also returns the weight's gradient,
+    dW = sum_t dy_t^T x_t = dY^T X, as one GEMM over all B x T rows (dY is the addend's gradient,
+    X the recorded inputs). Autograd would otherwise compute T rank-B products and T sums: the
+    bulk of the small kernels of a GPU update and a memory-bound tail on a CPU. Same maths."""
+
+    @staticmethod
+    def forward(ctx, addend: torch.Tensor, weight: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        ctx.inputs, ctx.weight_dtype = inputs, weight.dtype
+        return addend.view_as(addend)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad (B, T, out)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            x = ctx.inputs.stacked()  # (B, T, in)
+            rows = grad.reshape(-1, grad.shape[-1])  # (B*T, out)
+            grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]).to(rows.dtype)).to(ctx.weight_dtype)  # (out, in)
+        return grad, grad_weight, None
 
 
 def features(stoch: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:

@@ -155,10 +155,69 @@ def test_observe_splits_the_sequence_projections_once():
     action = torch.randn(2, 5, 2, requires_grad=True)
     out = rssm.observe(embed, action, torch.zeros(2, 5, dtype=torch.bool))
     names = autograd_node_names(out["stoch"].sum())
-    assert names.count("UnbindBackward0") == 2, names  # the action and the embedding projections
+    # the addends of the four per-step layers: action and embedding projections, GRU, logits bias
+    assert names.count("UnbindBackward0") == 4, names
     assert "SelectBackward0" not in names, names
     out["stoch"].sum().backward()
     assert embed.grad.shape == (2, 5, 7) and embed.grad.abs().sum(-1).gt(0).all()
+
+
+def test_observe_gradients_equal_stepping_obs_step():
+    """observe() computes the weight gradients of its per-step layers as one product over all steps
+    (ScanWeightGrad): every parameter's and input's gradient equals that of the plain per-step
+    cell, resets included."""
+    rssm = make_rssm()
+    embed = torch.randn(2, 6, 7, requires_grad=True)
+    action = torch.randn(2, 6, 2, requires_grad=True)
+    is_first = torch.zeros(2, 6, dtype=torch.bool)
+    is_first[0, 2] = True
+    target = torch.randn(2, 6, 3, 4)
+
+    def loss_of(out_post, out_deter):
+        return (out_post * target).sum() + out_deter.square().sum()
+
+    torch.manual_seed(5)
+    out = rssm.observe(embed, action, is_first)
+    params = [p for p in rssm.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss_of(out["post"], out["deter"]), params + [embed, action], allow_unused=True)
+    torch.manual_seed(5)
+    stoch, deter = rssm.initial(2)
+    reset = is_first.clone()
+    reset[:, 0] = True
+    posts, deters = [], []
+    for t in range(6):
+        stoch, deter, post = rssm.obs_step(stoch, deter, action[:, t], embed[:, t], reset[:, t])
+        posts.append(post)
+        deters.append(deter)
+    reference = torch.autograd.grad(loss_of(torch.stack(posts, 1), torch.stack(deters, 1)),
+                                    params + [embed, action], allow_unused=True)
+    names = [n for n, p in rssm.named_parameters() if p.requires_grad] + ["embed", "action"]
+    for name, got, want in zip(names, grads, reference):
+        if want is None:
+            assert got is None or not got.any(), name
+            continue
+        assert want.abs().sum() > 0 or name.startswith("img_"), name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_observe_weight_gradients_are_one_product_per_layer():
+    """The GRU's and the posterior logits' weights each get one gradient edge for the whole
+    sequence (per-step uses would give one edge, one small product and one sum per step)."""
+    rssm = make_rssm()
+    out = rssm.observe(torch.randn(2, 5, 7), torch.randn(2, 5, 2), torch.zeros(2, 5, dtype=torch.bool))
+    edges: dict[int, int] = {}
+    seen, stack = set(), [out["post"].sum().grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None and hasattr(child, "variable"):
+                edges[id(child.variable)] = edges.get(id(child.variable), 0) + 1
+            stack.append(child)
+    assert edges[id(rssm.gru.linear.weight)] == 1, edges
+    assert edges[id(rssm.obs_logits.weight)] == 1, edges
 
 
 def test_is_first_resets_state_per_sequence():
