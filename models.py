@@ -401,9 +401,11 @@ class ActorCritic(nn.Module):
         actor_loss = actor_loss - float(cfg.actor.entropy) * entropy
         actor_loss = (actor_loss * weight[:-1]).mean()
         critic_dist = TwoHotSymlog.from_log_probs(traj["critic_log_probs"])  # (H, N, bins)
-        critic_loss = -critic_dist.log_prob(returns.detach())
-        if cfg.slow_value_target:
-            critic_loss = critic_loss - float(cfg.slow_reg_scale) * critic_dist.log_prob(traj["slow"])
+        targets, scales = [returns.detach()], [1.0]
+        if cfg.slow_value_target:  # the regulariser toward the slow critic's prediction
+            targets.append(traj["slow"])
+            scales.append(float(cfg.slow_reg_scale))
+        critic_loss = -critic_dist.weighted_log_prob(targets, scales)  # (H, N)
         critic_loss = (critic_loss * weight[:-1]).mean()
         metrics = {
             "loss/actor": actor_loss.detach(), "loss/critic": critic_loss.detach(),

@@ -55,6 +55,32 @@ def test_two_hot_log_prob_is_two_hot_weighted_log_softmax():
     assert TwoHotSymlog(logits).log_prob(value).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def test_two_hot_weighted_log_prob_sums_the_targets_with_one_gather():
+    """The critic's loss reads the return and the slow critic's value from one distribution: the
+    weighted sum equals the separate log-likelihoods, values and gradients alike, and its backward
+    holds a single gather (one zero-filled (..., bins) gradient instead of four)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 255, requires_grad=True)
+    returns, slow = torch.randn(3, 5) * 30, torch.randn(3, 5) * 3
+    dist = TwoHotSymlog(logits)
+    got = dist.weighted_log_prob([returns, slow], [1.0, 0.5])  # (3, 5)
+    want = dist.log_prob(returns) + 0.5 * dist.log_prob(slow)
+    torch.testing.assert_close(got, want)
+    expected_log_prob = (two_hot(symlog(returns), 255) * torch.log_softmax(logits, -1)).sum(-1)
+    torch.testing.assert_close(dist.log_prob(returns), expected_log_prob)
+    grad_got, = torch.autograd.grad(got.sum(), logits, retain_graph=True)
+    grad_want, = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(grad_got, grad_want)
+    names, stack, seen = [], [got.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.append(node.name())
+            stack.extend(child for child, _ in node.next_functions)
+    assert names.count("GatherBackward0") == 1, names
+
+
 def test_two_hot_round_trip_for_255_bins():
     values = torch.tensor([-1000.0, -3.2, 0.0, 0.7, 42.0, 12345.0])
     probs = two_hot(symlog(values), 255)
