@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import ConfigError
-from distributions import BoundedNormal, OneHotCategorical, unimix_log_probs
+from distributions import BoundedNormal, OneHotCategorical, sample_one_hot, unimix_log_probs, unimix_probs
 from tools import symlog
 
 # Observation keys that are bookkeeping, never model inputs or targets.
@@ -183,6 +183,13 @@ class RSSM(nn.Module):
         """One-hot straight-through sample, flattened: (N, stoch, classes) -> (N, stoch*classes)."""
         return OneHotCategorical.from_log_probs(log_probs, event_dims=1).sample().flatten(-2)
 
+    def _prior_sample(self, deter: torch.Tensor) -> torch.Tensor:
+        """Straight-through sample of the prior given deter, (N, D) -> (N, S*C). Imagination needs
+        no log-probabilities, so the sample is drawn from the mixed probabilities themselves."""
+        logits = self.img_logits(self.img_out(deter))
+        probs = unimix_probs(logits.reshape(*logits.shape[:-1], self.stoch, self.classes), self.unimix)
+        return sample_one_hot(probs).flatten(-2)  # (N, S*C)
+
     def prior_log_probs(self, deter: torch.Tensor) -> torch.Tensor:
         """Prior over the latent given deter: (..., deter) -> (..., stoch, classes)."""
         return self._latent_log_probs(self.img_logits(self.img_out(deter)))
@@ -219,8 +226,7 @@ class RSSM(nn.Module):
         """One imagined step: sample the prior. Returns (stoch (N, S*C), deter (N, D))."""
         x = self.img_in(torch.cat([stoch, self.clip_action(action).to(stoch.dtype)], -1))
         deter = self.gru(x, deter)
-        stoch = self._sample(self.prior_log_probs(deter))
-        return stoch, deter
+        return self._prior_sample(deter), deter
 
     def obs_step(self, stoch: torch.Tensor, deter: torch.Tensor, action: torch.Tensor,
                  embed: torch.Tensor, is_first: torch.Tensor

@@ -5,9 +5,13 @@
 
 Takes the same `--configs ...` and `--key value` overrides as dreamer.py, plus `--iters N` (timed
 updates after one warm-up update), `--json F` and `--profile F` (a torch.profiler table of two
-updates, sorted by device time on CUDA and by CPU time otherwise, written to F). The observation and action spaces are those of the
-config's task (made once); random batches of those shapes are fed to the real agent. Prints one
-`name: value` line per figure:
+updates, sorted by device time on CUDA and by CPU time otherwise, written to F) and, on a CPU,
+`--op-times F` (each aten op of one update timed where it runs, by op, shapes and the line or
+autograd node running it:
+torch.profiler's own bookkeeping doubles a CPU update's time and inflated the times it reported
+for large memory-bound ops 10-25x, see BENCHMARKS.md). The observation and action spaces are those
+of the config's task (made once); random batches of those shapes are fed to the real agent. Prints
+one `name: value` line per figure:
 
   seconds_per_update        median over the timed updates (world model + actor + critic)
   world_model_seconds       median of the world-model part (NaN with --cuda_graphs True)
@@ -21,26 +25,31 @@ config's task (made once); random batches of those shapes are fed to the real ag
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
+import os
 import re
 import resource
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import gymnasium
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+sys.path.insert(0, PROJECT_ROOT)
 import config as config_lib  # noqa: E402
 import exploration  # noqa: E402
 from tools import keep_freed_cpu_memory, resolve_device, set_seed, set_threads, use_tf32_on_cuda  # noqa: E402
 
 
-BENCH_OPTIONS = {"--iters": "3", "--json": None, "--profile": None}
+BENCH_OPTIONS = {"--iters": "3", "--json": None, "--profile": None, "--op-times": None}
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], dict[str, str | None]]:
@@ -160,6 +169,77 @@ def write_profile(agent, batch, device: torch.device, path: str, updates: int = 
         print(f"# kernels_per_update: {kernels / updates:.0f}")
 
 
+THIS_FILE = str(Path(__file__).resolve())
+MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def op_site() -> str:
+    """Where the running op comes from: "backward of <autograd node>" inside a backward pass, else
+    file:line of the innermost project frame outside this script."""
+    node = torch._C._current_autograd_node()
+    if node is not None:
+        return f"backward of {node.name()}"
+    for frame in reversed(traceback.extract_stack(limit=16)):
+        if frame.filename.startswith(PROJECT_ROOT) and frame.filename != THIS_FILE:
+            return f"{os.path.relpath(frame.filename, PROJECT_ROOT)}:{frame.lineno}"
+    return "elsewhere"
+
+
+def matmul_flops(name: str, args: tuple) -> float:
+    """FLOPs of an (add)mm / (bad)bmm call from its last two arguments, else 0."""
+    if name not in MATMUL_OPS:
+        return 0.0
+    a, b = args[-2], args[-1]
+    return 2.0 * a.shape[:-1].numel() * a.shape[-1] * b.shape[-1]
+
+
+class OpTimer(TorchDispatchMode):
+    """Wall time of every aten op run under it, by op and by (op, input shapes, op_site)."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_op: dict[str, float] = collections.defaultdict(float)
+        self.flops: dict[str, float] = collections.defaultdict(float)
+        self.by_site: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        seconds = time.perf_counter() - start
+        name = func.overloadpacket.__name__
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[:3]
+        self.by_op[name] += seconds
+        self.flops[name] += matmul_flops(name, args)
+        site = self.by_site[(name, shapes, op_site())]
+        site[0] += 1
+        site[1] += seconds
+        return out
+
+    def table(self, update_seconds: float, rows: int = 50) -> str:
+        total = sum(self.by_op.values())
+        lines = [f"one update: {update_seconds:.3f} s under the timer; time inside aten ops: {total:.3f} s "
+                 f"(the rest is Python, dispatch and autograd bookkeeping)", "",
+                 "seconds  share  GFLOP/s  op"]
+        for name, seconds in sorted(self.by_op.items(), key=lambda kv: -kv[1])[:rows]:
+            rate = f"{self.flops[name] / seconds / 1e9:7.1f}" if self.flops[name] else "      -"
+            lines.append(f"{seconds:7.3f} {100 * seconds / total:5.1f}% {rate}  {name}")
+        lines += ["", "seconds  calls  op, input shapes, where (op_site)"]
+        for (name, shapes, site), (calls, seconds) in sorted(self.by_site.items(), key=lambda kv: -kv[1][1])[:rows]:
+            lines.append(f"{seconds:7.3f} {calls:6d}  {name} {list(shapes)} {site}")
+        return "\n".join(lines) + "\n"
+
+
+def write_op_times(agent, batch, device: torch.device, path: str) -> None:
+    """OpTimer's table of one update, written to `path` (CPU only: CUDA ops return before they run)."""
+    if device.type != "cpu":
+        print("# --op-times times CPU ops only (CUDA kernels run asynchronously): use --profile on CUDA")
+        return
+    timer = OpTimer()
+    with timer:
+        seconds = time_updates(agent, batch, 1, device)["total"][0]
+    Path(path).write_text(timer.table(seconds))
+
+
 def policy_steps_per_second(agent, obs_space: dict, amount: int, seconds: float = 1.0) -> float:
     obs = {k: np.zeros((amount, *s.shape), s.dtype) for k, s in obs_space.items()}
     obs["is_first"] = np.zeros(amount, bool)
@@ -228,6 +308,8 @@ def main(argv: list[str]) -> dict[str, float]:
     times = time_updates(agent, batch, iters, device)
     if options["--profile"]:  # before the FLOP count: compiled code runs eagerly after a FlopCounterMode
         write_profile(agent, batch, device, options["--profile"])
+    if options["--op-times"]:
+        write_op_times(agent, batch, device, options["--op-times"])
     seconds = statistics.median(times["total"])
     figures = {
         "seconds_per_update": lambda: seconds,

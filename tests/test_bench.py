@@ -16,7 +16,7 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--configs", "debug", "--task", "custom_reach",
-         "--device", "cpu", "--threads", "1", "--iters", "2", "--json", str(out)],
+         "--device", "cpu", "--threads", "1", "--iters", "2", "--json", str(out), "--op-times", str(tmp_path / "ops.txt")],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     printed = {}
@@ -32,7 +32,28 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path: Path) -> None:
     saved = json.loads(out.read_text())
     assert all(abs(saved[name] - printed[name]) <= 1e-3 * abs(printed[name]) + 1e-9 for name in CPU_FIGURES)
     assert len(saved["all_seconds"]["total"]) == 2  # --iters timed updates
-    assert saved["argv"][-2:] == ["--json", str(out)]
+    assert saved["argv"][-4:-2] == ["--json", str(out)]
+    ops = (tmp_path / "ops.txt").read_text()
+    assert "time inside aten ops" in ops and " mm\n" in ops and "backward of " in ops and "models.py:" in ops
+
+
+def test_op_timer_times_each_op_with_its_matmul_flops_and_calling_line() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+    import torch
+
+    a, w = torch.randn(64, 32), torch.randn(32, 16, requires_grad=True)
+    timer = bench.OpTimer()
+    with timer:
+        (a @ w).relu().sum().backward()
+    assert timer.flops["mm"] == 2.0 * 64 * 32 * 16 * 2  # forward a @ w, and a.T @ grad for w
+    assert timer.flops["relu"] == 0.0 and timer.by_op["relu"] > 0
+    sites = {(name, site): calls for (name, _, site), (calls, _) in timer.by_site.items()}
+    forward_line = [site for (name, site) in sites if name == "mm" and not site.startswith("backward")]
+    assert len(forward_line) == 1 and forward_line[0].startswith("tests/test_bench.py:")
+    assert sites[("mm", "backward of MmBackward0")] == 1  # the weight gradient
+    table = timer.table(0.5)
+    assert table.startswith("one update: 0.500 s") and "relu" in table
 
 
 def test_unmeasured_figures_are_written_as_null() -> None:

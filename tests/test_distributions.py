@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distributions import (Bernoulli, BoundedNormal, OneHotCategorical, TwoHotSymlog, categorical_kl,
-                           two_hot, two_hot_bins, unimix_log_probs)
+                           sample_index, two_hot, two_hot_bins, unimix_log_probs)
 from tools import symexp, symlog
 
 
@@ -114,6 +114,23 @@ def test_one_hot_sample_frequencies_follow_the_mixed_probabilities():
     dist = OneHotCategorical(logits, unimix=0.01)
     freq = dist.sample().detach().mean(0)
     torch.testing.assert_close(freq, dist.probs[0], atol=0.015, rtol=0)
+
+
+def test_sample_index_draws_each_class_with_its_probability_and_never_a_zero_one():
+    torch.manual_seed(3)
+    probs = torch.tensor([[0.0, 0.7, 0.0, 0.3], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 1.0]])
+    draws = 40000
+    index = sample_index(probs[:, None].expand(3, draws, 4).contiguous())  # (3, draws)
+    assert index.shape == (3, draws) and index.dtype == torch.long
+    freq = torch.stack([(index == k).float().mean(1) for k in range(4)], -1)  # (3, 4)
+    assert torch.all(freq[probs == 0] == 0)  # impossible classes are never drawn
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)  # 4 sigma at 40,000 draws
+    # latents' layout (N, stoch, classes): each (row, stoch) is its own distribution
+    logits = torch.randn(2, 3, 5)
+    latent_probs = torch.softmax(logits, -1)
+    many = sample_index(latent_probs[None].expand(20000, 2, 3, 5).contiguous())  # (20000, 2, 3)
+    latent_freq = torch.nn.functional.one_hot(many, 5).float().mean(0)  # (2, 3, 5)
+    torch.testing.assert_close(latent_freq, latent_probs, atol=0.015, rtol=0)
 
 
 def test_one_hot_log_prob_entropy_kl_match_torch():

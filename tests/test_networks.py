@@ -240,6 +240,23 @@ def test_img_step_and_features_shapes():
     assert features(stoch, deter).shape == (5, rssm.feat_size) and rssm.feat_size == 20
 
 
+def test_img_step_samples_the_prior_with_its_probabilities_and_straight_through_gradients():
+    """img_step draws its latent from the mixed probabilities directly (no log-probabilities):
+    the classes' frequencies are those of prior_log_probs, and the gradient is that of the probs."""
+    rssm = make_rssm()
+    torch.manual_seed(1)
+    deter = torch.randn(1, 8).expand(30000, 8)
+    stoch = rssm._prior_sample(deter).detach().reshape(30000, 3, 4)
+    assert torch.all(stoch.sum(-1) == 1) and torch.all((stoch == 0) | (stoch == 1))
+    torch.testing.assert_close(stoch.mean(0), rssm.prior_log_probs(deter[:1])[0].exp(), atol=0.012, rtol=0)
+    weights = torch.randn(1, 12)
+    deter = torch.randn(2, 8)
+    (grad_sample,) = torch.autograd.grad((rssm._prior_sample(deter) * weights).sum(), rssm.img_logits.weight)
+    probs = rssm.prior_log_probs(deter).exp().flatten(-2)  # (2, S*C)
+    (grad_probs,) = torch.autograd.grad((probs * weights).sum(), rssm.img_logits.weight)
+    torch.testing.assert_close(grad_sample, grad_probs)
+
+
 def test_maybe_compile_disabled_returns_the_function():
     fn = lambda x: x + 1  # noqa: E731
     assert maybe_compile(fn, False, "f") is fn
