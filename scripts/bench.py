@@ -170,7 +170,6 @@ def write_profile(agent, batch, device: torch.device, path: str, updates: int = 
 
 
 THIS_FILE = str(Path(__file__).resolve())
-MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm")
 
 
 def op_site() -> str:
@@ -185,12 +184,13 @@ def op_site() -> str:
     return "elsewhere"
 
 
-def matmul_flops(name: str, args: tuple) -> float:
-    """FLOPs of an (add)mm / (bad)bmm call from its last two arguments, else 0."""
-    if name not in MATMUL_OPS:
-        return 0.0
-    a, b = args[-2], args[-1]
-    return 2.0 * a.shape[:-1].numel() * a.shape[-1] * b.shape[-1]
+def op_flops(func, args: tuple, kwargs: dict, out) -> float:
+    """FLOPs of one aten call by torch's own formulas (those FlopCounterMode uses: matrix products,
+    convolutions and their backward, attention); 0 for other ops."""
+    from torch.utils.flop_counter import flop_registry
+
+    count = flop_registry.get(func.overloadpacket)
+    return float(count(*args, **kwargs, out_val=out)) if count is not None else 0.0
 
 
 class OpTimer(TorchDispatchMode):
@@ -200,19 +200,22 @@ class OpTimer(TorchDispatchMode):
         super().__init__()
         self.by_op: dict[str, float] = collections.defaultdict(float)
         self.flops: dict[str, float] = collections.defaultdict(float)
-        self.by_site: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0])
+        self.by_site: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0, 0.0])  # calls, s, FLOPs
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         start = time.perf_counter()
-        out = func(*args, **(kwargs or {}))
+        out = func(*args, **kwargs)
         seconds = time.perf_counter() - start
         name = func.overloadpacket.__name__
         shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[:3]
+        flops = op_flops(func, args, kwargs, out)
         self.by_op[name] += seconds
-        self.flops[name] += matmul_flops(name, args)
+        self.flops[name] += flops
         site = self.by_site[(name, shapes, op_site())]
         site[0] += 1
         site[1] += seconds
+        site[2] += flops
         return out
 
     def table(self, update_seconds: float, rows: int = 50) -> str:
@@ -223,9 +226,10 @@ class OpTimer(TorchDispatchMode):
         for name, seconds in sorted(self.by_op.items(), key=lambda kv: -kv[1])[:rows]:
             rate = f"{self.flops[name] / seconds / 1e9:7.1f}" if self.flops[name] else "      -"
             lines.append(f"{seconds:7.3f} {100 * seconds / total:5.1f}% {rate}  {name}")
-        lines += ["", "seconds  calls  op, input shapes, where (op_site)"]
-        for (name, shapes, site), (calls, seconds) in sorted(self.by_site.items(), key=lambda kv: -kv[1][1])[:rows]:
-            lines.append(f"{seconds:7.3f} {calls:6d}  {name} {list(shapes)} {site}")
+        lines += ["", "seconds  calls  GFLOP/s  op, input shapes, where (op_site)"]
+        for (name, shapes, site), (calls, seconds, flops) in sorted(self.by_site.items(), key=lambda kv: -kv[1][1])[:rows]:
+            rate = f"{flops / seconds / 1e9:7.1f}" if flops else "      -"
+            lines.append(f"{seconds:7.3f} {calls:6d} {rate}  {name} {list(shapes)} {site}")
         return "\n".join(lines) + "\n"
 
 

@@ -48,7 +48,7 @@ def test_op_timer_times_each_op_with_its_matmul_flops_and_calling_line() -> None
         (a @ w).relu().sum().backward()
     assert timer.flops["mm"] == 2.0 * 64 * 32 * 16 * 2  # forward a @ w, and a.T @ grad for w
     assert timer.flops["relu"] == 0.0 and timer.by_op["relu"] > 0
-    sites = {(name, site): calls for (name, _, site), (calls, _) in timer.by_site.items()}
+    sites = {(name, site): calls for (name, _, site), (calls, _, _) in timer.by_site.items()}
     forward_line = [site for (name, site) in sites if name == "mm" and not site.startswith("backward")]
     assert len(forward_line) == 1 and forward_line[0].startswith("tests/test_bench.py:")
     assert sites[("mm", "backward of MmBackward0")] == 1  # the weight gradient
