@@ -6,12 +6,11 @@
 Takes the same `--configs ...` and `--key value` overrides as dreamer.py, plus `--iters N` (timed
 updates after one warm-up update), `--json F` and `--profile F` (a torch.profiler table of two
 updates, sorted by device time on CUDA and by CPU time otherwise, written to F) and, on a CPU,
-`--op-times F` (each aten op of one update timed where it runs, by op, shapes and the line or
-autograd node running it:
-torch.profiler's own bookkeeping doubles a CPU update's time and inflated the times it reported
-for large memory-bound ops 10-25x, see BENCHMARKS.md). The observation and action spaces are those
-of the config's task (made once); random batches of those shapes are fed to the real agent. Prints
-one `name: value` line per figure:
+`--op-times F` (each aten op of one update timed where it runs, with its GFLOP/s, by op and by
+shapes and the line or autograd node running it; torch.profiler's own bookkeeping doubles a CPU
+update's time and inflated the times it reported for large memory-bound ops 10-25x, see
+BENCHMARKS.md). The observation and action spaces are those of the config's task (made once);
+random batches of those shapes are fed to the real agent. Prints one `name: value` line per figure:
 
   seconds_per_update        median over the timed updates (world model + actor + critic)
   world_model_seconds       median of the world-model part (NaN with --cuda_graphs True)
