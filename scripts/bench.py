@@ -200,6 +200,7 @@ class OpTimer(TorchDispatchMode):
         self.by_op: dict[str, float] = collections.defaultdict(float)
         self.flops: dict[str, float] = collections.defaultdict(float)
         self.by_site: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0, 0.0])  # calls, s, FLOPs
+        self.calls = self.views = 0  # views launch no kernel: the rest bounds an eager GPU update
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -215,12 +216,15 @@ class OpTimer(TorchDispatchMode):
         site[0] += 1
         site[1] += seconds
         site[2] += flops
+        self.calls += 1
+        self.views += bool(func.is_view)
         return out
 
     def table(self, update_seconds: float, rows: int = 50) -> str:
         total = sum(self.by_op.values())
         lines = [f"one update: {update_seconds:.3f} s under the timer; time inside aten ops: {total:.3f} s "
-                 f"(the rest is Python, dispatch and autograd bookkeeping)", "",
+                 f"(the rest is Python, dispatch and autograd bookkeeping); {self.calls} aten calls, "
+                 f"{self.calls - self.views} of them not views (each a kernel launch on a GPU in eager mode)", "",
                  "seconds  share  GFLOP/s  op"]
         for name, seconds in sorted(self.by_op.items(), key=lambda kv: -kv[1])[:rows]:
             rate = f"{self.flops[name] / seconds / 1e9:7.1f}" if self.flops[name] else "      -"
