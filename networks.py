@@ -177,17 +177,24 @@ class RSSM(nn.Module):
 
     def _latent_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, stoch*classes) -> unimix log-probabilities (N, stoch, classes), float32."""
-        return unimix_log_probs(logits.reshape(*logits.shape[:-1], self.stoch, self.classes), self.unimix)
+        return unimix_log_probs(self._latent_shape(logits), self.unimix)
 
-    def _sample(self, log_probs: torch.Tensor) -> torch.Tensor:
-        """One-hot straight-through sample, flattened: (N, stoch, classes) -> (N, stoch*classes)."""
-        return OneHotCategorical.from_log_probs(log_probs, event_dims=1).sample().flatten(-2)
+    def _latent_shape(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.reshape(*logits.shape[:-1], self.stoch, self.classes)  # (N, S, C)
+
+    def _sample_with_log_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Straight-through sample (N, S*C) and log-probabilities (N, S, C) of the latent with
+        these logits (N, S*C); the sample is drawn from the mixed probabilities themselves, so
+        they are not recovered by exponentiating their logarithm."""
+        logits = self._latent_shape(logits)
+        probs = unimix_probs(logits, self.unimix)  # (N, S, C)
+        log_probs = torch.log(probs) if self.unimix > 0.0 else torch.log_softmax(logits.float(), -1)
+        return sample_one_hot(probs).flatten(-2), log_probs
 
     def _prior_sample(self, deter: torch.Tensor) -> torch.Tensor:
         """Straight-through sample of the prior given deter, (N, D) -> (N, S*C). Imagination needs
-        no log-probabilities, so the sample is drawn from the mixed probabilities themselves."""
-        logits = self.img_logits(self.img_out(deter))
-        probs = unimix_probs(logits.reshape(*logits.shape[:-1], self.stoch, self.classes), self.unimix)
+        no log-probabilities, so none are formed."""
+        probs = unimix_probs(self._latent_shape(self.img_logits(self.img_out(deter))), self.unimix)
         return sample_one_hot(probs).flatten(-2)  # (N, S*C)
 
     def prior_log_probs(self, deter: torch.Tensor) -> torch.Tensor:
@@ -235,8 +242,8 @@ class RSSM(nn.Module):
         Returns (stoch (N, S*C), deter (N, D), posterior log-probs (N, S, C))."""
         stoch, deter, action = self._reset(stoch, deter, self.clip_action(action), is_first)
         deter = self.gru(self.img_in(torch.cat([stoch, action.to(stoch.dtype)], -1)), deter)
-        post = self._latent_log_probs(self.obs_logits(self.obs_out(torch.cat([deter, embed.to(deter.dtype)], -1))))
-        return self._sample(post), deter, post
+        stoch, post = self._sample_with_log_probs(self.obs_logits(self.obs_out(torch.cat([deter, embed.to(deter.dtype)], -1))))
+        return stoch, deter, post
 
     def _filter_step_eager(self, stoch, deter, mask, action_proj, gru_addend, embed_proj, logits_addend,
                            weights, init_stoch, init_deter):
@@ -251,8 +258,8 @@ class RSSM(nn.Module):
         gru_in = self.gru.gate_inputs(x, deter)  # (B, D + hidden)
         new_deter = self.gru.cell(F.linear(gru_in, w_gru) + gru_addend, deter)
         h = F.silu(self.obs_out.norm(F.linear(new_deter, w_out_deter) + embed_proj))
-        post = self._latent_log_probs(F.linear(h, w_logits) + logits_addend)  # (B, S, C)
-        return self._sample(post), new_deter, post, (stoch, gru_in, new_deter, h)
+        new_stoch, post = self._sample_with_log_probs(F.linear(h, w_logits) + logits_addend)  # post (B, S, C)
+        return new_stoch, new_deter, post, (stoch, gru_in, new_deter, h)
 
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
