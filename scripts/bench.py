@@ -40,6 +40,7 @@ import gymnasium
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 sys.path.insert(0, PROJECT_ROOT)
@@ -186,8 +187,6 @@ def op_site() -> str:
 def op_flops(func, args: tuple, kwargs: dict, out) -> float:
     """FLOPs of one aten call by torch's own formulas (those FlopCounterMode uses: matrix products,
     convolutions and their backward, attention); 0 for other ops."""
-    from torch.utils.flop_counter import flop_registry
-
     count = flop_registry.get(func.overloadpacket)
     return float(count(*args, **kwargs, out_val=out)) if count is not None else 0.0
 
