@@ -36,6 +36,13 @@ def unimix_log_probs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     return torch.log(unimix_probs(logits, unimix))
 
 
+def unimix_probs_and_log_probs(logits: torch.Tensor, unimix: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """unimix_probs and unimix_log_probs of the same logits, the logarithm taken of the
+    probabilities (not the probabilities recovered by exponentiating it)."""
+    probs = unimix_probs(logits, unimix)
+    return probs, (torch.log(probs) if unimix > 0.0 else torch.log_softmax(logits.float(), -1))
+
+
 def one_hot_of(index: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
     """index (...) -> one-hot (..., classes). F.one_hot's bounds check reads the indices back to the
     host on a CPU (two reductions and a sync per call, ~160 per update); argmax indices need none."""

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import ConfigError
-from distributions import BoundedNormal, OneHotCategorical, sample_one_hot, unimix_log_probs, unimix_probs
+from distributions import (BoundedNormal, OneHotCategorical, sample_one_hot, unimix_log_probs, unimix_probs,
+                           unimix_probs_and_log_probs)
 from tools import symlog
 
 # Observation keys that are bookkeeping, never model inputs or targets.
@@ -180,15 +181,14 @@ class RSSM(nn.Module):
         return unimix_log_probs(self._latent_shape(logits), self.unimix)
 
     def _latent_shape(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.reshape(*logits.shape[:-1], self.stoch, self.classes)  # (N, S, C)
+        """(N, S*C) -> (N, S, C): one categorical per latent."""
+        return logits.reshape(*logits.shape[:-1], self.stoch, self.classes)
 
     def _sample_with_log_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Straight-through sample (N, S*C) and log-probabilities (N, S, C) of the latent with
         these logits (N, S*C); the sample is drawn from the mixed probabilities themselves, so
         they are not recovered by exponentiating their logarithm."""
-        logits = self._latent_shape(logits)
-        probs = unimix_probs(logits, self.unimix)  # (N, S, C)
-        log_probs = torch.log(probs) if self.unimix > 0.0 else torch.log_softmax(logits.float(), -1)
+        probs, log_probs = unimix_probs_and_log_probs(self._latent_shape(logits), self.unimix)  # (N, S, C)
         return sample_one_hot(probs).flatten(-2), log_probs
 
     def _prior_sample(self, deter: torch.Tensor) -> torch.Tensor:

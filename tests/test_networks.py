@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from distributions import unimix_log_probs
 from networks import (RSSM, Actor, EnsembleMLP, Head, LayerNormGRU, MultiDecoder, MultiEncoder, features,
                       maybe_compile, select_keys)
 
@@ -244,19 +245,46 @@ def test_img_step_and_features_shapes():
 
 def test_img_step_samples_the_prior_with_its_probabilities_and_straight_through_gradients():
     """img_step draws its latent from the mixed probabilities directly (no log-probabilities):
-    the classes' frequencies are those of prior_log_probs, and the gradient is that of the probs."""
+    the classes' frequencies are those of prior_log_probs of its new deter, and the gradient is
+    that of the probabilities."""
     rssm = make_rssm()
     torch.manual_seed(1)
-    deter = torch.randn(1, 8).expand(30000, 8)
-    stoch = rssm._prior_sample(deter).detach().reshape(30000, 3, 4)
-    assert torch.all(stoch.sum(-1) == 1) and torch.all((stoch == 0) | (stoch == 1))
-    torch.testing.assert_close(stoch.mean(0), rssm.prior_log_probs(deter[:1])[0].exp(), atol=0.012, rtol=0)
+    rows = 30000
+    stoch, deter = (x.contiguous() for x in rssm.initial(rows))  # every row the same state
+    stoch, new_deter = rssm.img_step(stoch, deter, torch.zeros(rows, 2))
+    sample = stoch.detach().reshape(rows, 3, 4)
+    assert torch.all(sample.sum(-1) == 1) and torch.all((sample == 0) | (sample == 1))
+    want = rssm.prior_log_probs(new_deter[:1].detach())[0].exp()  # (S, C)
+    torch.testing.assert_close(sample.mean(0), want, atol=0.012, rtol=0)
     weights = torch.randn(1, 12)
     deter = torch.randn(2, 8)
-    (grad_sample,) = torch.autograd.grad((rssm._prior_sample(deter) * weights).sum(), rssm.img_logits.weight)
-    probs = rssm.prior_log_probs(deter).exp().flatten(-2)  # (2, S*C)
+    stoch, new_deter = rssm.img_step(torch.zeros(2, 12), deter, torch.zeros(2, 2))
+    (grad_sample,) = torch.autograd.grad((stoch * weights).sum(), rssm.img_logits.weight)
+    probs = rssm.prior_log_probs(new_deter).exp().flatten(-2)  # (2, S*C)
     (grad_probs,) = torch.autograd.grad((probs * weights).sum(), rssm.img_logits.weight)
     torch.testing.assert_close(grad_sample, grad_probs)
+
+
+def test_obs_step_samples_the_posterior_it_returns():
+    """The filtering step's latent is drawn from the posterior whose log-probabilities it returns
+    (the scan shares this code: test_observe_equals_stepping_obs_step)."""
+    rssm = make_rssm()
+    torch.manual_seed(2)
+    rows = 30000
+    stoch, deter = (x.contiguous() for x in rssm.initial(rows))
+    embed = torch.randn(1, 7).expand(rows, 7)
+    first = torch.zeros(rows, dtype=torch.bool)
+    with torch.no_grad():
+        stoch, _, post = rssm.obs_step(stoch, deter, torch.zeros(rows, 2), embed, first)
+    assert post.shape == (rows, 3, 4)
+    torch.testing.assert_close(post.exp().sum(-1), torch.ones(rows, 3))
+    torch.testing.assert_close(stoch.reshape(rows, 3, 4).mean(0), post[0].exp(), atol=0.012, rtol=0)
+    # and it is the posterior: the unimix log-probabilities of the logits from (new deter, embed)
+    init_stoch, init_deter = rssm.initial(1)
+    with torch.no_grad():
+        new_deter = rssm.gru(rssm.img_in(torch.cat([init_stoch, torch.zeros(1, 2)], -1)), init_deter)
+        logits = rssm.obs_logits(rssm.obs_out(torch.cat([new_deter, embed[:1]], -1)))  # (1, S*C)
+    torch.testing.assert_close(post[0], unimix_log_probs(logits.reshape(3, 4), 0.01))
 
 
 def test_maybe_compile_disabled_returns_the_function():
