@@ -142,8 +142,11 @@ class LayerNormGRU(nn.Module):
 
     def cell(self, preact: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
         """The new state from the gates' pre-activations (N, 3D) and the old state (N, D)."""
-        gates = self.norm(preact).float()  # (N, 3D)
-        reset, cand, update = gates.split(self.deter, -1)
+        return self.gated_update(self.norm(preact), deter)
+
+    def gated_update(self, gates: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+        """The new state from the normalised gate pre-activations (N, 3D) and the old state (N, D)."""
+        reset, cand, update = gates.float().split(self.deter, -1)
         cand = torch.tanh(torch.sigmoid(reset) * cand)
         update = torch.sigmoid(update + self.update_bias)
         return update * cand + (1.0 - update) * deter.float()
@@ -245,21 +248,30 @@ class RSSM(nn.Module):
         stoch, post = self._sample_with_log_probs(self.obs_logits(self.obs_out(torch.cat([deter, embed.to(deter.dtype)], -1))))
         return stoch, deter, post
 
-    def _filter_step_eager(self, stoch, deter, mask, action_proj, gru_addend, embed_proj, logits_addend,
-                           weights, init_stoch, init_deter):
+    def _filter_step_eager(self, stoch, deter, keep, start_stoch, start_deter, action_proj, gru_addend,
+                           embed_proj, logits_addend, norm_taps, weights, norms):
         """observe()'s recurrence for one step. Each of its four per-step Linear layers is
         F.linear(x_t, weight) + addend_t, the addends carrying what does not depend on the step's
-        state (the projected action and embedding, the logits' bias, zeros for the GRU). Returns
-        stoch (B, S*C), deter (B, D), post (B, S, C) and the four layers' inputs x_t."""
+        state (the projected action and embedding, the logits' bias, zeros for the GRU); each of its
+        three LayerNorms uses the detached scale and offset, its output's gradient reaching their
+        ScanNormGrad through a tap (tapped_layer_norm). Where a sequence starts (keep (B, 1) is 0)
+        the state is replaced by the initial one, start_* (zeros elsewhere). Returns stoch
+        (B, S*C), deter (B, D), post (B, S, C), the four layers' inputs x_t and the three
+        LayerNorms' inputs."""
         w_in_stoch, w_gru, w_out_deter, w_logits = weights
-        stoch = torch.where(mask, init_stoch.to(stoch.dtype), stoch)  # mask (B, 1)
-        deter = torch.where(mask, init_deter.to(deter.dtype), deter)
-        x = F.silu(self.img_in.norm(F.linear(stoch, w_in_stoch) + action_proj))
+        in_norm, gru_norm, out_norm = norms  # (weight, bias, eps) each
+        in_tap, gru_tap, out_tap = norm_taps
+        stoch = stoch * keep + start_stoch  # (B, S*C)
+        deter = deter * keep + start_deter  # (B, D)
+        in_pre = F.linear(stoch, w_in_stoch) + action_proj  # (B, hidden)
+        x = F.silu(tapped_layer_norm(in_pre, *in_norm, in_tap))
         gru_in = self.gru.gate_inputs(x, deter)  # (B, D + hidden)
-        new_deter = self.gru.cell(F.linear(gru_in, w_gru) + gru_addend, deter)
-        h = F.silu(self.obs_out.norm(F.linear(new_deter, w_out_deter) + embed_proj))
+        gru_pre = F.linear(gru_in, w_gru) + gru_addend  # (B, 3D)
+        new_deter = self.gru.gated_update(tapped_layer_norm(gru_pre, *gru_norm, gru_tap), deter)
+        out_pre = F.linear(new_deter, w_out_deter) + embed_proj  # (B, hidden)
+        h = F.silu(tapped_layer_norm(out_pre, *out_norm, out_tap))
         new_stoch, post = self._sample_with_log_probs(F.linear(h, w_logits) + logits_addend)  # post (B, S, C)
-        return new_stoch, new_deter, post, (stoch, gru_in, new_deter, h)
+        return new_stoch, new_deter, post, (stoch, gru_in, new_deter, h), (in_pre, gru_pre, out_pre)
 
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
@@ -267,9 +279,11 @@ class RSSM(nn.Module):
 
         embed (B, T, E), action (B, T, A) = the action that led to step t, is_first (B, T) bool; the
         first step of the window always starts from the initial state. The action and embedding
-        projections are computed for all steps at once; only the recurrence runs step by step, and
-        the weight gradients of its four per-step layers are one GEMM each over all steps
-        (ScanWeightGrad) instead of T small ones and T sums.
+        projections are computed for all steps at once; only the recurrence runs step by step. The
+        gradients of the parameters its steps share are each taken once over all steps: the four
+        per-step layers' weights as one GEMM (ScanWeightGrad), the three LayerNorms' scales and
+        offsets as one reduction (ScanNormGrad), the initial state through the (B, T, D) tensor of
+        sequence starts, instead of T small products or reductions and T sums each.
         Returns stoch (B, T, S*C), deter (B, T, D), post and prior log-probs (B, T, S, C).
         """
         batch, length = is_first.shape
@@ -278,6 +292,10 @@ class RSSM(nn.Module):
         reset = is_first.clone()
         reset[:, 0] = True
         keep = (~reset).unsqueeze(-1).to(action.dtype)  # (B, T, 1)
+        init_stoch, init_deter = self.initial(1)  # (1, S*C), (1, D)
+        starts = reset.unsqueeze(-1).float()  # (B, T, 1)
+        start_stoch = starts * init_stoch  # (B, T, S*C): the initial state where a sequence starts, else 0
+        start_deter = starts * init_deter  # (B, T, D)
         n = self.stoch_size
         w_in = self.img_in.linear.weight  # (hidden, S*C + A)
         w_out = self.obs_out.linear.weight  # (hidden, D + E)
@@ -290,19 +308,24 @@ class RSSM(nn.Module):
         step_inputs = [StepInputs() for _ in scan_weights]
         addends = [ScanWeightGrad.apply(addend, weight, inputs) for addend, weight, inputs
                    in zip((action_proj, gru_zeros, embed_proj, logits_bias), scan_weights, step_inputs)]
+        norms = (self.img_in.norm, self.gru.norm, self.obs_out.norm)
+        norm_inputs = [StepInputs() for _ in norms]
+        norm_taps = [ScanNormGrad.apply(norm.weight, norm.bias, inputs, norm.eps, batch, length)  # (B, T, H)
+                     for norm, inputs in zip(norms, norm_inputs)]
         weights = tuple(w.detach().contiguous() for w in scan_weights)
-        init_stoch, init_deter = self.initial(batch)
-        stoch, deter = init_stoch, init_deter
+        step_norms = tuple((norm.weight.detach(), norm.bias.detach(), norm.eps) for norm in norms)
+        stoch = torch.zeros(batch, n, device=embed.device)  # replaced by the initial state at t = 0
+        deter = torch.zeros(batch, self.deter, device=embed.device)
         stochs, deters, posts = [], [], []
         # unbind: one view per step whose gradients autograd stacks once, where per-step slicing
         # would add a zero-filled (B, T, ...) gradient for every step
-        per_step = [a.unbind(1) for a in addends]
-        resets_t = reset.unbind(1)
+        per_step = [x.unbind(1) for x in (keep, start_stoch, start_deter, *addends)]
+        per_step_taps = [tap.unbind(1) for tap in norm_taps]
         for t in range(length):
-            stoch, deter, post, inputs = self._filter_step(
-                stoch, deter, resets_t[t].reshape(batch, 1), *(a[t] for a in per_step), weights,
-                init_stoch, init_deter)
-            for record, x in zip(step_inputs, inputs):
+            stoch, deter, post, inputs, norm_in = self._filter_step(
+                stoch, deter, *(x[t] for x in per_step), tuple(tap[t] for tap in per_step_taps), weights,
+                step_norms)
+            for record, x in zip(step_inputs + norm_inputs, inputs + norm_in):
                 record.append(x)
             stochs.append(stoch)
             deters.append(deter)
@@ -314,6 +337,15 @@ class RSSM(nn.Module):
             "post": torch.stack(posts, 1),  # (B, T, S, C)
             "prior": self.prior_log_probs(deter),  # (B, T, S, C), all steps in one batch
         }
+
+
+def tapped_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                      tap: torch.Tensor) -> torch.Tensor:
+    """LayerNorm of x (N, H) with a detached scale and offset (H,), plus tap (N, H): zeros, one
+    step's view of a ScanNormGrad tensor, whose gradient is thereby the output's. (The addition
+    fuses into the LayerNorm when compiled; a custom autograd Function here instead cost more
+    Python time per step than it saved on a CPU.)"""
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps) + tap
 
 
 class StepInputs:
@@ -351,6 +383,32 @@ class ScanWeightGrad(torch.autograd.Function):
             rows = grad.reshape(-1, grad.shape[-1])  # (B*T, out)
             grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]).to(rows.dtype)).to(ctx.weight_dtype)  # (out, in)
         return grad, grad_weight, None
+
+
+class ScanNormGrad(torch.autograd.Function):
+    """For a scan's per-step LayerNorm y_t = n_t * weight + bias, n_t the normalised input x_t,
+    whose steps use the detached weight and bias and add per-step views of the (B, T, H) zeros this
+    returns to their outputs (tapped_layer_norm): backward receives the outputs' gradients stacked,
+    dY (B, T, H), and returns d weight = sum over B, T of dY * N and d bias = sum of dY, one
+    reduction each over all steps, N normalised again from the recorded inputs in one batch. Autograd
+    would instead compute both per step inside each LayerNorm's backward and sum them step by step
+    (two more kernels per step and parameter on a GPU). Same maths."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bias: torch.Tensor, inputs: StepInputs, eps: float, batch: int,
+                length: int) -> torch.Tensor:
+        ctx.inputs, ctx.eps = inputs, eps
+        return bias.new_zeros(()).expand(batch, length, bias.shape[-1])  # (B, T, H) zeros
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad (B, T, H)
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            x = ctx.inputs.stacked().float()  # (B, T, H)
+            grad_weight = (grad * F.layer_norm(x, x.shape[-1:], eps=ctx.eps)).sum((0, 1))  # (H,)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.sum((0, 1))  # (H,)
+        return grad_weight, grad_bias, None, None, None, None
 
 
 def features(stoch: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
@@ -600,13 +658,20 @@ class EnsembleMLP(nn.Module):
 
 
 def grad_leaves(fn: Callable, args: tuple) -> list[torch.Tensor]:
-    """Tensors a backward pass through `fn` can reach directly: its tensor arguments that require
-    grad and, for a bound method of a module, that module's trainable parameters."""
-    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    """Tensors a backward pass through `fn` can reach directly: its tensor arguments (also inside
+    tuples and lists) that require grad and, for a bound method of a module, that module's
+    trainable parameters."""
+    leaves = [a for a in tensors_in(args) if a.requires_grad]
     owner = getattr(fn, "__self__", None)
     if isinstance(owner, nn.Module):
         leaves += [p for p in owner.parameters() if p.requires_grad]
     return leaves
+
+
+def tensors_in(args: tuple | list) -> list[torch.Tensor]:
+    """The tensors among the arguments and inside their tuples and lists."""
+    return [t for a in args for t in ([a] if isinstance(a, torch.Tensor)
+                                      else tensors_in(a) if isinstance(a, (tuple, list)) else [])]
 
 
 def differentiable_outputs(result) -> list[torch.Tensor]:
@@ -621,9 +686,17 @@ def differentiable_outputs(result) -> list[torch.Tensor]:
 
 
 def detached_leaves(args: tuple) -> tuple:
-    """The arguments with every tensor cut from its graph (a leaf that requires grad as before)."""
-    return tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-                 for a in args)
+    """The arguments with every tensor, also inside tuples and lists, cut from its graph (a leaf
+    that requires grad as before)."""
+    return tuple(detached_leaf(a) for a in args)
+
+
+def detached_leaf(arg):
+    if isinstance(arg, torch.Tensor):
+        return arg.detach().requires_grad_(arg.requires_grad)
+    if isinstance(arg, (tuple, list)):
+        return type(arg)(detached_leaf(a) for a in arg)
+    return arg
 
 
 def probe_backward(compiled: Callable, fn: Callable, args: tuple, kwargs: dict) -> bool:
@@ -632,7 +705,7 @@ def probe_backward(compiled: Callable, fn: Callable, args: tuple, kwargs: dict) 
     backward lazily, so a compiler failure that only the backward meets raises here, where the
     caller can still fall back, instead of in the optimizer step. True once a backward has run."""
     probe_args = detached_leaves(args)
-    cuda = sorted({a.device.index or 0 for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
+    cuda = sorted({a.device.index or 0 for a in tensors_in(args) if a.is_cuda})
     with torch.random.fork_rng(devices=cuda):
         outputs = differentiable_outputs(compiled(*probe_args, **kwargs))
         leaves = grad_leaves(fn, probe_args)

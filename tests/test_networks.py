@@ -6,7 +6,7 @@ import torch
 
 from distributions import unimix_log_probs
 from networks import (RSSM, Actor, EnsembleMLP, Head, LayerNormGRU, MultiDecoder, MultiEncoder, features,
-                      maybe_compile, select_keys)
+                      maybe_compile, probe_backward, select_keys)
 
 IMAGE = gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)
 VECTOR = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)
@@ -156,8 +156,9 @@ def test_observe_splits_the_sequence_projections_once():
     action = torch.randn(2, 5, 2, requires_grad=True)
     out = rssm.observe(embed, action, torch.zeros(2, 5, dtype=torch.bool))
     names = autograd_node_names(out["stoch"].sum())
-    # the addends of the four per-step layers: action and embedding projections, GRU, logits bias
-    assert names.count("UnbindBackward0") == 4, names
+    # the addends of the four per-step layers (action and embedding projections, GRU, logits bias),
+    # the three LayerNorms' offsets and the sequence starts' initial deter
+    assert names.count("UnbindBackward0") == 8, names
     assert "SelectBackward0" not in names, names
     # a weighted sum: the plain sum of straight-through samples has zero gradient (each group's
     # probabilities sum to 1), so its gradient would be rounding noise
@@ -203,9 +204,11 @@ def test_observe_gradients_equal_stepping_obs_step():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_observe_weight_gradients_are_one_product_per_layer():
-    """The GRU's and the posterior logits' weights each get one gradient edge for the whole
-    sequence (per-step uses would give one edge, one small product and one sum per step)."""
+def test_observe_parameter_gradients_are_taken_once_per_sequence():
+    """Every parameter the scan's steps share gets one gradient edge for the whole sequence: the
+    per-step layers' weights (one product), the LayerNorms' scales and offsets (one reduction), the
+    initial state (per-step uses would give one edge, one small product or reduction and one sum
+    per step)."""
     rssm = make_rssm()
     out = rssm.observe(torch.randn(2, 5, 7), torch.randn(2, 5, 2), torch.zeros(2, 5, dtype=torch.bool))
     edges: dict[int, int] = {}
@@ -219,8 +222,11 @@ def test_observe_weight_gradients_are_one_product_per_layer():
             if child is not None and hasattr(child, "variable"):
                 edges[id(child.variable)] = edges.get(id(child.variable), 0) + 1
             stack.append(child)
-    assert edges[id(rssm.gru.linear.weight)] == 1, edges
-    assert edges[id(rssm.obs_logits.weight)] == 1, edges
+    shared = {"gru.linear.weight", "obs_logits.weight", "initial_deter"} | {
+        f"{norm}.norm.{p}" for norm in ("img_in", "gru", "obs_out") for p in ("weight", "bias")}
+    for name, param in rssm.named_parameters():
+        if name in shared:
+            assert edges.get(id(param)) == 1, (name, edges.get(id(param)))
 
 
 def test_is_first_resets_state_per_sequence():
@@ -285,6 +291,31 @@ def test_obs_step_samples_the_posterior_it_returns():
         new_deter = rssm.gru(rssm.img_in(torch.cat([init_stoch, torch.zeros(1, 2)], -1)), init_deter)
         logits = rssm.obs_logits(rssm.obs_out(torch.cat([new_deter, embed[:1]], -1)))  # (1, S*C)
     torch.testing.assert_close(post[0], unimix_log_probs(logits.reshape(3, 4), 0.01))
+
+
+def test_probe_backward_cuts_tensors_inside_tuples_from_the_callers_graph():
+    """The compiled scan step takes its LayerNorm taps in a tuple: the probe must detach them (its
+    backward would otherwise run the caller's ScanNormGrad before any step was recorded) and still
+    count them as leaves."""
+    backward_calls = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            backward_calls.append(grad)
+            return grad
+
+    taps = (Spy.apply(torch.randn(3, requires_grad=True)),)
+
+    def fn(x, taps):
+        return x * taps[0]
+
+    assert probe_backward(fn, fn, (torch.randn(3), taps), {})  # the tuple's tensor is the only leaf
+    assert backward_calls == []
 
 
 def test_maybe_compile_disabled_returns_the_function():
