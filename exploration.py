@@ -46,16 +46,14 @@ class Plan2Explore(nn.Module):
         preds = self.ensemble(inputs.reshape(-1, inputs.shape[-1])).float()  # (M, n, S*C)
         return preds.std(0).mean(-1).reshape(feat.shape[:-1])
 
-    def reward_terms(self, wm: WorldModel, horizon: int) -> RewardFn:
-        """Reward of the exploration actor-critic, per imagined step (see models.RewardFn): the
-        scaled disagreement about step t+1 predicted from (feat_t, action_t), plus the scaled reward
-        head on feat_t for t >= 1 when extr_scale is not 0."""
-        def terms(t: int, feat: torch.Tensor, action: torch.Tensor) -> dict[str, torch.Tensor]:
-            out = {}
-            if t < horizon:
-                out["intrinsic"] = self.intr_scale * self.disagreement(feat, action)
-            if t >= 1 and self.extr_scale:
-                out["extrinsic"] = self.extr_scale * wm.reward(feat)
+    def reward_terms(self, wm: WorldModel) -> RewardFn:
+        """Reward of the exploration actor-critic per imagined transition (see models.RewardFn): the
+        scaled disagreement about next_feat predicted from (feat, action), plus the scaled reward
+        head on next_feat when extr_scale is not 0."""
+        def terms(feat: torch.Tensor, action: torch.Tensor, next_feat: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = {"intrinsic": self.intr_scale * self.disagreement(feat, action)}
+            if self.extr_scale:
+                out["extrinsic"] = self.extr_scale * wm.reward(next_feat)
             return out
         return terms
 
@@ -199,12 +197,13 @@ class Agent:
     def _step(self, name: str, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
         return self.optimizers[name].step(loss, self.grad_sync, retain_graph)
 
-    def task_reward(self, t: int, feat: torch.Tensor, action: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The task's reward terms per imagined step: the reward head on feat_t for t >= 1."""
-        return {"reward": self.wm.reward(feat)} if t >= 1 else {}
+    def task_reward(self, feat: torch.Tensor, action: torch.Tensor, next_feat: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        """The task's reward of imagined transitions (see models.RewardFn): the reward head on next_feat."""
+        return {"reward": self.wm.reward(next_feat)}
 
     def _train_actor_critic(self, ac: ActorCritic, prefix: str, start: Mapping[str, torch.Tensor],
-                            reward_fn: Callable) -> dict[str, torch.Tensor]:
+                            reward_fn: RewardFn) -> dict[str, torch.Tensor]:
         with autocast(self.device, self.precision, cache=not self.graphed), frozen(self.wm):
             actor_loss, critic_loss, metrics = ac.losses(self.wm, start, reward_fn)
         metrics["grad/actor_norm"] = self._step(f"{prefix}actor", actor_loss, retain_graph=True)
@@ -240,7 +239,7 @@ class Agent:
                 ensemble_loss = self.expl.ensemble_loss(states, batch)
             metrics["loss/expl_ensemble"] = ensemble_loss.detach()
             metrics["grad/expl_ensemble_norm"] = self._step("expl_ensemble", ensemble_loss)
-            reward_fn = self.expl.reward_terms(self.wm, int(self.config.imag_horizon))
+            reward_fn = self.expl.reward_terms(self.wm)
             expl = self._train_actor_critic(self.expl.ac, "expl_", start, reward_fn)
             metrics.update({k.replace("/", "/expl_", 1): v for k, v in expl.items()})
         return metrics

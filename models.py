@@ -24,15 +24,24 @@ from networks import RSSM, Actor, Head, MultiDecoder, MultiEncoder, features, ma
 from tools import symlog
 
 GradSync = Callable[[list[nn.Parameter]], None]
-# reward_fn(t, feat_t (N, F), action_t (N, A) or None at t = H) -> {name: (N,) reward term}: called at
-# every imagined step t = 0..H (no action is taken at the last one); each named term must be returned
-# at exactly H steps, in the order of the arrival steps 1..H it belongs to (e.g. the reward head on
-# feat_t for t >= 1, or a prediction from (feat_t, action_t) for t < H). The terms are summed.
-RewardFn = Callable[[int, torch.Tensor, "torch.Tensor | None"], dict[str, torch.Tensor]]
+# reward_fn(feat (..., F), action (..., A), next_feat (..., F)) -> {name: (...) reward term}: the
+# reward terms of imagined transitions feat --action--> next_feat (e.g. the reward head on next_feat,
+# or a prediction from (feat, action)); the terms are summed. It is called per imagined step with
+# (N, .) tensors, or once with the (H, N, .) steps stacked, so it must treat leading axes alike.
+RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------------------------
 # Small pieces of maths
+
+
+def summed_reward(terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The reward: the sum of a RewardFn's terms, float32 (...)."""
+    first, *rest = terms.values()  # a reward function returns at least one term
+    total = first.float()
+    for term in rest:
+        total = total + term.float()
+    return total
 
 
 def lambda_returns(reward: torch.Tensor, value: torch.Tensor, disc: torch.Tensor, lam: float) -> torch.Tensor:
@@ -303,7 +312,7 @@ class ActorCritic(nn.Module):
         """Imagine `imag_horizon` steps from the N start states with the actor. The critic, slow
         critic and continue heads run per imagined step (N rows at a time keeps every tensor small and
         cache-friendly on a CPU) or, with `stack_heads`, once on all H+1 steps (fewer, larger kernels
-        on a GPU); the reward terms always come per step from reward_fn.
+        on a GPU); so do the reward terms of reward_fn, per transition or on all H at once.
 
         The actor sees stop-gradient states. For continuous actions the sampled actions' gradients
         flow through the dynamics into later states, rewards and values (the backprop estimator);
@@ -317,7 +326,7 @@ class ActorCritic(nn.Module):
         """
         horizon = int(self.config.imag_horizon)
         stoch, deter = start["stoch"], start["deter"]
-        feats, actions, policies, heads, rewards = [], [], [], {}, {}
+        feats, actions, policies, heads, rewards = [], [], [], {}, []
         for t in range(horizon + 1):
             feat = features(stoch, deter)  # (N, F)
             last = t == horizon
@@ -325,26 +334,27 @@ class ActorCritic(nn.Module):
                 feats.append(feat)
             else:
                 self._append_heads(heads, wm, feat, start["cont"] if t == 0 else None, last)
-            action = None
-            if not last:  # at t = H only the value (the bootstrap) is needed
-                policy = self.actor(feat.detach())
-                action = policy.sample()
-                policies.append(policy)
-                actions.append(action)
-            for name, value in reward_fn(t, feat, action).items():
-                rewards.setdefault(name, []).append(value)
-            if last:
+                if t >= 1:  # the transition into this step
+                    rewards.append(summed_reward(reward_fn(prev_feat, actions[-1], feat)))  # (N,)
+                prev_feat = feat
+            if last:  # at t = H only the value (the bootstrap) is needed: no action
                 break
+            policy = self.actor(feat.detach())
+            action = policy.sample()
+            policies.append(policy)
+            actions.append(action)
             with contextlib.nullcontext() if self.backprop else torch.no_grad():
                 stoch, deter = wm.rssm.img_step(stoch, deter, action if self.backprop else action.detach())
+        action = torch.stack(actions)  # (H, N, A)
         if self.stack_heads:
-            out = self._stacked_heads(wm, torch.stack(feats), start["cont"])  # feats (H+1, N, F)
+            feat = torch.stack(feats)  # (H+1, N, F)
+            out = self._stacked_heads(wm, feat, start["cont"])
+            out["reward"] = summed_reward(reward_fn(feat[:-1], action, feat[1:]))  # (H, N)
         else:
             out = {k: torch.stack(v) for k, v in heads.items()}
-        out["action"] = torch.stack(actions)  # (H, N, A)
+            out["reward"] = torch.stack(rewards)  # (H, N)
+        out["action"] = action
         out["policy"] = type(policies[0]).stack(policies)
-        assert all(len(v) == horizon for v in rewards.values()), {k: len(v) for k, v in rewards.items()}
-        out["reward"] = sum(torch.stack(v).float() for v in rewards.values())  # (H, N)
         return out
 
     def _append_heads(self, heads: dict[str, list], wm: WorldModel, feat: torch.Tensor,
@@ -378,8 +388,8 @@ class ActorCritic(nn.Module):
         """Imagine from the start states and compute the actor and critic losses.
 
         start: stoch (N, S*C), deter (N, D), cont (N,) = 1 - is_terminal of the start states.
-        reward_fn(t, feat_t, action_t) -> {name: (N,)} reward terms; every term is given for H of
-        the H+1 steps, indexed by arrival step 1..H, and the reward is their sum (see RewardFn).
+        reward_fn(feat, action, next_feat) -> {name: reward term} per imagined transition; the
+        reward is the terms' sum (see RewardFn).
         """
         cfg = self.config
         discount = float(cfg.discount)

@@ -359,20 +359,31 @@ def test_imagination_runs_actor_and_slow_critic_only_where_losses_read_them():
     assert calls == {"actor": horizon, "critic": horizon + 1, "slow_critic": horizon}, calls
 
 
-@pytest.mark.parametrize("dist", ["normal", "onehot"])
-def test_stacked_heads_give_the_per_step_losses_and_gradients(dist):
-    """On a GPU the critic, slow critic and continue heads run once on the stacked imagined steps;
-    the losses, metrics and actor/critic gradients equal those of the per-step evaluation (CPU)."""
+def imagination_starts(agent, batch) -> dict[str, torch.Tensor]:
+    """Start states of imagination: the posterior states of the batch, (B*T, .)."""
+    states = agent.wm.observe(batch)
+    return {"stoch": states["stoch"].detach().flatten(0, 1), "deter": states["deter"].detach().flatten(0, 1),
+            "cont": 1.0 - batch["is_terminal"].flatten().float()}
+
+
+@pytest.mark.parametrize("dist,behavior", [("normal", "greedy"), ("onehot", "greedy"), ("normal", "plan2explore")])
+def test_stacked_heads_give_the_per_step_losses_and_gradients(dist, behavior):
+    """On a GPU the critic, slow critic and continue heads and the reward terms run once on the
+    stacked imagined steps; the losses, metrics and actor/critic gradients equal those of the
+    per-step evaluation (CPU), for the task reward and for plan2explore's intrinsic + extrinsic one."""
     results = []
     for stacked in (False, True):
-        agent, batch, _ = make("vector", dist)
-        agent.task.stack_heads = stacked
-        states, _ = agent.train_world_model(batch)
-        start = {"stoch": states["stoch"].detach().flatten(0, 1), "deter": states["deter"].detach().flatten(0, 1),
-                 "cont": 1.0 - batch["is_terminal"].flatten().float()}
+        agent, batch, _ = make("vector", dist, "--behavior", behavior, "--plan2explore.extr_scale", "0.5")
+        torch.nn.init.normal_(agent.wm.reward_head.out.weight, std=0.3)  # zero-initialised: make it count
+        ac = agent.task if behavior == "greedy" else agent.expl.ac
+        reward_fn = agent.task_reward if behavior == "greedy" else agent.expl.reward_terms(agent.wm)
+        ac.stack_heads = stacked
+        agent.train_world_model(batch)
+        start = imagination_starts(agent, batch)
         torch.manual_seed(1)
-        actor_loss, critic_loss, metrics = agent.task.losses(agent.wm, start, agent.task_reward)
-        params = list(agent.task.actor.parameters()) + list(agent.task.critic.parameters())
+        actor_loss, critic_loss, metrics = ac.losses(agent.wm, start, reward_fn)
+        assert metrics["imagine/reward"].abs() > 1e-3
+        params = list(ac.actor.parameters()) + list(ac.critic.parameters())
         grads = torch.autograd.grad(actor_loss + critic_loss, params, allow_unused=True)
         results.append((actor_loss, critic_loss, metrics, grads))
     (a0, c0, m0, g0), (a1, c1, m1, g1) = results
@@ -385,6 +396,34 @@ def test_stacked_heads_give_the_per_step_losses_and_gradients(dist):
             assert y is None
         else:
             torch.testing.assert_close(y, x)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_rollout_rewards_belong_to_their_transitions(stacked):
+    """reward_fn sees every imagined transition (feat_t, action_t, feat_t+1) once, step by step (N
+    rows) or stacked ((H, N) rows), and the rollout's reward is the sum of its terms in step order."""
+    agent, batch, cfg = make("vector", "normal")
+    agent.task.stack_heads = stacked
+    start = imagination_starts(agent, batch)
+    calls = []
+
+    def reward_fn(feat, action, next_feat):
+        calls.append(tuple(x.detach() for x in (feat, action, next_feat)))
+        return {"next": next_feat.sum(-1), "pair": feat[..., 0] * action[..., 0]}
+
+    traj = agent.task.rollout(agent.wm, start, reward_fn)
+    horizon = int(cfg.imag_horizon)
+    if stacked:
+        assert len(calls) == 1
+        feat, action, next_feat = calls[0]
+    else:
+        assert len(calls) == horizon
+        feat, action, next_feat = (torch.stack(x) for x in zip(*calls))
+    assert feat.shape[:2] == (horizon, start["deter"].shape[0])
+    torch.testing.assert_close(feat[1:], next_feat[:-1])  # consecutive transitions chain up
+    torch.testing.assert_close(feat[0], torch.cat([start["stoch"], start["deter"]], -1))
+    torch.testing.assert_close(action, traj["action"].detach())
+    torch.testing.assert_close(traj["reward"].detach(), next_feat.sum(-1) + feat[..., 0] * action[..., 0])
 
 
 def test_agent_stacks_the_imagination_heads_on_cuda_only():
