@@ -158,10 +158,15 @@ class OneHotCategorical:
         out.log_probs, out.probs, out.event_dims = log_probs, log_probs.exp(), event_dims
         return out
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What defines it (see from_tensors): (log_probs,)."""
+        return (self.log_probs,)
+
     @classmethod
-    def stack(cls, dists: list["OneHotCategorical"]) -> "OneHotCategorical":
-        """One distribution over the stacked steps: T x (...) -> (T, ...)."""
-        return cls.from_log_probs(torch.stack([d.log_probs for d in dists]), dists[0].event_dims)
+    def from_tensors(cls, log_probs: torch.Tensor) -> "OneHotCategorical":
+        """A single categorical (event_dims 0) from tensors(); those of several steps stacked
+        (T, ...) give one distribution over the stacked steps."""
+        return cls.from_log_probs(log_probs)
 
     def sample(self) -> torch.Tensor:
         return sample_one_hot(self.probs)
@@ -195,12 +200,16 @@ class BoundedNormal:
         self.mean = torch.tanh(raw_mean.float())
         self.std = (max_std - min_std) * torch.sigmoid(raw_std.float() + 2.0) + min_std
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What defines it (see from_tensors): (mean, std)."""
+        return self.mean, self.std
+
     @classmethod
-    def stack(cls, dists: list["BoundedNormal"]) -> "BoundedNormal":
-        """One distribution over the stacked steps: T x (..., A) -> (T, ..., A)."""
+    def from_tensors(cls, mean: torch.Tensor, std: torch.Tensor) -> "BoundedNormal":
+        """From tensors(); those of several steps stacked (T, ..., A) give one distribution over the
+        stacked steps."""
         out = cls.__new__(cls)
-        out.mean = torch.stack([d.mean for d in dists])
-        out.std = torch.stack([d.std for d in dists])
+        out.mean, out.std = mean, std
         return out
 
     def sample(self) -> torch.Tensor:

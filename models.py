@@ -302,6 +302,14 @@ class ActorCritic(nn.Module):
         # (few, large kernels: right for a GPU) instead of per step (cache-sized tensors: right for a
         # CPU); the same numbers either way. The Agent sets it from its device.
         self.stack_heads = False
+        # One imagined step of the actor, compiled when asked (eager fallback with one warning).
+        self._act = maybe_compile(self._act_eager, bool(config.compile), "actor step")
+
+    def _act_eager(self, feat: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The actor at one imagined step: a sampled action (N, A) and its policy's tensors (see
+        the distributions' tensors()), tensors only so that it compiles as one graph."""
+        policy = self.actor(feat)
+        return policy.sample(), policy.tensors()
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
@@ -339,8 +347,7 @@ class ActorCritic(nn.Module):
                 prev_feat = feat
             if last:  # at t = H only the value (the bootstrap) is needed: no action
                 break
-            policy = self.actor(feat.detach())
-            action = policy.sample()
+            action, policy = self._act(feat.detach())
             policies.append(policy)
             actions.append(action)
             with contextlib.nullcontext() if self.backprop else torch.no_grad():
@@ -354,7 +361,7 @@ class ActorCritic(nn.Module):
             out = {k: torch.stack(v) for k, v in heads.items()}
             out["reward"] = torch.stack(rewards)  # (H, N)
         out["action"] = action
-        out["policy"] = type(policies[0]).stack(policies)
+        out["policy"] = self.actor.policy_from_tensors(*(torch.stack(x) for x in zip(*policies)))  # over (H, N)
         return out
 
     def _append_heads(self, heads: dict[str, list], wm: WorldModel, feat: torch.Tensor,

@@ -117,6 +117,11 @@ class Actor(nn.Module):
             return BoundedNormal(raw_mean, raw_std, self.min_std, self.max_std)
         return OneHotCategorical(out, self.unimix)
 
+    def policy_from_tensors(self, *tensors: torch.Tensor) -> BoundedNormal | OneHotCategorical:
+        """The policy given by the tensors() of one of this actor's distributions, or of several
+        steps' stacked."""
+        return (BoundedNormal if self.dist == "normal" else OneHotCategorical).from_tensors(*tensors)
+
 
 # ----------------------------------------------------------------------------------------------
 # RSSM

@@ -232,19 +232,21 @@ def test_reduced_precision_updates_are_finite(precision):
     assert (agent.optimizers["model"].scaler is not None) == (precision == "16")
 
 
-def test_compiled_update_equals_the_eager_update(monkeypatch):
-    """compile: True compiles the RSSM steps and the world-model heads, forward and backward (the
-    first call probes the backward), without an eager fallback, and computes what eager code does:
-    with inductor drawing random numbers as eager code does, three updates give the same losses.
-    This also covers the actor's retain_graph=True backward through the compiled imagination step,
-    which a compiled backward with donated buffers would refuse."""
+@pytest.mark.parametrize("dist", ["normal", "onehot"])
+def test_compiled_update_equals_the_eager_update(monkeypatch, dist):
+    """compile: True compiles the RSSM steps, the world-model heads and the actor's imagined step,
+    forward and backward (the first call probes the backward), without an eager fallback, and
+    computes what eager code does: with inductor drawing random numbers as eager code does, three
+    updates give the same losses, for continuous (dynamics backprop) and discrete (REINFORCE)
+    actions. This also covers the actor's retain_graph=True backward through the compiled
+    imagination step, which a compiled backward with donated buffers would refuse."""
     import warnings
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     losses = {}
     for compiled in ("False", "True"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            agent, batch, _ = make("vector", "normal", "--compile", compiled)
+            agent, batch, _ = make("vector", dist, "--compile", compiled)
             torch.manual_seed(5)
             metrics = [agent.train_step(batch) for _ in range(3)]
         fallbacks = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
