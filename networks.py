@@ -276,7 +276,10 @@ class RSSM(nn.Module):
         out_pre = F.linear(new_deter, w_out_deter) + embed_proj  # (B, hidden)
         h = F.silu(tapped_layer_norm(out_pre, *out_norm, out_tap))
         new_stoch, post = self._sample_with_log_probs(F.linear(h, w_logits) + logits_addend)  # post (B, S, C)
-        return new_stoch, new_deter, post, (stoch, gru_in, new_deter, h), (in_pre, gru_pre, out_pre)
+        # The recorded inputs leave detached: a compiled step's backward would otherwise be handed
+        # (and fill) a zero gradient for each of them.
+        records = tuple(x.detach() for x in (stoch, gru_in, new_deter, h, in_pre, gru_pre, out_pre))
+        return new_stoch, new_deter, post, records[:4], records[4:]
 
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor
                 ) -> dict[str, torch.Tensor]:

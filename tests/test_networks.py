@@ -229,6 +229,27 @@ def test_observe_parameter_gradients_are_taken_once_per_sequence():
             assert edges.get(id(param)) == 1, (name, edges.get(id(param)))
 
 
+def test_observe_steps_return_their_recorded_inputs_without_graphs():
+    """The scan step's recorded layer and LayerNorm inputs leave it detached: as outputs with a
+    graph, a compiled step's backward would be handed a zero-filled gradient for each of them (seven
+    fill kernels per step, counted on the CPU with inductor's kernel profile)."""
+    rssm = make_rssm()
+    step, returned = rssm._filter_step, []
+
+    def recording_step(*args):
+        out = step(*args)
+        returned.append(out)
+        return out
+
+    rssm._filter_step = recording_step
+    rssm.observe(torch.randn(2, 4, 7), torch.randn(2, 4, 2), torch.zeros(2, 4, dtype=torch.bool))
+    assert len(returned) == 4
+    for stoch, deter, post, inputs, norm_inputs in returned:
+        assert stoch.requires_grad and deter.requires_grad and post.requires_grad
+        assert len(inputs) == 4 and len(norm_inputs) == 3
+        assert not any(x.requires_grad for x in inputs + norm_inputs)
+
+
 def test_is_first_resets_state_per_sequence():
     rssm = make_rssm()
     embed, action = torch.randn(2, 6, 7), torch.randn(2, 6, 2)
