@@ -9,7 +9,8 @@ updates, sorted by device time on CUDA and by CPU time otherwise, written to F) 
 `--op-times F` (each aten op of one update timed where it runs, with its GFLOP/s, by op and by
 shapes and the line or autograd node running it; torch.profiler's own bookkeeping doubles a CPU
 update's time and inflated the times it reported for large memory-bound ops 10-25x, see
-BENCHMARKS.md). The observation and action spaces are those of the config's task (made once);
+BENCHMARKS.md) and `--launches F` (the launch-like calls of one update, compiled code included:
+what bounds a GPU update, counted where no GPU is at hand). The observation and action spaces are those of the config's task (made once);
 random batches of those shapes are fed to the real agent. Prints one `name: value` line per figure:
 
   seconds_per_update        median over the timed updates (world model + actor + critic)
@@ -35,6 +36,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import gymnasium
 import numpy as np
@@ -49,7 +51,7 @@ import exploration  # noqa: E402
 from tools import keep_freed_cpu_memory, resolve_device, set_seed, set_threads, use_tf32_on_cuda  # noqa: E402
 
 
-BENCH_OPTIONS = {"--iters": "3", "--json": None, "--profile": None, "--op-times": None}
+BENCH_OPTIONS = {"--iters": "3", "--json": None, "--profile": None, "--op-times": None, "--launches": None}
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], dict[str, str | None]]:
@@ -246,6 +248,67 @@ def write_op_times(agent, batch, device: torch.device, path: str) -> None:
     Path(path).write_text(timer.table(seconds))
 
 
+# Calls that launch no kernel: allocations (views are told apart by their schema, see is_view_op).
+NO_KERNEL_OPS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::set_",
+                 "aten::lift_fresh"}
+
+
+def is_view_op(name: str) -> bool:
+    """Whether every overload of the aten op `aten::name` returns a view of its input."""
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    overloads = [getattr(packet, o) for o in packet.overloads()] if packet is not None else []
+    return bool(overloads) and all(o.is_view for o in overloads)
+
+
+def launch_like(event) -> bool:
+    """A profiled CPU event that a GPU would run as (about) one kernel launch: a kernel of
+    inductor's C++ code (named `*cpp_fused_*` with inductor's kernel profile on), or an aten call made
+    outside any other aten call that is neither a view nor an allocation (an eager op, an autograd
+    gradient sum, a library product called from compiled code)."""
+    if "cpp_fused" in event.name:
+        return True
+    if not event.name.startswith("aten::") or event.name in NO_KERNEL_OPS or is_view_op(event.name):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def count_launches(run: Callable[[], object]) -> collections.Counter:
+    """Launch-like calls (see launch_like) of run(), by op name ("inductor kernel" for compiled
+    code's kernels; they are profiled only if torch._inductor.config.cpp.enable_kernel_profile was
+    set before compiling)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return collections.Counter("inductor kernel" if "cpp_fused" in e.name else e.name
+                               for e in prof.events() if launch_like(e))
+
+
+def write_launches(agent, batch, device: torch.device, path: str) -> None:
+    """count_launches of one update with the imagination heads stacked as on CUDA, written to
+    `path` (CPU only: on CUDA, --profile counts the device kernels themselves)."""
+    if device.type != "cpu":
+        print("# --launches counts on a CPU: use --profile on CUDA")
+        return
+    actor_critics = [agent.task] + ([agent.expl.ac] if agent.expl is not None else [])
+    stacked = [ac.stack_heads for ac in actor_critics]
+    for ac in actor_critics:
+        ac.stack_heads = True
+    time_updates(agent, batch, 1, device)  # compiles what the stacked heads add
+    counts = count_launches(lambda: time_updates(agent, batch, 1, device))
+    for ac, before in zip(actor_critics, stacked):
+        ac.stack_heads = before
+    total = sum(counts.values())
+    Path(path).write_text(f"launch-like calls per update: {total}\n\n"
+                          + "".join(f"{n:6d}  {name}\n" for name, n in counts.most_common()))
+    print(f"# launches_per_update: {total}")
+
+
 def policy_steps_per_second(agent, obs_space: dict, amount: int, seconds: float = 1.0) -> float:
     obs = {k: np.zeros((amount, *s.shape), s.dtype) for k, s in obs_space.items()}
     obs["is_first"] = np.zeros(amount, bool)
@@ -300,6 +363,10 @@ def main(argv: list[str]) -> dict[str, float]:
     iters, json_path = int(options["--iters"]), options["--json"]
     cfg = config_lib.load_config(rest)
     threads = set_threads(int(cfg.threads))
+    if options["--launches"]:  # before anything compiles: inductor's C++ kernels then show in the profile
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     keep_freed_cpu_memory()  # as dreamer.py does
     device = resolve_device(cfg.device)
     use_tf32_on_cuda(device, bool(cfg.deterministic))
@@ -316,6 +383,8 @@ def main(argv: list[str]) -> dict[str, float]:
         write_profile(agent, batch, device, options["--profile"])
     if options["--op-times"]:
         write_op_times(agent, batch, device, options["--op-times"])
+    if options["--launches"]:
+        write_launches(agent, batch, device, options["--launches"])
     seconds = statistics.median(times["total"])
     figures = {
         "seconds_per_update": lambda: seconds,

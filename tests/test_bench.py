@@ -16,7 +16,8 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--configs", "debug", "--task", "custom_reach",
-         "--device", "cpu", "--threads", "1", "--iters", "2", "--json", str(out), "--op-times", str(tmp_path / "ops.txt")],
+         "--device", "cpu", "--threads", "1", "--iters", "2", "--json", str(out), "--op-times", str(tmp_path / "ops.txt"),
+         "--launches", str(tmp_path / "launches.txt")],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     printed = {}
@@ -32,9 +33,13 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path: Path) -> None:
     saved = json.loads(out.read_text())
     assert all(abs(saved[name] - printed[name]) <= 1e-3 * abs(printed[name]) + 1e-9 for name in CPU_FIGURES)
     assert len(saved["all_seconds"]["total"]) == 2  # --iters timed updates
-    assert saved["argv"][-4:-2] == ["--json", str(out)]
+    assert saved["argv"][-6:-4] == ["--json", str(out)]
     ops = (tmp_path / "ops.txt").read_text()
     assert "time inside aten ops" in ops and " mm\n" in ops and "backward of " in ops and "models.py:" in ops
+    launches = (tmp_path / "launches.txt").read_text().splitlines()
+    total = int(launches[0].removeprefix("launch-like calls per update: "))
+    assert f"# launches_per_update: {total}" in run.stdout
+    assert total == sum(int(line.split()[0]) for line in launches[2:]) and "aten::mm" in "\n".join(launches)
 
 
 def test_op_timer_times_each_op_with_its_matmul_flops_and_calling_line() -> None:
@@ -55,6 +60,31 @@ def test_op_timer_times_each_op_with_its_matmul_flops_and_calling_line() -> None
     assert timer.calls > timer.views >= 1  # e.g. the transposed weight in mm's backward is a view
     table = timer.table(0.5)
     assert table.startswith("one update: 0.500 s") and "relu" in table
+
+
+def test_launch_count_counts_eager_ops_and_compiled_kernels(monkeypatch) -> None:
+    """count_launches: one per eager op (views and allocations launch nothing), one per gradient
+    sum autograd makes, and one per kernel of compiled code, which fuses the three ops into one."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+    import torch
+    import torch._inductor.config as inductor_config
+
+    def f(x):
+        return (x * 2 + 1).relu()
+
+    x = torch.randn(8, 4)
+    eager = bench.count_launches(lambda: f(x).t().reshape(-1))
+    assert eager == {"aten::mul": 1, "aten::add": 1, "aten::relu": 1}, eager
+    w = torch.randn(4, requires_grad=True)
+    backward = bench.count_launches(lambda: ((x * w).sum() + (x + w).sum()).backward())
+    # forward: mul, add, two sums, add; backward: the seed gradient (ones_like), grad * x, the two
+    # paths' reductions to w's shape (sum) and autograd adding them (add)
+    assert backward == {"aten::mul": 2, "aten::add": 3, "aten::sum": 4, "aten::ones_like": 1}, backward
+    monkeypatch.setattr(inductor_config.cpp, "enable_kernel_profile", True)
+    compiled = torch.compile(f)
+    compiled(x)  # compiles
+    assert bench.count_launches(lambda: compiled(x)) == {"inductor kernel": 1}
 
 
 def test_unmeasured_figures_are_written_as_null() -> None:
