@@ -248,16 +248,17 @@ def write_op_times(agent, batch, device: torch.device, path: str) -> None:
     Path(path).write_text(timer.table(seconds))
 
 
-# Calls that launch no kernel: allocations (views are told apart by their schema, see is_view_op).
+# Calls that launch no kernel: allocations and a view whose schema does not say so (other views are
+# told apart by their schema, see is_view_op).
 NO_KERNEL_OPS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::set_",
-                 "aten::lift_fresh"}
+                 "aten::lift_fresh", "aten::_unsafe_view"}
 
 
 def is_view_op(name: str) -> bool:
-    """Whether every overload of the aten op `aten::name` returns a view of its input."""
+    """Whether the aten op `aten::name` returns a view of its input (its tensor overloads do; others,
+    such as slice.t on lists, are TorchScript's)."""
     packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
-    overloads = [getattr(packet, o) for o in packet.overloads()] if packet is not None else []
-    return bool(overloads) and all(o.is_view for o in overloads)
+    return packet is not None and any(getattr(packet, o).is_view for o in packet.overloads())
 
 
 def launch_like(event) -> bool:
