@@ -305,11 +305,12 @@ class ActorCritic(nn.Module):
         # One imagined step of the actor, compiled when asked (eager fallback with one warning).
         self._act = maybe_compile(self._act_eager, bool(config.compile), "actor step")
 
-    def _act_eager(self, feat: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """The actor at one imagined step: a sampled action (N, A) and its policy's tensors (see
-        the distributions' tensors()), tensors only so that it compiles as one graph."""
+    def _act_eager(self, feat: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The actor at one imagined step: an action (N, A) sampled with the given noise (see
+        Actor.noise) and its policy's tensors (see the distributions' tensors()), tensors only so
+        that it compiles as one graph."""
         policy = self.actor(feat)
-        return policy.sample(), policy.tensors()
+        return policy.sample(noise), policy.tensors()
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
@@ -334,6 +335,10 @@ class ActorCritic(nn.Module):
         """
         horizon = int(self.config.imag_horizon)
         stoch, deter = start["stoch"], start["deter"]
+        # every step's random numbers drawn at once: H x (N, ...) each
+        rows, device = deter.shape[0], deter.device
+        actor_noise = self.actor.noise(horizon, rows, device).unbind(0)
+        latent_uniforms = wm.rssm.latent_uniforms(horizon, rows, device).unbind(0)
         feats, actions, policies, heads, rewards = [], [], [], {}, []
         for t in range(horizon + 1):
             feat = features(stoch, deter)  # (N, F)
@@ -347,11 +352,12 @@ class ActorCritic(nn.Module):
                 prev_feat = feat
             if last:  # at t = H only the value (the bootstrap) is needed: no action
                 break
-            action, policy = self._act(feat.detach())
+            action, policy = self._act(feat.detach(), actor_noise[t])
             policies.append(policy)
             actions.append(action)
             with contextlib.nullcontext() if self.backprop else torch.no_grad():
-                stoch, deter = wm.rssm.img_step(stoch, deter, action if self.backprop else action.detach())
+                stoch, deter = wm.rssm.img_step(stoch, deter, action if self.backprop else action.detach(),
+                                                latent_uniforms[t])
         action = torch.stack(actions)  # (H, N, A)
         if self.stack_heads:
             feat = torch.stack(feats)  # (H+1, N, F)

@@ -117,6 +117,14 @@ class Actor(nn.Module):
             return BoundedNormal(raw_mean, raw_std, self.min_std, self.max_std)
         return OneHotCategorical(out, self.unimix)
 
+    def noise(self, steps: int, rows: int, device: torch.device) -> torch.Tensor:
+        """The random numbers of `steps` samples of `rows` policies, drawn at once (see their
+        sample()): standard normal (steps, rows, A) for 'normal', one U[0, 1) per row (steps, rows)
+        for 'onehot'."""
+        if self.dist == "normal":
+            return torch.randn(steps, rows, self.action_dim, device=device)
+        return torch.rand(steps, rows, device=device)
+
     def policy_from_tensors(self, *tensors: torch.Tensor) -> BoundedNormal | OneHotCategorical:
         """The policy given by the tensors() of one of this actor's distributions, or of several
         steps' stacked."""
@@ -192,18 +200,26 @@ class RSSM(nn.Module):
         """(N, S*C) -> (N, S, C): one categorical per latent."""
         return logits.reshape(*logits.shape[:-1], self.stoch, self.classes)
 
-    def _sample_with_log_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample_with_log_probs(self, logits: torch.Tensor, uniform: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Straight-through sample (N, S*C) and log-probabilities (N, S, C) of the latent with
         these logits (N, S*C); the sample is drawn from the mixed probabilities themselves, so
-        they are not recovered by exponentiating their logarithm."""
+        they are not recovered by exponentiating their logarithm (with `uniform`, see
+        latent_uniforms, if given)."""
         probs, log_probs = unimix_probs_and_log_probs(self._latent_shape(logits), self.unimix)  # (N, S, C)
-        return sample_one_hot(probs).flatten(-2), log_probs
+        return sample_one_hot(probs, uniform).flatten(-2), log_probs
 
-    def _prior_sample(self, deter: torch.Tensor) -> torch.Tensor:
+    def _prior_sample(self, deter: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
         """Straight-through sample of the prior given deter, (N, D) -> (N, S*C). Imagination needs
         no log-probabilities, so none are formed."""
         probs = unimix_probs(self._latent_shape(self.img_logits(self.img_out(deter))), self.unimix)
-        return sample_one_hot(probs).flatten(-2)  # (N, S*C)
+        return sample_one_hot(probs, uniform).flatten(-2)  # (N, S*C)
+
+    def latent_uniforms(self, steps: int, rows: int, device: torch.device) -> torch.Tensor:
+        """The random numbers of `steps` latent samples of `rows` states, drawn at once: one U[0, 1)
+        per categorical, (steps, rows, S). Steps given theirs make no random numbers (a kernel each
+        on a GPU, and a seed kernel for each call of a compiled step)."""
+        return torch.rand(steps, rows, self.stoch, device=device)
 
     def prior_log_probs(self, deter: torch.Tensor) -> torch.Tensor:
         """Prior over the latent given deter: (..., deter) -> (..., stoch, classes)."""
@@ -236,12 +252,13 @@ class RSSM(nn.Module):
         factor carries no gradient, so the actor's gradient is rescaled, never zeroed."""
         return action / action.detach().abs().clamp(min=1.0)
 
-    def _img_step(self, stoch: torch.Tensor, deter: torch.Tensor, action: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One imagined step: sample the prior. Returns (stoch (N, S*C), deter (N, D))."""
+    def _img_step(self, stoch: torch.Tensor, deter: torch.Tensor, action: torch.Tensor,
+                  uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One imagined step: sample the prior (with `uniform` (N, S), see latent_uniforms, if
+        given). Returns (stoch (N, S*C), deter (N, D))."""
         x = self.img_in(torch.cat([stoch, self.clip_action(action).to(stoch.dtype)], -1))
         deter = self.gru(x, deter)
-        return self._prior_sample(deter), deter
+        return self._prior_sample(deter, uniform), deter
 
     def obs_step(self, stoch: torch.Tensor, deter: torch.Tensor, action: torch.Tensor,
                  embed: torch.Tensor, is_first: torch.Tensor
@@ -253,14 +270,15 @@ class RSSM(nn.Module):
         stoch, post = self._sample_with_log_probs(self.obs_logits(self.obs_out(torch.cat([deter, embed.to(deter.dtype)], -1))))
         return stoch, deter, post
 
-    def _filter_step_eager(self, stoch, deter, keep, start_stoch, start_deter, action_proj, gru_addend,
+    def _filter_step_eager(self, stoch, deter, keep, start_stoch, start_deter, uniform, action_proj, gru_addend,
                            embed_proj, logits_addend, norm_taps, weights, norms):
         """observe()'s recurrence for one step. Each of its four per-step Linear layers is
         F.linear(x_t, weight) + addend_t, the addends carrying what does not depend on the step's
         state (the projected action and embedding, the logits' bias, zeros for the GRU); each of its
         three LayerNorms uses the detached scale and offset, its output's gradient reaching their
         ScanNormGrad through a tap (tapped_layer_norm). Where a sequence starts (keep (B, 1) is 0)
-        the state is replaced by the initial one, start_* (zeros elsewhere). Returns stoch
+        the state is replaced by the initial one, start_* (zeros elsewhere); `uniform` (B, S) are
+        the posterior sample's random numbers (latent_uniforms). Returns stoch
         (B, S*C), deter (B, D), post (B, S, C), the four layers' inputs x_t and the three
         LayerNorms' inputs."""
         w_in_stoch, w_gru, w_out_deter, w_logits = weights
@@ -275,7 +293,7 @@ class RSSM(nn.Module):
         new_deter = self.gru.gated_update(tapped_layer_norm(gru_pre, *gru_norm, gru_tap), deter)
         out_pre = F.linear(new_deter, w_out_deter) + embed_proj  # (B, hidden)
         h = F.silu(tapped_layer_norm(out_pre, *out_norm, out_tap))
-        new_stoch, post = self._sample_with_log_probs(F.linear(h, w_logits) + logits_addend)  # post (B, S, C)
+        new_stoch, post = self._sample_with_log_probs(F.linear(h, w_logits) + logits_addend, uniform)  # (B, S, C)
         # The recorded inputs leave detached: a compiled step's backward would otherwise be handed
         # (and fill) a zero gradient for each of them.
         records = tuple(x.detach() for x in (stoch, gru_in, new_deter, h, in_pre, gru_pre, out_pre))
@@ -327,7 +345,9 @@ class RSSM(nn.Module):
         stochs, deters, posts = [], [], []
         # unbind: one view per step whose gradients autograd stacks once, where per-step slicing
         # would add a zero-filled (B, T, ...) gradient for every step
-        per_step = [x.unbind(1) for x in (keep, start_stoch, start_deter, *addends)]
+        uniforms = self.latent_uniforms(length, batch, embed.device).unbind(0)  # T x (B, S)
+        per_step = [x.unbind(1) for x in (keep, start_stoch, start_deter)] + [uniforms] + [
+            x.unbind(1) for x in addends]
         per_step_taps = [tap.unbind(1) for tap in norm_taps]
         for t in range(length):
             stoch, deter, post, inputs, norm_in = self._filter_step(

@@ -21,8 +21,8 @@ import torch.multiprocessing as mp  # noqa: E402
 def deterministic_sampling() -> None:
     import distributions
 
-    distributions.sample_index = lambda probs: probs.argmax(-1)  # every categorical sample: its mode
-    distributions.BoundedNormal.sample = distributions.BoundedNormal.mode
+    distributions.sample_index = lambda probs, uniform=None: probs.argmax(-1)  # every categorical sample: its mode
+    distributions.BoundedNormal.sample = lambda self, noise=None: self.mode()
 
 
 def update_params(rank: int, world: int, argv: list[str], out: str, port: int) -> None:
