@@ -6,6 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
 import exploration
@@ -426,6 +427,37 @@ def test_rollout_rewards_belong_to_their_transitions(stacked):
     torch.testing.assert_close(feat[0], torch.cat([start["stoch"], start["deter"]], -1))
     torch.testing.assert_close(action, traj["action"].detach())
     torch.testing.assert_close(traj["reward"].detach(), next_feat.sum(-1) + feat[..., 0] * action[..., 0])
+
+
+class RandomCalls(TorchDispatchMode):
+    """Counts the aten calls that draw random numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name.startswith(("rand", "normal", "uniform", "bernoulli", "multinomial")):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dist", ["normal", "onehot"])
+def test_imagination_and_the_scan_draw_their_random_numbers_once(dist):
+    """Every step's random numbers are drawn in one call before the loop (a kernel per step on a
+    GPU, and a seed kernel per call of a compiled step, otherwise): one call for the 64-step
+    scan, two for the 15-step rollout (the actor's noise and the latents' uniforms)."""
+    agent, batch, _ = make("vector", dist)
+    start = imagination_starts(agent, batch)
+    scan = RandomCalls()
+    with scan:
+        agent.wm.observe(batch)
+    assert scan.calls == ["rand"]
+    rollout = RandomCalls()
+    with rollout:
+        agent.task.rollout(agent.wm, start, agent.task_reward)
+    assert sorted(rollout.calls) == sorted(["randn" if dist == "normal" else "rand", "rand"])
 
 
 def test_agent_stacks_the_imagination_heads_on_cuda_only():
