@@ -51,6 +51,33 @@ def test_lambda_returns_limits_are_td0_and_monte_carlo():
     torch.testing.assert_close(lambda_returns(reward, value, disc, 1.0), torch.tensor([[4.0], [6.0]]))  # 1+.5*(1+.5*10)
 
 
+def recursive_lambda_returns(reward, value, disc, lam):
+    """The definition, step by step backwards: R_t = r_t + d_t ((1 - lam) v_{t+1} + lam R_{t+1})."""
+    returns = [value[-1]]
+    for t in reversed(range(reward.shape[0])):
+        returns.append(reward[t] + disc[t] * ((1 - lam) * value[t + 1] + lam * returns[-1]))
+    return torch.stack(returns[1:][::-1])
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.95, 1.0])
+def test_lambda_returns_equal_the_recursion_with_its_gradients(lam):
+    """The unrolled form gives the recursion's returns and gradients, terminal steps (discount 0)
+    included, at the paper's horizon."""
+    torch.manual_seed(0)
+    horizon, rows = 15, 6
+    reward = torch.randn(horizon, rows, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(horizon + 1, rows, dtype=torch.float64, requires_grad=True)
+    disc = torch.full((horizon, rows), 0.997, dtype=torch.float64)
+    disc[4, 1] = disc[0, 2] = disc[14, 3] = 0.0  # episode ends inside the horizon
+    disc = disc.requires_grad_(True)
+    got, want = lambda_returns(reward, value, disc, lam), recursive_lambda_returns(reward, value, disc, lam)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn(horizon, rows, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), (reward, value, disc)),
+                    torch.autograd.grad((want * weights).sum(), (reward, value, disc))):
+        torch.testing.assert_close(a, b)
+
+
 def test_free_bits_clip_kl_below_at_one_nat_with_zero_gradient():
     uniform = torch.full((1, 2, 4), 0.25).log()
     near = torch.log_softmax(torch.tensor([[[0.1, 0.0, 0.0, 0.0], [0.0, 0.2, 0.0, 0.0]]]), -1)  # KL << 1
