@@ -187,6 +187,7 @@ class RSSM(nn.Module):
         self.obs_out = NormDense(deter + embed_dim, hidden, norm_eps)
         self.obs_logits = make_linear(hidden, self.stoch_size)
         # The two per-step hot functions, compiled when asked (eager fallback with one warning).
+        self.compiled = compile
         self.img_step = maybe_compile(self._img_step, compile, "RSSM.img_step")
         self._filter_step = maybe_compile(self._filter_step_eager, compile, "RSSM.observe step")
 
@@ -279,8 +280,8 @@ class RSSM(nn.Module):
         ScanNormGrad through a tap (tapped_layer_norm). Where a sequence starts (keep (B, 1) is 0)
         the state is replaced by the initial one, start_* (zeros elsewhere); `uniform` (B, S) are
         the posterior sample's random numbers (latent_uniforms). Returns stoch
-        (B, S*C), deter (B, D), post (B, S, C), the four layers' inputs x_t and the three
-        LayerNorms' inputs."""
+        (B, S*C), deter (B, D), post (B, S, C), (stoch, deter) for the stacked outputs, the four
+        layers' inputs x_t and the three LayerNorms' inputs."""
         w_in_stoch, w_gru, w_out_deter, w_logits = weights
         in_norm, gru_norm, out_norm = norms  # (weight, bias, eps) each
         in_tap, gru_tap, out_tap = norm_taps
@@ -297,7 +298,11 @@ class RSSM(nn.Module):
         # The recorded inputs leave detached: a compiled step's backward would otherwise be handed
         # (and fill) a zero gradient for each of them.
         records = tuple(x.detach() for x in (stoch, gru_in, new_deter, h, in_pre, gru_pre, out_pre))
-        return new_stoch, new_deter, post, records[:4], records[4:]
+        # Compiled, the state stacked into the outputs is a copy of the one the next step reads (the
+        # copy fuses into the kernel that makes it), so the compiled backward sums their gradients
+        # itself instead of autograd adding them between steps; eager, it would only add a kernel.
+        outputs = (new_stoch.clone(), new_deter.clone()) if self.compiled else (new_stoch, new_deter)
+        return new_stoch, new_deter, post, outputs, records[:4], records[4:]
 
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
@@ -350,19 +355,19 @@ class RSSM(nn.Module):
             x.unbind(1) for x in addends]
         per_step_taps = [tap.unbind(1) for tap in norm_taps]
         for t in range(length):
-            stoch, deter, post, inputs, norm_in = self._filter_step(
+            stoch, deter, post, (stoch_out, deter_out), inputs, norm_in = self._filter_step(
                 stoch, deter, *(x[t] for x in per_step), tuple(tap[t] for tap in per_step_taps), weights,
                 step_norms)
             for record, x in zip(step_inputs + norm_inputs, inputs + norm_in):
                 record.append(x)
-            stochs.append(stoch)
-            deters.append(deter)
+            stochs.append(stoch_out)
+            deters.append(deter_out)
             posts.append(post)
-        deter = torch.stack(deters, 1)  # (B, T, D)
+        deter = BatchMajor.apply(torch.stack(deters))  # (B, T, D)
         return {
-            "stoch": torch.stack(stochs, 1),  # (B, T, S*C)
+            "stoch": BatchMajor.apply(torch.stack(stochs)),  # (B, T, S*C)
             "deter": deter,
-            "post": torch.stack(posts, 1),  # (B, T, S, C)
+            "post": BatchMajor.apply(torch.stack(posts)),  # (B, T, S, C)
             "prior": self.prior_log_probs(deter),  # (B, T, S, C), all steps in one batch
         }
 
@@ -374,6 +379,21 @@ def tapped_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     fuses into the LayerNorm when compiled; a custom autograd Function here instead cost more
     Python time per step than it saved on a CPU.)"""
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps) + tap
+
+
+class BatchMajor(torch.autograd.Function):
+    """Steps stacked time-major (T, B, ...) -> contiguous (B, T, ...), whose backward hands the
+    gradient back contiguous in (T, B, ...) order: each step's slice of it is then contiguous,
+    where stacking along axis 1 would give every step a strided gradient (which a compiled step's
+    backward copies first, one kernel per step and output). One copy each way instead."""
+
+    @staticmethod
+    def forward(ctx, steps: torch.Tensor) -> torch.Tensor:
+        return steps.transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.transpose(0, 1).contiguous()
 
 
 class StepInputs:

@@ -244,10 +244,30 @@ def test_observe_steps_return_their_recorded_inputs_without_graphs():
     rssm._filter_step = recording_step
     rssm.observe(torch.randn(2, 4, 7), torch.randn(2, 4, 2), torch.zeros(2, 4, dtype=torch.bool))
     assert len(returned) == 4
-    for stoch, deter, post, inputs, norm_inputs in returned:
+    for stoch, deter, post, _, inputs, norm_inputs in returned:
         assert stoch.requires_grad and deter.requires_grad and post.requires_grad
         assert len(inputs) == 4 and len(norm_inputs) == 3
         assert not any(x.requires_grad for x in inputs + norm_inputs)
+
+
+def test_batch_major_stacks_steps_and_hands_each_a_contiguous_gradient():
+    """BatchMajor turns time-major steps into the (B, T, ...) outputs; the gradient each step
+    receives is its contiguous slice (a compiled step's backward would copy a strided one)."""
+    from networks import BatchMajor
+
+    leaves = [torch.randn(3, 4, requires_grad=True) for _ in range(5)]
+    steps = [leaf * 1.0 for leaf in leaves]
+    seen = []
+    for step in steps:
+        step.register_hook(lambda grad: seen.append(grad.is_contiguous()))
+    out = BatchMajor.apply(torch.stack(steps))
+    torch.testing.assert_close(out, torch.stack(leaves, 1))
+    assert out.is_contiguous() and out.shape == (3, 5, 4)
+    grad = torch.randn(3, 5, 4)
+    out.backward(grad)
+    assert seen == [True] * 5
+    for t, leaf in enumerate(leaves):
+        torch.testing.assert_close(leaf.grad, grad[:, t])
 
 
 def test_is_first_resets_state_per_sequence():
