@@ -279,9 +279,9 @@ class RSSM(nn.Module):
         three LayerNorms uses the detached scale and offset, its output's gradient reaching their
         ScanNormGrad through a tap (tapped_layer_norm). Where a sequence starts (keep (B, 1) is 0)
         the state is replaced by the initial one, start_* (zeros elsewhere); `uniform` (B, S) are
-        the posterior sample's random numbers (latent_uniforms). Returns stoch
-        (B, S*C), deter (B, D), post (B, S, C), (stoch, deter) for the stacked outputs, the four
-        layers' inputs x_t and the three LayerNorms' inputs."""
+        the posterior sample's random numbers (latent_uniforms). Returns stoch (B, S*C), deter
+        (B, D), post (B, S, C), (stoch, deter) for the stacked outputs, the four layers' inputs x_t
+        and the three LayerNorms' inputs."""
         w_in_stoch, w_gru, w_out_deter, w_logits = weights
         in_norm, gru_norm, out_norm = norms  # (weight, bias, eps) each
         in_tap, gru_tap, out_tap = norm_taps
