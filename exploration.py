@@ -150,7 +150,7 @@ class Agent:
         elif self.behavior not in ("greedy", "random"):
             raise ValueError(f"behavior must be greedy, random or plan2explore, got '{self.behavior}'.")
         for ac in [self.task] + ([self.expl.ac] if self.expl is not None else []):
-            ac.stack_heads = self.device.type == "cuda"  # few large kernels on a GPU, cache-sized rows on a CPU
+            ac.stack_steps = self.device.type == "cuda"  # few large kernels on a GPU, cache-sized rows on a CPU
         self.graph_update = CudaGraphUpdate(self._update, int(config.graph_warmup)) \
             if use_cuda_graphs(config, self.device) else None
         self.optimizers = self._make_optimizers()

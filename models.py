@@ -306,19 +306,26 @@ class ActorCritic(nn.Module):
         self.return_norm = ReturnNormalizer(**config.return_norm)
         self.backprop = config.actor_dist == "normal"  # continuous: dynamics backprop; discrete: REINFORCE
         self.return_gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # see Agent.set_return_gather
-        # Evaluate the critic, slow critic and continue heads once on the stacked imagined steps
-        # (few, large kernels: right for a GPU) instead of per step (cache-sized tensors: right for a
-        # CPU); the same numbers either way. The Agent sets it from its device.
-        self.stack_heads = False
+        # Evaluate the critic, slow critic and continue heads and the reward terms once on the
+        # stacked imagined steps, and take the actor's parameter gradients once over them
+        # (networks.ActorScan): few, large kernels, right for a GPU; or all of it per step
+        # (cache-sized tensors, right for a CPU: the actor's scan alone made a size S update 11%
+        # slower there). The same numbers either way. The Agent sets it from its device.
+        self.stack_steps = False
         # One imagined step of the actor, compiled when asked (eager fallback with one warning).
         self._act = maybe_compile(self._act_eager, bool(config.compile), "actor step")
 
-    def _act_eager(self, feat: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def _act_eager(self, feat: torch.Tensor, noise: torch.Tensor, *scan_step: tuple
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple, tuple]:
         """The actor at one imagined step: an action (N, A) sampled with the given noise (see
-        Actor.noise) and its policy's tensors (see the distributions' tensors()), tensors only so
-        that it compiles as one graph."""
-        policy = self.actor(feat)
-        return policy.sample(noise), policy.tensors()
+        Actor.noise), its policy's tensors (see the distributions' tensors()) and, within an
+        ActorScan (`scan_step` = its step(t)), the layer inputs the scan records (else empty);
+        tensors only, so that it compiles as one graph."""
+        if not scan_step:
+            policy = self.actor(feat)
+            return policy.sample(noise), policy.tensors(), (), ()
+        policy, inputs, norm_inputs = self.actor.scan_step(feat, *scan_step)
+        return policy.sample(noise), policy.tensors(), inputs, norm_inputs
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
@@ -328,7 +335,7 @@ class ActorCritic(nn.Module):
     def rollout(self, wm: WorldModel, start: Mapping[str, torch.Tensor], reward_fn: RewardFn) -> dict:
         """Imagine `imag_horizon` steps from the N start states with the actor. The critic, slow
         critic and continue heads run per imagined step (N rows at a time keeps every tensor small and
-        cache-friendly on a CPU) or, with `stack_heads`, once on all H+1 steps (fewer, larger kernels
+        cache-friendly on a CPU) or, with `stack_steps`, once on all H+1 steps (fewer, larger kernels
         on a GPU); so do the reward terms of reward_fn, per transition or on all H at once.
 
         The actor sees stop-gradient states. For continuous actions the sampled actions' gradients
@@ -347,11 +354,13 @@ class ActorCritic(nn.Module):
         rows, device = deter.shape[0], deter.device
         actor_noise = self.actor.noise(horizon, rows, device).unbind(0)
         latent_uniforms = wm.rssm.latent_uniforms(horizon, rows, device).unbind(0)
+        # with stacked steps, the actor's parameter gradients are taken once over all steps
+        actor_scan = self.actor.scan(horizon, rows) if self.stack_steps else None
         feats, actions, policies, heads, rewards = [], [], [], {}, []
         for t in range(horizon + 1):
             feat = features(stoch, deter)  # (N, F)
             last = t == horizon
-            if self.stack_heads:
+            if self.stack_steps:
                 feats.append(feat)
             else:
                 self._append_heads(heads, wm, feat, start["cont"] if t == 0 else None, last)
@@ -360,14 +369,17 @@ class ActorCritic(nn.Module):
                 prev_feat = feat
             if last:  # at t = H only the value (the bootstrap) is needed: no action
                 break
-            action, policy = self._act(feat.detach(), actor_noise[t])
+            scan_step = actor_scan.step(t) if actor_scan is not None else ()
+            action, policy, inputs, norm_inputs = self._act(feat.detach(), actor_noise[t], *scan_step)
+            if actor_scan is not None:
+                actor_scan.record(inputs, norm_inputs)
             policies.append(policy)
             actions.append(action)
             with contextlib.nullcontext() if self.backprop else torch.no_grad():
                 stoch, deter = wm.rssm.img_step(stoch, deter, action if self.backprop else action.detach(),
                                                 latent_uniforms[t])
         action = torch.stack(actions)  # (H, N, A)
-        if self.stack_heads:
+        if self.stack_steps:
             feat = torch.stack(feats)  # (H+1, N, F)
             out = self._stacked_heads(wm, feat, start["cont"])
             out["reward"] = summed_reward(reward_fn(feat[:-1], action, feat[1:]))  # (H, N)

@@ -297,13 +297,13 @@ def write_launches(agent, batch, device: torch.device, path: str) -> None:
         print("# --launches counts on a CPU: use --profile on CUDA")
         return
     actor_critics = [agent.task] + ([agent.expl.ac] if agent.expl is not None else [])
-    stacked = [ac.stack_heads for ac in actor_critics]
+    stacked = [ac.stack_steps for ac in actor_critics]
     for ac in actor_critics:
-        ac.stack_heads = True
+        ac.stack_steps = True
     time_updates(agent, batch, 1, device)  # compiles what the stacked heads add
     counts = count_launches(lambda: time_updates(agent, batch, 1, device))
     for ac, before in zip(actor_critics, stacked):
-        ac.stack_heads = before
+        ac.stack_steps = before
     total = sum(counts.values())
     Path(path).write_text(f"launch-like calls per update: {total}\n\n"
                           + "".join(f"{n:6d}  {name}\n" for name, n in counts.most_common()))

@@ -150,4 +150,4 @@ def test_imagination_heads_run_stacked_on_cuda():
     """The critic, slow critic and continue heads run once on the stacked imagined steps on a GPU
     (tests/test_models.py checks that this gives the per-step numbers)."""
     agent, _, _ = make("cuda", "--behavior", "plan2explore")
-    assert agent.task.stack_heads is True and agent.expl.ac.stack_heads is True
+    assert agent.task.stack_steps is True and agent.expl.ac.stack_steps is True

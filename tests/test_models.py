@@ -260,14 +260,15 @@ def test_reduced_precision_updates_are_finite(precision):
     assert (agent.optimizers["model"].scaler is not None) == (precision == "16")
 
 
-@pytest.mark.parametrize("dist", ["normal", "onehot"])
-def test_compiled_update_equals_the_eager_update(monkeypatch, dist):
+@pytest.mark.parametrize("dist,stacked", [("normal", False), ("onehot", False), ("normal", True)])
+def test_compiled_update_equals_the_eager_update(monkeypatch, dist, stacked):
     """compile: True compiles the RSSM steps, the world-model heads and the actor's imagined step,
     forward and backward (the first call probes the backward), without an eager fallback, and
     computes what eager code does: with inductor drawing random numbers as eager code does, three
     updates give the same losses, for continuous (dynamics backprop) and discrete (REINFORCE)
-    actions. This also covers the actor's retain_graph=True backward through the compiled
-    imagination step, which a compiled backward with donated buffers would refuse."""
+    actions, and with the steps stacked as on CUDA (the actor's scan form). This also covers the
+    actor's retain_graph=True backward through the compiled imagination step, which a compiled
+    backward with donated buffers would refuse."""
     import warnings
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     losses = {}
@@ -275,6 +276,7 @@ def test_compiled_update_equals_the_eager_update(monkeypatch, dist):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             agent, batch, _ = make("vector", dist, "--compile", compiled)
+            agent.task.stack_steps = stacked
             torch.manual_seed(5)
             metrics = [agent.train_step(batch) for _ in range(3)]
         fallbacks = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
@@ -389,6 +391,13 @@ def test_imagination_runs_actor_and_slow_critic_only_where_losses_read_them():
     assert calls == {"actor": horizon, "critic": horizon + 1, "slow_critic": horizon}, calls
 
 
+def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Equal up to 1e-4 of the larger tensor's largest entry: imagination's gradients at init are
+    ~1e-7 per entry, below assert_close's default absolute tolerance, which would pass anything."""
+    scale = max(float(got.abs().max()), float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
 def imagination_starts(agent, batch) -> dict[str, torch.Tensor]:
     """Start states of imagination: the posterior states of the batch, (B*T, .)."""
     states = agent.wm.observe(batch)
@@ -399,15 +408,16 @@ def imagination_starts(agent, batch) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dist,behavior", [("normal", "greedy"), ("onehot", "greedy"), ("normal", "plan2explore")])
 def test_stacked_heads_give_the_per_step_losses_and_gradients(dist, behavior):
     """On a GPU the critic, slow critic and continue heads and the reward terms run once on the
-    stacked imagined steps; the losses, metrics and actor/critic gradients equal those of the
-    per-step evaluation (CPU), for the task reward and for plan2explore's intrinsic + extrinsic one."""
+    stacked imagined steps and the actor's gradients are taken once over them; the losses, metrics
+    and actor/critic gradients equal those of the per-step evaluation (CPU), for the task reward and
+    for plan2explore's intrinsic + extrinsic one."""
     results = []
     for stacked in (False, True):
         agent, batch, _ = make("vector", dist, "--behavior", behavior, "--plan2explore.extr_scale", "0.5")
         torch.nn.init.normal_(agent.wm.reward_head.out.weight, std=0.3)  # zero-initialised: make it count
         ac = agent.task if behavior == "greedy" else agent.expl.ac
         reward_fn = agent.task_reward if behavior == "greedy" else agent.expl.reward_terms(agent.wm)
-        ac.stack_heads = stacked
+        ac.stack_steps = stacked
         agent.train_world_model(batch)
         start = imagination_starts(agent, batch)
         torch.manual_seed(1)
@@ -421,11 +431,42 @@ def test_stacked_heads_give_the_per_step_losses_and_gradients(dist, behavior):
     torch.testing.assert_close(a1, a0)
     torch.testing.assert_close(c1, c0)
     torch.testing.assert_close(m1, m0)
-    for x, y in zip(g0, g1):
+    for i, (x, y) in enumerate(zip(g0, g1)):
         if x is None:
             assert y is None
         else:
-            torch.testing.assert_close(y, x)
+            assert_close_to_scale(y, x, f"parameter {i}")
+
+
+@pytest.mark.parametrize("dist", ["normal", "onehot"])
+def test_actor_scan_gives_the_plain_actors_losses_and_gradients(dist):
+    """With stacked steps (CUDA), imagination runs the actor with detached parameters and takes
+    each parameter's gradient once over all steps (networks.ActorScan); the losses and every actor
+    and critic gradient equal those of calling the actor module itself at each step."""
+    results = []
+    for plain in (False, True):
+        agent, batch, _ = make("vector", dist)
+        ac = agent.task
+        ac.stack_steps = True
+        if plain:
+            def plain_act(feat, noise, *scan_step):
+                policy = ac.actor(feat)
+                return policy.sample(noise), policy.tensors(), (), ()
+
+            ac._act = plain_act
+        start = imagination_starts(agent, batch)
+        torch.manual_seed(2)
+        actor_loss, critic_loss, _ = ac.losses(agent.wm, start, agent.task_reward)
+        names = [f"actor.{n}" for n, _ in ac.actor.named_parameters()] + [
+            f"critic.{n}" for n, _ in ac.critic.named_parameters()]
+        params = list(ac.actor.parameters()) + list(ac.critic.parameters())
+        results.append((actor_loss, critic_loss, names, torch.autograd.grad(actor_loss + critic_loss, params)))
+    (a0, c0, names, g0), (a1, c1, _, g1) = results
+    torch.testing.assert_close(a0, a1)
+    torch.testing.assert_close(c0, c1)
+    for name, x, y in zip(names, g0, g1):
+        assert y.abs().sum() > 0 or name.startswith("critic.mlp"), name  # the critic's output starts at 0
+        assert_close_to_scale(x, y, name)
 
 
 @pytest.mark.parametrize("stacked", [False, True])
@@ -433,7 +474,7 @@ def test_rollout_rewards_belong_to_their_transitions(stacked):
     """reward_fn sees every imagined transition (feat_t, action_t, feat_t+1) once, step by step (N
     rows) or stacked ((H, N) rows), and the rollout's reward is the sum of its terms in step order."""
     agent, batch, cfg = make("vector", "normal")
-    agent.task.stack_heads = stacked
+    agent.task.stack_steps = stacked
     start = imagination_starts(agent, batch)
     calls = []
 
@@ -489,4 +530,4 @@ def test_imagination_and_the_scan_draw_their_random_numbers_once(dist):
 
 def test_agent_stacks_the_imagination_heads_on_cuda_only():
     agent, _, _ = make("vector", "normal", "--behavior", "plan2explore")
-    assert agent.task.stack_heads is False and agent.expl.ac.stack_heads is False
+    assert agent.task.stack_steps is False and agent.expl.ac.stack_steps is False
