@@ -224,7 +224,7 @@ class LayerNormGRU(nn.Module):
         reset, cand, update = gates.float().split(self.deter, -1)
         cand = torch.tanh(torch.sigmoid(reset) * cand)
         update = torch.sigmoid(update + self.update_bias)
-        return update * cand + (1.0 - update) * deter.float()
+        return torch.lerp(deter.float(), cand, update)  # update * cand + (1 - update) * deter, one kernel
 
 
 class RSSM(nn.Module):
