@@ -149,8 +149,7 @@ class Agent:
             self.expl = Plan2Explore(feat_size, self.wm.rssm.stoch_size, self.action_dim, config).to(self.device)
         elif self.behavior not in ("greedy", "random"):
             raise ValueError(f"behavior must be greedy, random or plan2explore, got '{self.behavior}'.")
-        for ac in [self.task] + ([self.expl.ac] if self.expl is not None else []):
-            ac.stack_steps = self.device.type == "cuda"  # few large kernels on a GPU, cache-sized rows on a CPU
+        self.set_stack_steps(self.device.type == "cuda")  # few large kernels on a GPU, cache-sized rows on a CPU
         self.graph_update = CudaGraphUpdate(self._update, int(config.graph_warmup)) \
             if use_cuda_graphs(config, self.device) else None
         self.optimizers = self._make_optimizers()
@@ -186,10 +185,20 @@ class Agent:
         if fn is not None:
             self.graph_update = None
 
+    @property
+    def actor_critics(self) -> list[ActorCritic]:
+        """The task's actor-critic and, with plan2explore, the exploration one."""
+        return [self.task] + ([self.expl.ac] if self.expl is not None else [])
+
+    def set_stack_steps(self, on: bool) -> None:
+        """Whether imagination runs on the stacked steps (see ActorCritic.stack_steps)."""
+        for ac in self.actor_critics:
+            ac.stack_steps = on
+
     def set_return_gather(self, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         """Function that concatenates a flat tensor over all processes (e.g. all_gather); the return
         normalisers then take their percentiles over the imagined returns of every process."""
-        for ac in [self.task] + ([self.expl.ac] if self.expl is not None else []):
+        for ac in self.actor_critics:
             ac.return_gather = fn
 
     # -- training ----------------------------------------------------------------------------
@@ -213,7 +222,7 @@ class Agent:
     def update_slow_critics(self) -> None:
         """Every `slow_target_update` updates, move the slow critics toward the critics."""
         if self.updates % int(self.config.slow_target_update) == 0:
-            for ac in [self.task] + ([self.expl.ac] if self.expl is not None else []):
+            for ac in self.actor_critics:
                 ac.update_slow_critic()
 
     def train_world_model(self, batch: Mapping[str, torch.Tensor]

@@ -336,7 +336,8 @@ class ActorCritic(nn.Module):
         """Imagine `imag_horizon` steps from the N start states with the actor. The critic, slow
         critic and continue heads run per imagined step (N rows at a time keeps every tensor small and
         cache-friendly on a CPU) or, with `stack_steps`, once on all H+1 steps (fewer, larger kernels
-        on a GPU); so do the reward terms of reward_fn, per transition or on all H at once.
+        on a GPU); so do the reward terms of reward_fn, per transition or on all H at once, and with
+        `stack_steps` the actor's parameter gradients are taken once over the steps (ActorScan).
 
         The actor sees stop-gradient states. For continuous actions the sampled actions' gradients
         flow through the dynamics into later states, rewards and values (the backprop estimator);

@@ -511,13 +511,13 @@ class ScanNormGrad(torch.autograd.Function):
                 lead: tuple[int, int]) -> torch.Tensor:
         """lead: the scan's two leading axes as its inputs are stacked, (B, T) or (T, N)."""
         ctx.inputs, ctx.eps = inputs, eps
-        return bias.new_zeros(()).expand(*lead, bias.shape[-1])  # (B, T, H) zeros
+        return bias.new_zeros(()).expand(*lead, bias.shape[-1])  # (*lead, H) zeros
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # grad (B, T, H)
+    def backward(ctx, grad: torch.Tensor):  # grad (*lead, H)
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            x = ctx.inputs.stacked().float()  # (B, T, H)
+            x = ctx.inputs.stacked().float()  # (*lead, H)
             grad_weight = (grad * F.layer_norm(x, x.shape[-1:], eps=ctx.eps)).sum((0, 1))  # (H,)
         if ctx.needs_input_grad[1]:
             grad_bias = grad.sum((0, 1))  # (H,)

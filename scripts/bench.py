@@ -10,8 +10,9 @@ updates, sorted by device time on CUDA and by CPU time otherwise, written to F) 
 shapes and the line or autograd node running it; torch.profiler's own bookkeeping doubles a CPU
 update's time and inflated the times it reported for large memory-bound ops 10-25x, see
 BENCHMARKS.md) and `--launches F` (the launch-like calls of one update, compiled code included:
-what bounds a GPU update, counted where no GPU is at hand). The observation and action spaces are those of the config's task (made once);
-random batches of those shapes are fed to the real agent. Prints one `name: value` line per figure:
+what bounds a GPU update, counted where no GPU is at hand). The observation and action spaces are
+those of the config's task (made once); random batches of those shapes are fed to the real agent.
+Prints one `name: value` line per figure:
 
   seconds_per_update        median over the timed updates (world model + actor + critic)
   world_model_seconds       median of the world-model part (NaN with --cuda_graphs True)
@@ -291,19 +292,16 @@ def count_launches(run: Callable[[], object]) -> collections.Counter:
 
 
 def write_launches(agent, batch, device: torch.device, path: str) -> None:
-    """count_launches of one update with the imagination heads stacked as on CUDA, written to
+    """count_launches of one update with imagination's steps stacked as on CUDA, written to
     `path` (CPU only: on CUDA, --profile counts the device kernels themselves)."""
     if device.type != "cpu":
         print("# --launches counts on a CPU: use --profile on CUDA")
         return
-    actor_critics = [agent.task] + ([agent.expl.ac] if agent.expl is not None else [])
-    stacked = [ac.stack_steps for ac in actor_critics]
-    for ac in actor_critics:
-        ac.stack_steps = True
-    time_updates(agent, batch, 1, device)  # compiles what the stacked heads add
+    stacked = agent.task.stack_steps
+    agent.set_stack_steps(True)
+    time_updates(agent, batch, 1, device)  # compiles what the stacked steps add
     counts = count_launches(lambda: time_updates(agent, batch, 1, device))
-    for ac, before in zip(actor_critics, stacked):
-        ac.stack_steps = before
+    agent.set_stack_steps(stacked)
     total = sum(counts.values())
     Path(path).write_text(f"launch-like calls per update: {total}\n\n"
                           + "".join(f"{n:6d}  {name}\n" for name, n in counts.most_common()))
