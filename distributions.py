@@ -46,6 +46,8 @@ def unimix_probs_and_log_probs(logits: torch.Tensor, unimix: float) -> tuple[tor
 def one_hot_of(index: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
     """index (...) -> one-hot (..., classes). F.one_hot's bounds check reads the indices back to the
     host on a CPU (two reductions and a sync per call, ~160 per update); argmax indices need none."""
+    if torch.compiler.is_compiling():  # a comparison that fuses with the index's kernel
+        return (torch.arange(classes, device=index.device) == index.unsqueeze(-1)).to(dtype)
     out = torch.zeros(*index.shape, classes, dtype=dtype, device=index.device)
     return out.scatter_(-1, index.unsqueeze(-1), 1.0)
 
@@ -86,8 +88,14 @@ def sample_index(probs: torch.Tensor, uniform: torch.Tensor | None = None) -> to
     cdf = probs.cumsum(-1)  # (..., classes), non-decreasing
     u = torch.rand_like(cdf[..., -1:]) if uniform is None else uniform.unsqueeze(-1).to(cdf.dtype)  # (..., 1)
     threshold = u * cdf[..., -1:]  # (..., 1)
-    index = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)  # (...)
-    return index.clamp_(max=probs.shape[-1] - 1)
+    if torch.compiler.is_compiling():
+        # The same count of cumulative sums at or below the threshold (the cdf is non-decreasing),
+        # as a comparison and a sum that fuse with what surrounds them; eager, searchsorted is
+        # one kernel where these would be two.
+        index = (cdf <= threshold).sum(-1)  # (...)
+    else:
+        index = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)  # (...)
+    return index.clamp(max=probs.shape[-1] - 1)
 
 
 def sample_one_hot(probs: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:

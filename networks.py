@@ -249,7 +249,6 @@ class RSSM(nn.Module):
         self.obs_out = NormDense(deter + embed_dim, hidden, norm_eps)
         self.obs_logits = make_linear(hidden, self.stoch_size)
         # The two per-step hot functions, compiled when asked (eager fallback with one warning).
-        self.compiled = compile
         self.img_step = maybe_compile(self._img_step, compile, "RSSM.img_step")
         self._filter_step = maybe_compile(self._filter_step_eager, compile, "RSSM.observe step")
 
@@ -333,22 +332,24 @@ class RSSM(nn.Module):
         stoch, post = self._sample_with_log_probs(self.obs_logits(self.obs_out(torch.cat([deter, embed.to(deter.dtype)], -1))))
         return stoch, deter, post
 
-    def _filter_step_eager(self, stoch, deter, keep, start_stoch, start_deter, uniform, action_proj, gru_addend,
-                           embed_proj, logits_addend, norm_taps, weights, norms):
-        """observe()'s recurrence for one step. Each of its four per-step Linear layers is
-        F.linear(x_t, weight) + addend_t, the addends carrying what does not depend on the step's
-        state (the projected action and embedding, the logits' bias, zeros for the GRU); each of its
-        three LayerNorms uses the detached scale and offset, its output's gradient reaching their
-        ScanNormGrad through a tap (tapped_layer_norm). Where a sequence starts (keep (B, 1) is 0)
-        the state is replaced by the initial one, start_* (zeros elsewhere); `uniform` (B, S) are
-        the posterior sample's random numbers (latent_uniforms). Returns stoch (B, S*C), deter
-        (B, D), post (B, S, C), (stoch, deter) for the stacked outputs, the four layers' inputs x_t
-        and the three LayerNorms' inputs."""
+    def _filter_step_eager(self, stoch, deter, next_keep, next_start_stoch, next_start_deter, uniform, action_proj,
+                           gru_addend, embed_proj, logits_addend, norm_taps, weights, norms):
+        """observe()'s recurrence for one step from the state (stoch (B, S*C), deter (B, D)) this
+        step reads. Each of its four per-step Linear layers is F.linear(x_t, weight) + addend_t, the
+        addends carrying what does not depend on the step's state (the projected action and
+        embedding, the logits' bias, zeros for the GRU); each of its three LayerNorms uses the
+        detached scale and offset, its output's gradient reaching their ScanNormGrad through a tap
+        (tapped_layer_norm); `uniform` (B, S) are the posterior sample's random numbers
+        (latent_uniforms). The state the next step reads is made here too: replaced by the initial
+        one where the next sequence starts (next_keep (B, 1) is 0; next_start_* the initial state
+        there, zeros elsewhere), so that compiled, the reset fuses into the kernels that make the
+        new state and the backward adds the two gradients of that state (the stacked output's and
+        the next step's) itself. Returns the next step's (stoch, deter), post (B, S, C), this step's
+        (stoch, deter) for the stacked outputs, the four layers' inputs x_t and the three
+        LayerNorms' inputs."""
         w_in_stoch, w_gru, w_out_deter, w_logits = weights
         in_norm, gru_norm, out_norm = norms  # (weight, bias, eps) each
         in_tap, gru_tap, out_tap = norm_taps
-        stoch = stoch * keep + start_stoch  # (B, S*C)
-        deter = deter * keep + start_deter  # (B, D)
         in_pre = F.linear(stoch, w_in_stoch) + action_proj  # (B, hidden)
         x = F.silu(tapped_layer_norm(in_pre, *in_norm, in_tap))
         gru_in = self.gru.gate_inputs(x, deter)  # (B, D + hidden)
@@ -360,11 +361,9 @@ class RSSM(nn.Module):
         # The recorded inputs leave detached: a compiled step's backward would otherwise be handed
         # (and fill) a zero gradient for each of them.
         records = tuple(x.detach() for x in (stoch, gru_in, new_deter, h, in_pre, gru_pre, out_pre))
-        # Compiled, the state stacked into the outputs is a copy of the one the next step reads (the
-        # copy fuses into the kernel that makes it), so the compiled backward sums their gradients
-        # itself instead of autograd adding them between steps; eager, it would only add a kernel.
-        outputs = (new_stoch.clone(), new_deter.clone()) if self.compiled else (new_stoch, new_deter)
-        return new_stoch, new_deter, post, outputs, records[:4], records[4:]
+        next_stoch = new_stoch * next_keep + next_start_stoch  # (B, S*C)
+        next_deter = new_deter * next_keep + next_start_deter  # (B, D)
+        return next_stoch, next_deter, post, (new_stoch, new_deter), records[:4], records[4:]
 
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
@@ -385,10 +384,13 @@ class RSSM(nn.Module):
         reset = is_first.clone()
         reset[:, 0] = True
         keep = (~reset).unsqueeze(-1).to(action.dtype)  # (B, T, 1)
-        init_stoch, init_deter = self.initial(1)  # (1, S*C), (1, D)
-        starts = reset.unsqueeze(-1).float()  # (B, T, 1)
-        start_stoch = starts * init_stoch  # (B, T, S*C): the initial state where a sequence starts, else 0
-        start_deter = starts * init_deter  # (B, T, D)
+        init_stoch, init_deter = self.initial(batch)  # (B, S*C), (B, D)
+        # What each step's successor needs to reset its state: keep (0 where the next sequence
+        # starts, 1 after the last step) and the initial state there (zeros elsewhere).
+        next_keep = torch.cat([keep[:, 1:], torch.ones_like(keep[:, :1])], 1)  # (B, T, 1)
+        next_starts = 1 - next_keep  # (B, T, 1)
+        next_start_stoch = next_starts * init_stoch.unsqueeze(1)  # (B, T, S*C)
+        next_start_deter = next_starts * init_deter.unsqueeze(1)  # (B, T, D)
         n = self.stoch_size
         w_in = self.img_in.linear.weight  # (hidden, S*C + A)
         w_out = self.obs_out.linear.weight  # (hidden, D + E)
@@ -407,13 +409,12 @@ class RSSM(nn.Module):
                      for norm, inputs in zip(norms, norm_inputs)]
         weights = tuple(w.detach().contiguous() for w in scan_weights)
         step_norms = tuple((norm.weight.detach(), norm.bias.detach(), norm.eps) for norm in norms)
-        stoch = torch.zeros(batch, n, device=embed.device)  # replaced by the initial state at t = 0
-        deter = torch.zeros(batch, self.deter, device=embed.device)
+        stoch, deter = init_stoch.contiguous(), init_deter.contiguous()  # every window starts at t = 0
         stochs, deters, posts = [], [], []
         # unbind: one view per step whose gradients autograd stacks once, where per-step slicing
         # would add a zero-filled (B, T, ...) gradient for every step
         uniforms = self.latent_uniforms(length, batch, embed.device).unbind(0)  # T x (B, S)
-        per_step = [x.unbind(1) for x in (keep, start_stoch, start_deter)] + [uniforms] + [
+        per_step = [x.unbind(1) for x in (next_keep, next_start_stoch, next_start_deter)] + [uniforms] + [
             x.unbind(1) for x in addends]
         per_step_taps = [tap.unbind(1) for tap in norm_taps]
         for t in range(length):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distributions import (Bernoulli, BoundedNormal, OneHotCategorical, TwoHotSymlog, categorical_kl,
-                           sample_index, two_hot, two_hot_bins, unimix_log_probs)
+                           sample_index, sample_one_hot, two_hot, two_hot_bins, unimix_log_probs)
 from tools import symexp, symlog
 
 
@@ -132,6 +132,30 @@ def test_sample_index_draws_each_class_with_its_probability_and_never_a_zero_one
     latent_freq = torch.nn.functional.one_hot(many, 5).float().mean(0)  # (2, 3, 5)
     torch.testing.assert_close(latent_freq, latent_probs, atol=0.015, rtol=0)
 
+
+def test_compiled_samples_equal_the_eager_ones_also_at_the_edges():
+    """Compiled, sample_index counts the cumulative sums at or below the threshold and one_hot_of
+    compares with a class range (both fuse into one kernel); eager, they are searchsorted and a
+    scatter. The indices and one-hot vectors must be the same, including thresholds that land
+    exactly on a cumulative sum, zero-probability classes, u = 0 and u just below 1."""
+    torch.manual_seed(5)
+    probs = torch.softmax(torch.randn(64, 4, 8) * 3, -1)  # (64, 4, 8)
+    probs[:8, :, 2:5] = 0.0  # impossible classes, first rows
+    probs[8:16] = 0.125  # uniform rows: cumulative sums 0.125, 0.25, ... exactly
+    uniform = torch.rand(64, 4)
+    uniform[8:16] = torch.tensor([0.0, 0.25, 0.5, 1.0 - 2 ** -24])  # on the sums and at the ends
+    uniform[:4] = 0.0
+
+    def draw(p, u):
+        return sample_one_hot(p, u)
+
+    eager = draw(probs, uniform)
+    compiled = torch.compile(draw, fullgraph=True)(probs, uniform)
+    assert torch.equal(compiled, eager)
+    assert torch.all(eager.sum(-1) == 1) and torch.all(eager[probs == 0] == 0)
+    index = sample_index(probs, uniform)
+    assert torch.equal(eager.argmax(-1), index)
+    assert torch.equal(index[8:16, 1], torch.full((8,), 2))  # u * total = 0.25 exactly: the class above
 
 def test_one_hot_log_prob_entropy_kl_match_torch():
     torch.manual_seed(1)
