@@ -312,8 +312,9 @@ class ActorCritic(nn.Module):
         # (cache-sized tensors, right for a CPU: the actor's scan alone made a size S update 11%
         # slower there). The same numbers either way. The Agent sets it from its device.
         self.stack_steps = False
-        # One imagined step of the actor, compiled when asked (eager fallback with one warning).
-        self._act = maybe_compile(self._act_eager, bool(config.compile), "actor step")
+        # One imagined step (features, actor, dynamics), compiled when asked (eager fallback with
+        # one warning).
+        self._imagine_step = maybe_compile(self._imagine_step_eager, bool(config.compile), "imagined step")
 
     def _act_eager(self, feat: torch.Tensor, noise: torch.Tensor, *scan_step: tuple
                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple, tuple]:
@@ -326,6 +327,21 @@ class ActorCritic(nn.Module):
             return policy.sample(noise), policy.tensors(), (), ()
         policy, inputs, norm_inputs = self.actor.scan_step(feat, *scan_step)
         return policy.sample(noise), policy.tensors(), inputs, norm_inputs
+
+    def _imagine_step_eager(self, wm: WorldModel, stoch: torch.Tensor, deter: torch.Tensor, noise: torch.Tensor,
+                            uniform: torch.Tensor, *scan_step: tuple) -> tuple:
+        """One imagined step from the state (stoch (N, S*C), deter (N, D)): its features (N, F),
+        the actor's action (N, A) and policy tensors and the layer inputs an ActorScan records (see
+        _act_eager), and the next state the dynamics predict with the prior's `uniform` (N, S).
+        Features, actor and dynamics in one function, so that compiled, the features' concatenation
+        and the action's clipping fuse with the kernels around them. For continuous actions the
+        action's gradient flows into the next state (backprop); for discrete ones the dynamics run
+        without a graph (REINFORCE)."""
+        feat = features(stoch, deter)  # (N, F)
+        action, policy, inputs, norm_inputs = self._act_eager(feat.detach(), noise, *scan_step)
+        with contextlib.nullcontext() if self.backprop else torch.no_grad():
+            stoch, deter = wm.rssm._img_step(stoch, deter, action if self.backprop else action.detach(), uniform)
+        return feat, action, policy, inputs, norm_inputs, stoch, deter
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
@@ -359,8 +375,16 @@ class ActorCritic(nn.Module):
         actor_scan = self.actor.scan(horizon, rows) if self.stack_steps else None
         feats, actions, policies, heads, rewards = [], [], [], {}, []
         for t in range(horizon + 1):
-            feat = features(stoch, deter)  # (N, F)
             last = t == horizon
+            if last:  # at t = H only the value (the bootstrap) is needed: no action
+                feat = features(stoch, deter)  # (N, F)
+            else:
+                scan_step = actor_scan.step(t) if actor_scan is not None else ()
+                feat, action, policy, inputs, norm_inputs, stoch, deter = self._imagine_step(
+                    wm, stoch, deter, actor_noise[t], latent_uniforms[t], *scan_step)
+                if actor_scan is not None:
+                    actor_scan.record(inputs, norm_inputs)
+                policies.append(policy)
             if self.stack_steps:
                 feats.append(feat)
             else:
@@ -368,17 +392,8 @@ class ActorCritic(nn.Module):
                 if t >= 1:  # the transition into this step
                     rewards.append(summed_reward(reward_fn(prev_feat, actions[-1], feat)))  # (N,)
                 prev_feat = feat
-            if last:  # at t = H only the value (the bootstrap) is needed: no action
-                break
-            scan_step = actor_scan.step(t) if actor_scan is not None else ()
-            action, policy, inputs, norm_inputs = self._act(feat.detach(), actor_noise[t], *scan_step)
-            if actor_scan is not None:
-                actor_scan.record(inputs, norm_inputs)
-            policies.append(policy)
-            actions.append(action)
-            with contextlib.nullcontext() if self.backprop else torch.no_grad():
-                stoch, deter = wm.rssm.img_step(stoch, deter, action if self.backprop else action.detach(),
-                                                latent_uniforms[t])
+            if not last:
+                actions.append(action)
         action = torch.stack(actions)  # (H, N, A)
         if self.stack_steps:
             feat = torch.stack(feats)  # (H+1, N, F)

@@ -453,7 +453,7 @@ def test_actor_scan_gives_the_plain_actors_losses_and_gradients(dist):
                 policy = ac.actor(feat)
                 return policy.sample(noise), policy.tensors(), (), ()
 
-            ac._act = plain_act
+            ac._act_eager = plain_act
         start = imagination_starts(agent, batch)
         torch.manual_seed(2)
         actor_loss, critic_loss, _ = ac.losses(agent.wm, start, agent.task_reward)
