@@ -813,10 +813,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def check_run_inputs(config: Config) -> None:
     """Problems that need no env or model, found before anything is printed or written: a task whose
-    suite is not registered, a resume path that does not exist (nor its .prev.pt)."""
+    suite is not registered, a device this machine lacks, --parallel without GPUs (unless the CPU is
+    asked for), a resume path that does not exist (nor its .prev.pt)."""
     import envs
 
     envs.parse_task(config.task)
+    try:
+        device = tools.resolve_device(config.device)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    if int(config.parallel) > 1 and config.device == "auto" and device.type == "cpu":
+        raise RunError(
+            f"--parallel {config.parallel} trains on {config.parallel} GPUs, but this machine has no CUDA "
+            f"device (torch.cuda.is_available() is False). Drop --parallel to train in one process, or "
+            f"add --device cpu to run {config.parallel} data-parallel processes on the CPU anyway (gloo; "
+            f"each holds its own model, envs and replay, so memory grows {config.parallel}-fold).")
     if config.from_checkpoint and not ckpt.has_checkpoint(checkpoint_file(config.from_checkpoint)):
         raise RunError(ckpt.missing_message(checkpoint_file(config.from_checkpoint)))
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from config import ConfigError
 from distributions import Bernoulli, OneHotCategorical, TwoHotSymlog, categorical_kl
-from networks import RSSM, Actor, Head, MultiDecoder, MultiEncoder, features, maybe_compile
+from networks import (RSSM, Actor, Head, MultiDecoder, MultiEncoder, check_key_selections, features,
+                      maybe_compile)
 from tools import symlog
 
 GradSync = Callable[[list[nn.Parameter]], None]
@@ -222,6 +223,7 @@ class WorldModel(nn.Module):
         super().__init__()
         self.config = config
         eps = float(config.norm_eps)
+        check_key_selections(obs_space, {"encoder": config.encoder, "decoder": config.decoder})  # both at once
         self.encoder = MultiEncoder(obs_space, **config.encoder, norm_eps=eps)
         self.rssm = RSSM(action_dim, self.encoder.out_dim, **config.rssm, norm_eps=eps, compile=bool(config.compile))
         feat = self.rssm.feat_size

@@ -538,21 +538,53 @@ def full_match(pattern: str, key: str) -> bool:
     return re.fullmatch(pattern, key) is not None
 
 
-def select_keys(obs_space: Mapping[str, gymnasium.spaces.Box], cnn_keys: str, mlp_keys: str,
-                who: str) -> tuple[list[str], list[str]]:
+def usable_keys(obs_space: Mapping[str, gymnasium.spaces.Box]) -> dict[str, gymnasium.spaces.Box]:
+    """The observation keys an encoder or decoder may use (not the flags, not `log_*` entries)."""
+    return {k: v for k, v in obs_space.items() if k not in IGNORED_KEYS and not k.startswith("log_")}
+
+
+def matched_keys(obs_space: Mapping[str, gymnasium.spaces.Box], cnn_keys: str, mlp_keys: str
+                 ) -> tuple[list[str], list[str]]:
     """Keys for the CNN (rank-3 uint8 images) and the MLP (rank-1 vectors) by full-match regex."""
-    usable = {k: v for k, v in obs_space.items() if k not in IGNORED_KEYS and not k.startswith("log_")}
+    usable = usable_keys(obs_space)
     cnn = [k for k, v in usable.items() if len(v.shape) == 3 and v.dtype == np.uint8 and full_match(cnn_keys, k)]
     mlp = [k for k, v in usable.items() if len(v.shape) == 1 and full_match(mlp_keys, k)]
-    if not cnn and not mlp:
-        available = {k: (tuple(v.shape), str(v.dtype)) for k, v in usable.items()}
-        raise ConfigError(
-            f"The {who} selects no observation key: cnn_keys='{cnn_keys}' matches no (H, W, C) uint8 "
-            f"image and mlp_keys='{mlp_keys}' matches no (n,) vector among the available keys "
-            f"{available}. Set --{who}.cnn_keys / --{who}.mlp_keys (full-match regular expressions, "
-            "'$^' matches nothing) so that at least one key is used, e.g. --encoder.mlp_keys '.*' for "
-            "vector observations or --encoder.cnn_keys image for images.")
     return cnn, mlp
+
+
+def check_key_selections(obs_space: Mapping[str, gymnasium.spaces.Box], selections: Mapping[str, Mapping]) -> None:
+    """Raise one ConfigError naming every part (`selections`: e.g. {"encoder": {"cnn_keys": ...,
+    "mlp_keys": ...}, "decoder": {...}}) whose regular expressions select no observation key, with
+    the flags that fix all of them."""
+    empty = {who: keys for who, keys in selections.items()
+             if not any(matched_keys(obs_space, keys["cnn_keys"], keys["mlp_keys"]))}
+    if not empty:
+        return
+    usable = usable_keys(obs_space)
+    available = {k: (tuple(v.shape), str(v.dtype)) for k, v in usable.items()}
+    has_vector = any(len(v.shape) == 1 for v in usable.values())
+    image = next((k for k, v in usable.items() if len(v.shape) == 3 and v.dtype == np.uint8), None)
+    owner = (lambda who: f"the {who}'s ") if len(empty) > 1 else (lambda who: "")
+    parts = "; ".join(f"{owner(who)}cnn_keys='{keys['cnn_keys']}' matches no (H, W, C) uint8 image and "
+                      f"mlp_keys='{keys['mlp_keys']}' matches no (n,) vector" for who, keys in empty.items())
+    names = " and ".join(f"the {who}" for who in empty)
+    fixes = [" ".join(f"--{who}.mlp_keys '.*'" for who in empty) + " for the vector observations"] if has_vector else []
+    if image is not None:
+        fixes.append(" ".join(f"--{who}.cnn_keys {image}" for who in empty) + " for the images")
+    example = f", e.g. {' or '.join(fixes)}" if fixes else ""
+    raise ConfigError(
+        f"{names[0].upper()}{names[1:]} {'select' if len(empty) > 1 else 'selects'} no observation key: "
+        f"{parts}, among the available keys {available}. Set the cnn_keys / mlp_keys of "
+        f"{names} (full-match regular expressions, '$^' matches nothing) so that each uses at least one "
+        f"key{example}.")
+
+
+def select_keys(obs_space: Mapping[str, gymnasium.spaces.Box], cnn_keys: str, mlp_keys: str,
+                who: str) -> tuple[list[str], list[str]]:
+    """Keys for the CNN and the MLP of the encoder or decoder (`who`), by full-match regex; a
+    ConfigError if none is selected."""
+    check_key_selections(obs_space, {who: {"cnn_keys": cnn_keys, "mlp_keys": mlp_keys}})
+    return matched_keys(obs_space, cnn_keys, mlp_keys)
 
 
 def image_stages(obs_space: Mapping[str, gymnasium.spaces.Box], keys: list[str], min_res: int) -> tuple[int, int, int]:

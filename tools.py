@@ -47,6 +47,10 @@ def resolve_device(name: str) -> torch.device:
             "(torch.cuda.is_available() is False). Use --device cpu, or --device auto to pick "
             "CUDA only when present."
         )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device '{name}' was asked for but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s), numbered from 0. Use --device cuda:0 (or --device auto).")
     return device
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from distributions import unimix_log_probs
-from networks import (RSSM, Actor, EnsembleMLP, Head, LayerNormGRU, MultiDecoder, MultiEncoder, features,
-                      maybe_compile, probe_backward, select_keys)
+from networks import (RSSM, Actor, EnsembleMLP, Head, LayerNormGRU, MultiDecoder, MultiEncoder,
+                      check_key_selections, features, maybe_compile, probe_backward, select_keys)
 
 IMAGE = gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)
 VECTOR = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)
@@ -29,6 +29,25 @@ def test_select_keys_uses_full_match_and_rank():
     with pytest.raises(ValueError, match=r"The encoder selects no observation key: cnn_keys='\$\^' .*"
                                          r"mlp_keys='vec'.*--encoder.mlp_keys"):
         select_keys(space, "$^", "vec", "encoder")
+
+
+def test_key_selection_errors_name_every_part_and_its_own_flags():
+    """The world model checks the encoder's and the decoder's keys together: one error names both
+    when both select nothing, and the example fix uses each part's own flags."""
+    space = {"vector": VECTOR, "is_first": FLAG}
+    nothing = {"cnn_keys": "image", "mlp_keys": "$^"}
+    with pytest.raises(ValueError) as both:
+        check_key_selections(space, {"encoder": nothing, "decoder": nothing})
+    message = str(both.value)
+    assert message.startswith("The encoder and the decoder select no observation key: the encoder's cnn_keys='image'")
+    assert "the decoder's cnn_keys='image' matches no (H, W, C) uint8 image" in message
+    assert "e.g. --encoder.mlp_keys '.*' --decoder.mlp_keys '.*' for the vector observations." in message
+    with pytest.raises(ValueError) as decoder_only:
+        check_key_selections(space, {"encoder": {"cnn_keys": "$^", "mlp_keys": ".*"}, "decoder": nothing})
+    message = str(decoder_only.value)
+    assert message.startswith("The decoder selects no observation key: cnn_keys='image'")
+    assert "--decoder.mlp_keys '.*'" in message and "--encoder." not in message
+    check_key_selections(space, {"encoder": {"cnn_keys": "$^", "mlp_keys": ".*"}})  # a vector: fine
 
 
 def test_image_size_must_be_min_res_times_power_of_two():

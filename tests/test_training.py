@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from config import ConfigError
 
@@ -120,6 +121,23 @@ def test_user_errors_exit_2_with_their_paragraph_only(tmp_path, args, message):
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     if args[1] == "mine_reach":  # checked before anything is printed or written
         assert result.stdout == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("args, message", [
+    (("--device", "cuda"), "error: device 'cuda' was asked for but CUDA is not available on this machine"),
+    (("--device", "cuda:3"), "error: device 'cuda:3' was asked for but CUDA is not available"),
+    (("--parallel", "8"), "error: --parallel 8 trains on 8 GPUs, but this machine has no CUDA device "
+                          "(torch.cuda.is_available() is False). Drop --parallel to train in one process, "
+                          "or add --device cpu"),
+])
+def test_a_missing_gpu_stops_the_run_before_anything_is_written(tmp_path, args, message):
+    """--device cuda, or the guide's --parallel 8 (which would otherwise start 8 CPU processes of the
+    full model), on a machine without CUDA: one paragraph, exit 2, nothing printed or written."""
+    result = run_cli("--configs", "custom", "--task", "custom_reach", *args, "--logdir", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(message) and result.stderr.count("error:") == 1, result.stderr
+    assert result.stdout == "" and not (tmp_path / "run").exists()
 
 
 def test_help_lists_blocks_and_keys():
