@@ -266,6 +266,7 @@ def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger, video:
             return len(frames), render_ok, False
         observations = pool.step(actions)
         for index, obs in enumerate(observations):
+            envs.check_running_step(obs, f"eval env {index}")
             summary = tracker.add(index, obs)
             if summary is not None:
                 returns.append(summary["return"])
@@ -574,9 +575,16 @@ class Trainer:
         return self.agent.policy(stack_obs(observations), state, "train")
 
     def store(self, observations: list[dict], actions: np.ndarray) -> list[dict[str, float]]:
+        import envs
+
         finished = []
         for index, obs in enumerate(observations):
-            self.replay.add(to_transition(obs, actions[index]), worker=self.first_env + index)
+            where = f"env {self.first_env + index} at step {self.counters.step}"
+            envs.check_running_step(obs, where)
+            try:
+                self.replay.add(to_transition(obs, actions[index]), worker=self.first_env + index)
+            except (KeyError, ValueError) as error:  # its keys or shapes changed during the run
+                raise envs.EnvCheckError(f"{where}: {error.args[0]}") from None
             summary = self.tracker.add(index, obs)
             if summary is not None:
                 finished.append(summary)

@@ -19,7 +19,7 @@ import gymnasium
 
 from . import wrappers
 from .atari import Atari
-from .checker import EnvCheckError, MissingDependency, check_env
+from .checker import EnvCheckError, MissingDependency, check_env, check_running_step
 from .crafter import Crafter
 from .custom_env import CustomEnv
 from .dmc import DMC
@@ -41,8 +41,9 @@ REGISTRY = {
 MODES = ('train', 'eval')
 EVAL_SEED_OFFSET = 10000
 
-__all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'MissingDependency', 'EnvPool', 'check_env', 'env_seed', 'make_env',
-           'make_pool', 'parse_task', 'suite_kwargs', 'wrap_env', 'wrappers']
+__all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'MissingDependency', 'EnvPool', 'check_env',
+           'check_running_step', 'env_seed', 'make_env', 'make_pool', 'parse_task', 'suite_kwargs', 'wrap_env',
+           'wrappers']
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -107,8 +108,9 @@ def wrap_env(env: Any, action_repeat: int = 1, time_limit: int = 0,
 
 
 def make_env(config: Mapping[str, Any], mode: str, index: int, seed_shift: int = 0) -> wrappers.Flags:
-    """The `index`-th train or eval env of `config.task`, wrapped; env 0 is checked at start-up;
-    `seed_shift` moves its seed (env_seed).
+    """The `index`-th train or eval env of `config.task`, wrapped; every env is checked when made
+    (one reset and one step: copies of one class can differ, e.g. by seed); `seed_shift` moves its
+    seed (env_seed).
 
     Reads config keys task, seed, action_repeat, time_limit (agent steps, 0 = off), reward_clip
     (0 = off) and env.<suite>. Rewards are not scaled here (the model applies reward_scale).
@@ -128,9 +130,8 @@ def make_env(config: Mapping[str, Any], mode: str, index: int, seed_shift: int =
             f"constructor accept them, or change env.{suite} with --env.{suite}.<key> or in "
             "configs.yaml.")
         raise
-    if index == 0:
-        check_env(env, index)
-        env.reset()
+    check_env(env, index)
+    env.reset()
     repeat_outside = 1 if 'action_repeat' in kwargs else repeat
     return wrap_env(env, repeat_outside, int(config.get('time_limit', 0)),
                     float(config.get('reward_clip', 0.0)))

@@ -44,6 +44,27 @@ def check_env(env: Any, index: int = 0) -> None:
     _check_observation(obs, obs_space, where, 'step()')
 
 
+def check_running_step(obs: Mapping, where: str) -> None:
+    """The checks of an observation during a run that a start-up check cannot make once for all:
+    every float model input and the reward finite. Raises EnvCheckError starting with `where` (e.g.
+    'env 1 at step 3000') and naming the key (a NaN would otherwise surface as an index error deep
+    in a loss)."""
+    for key, value in obs.items():
+        if key == 'reward' or is_model_input(key):
+            array = np.asarray(value)
+            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+                bad = 'NaN' if np.any(np.isnan(array)) else 'inf'
+                count = int(np.sum(~np.isfinite(array)))
+                what = ('returned a reward of' if key == 'reward' else
+                        f"observation '{key}' contains {bad} at {count} of {array.size} entries:")
+                raise EnvCheckError(
+                    f"{where}: {what} {array.tolist() if array.size <= 8 else bad}; every observation and reward "
+                    "must be finite, and the model cannot learn from it. Find where the env divides by "
+                    "zero or overflows, or replace the values (np.nan_to_num) in the env or a wrapper. "
+                    "The run stopped before storing the step; its last checkpoint and replay on disk are "
+                    "intact, and the same command resumes from them once the env is fixed.")
+
+
 def is_model_input(key: str) -> bool:
     """Observation keys that must be declared in obs_space (not flags, not `log_` scalars)."""
     return key not in FLAG_KEYS and not str(key).startswith('log_')

@@ -180,17 +180,24 @@ def test_message_names_the_env_index():
         check_env(ToyEnv(obs=with_obs(vector=None)), index=3)
 
 
-def test_make_env_checks_env_zero_in_both_modes(monkeypatch):
-    class BadImage(ToyEnv):
-        def __init__(self, name, **kwargs):
-            super().__init__(obs=with_obs(image=np.zeros((64, 64), np.uint8)))
+def test_make_env_checks_every_env_in_both_modes(monkeypatch):
+    """Each env is checked when made, not only the first: copies of one class can differ (here the
+    one made with seed 1 returns 2-d images)."""
+    seeds = {}
 
-    monkeypatch.setitem(envs.REGISTRY, 'custom', BadImage)
+    class BadImageForOneSeed(ToyEnv):
+        def __init__(self, name, seed=0, **kwargs):
+            image = np.zeros((64, 64), np.uint8) if seed == seeds['bad'] else np.zeros((64, 64, 3), np.uint8)
+            super().__init__(obs=with_obs(image=image))
+
+    monkeypatch.setitem(envs.REGISTRY, 'custom', BadImageForOneSeed)
     config = {'task': 'custom_bad', 'seed': 0, 'action_repeat': 1, 'env': {}}
     for mode in ('train', 'eval'):
-        with pytest.raises(EnvCheckError, match=r"'image': expected shape \(64, 64, 3\), got \(64, 64\)"):
-            envs.make_env(config, mode, 0)
-    envs.make_env(config, 'train', 1)  # only env 0 is checked
+        seeds['bad'] = envs.env_seed(0, mode, 1)
+        envs.make_env(config, mode, 0)  # its copy is fine
+        with pytest.raises(EnvCheckError, match=r"^env 1 \(BadImageForOneSeed\): .*'image': expected shape "
+                                                r"\(64, 64, 3\), got \(64, 64\)"):
+            envs.make_env(config, mode, 1)
 
 
 @pytest.mark.parametrize('task', ['custom_reach', 'custom_reach_discrete', 'custom_catch'])
@@ -207,3 +214,18 @@ def test_a_look_alike_box_is_named_with_its_module():
             r"obs_space\['image'\] must be a gymnasium.spaces.Box, got Box\(0, 255, \(64, 64, 3\), uint8\) of "
             r"type gym\.spaces\.box\.Box\. .*import gymnasium, not the legacy gym package")):
         check_env(ToyEnv(obs_space={'image': LegacyBox()}))
+
+
+def test_running_steps_must_be_finite_and_name_where():
+    """During a run each step's float inputs and reward are checked (the start-up check saw only its
+    first reset and step); flags, integer images and logging keys are left alone."""
+    from envs.checker import check_running_step
+
+    obs = {**good_obs(), 'reward': np.float32(1.0), 'is_first': False, 'is_last': True, 'log_x': np.float32(2)}
+    check_running_step(obs, 'env 0 at step 10')
+    with pytest.raises(EnvCheckError, match=r"^env 2 at step 7: observation 'vector' contains inf at 1 of 3 "
+                                            r"entries: \[0\.0, inf, 0\.0\]; every observation and reward "
+                                            r"must be finite"):
+        check_running_step({**obs, 'vector': np.array([0, np.inf, 0], np.float32)}, 'env 2 at step 7')
+    with pytest.raises(EnvCheckError, match=r"^eval env 0: returned a reward of nan; .*the same command resumes"):
+        check_running_step({**obs, 'reward': float('nan')}, 'eval env 0')

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,6 +253,37 @@ def test_env_without_render_trains_and_says_there_is_no_video(tmp_path):
     log = (logdir / "train.log").read_text()
     assert log.count("no eval video") == 1 and "finished: 200 steps" in log
     assert len([r for r in read_metrics(logdir) if "eval/return" in r]) == 2
+
+
+@pytest.mark.parametrize("task, message", [
+    ("NanLater-v0", "error: env 0 at step 265: observation 'vector' contains NaN at 3 of 3 entries: [nan, nan, nan]; "
+                    "every observation and reward must be finite"),
+    ("GrowsLater-v0", "error: env 0 at step 265: Replay.add got 'vector' of shape (4,) but the first step stored "
+                      "had (3,)."),
+])
+def test_an_env_that_breaks_mid_run_stops_with_its_paragraph_and_keeps_the_checkpoint(tmp_path, task, message):
+    """An env that passes the start-up check and later returns NaN, or an observation of another
+    shape: one paragraph naming the env, the step and the key (not an index error from a loss, nor a
+    traceback), exit 2; the checkpoint saved at step 200 stays, and no NaN reached the replay."""
+    import os
+
+    import checkpoint
+
+    logdir = tmp_path / "spoils"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "gym", "--task", f"gym_faulty_env:{task}",
+         "--logdir", str(logdir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CI": "1", "PYTHONPATH": str(ROOT / "tests" / "helpers")},
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count(message) == 1 and result.stderr.count("error:") == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert message.removeprefix("error: ") in (logdir / "train.log").read_text()
+    state = checkpoint.load_checkpoint(logdir / "latest.pt")
+    assert state["counters"]["step"] == 200, state["counters"]
+    vectors = [np.load(chunk)["vector"] for chunk in (logdir / "replay").rglob("*.npz")]
+    assert vectors and all(np.isfinite(v).all() for v in vectors)
 
 
 def test_user_errors_are_the_ones_whose_message_says_what_to_fix():
