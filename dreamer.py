@@ -109,11 +109,20 @@ class Counters:
 def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logger: Logger,
                   seed_shift: int = 0) -> EnvPool:
     """`amount` wrapped envs of `config.task` in the configured parallel mode; env worker restarts
-    are logged with the env's traceback. `seed_shift` moves the envs' seeds (envs.env_seed)."""
+    are logged with the env's traceback the first time, then with its last line (a failure that
+    repeats would otherwise fill the log). `seed_shift` moves the envs' seeds (envs.env_seed)."""
     import envs
 
+    traced: set[int] = set()  # envs whose restart was logged with the whole traceback
+
     def log_event(event: dict) -> None:
-        logger.warning(f"{mode} {event['message']}:\n{event.get('traceback', '')}")
+        text = str(event.get('traceback', '')).rstrip()
+        if event.get('index') in traced:
+            last = text.splitlines()[-1].strip() if text else ''
+            logger.warning(f"{mode} {event['message']} again: {last} (traceback as logged before)")
+            return
+        traced.add(event.get('index'))
+        logger.warning(f"{mode} {event['message']}:\n{text}")
 
     ctors = [functools.partial(envs.make_env, config, mode, first_index + i, seed_shift) for i in range(amount)]
     return envs.parallel.EnvPool(ctors, config.envs.parallel, on_event=log_event)
@@ -286,6 +295,9 @@ def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger, video:
     metrics = {"eval/return": float(np.mean(returns)), "eval/length": float(np.mean(lengths)),
                "eval/episodes": float(len(returns))}
     logger.scalars(metrics)
+    if config.eval_only:  # the result itself, where the user looks
+        logger.info(f"eval_only: return {metrics['eval/return']:.2f} (min {min(returns):.2f}, max "
+                    f"{max(returns):.2f}) over {len(returns)} episodes, mean length {metrics['eval/length']:.0f}")
     if frames:
         logger.video("eval/video", np.stack(frames)[None])
     return len(frames), render_ok, True
@@ -651,7 +663,7 @@ class Trainer:
         if not completed:
             return
         if self.wants_video and render_ok and not frames:
-            self.logger.info("no eval video: the env's render() gives no frame and it has no 'image' "
+            self.logger.info("no eval video: the env has no render() (or it gives no frame) and no 'image' "
                              "observation (training is not affected)")
         if not (render_ok and frames):  # a raising render() is logged once by evaluate
             self.wants_video = False  # later evaluations record no video
@@ -731,8 +743,8 @@ def train(config: Config, dist: Dist = Dist(), sync: Optional[DistSync] = None) 
         except Exception as error:
             if is_user_error(error):  # into train.log; main() prints it once on stderr
                 logger.error(str(error), echo=False)
-            else:
-                logger.error(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+            else:  # into train.log; Python prints the traceback once on stderr
+                logger.error(f"{type(error).__name__}: {error}\n{traceback.format_exc()}", echo=False)
             raise
         finally:
             interrupt.shielded = True  # a late Ctrl-C does not cut the closing of envs and logs

@@ -167,6 +167,10 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
     (record,) = read_metrics(logdir / "eval_only")
     assert record["eval/episodes"] == 2 and math.isfinite(record["eval/return"]) and record["step"] == 300
     assert "replay: loaded" not in (logdir / "eval_only" / "train.log").read_text()
+    shown = re.search(r"INFO eval_only: return (-?[\d.]+) \(min (-?[\d.]+), max (-?[\d.]+)\) over 2 episodes",
+                      evaluated.stderr)  # the result on the console, not only in the logs
+    assert shown and float(shown[1]) == pytest.approx(record["eval/return"], abs=0.01), evaluated.stderr[-2000:]
+    assert float(shown[2]) <= float(shown[1]) <= float(shown[3])
 
 
 def start_debug_run_until_logged(logdir: Path, step: int, *args: str) -> subprocess.Popen:
@@ -296,3 +300,43 @@ def test_user_errors_are_the_ones_whose_message_says_what_to_fix():
         assert dreamer.is_user_error(error), error
     for error in (RuntimeError("x"), ValueError("x"), ImportError("x"), TypeError("x")):
         assert not dreamer.is_user_error(error), error  # bugs keep their traceback
+
+
+def test_an_env_restarted_again_is_logged_in_one_line(tmp_path, monkeypatch):
+    """A worker restart logs the env's traceback the first time; a second restart of the same env
+    logs one line with the failure's last line, not the whole traceback again."""
+    import gymnasium
+
+    import envs
+    from config import load_config
+    from dreamer import make_env_pool
+    from logger import Logger
+
+    class RaisesOnStep:
+        obs_space = {"vector": gymnasium.spaces.Box(-1, 1, (2,), np.float32)}
+        act_space = gymnasium.spaces.Box(-1, 1, (1,), np.float32)
+
+        def __init__(self, name, **kwargs):
+            self.steps = 0
+
+        def reset(self):
+            return {"vector": np.zeros(2, np.float32)}, {}
+
+        def step(self, action):
+            self.steps += 1
+            if self.steps > 1:  # the start-up check's step passes
+                raise RuntimeError("the simulator lost its state")
+            return {"vector": np.zeros(2, np.float32)}, 0.0, False, False, {}
+
+    monkeypatch.setitem(envs.REGISTRY, "flaky", RaisesOnStep)
+    config = load_config(["--configs", "debug", "--task", "flaky_x", "--envs.parallel", "none"])
+    logger = Logger(tmp_path, tensorboard=False)
+    with make_env_pool(config, "train", 1, 0, logger) as pool:
+        for _ in range(4):
+            pool.step(np.zeros((1, 1), np.float32))
+    logger.close()
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("Traceback (most recent call last)") == 1, log
+    assert log.count("RuntimeError: the simulator lost its state") >= 3, log
+    assert "train env 0 raised; restarted it and dropped its episode again: RuntimeError: the simulator lost " \
+           "its state (traceback as logged before)" in log
