@@ -9,12 +9,27 @@ from envs import dmc
 from envs.dmc import DMC
 
 
+def gl_libraries_present() -> bool:
+    """True when the loader finds libEGL or libOSMesa (scripts/install.sh checks `ldconfig -p` alike)."""
+    return any(ctypes.util.find_library(name) for name in ('EGL', 'OSMesa'))
+
+
+# The tests that render skip only on a non-root machine without any GL library: install.sh could not
+# apt-get them there and printed the command. As root (CI) install.sh installs them, so a broken
+# backend still fails these tests.
+needs_headless_gl = pytest.mark.skipif(
+    not gl_libraries_present() and getattr(os, 'geteuid', lambda: -1)() != 0,
+    reason=f'no EGL or OSMesa library and not root: run `sudo {dmc.APT_RENDER_LIBS}` (scripts/install.sh '
+           'printed it) for headless DMC rendering')
+
+
 def check_obs(obs, space):
     assert set(obs) == set(space), (sorted(obs), sorted(space))
     for key, box in space.items():
         assert obs[key].shape == box.shape and obs[key].dtype == box.dtype, (key, obs[key].shape, box)
 
 
+@needs_headless_gl
 def test_walker_walk_spaces_and_steps():
     env = DMC('walker_walk', size=(64, 64), camera=-1, image=True, proprio=True, seed=0)
     space = env.obs_space
@@ -34,6 +49,7 @@ def test_walker_walk_spaces_and_steps():
     env.close()
 
 
+@needs_headless_gl
 def test_pixels_are_a_real_frame():
     env = DMC('cartpole_balance', image=True, proprio=False, seed=0)
     obs, _ = env.reset()
@@ -45,6 +61,7 @@ def test_pixels_are_a_real_frame():
     np.testing.assert_array_equal(env.render(), image)
 
 
+@needs_headless_gl
 def test_fast_offscreen_settings_are_applied():
     env = DMC('cartpole_balance', size=(64, 48), image=True, proprio=False)
     vis = env._env.physics.model.vis
@@ -107,16 +124,7 @@ def test_user_mujoco_gl_is_respected(monkeypatch):
     assert dmc.select_mujoco_gl() == 'osmesa'
 
 
-def gl_libraries_present() -> bool:
-    """True when the loader finds libEGL or libOSMesa (scripts/install.sh checks `ldconfig -p` alike)."""
-    return any(ctypes.util.find_library(name) for name in ('EGL', 'OSMesa'))
-
-
+@needs_headless_gl
 def test_a_headless_backend_works_here():
-    # Only a non-root machine without any GL library skips: install.sh could not apt-get them there and
-    # printed the command. As root (CI) install.sh installs them, so a broken backend still fails here.
-    if not gl_libraries_present() and getattr(os, 'geteuid', lambda: -1)() != 0:
-        pytest.skip(f'no EGL or OSMesa library and not root: run `sudo {dmc.APT_RENDER_LIBS}` '
-                    '(scripts/install.sh printed it) for headless DMC rendering')
     assert dmc.backend_opens_context('egl') or dmc.backend_opens_context('osmesa')
     assert not dmc.backend_opens_context('no_such_backend')
