@@ -213,7 +213,10 @@ def test_seeds_train_and_eval():
         envs.env_seed(0, 'test', 0)
     config = make_config('--task', 'custom_reach', '--seed', '3')
     first = envs.make_env(config, 'eval', 1).reset()[0]['vector']
-    direct = CustomEnv('reach', seed=10004).reset()[0]['vector']
+    direct_env = CustomEnv('reach', seed=10004)
+    envs.check_env(direct_env, 1)  # as make_env does with every env it makes, then one reset
+    direct_env.reset()
+    direct = direct_env.reset()[0]['vector']
     np.testing.assert_array_equal(first, direct)
     other = envs.make_env(config, 'train', 1).reset()[0]['vector']
     assert not np.array_equal(first, other)
