@@ -3,8 +3,11 @@ capture/restore, and shape checks that name the config key behind a mismatch.
 
 save_checkpoint writes `<path>.tmp`, fsyncs it, renames the current file to `<stem>.prev.pt`
 (not when that file is damaged: it would replace a good fallback), renames the tmp file into place
-and fsyncs the folder: at every moment at least one complete checkpoint is on disk. load_checkpoint falls back to the `.prev.pt` file when the newest one is
-truncated or corrupt.
+and fsyncs the folder: at every moment at least one complete checkpoint is on disk. A file counts as
+intact when it is a zip whose every member passes its CRC check (torch.load itself does not check
+them, so a damaged tensor would load silently). load_checkpoint falls back to the `.prev.pt` file
+when the newest one is truncated or corrupt, and reads a complete `<path>.tmp` when `path` is
+missing (a stop between save_checkpoint's two renames).
 """
 from __future__ import annotations
 
@@ -43,9 +46,9 @@ def previous_path(path: Path) -> Path:
 
 
 def has_checkpoint(path: Path) -> bool:
-    """True when `path` or its `.prev.pt` fallback exists (a run to resume)."""
+    """True when `path`, its `.prev.pt` fallback or a complete `.tmp` file exists (a run to resume)."""
     path = Path(path)
-    return path.is_file() or previous_path(path).is_file()
+    return path.is_file() or previous_path(path).is_file() or is_intact(tmp_path(path))
 
 
 def fsync_directory(directory: Path) -> None:
@@ -62,24 +65,47 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def tmp_path(path: Path) -> Path:
+    """`latest.pt` -> `latest.pt.tmp` (where save_checkpoint writes before renaming)."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+def is_intact(path: Path) -> bool:
+    """Whether `path` is a zip (torch.save's format) whose every member passes its CRC check."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except Exception:  # noqa: BLE001 -- not a zip, truncated, unreadable: not intact
+        return False
+
+
+def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
+    """torch.load of `path` after checking its members' CRCs (ValueError naming the damage)."""
+    if not is_intact(path):
+        raise ValueError("not a complete checkpoint: a truncated file, or a member whose CRC check fails")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomically write `state` to `path`, keeping the previous file as `<stem>.prev.pt`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     try:
         with open(tmp, "wb") as file:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as RuntimeError
         tmp.unlink(missing_ok=True)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else describe(error)
         raise CheckpointWriteError(
-            f"could not write checkpoint {path} ({error.strerror or error}). The previous "
-            f"checkpoint, if any, is left untouched at {path}. Free disk space in {path.parent} "
-            "(e.g. old runs or replay chunks) or point --logdir at a disk with room, then resume."
+            f"could not write checkpoint {path} ({reason}). The previous checkpoint, if any, is "
+            f"left untouched at {path}. Free disk space in {path.parent} (e.g. old runs or replay "
+            "chunks) or point --logdir at a disk with room, then resume."
         ) from error
-    if path.exists() and zipfile.is_zipfile(path):  # a damaged file never replaces the fallback
+    if path.exists() and is_intact(path):  # a damaged file never replaces the fallback
         os.replace(path, previous_path(path))
     os.replace(tmp, path)
     fsync_directory(path.parent)
@@ -104,11 +130,23 @@ def load_checkpoint_and_source(
     fallback."""
     path = Path(path)
     if not path.exists():
-        if previous_path(path).is_file():  # a crash between the two renames of save_checkpoint
+        # A stop between the two renames of save_checkpoint: the newest checkpoint is the complete
+        # tmp file (the previous one already renamed to .prev.pt).
+        if is_intact(tmp_path(path)):
+            try:
+                state = read_checkpoint(tmp_path(path), map_location)
+            except Exception:  # noqa: BLE001 -- unusable: the fallback below
+                pass
+            else:
+                note = (f"checkpoint {path} is missing but {tmp_path(path).name} beside it is complete (a "
+                        "stop between the two renames of a save); resuming from it.")
+                _warn(warn, note)
+                return state, tmp_path(path)
+        if previous_path(path).is_file():
             return load_fallback(path, map_location, warn, "is missing"), previous_path(path)
         raise CheckpointMissing(missing_message(path))
     try:
-        return torch.load(path, map_location=map_location, weights_only=False), path
+        return read_checkpoint(path, map_location), path
     except Exception as error:  # noqa: BLE001 -- any unreadable file falls back the same way
         first_error = error
     fallback = previous_path(path)
@@ -128,7 +166,7 @@ def load_fallback(
     """Load `<stem>.prev.pt` because `path` has `problem`; warn about it."""
     fallback = previous_path(path)
     try:
-        state = torch.load(fallback, map_location=map_location, weights_only=False)
+        state = read_checkpoint(fallback, map_location)
     except Exception as error:  # noqa: BLE001
         raise CheckpointError(
             f"checkpoint {path} {problem} and the previous checkpoint {fallback.name} is "
@@ -139,13 +177,17 @@ def load_fallback(
         f"checkpoint {path} {problem}; resuming from the previous checkpoint {fallback.name} "
         "instead (the steps after it are trained again)."
     )
+    _warn(warn, message)
+    return state
+
+
+def _warn(warn: Callable[[str], None] | None, message: str) -> None:
     if warn is None:
         import warnings
 
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=4)
     else:
         warn(message)
-    return state
 
 
 def describe(error: BaseException) -> str:

@@ -117,6 +117,72 @@ def test_failed_write_leaves_the_old_checkpoint_loadable(tmp_path: Path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
 
 
+def flip_bytes_inside_a_tensor(path: Path) -> None:
+    """Damage `path` so that it stays a valid zip and torch.load reads it without complaint: only a
+    member's CRC check shows it (torch does not check them)."""
+    data = bytearray(path.read_bytes())
+    start = data.find(b"\x00\x00\x80\x3f" * 8)  # inside the tensor of ones
+    assert start > 0
+    data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_tensor_is_detected_and_never_replaces_the_good_fallback(tmp_path: Path) -> None:
+    """A checkpoint damaged inside a tensor still loads with torch.load; the CRC check finds it, so
+    the run resumes from latest.prev.pt, and the next save does not rotate the damaged file over
+    that good fallback."""
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"step": 10, "weights": torch.ones(4096)})
+    save_checkpoint(path, {"step": 20, "weights": torch.ones(4096)})
+    flip_bytes_inside_a_tensor(path)
+    assert torch.load(path, weights_only=False)["step"] == 20  # what torch alone would resume from
+    messages: list[str] = []
+    assert load_checkpoint(path, warn=messages.append)["step"] == 10
+    assert "truncated or corrupt (ValueError: not a complete checkpoint" in messages[0], messages
+    good = (tmp_path / "latest.prev.pt").read_bytes()
+    save_checkpoint(path, {"step": 30})
+    assert (tmp_path / "latest.prev.pt").read_bytes() == good  # the fallback survived the save
+    assert load_checkpoint(path)["step"] == 30
+
+
+def test_a_complete_tmp_file_is_the_newest_checkpoint_when_latest_is_missing(tmp_path: Path) -> None:
+    """A stop between save_checkpoint's two renames leaves latest.prev.pt (the older one) and a
+    complete latest.pt.tmp (the newer): resume from the tmp file; a partial tmp file is ignored."""
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"step": 100})
+    save_checkpoint(path, {"step": 200})
+    path.rename(tmp_path / "latest.pt.tmp")  # the state such a stop leaves
+    assert checkpoint.has_checkpoint(path)
+    messages: list[str] = []
+    assert load_checkpoint(path, warn=messages.append)["step"] == 200
+    assert messages == [f"checkpoint {path} is missing but latest.pt.tmp beside it is complete (a stop "
+                        "between the two renames of a save); resuming from it."]
+    tmp = tmp_path / "latest.pt.tmp"
+    tmp.write_bytes(tmp.read_bytes()[:100])  # a stop while the tmp file was being written
+    messages.clear()
+    assert load_checkpoint(path, warn=messages.append)["step"] == 100
+    assert messages[0].endswith("is missing; resuming from the previous checkpoint latest.prev.pt instead "
+                                "(the steps after it are trained again).")
+
+
+def test_a_full_disk_reported_by_torchs_zip_writer_is_a_write_error(tmp_path: Path, monkeypatch) -> None:
+    """torch.save reports a full disk from its zip writer as a RuntimeError, not an OSError."""
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"step": 5})
+
+    def zip_writer_fails(obj, file, *args, **kwargs):
+        file.write(b"partial bytes")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 192448 vs 192336")
+
+    monkeypatch.setattr(checkpoint.torch, "save", zip_writer_fails)
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"could not write checkpoint .*latest\.pt "
+                                                              r"\(RuntimeError: \[enforce fail.*Free disk space"):
+        save_checkpoint(path, {"step": 6})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]  # no partial tmp file left
+    assert load_checkpoint(path)["step"] == 5
+
+
 def test_shape_mismatch_names_parameter_shapes_and_config_key() -> None:
     saved = {"rssm.gru.weight": torch.zeros(512, 8), "head.bias": torch.zeros(3)}
     expected = {"rssm.gru.weight": torch.zeros(1024, 8), "head.bias": torch.zeros(3)}

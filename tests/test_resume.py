@@ -282,18 +282,29 @@ def test_corrupt_latest_falls_back_to_the_previous_checkpoint(killed_run, tmp_pa
     assert checkpoint.load_checkpoint(logdir / "latest.prev.pt")["counters"]["step"] == previous_step
 
 
-def test_from_checkpoint_resumes_when_only_the_previous_file_survived(killed_run, tmp_path):
-    """A kill between save_checkpoint's two renames leaves latest.prev.pt (and latest.pt.tmp) but
-    no latest.pt: the guide's --from_checkpoint .../latest.pt must still resume."""
+@pytest.mark.parametrize("tmp_file", ["complete", "partial"])
+def test_from_checkpoint_resumes_when_a_save_stopped_between_its_renames(killed_run, tmp_path, tmp_file):
+    """A kill between save_checkpoint's two renames leaves latest.prev.pt and a complete
+    latest.pt.tmp but no latest.pt: the guide's --from_checkpoint .../latest.pt resumes from the
+    tmp file, the newest checkpoint; a kill while the tmp file was written (partial) from prev."""
     logdir = copy_run(killed_run["logdir"], tmp_path / "run")
     (logdir / "latest.pt").rename(logdir / "latest.pt.tmp")
+    if tmp_file == "partial":
+        data = (logdir / "latest.pt.tmp").read_bytes()
+        (logdir / "latest.pt.tmp").write_bytes(data[: len(data) // 2])
     result = run_cli(run_args(None, "--from_checkpoint", str(logdir / "latest.pt")))
     assert result.returncode == 0, result.stderr[-3000:]
     log = (logdir / "train.log").read_text()
-    assert re.search(r"WARNING checkpoint \S+/latest\.pt is missing; resuming from the previous "
-                     r"checkpoint latest\.prev\.pt instead", log), log[-3000:]
-    assert re.search(r"INFO resumed from \S+/latest\.prev\.pt at step", log)
-    assert resumed_step(log.split("WARNING checkpoint")[-1]) == STEPS - SAVE_EVERY
+    if tmp_file == "complete":
+        assert re.search(r"WARNING checkpoint \S+/latest\.pt is missing but latest\.pt\.tmp beside it is "
+                         r"complete \(a stop between the two renames of a save\); resuming from it\.", log), log[-3000:]
+        assert re.search(r"INFO resumed from \S+/latest\.pt\.tmp at step", log)
+        assert resumed_step(log.split("WARNING checkpoint")[-1]) == STEPS
+    else:
+        assert re.search(r"WARNING checkpoint \S+/latest\.pt is missing; resuming from the previous "
+                         r"checkpoint latest\.prev\.pt instead", log), log[-3000:]
+        assert re.search(r"INFO resumed from \S+/latest\.prev\.pt at step", log)
+        assert resumed_step(log.split("WARNING checkpoint")[-1]) == STEPS - SAVE_EVERY
 
 
 def test_other_model_size_stops_with_exit_2_naming_both_values(killed_run, tmp_path):
