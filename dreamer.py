@@ -148,13 +148,33 @@ def lock_run_folder(paths: RunPaths, dist: Dist, eval_only: bool) -> Optional[to
     if not dist.main or eval_only:
         return None
     lock = tools.FolderLock(paths.logdir)
-    holder = lock.acquire()
+    try:
+        holder = lock.acquire()
+        check_writable_run_folder(paths.logdir)
+    except OSError as error:
+        lock.release()
+        raise RunError(
+            f"cannot write to the run folder {paths.logdir} ({type(error).__name__}: "
+            f"{error.strerror or error}): checkpoints, replay and logs go there. Pass a --logdir that "
+            "is (or can be made) a writable folder: not an existing file, on a disk that is not "
+            "read-only, with write permission for you. Nothing else was written there.") from None
     if holder is not None:
         raise RunError(
             f"{paths.logdir} is in use by another run ({holder}, see {lock.path}): two runs in one "
             "folder would overwrite each other's checkpoint, replay chunks and metrics. Wait for "
             "that run to finish or stop it (Ctrl-C saves it), or use another --logdir.")
     return lock
+
+
+def check_writable_run_folder(logdir: Path) -> None:
+    """OSError unless a file can be made and removed in `logdir` and its replay/ is a folder (or
+    absent): found before training rather than at the first log or replay chunk."""
+    replay = Path(logdir) / "replay"
+    if replay.exists() and not replay.is_dir():
+        raise NotADirectoryError(20, f"{replay} is a file, where the replay folder goes")
+    probe = Path(logdir) / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def make_logger(config: Config, paths: RunPaths, dist: Dist) -> Logger:
@@ -776,7 +796,10 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
     if trainer.counters.last_save != trainer.counters.step:  # else saved at this very step
         trainer.counters.last_save = trainer.counters.step
         save(config, trainer.agent, trainer.counters, trainer.replay, trainer.paths, dist, logger, trainer.prefetch)
-    if interrupt.requested:
+    if interrupt.requested and not ckpt.has_checkpoint(trainer.paths.checkpoint):
+        logger.info(f"stopped at step {trainer.counters.step}, before the first checkpoint: nothing to "
+                    "resume; the same command starts the run afresh")
+    elif interrupt.requested:
         logger.info(f"stopped at step {trainer.counters.step}; to resume, {resume_hint(trainer.paths)}")
     else:
         logger.info(f"finished: {trainer.counters.step} steps, {trainer.counters.updates} updates")

@@ -340,3 +340,44 @@ def test_an_env_restarted_again_is_logged_in_one_line(tmp_path, monkeypatch):
     assert log.count("RuntimeError: the simulator lost its state") >= 3, log
     assert "train env 0 raised; restarted it and dropped its episode again: RuntimeError: the simulator lost " \
            "its state (traceback as logged before)" in log
+
+
+@pytest.mark.parametrize("make_bad", ["logdir_is_a_file", "replay_is_a_file"])
+def test_a_run_folder_that_cannot_be_written_stops_before_training(tmp_path, make_bad):
+    """A --logdir that is a file, or whose replay/ is a file: one paragraph, exit 2, the file intact
+    (it was an OS error's traceback, or a crash at the first replay chunk)."""
+    logdir = tmp_path / "run"
+    if make_bad == "logdir_is_a_file":
+        logdir.write_text("my notes")
+        bad = logdir
+    else:
+        logdir.mkdir()
+        bad = logdir / "replay"
+        bad.write_text("my notes")
+    result = run_cli("--configs", "debug", "custom", "--task", "custom_reach", "--logdir", str(logdir))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.search(rf"^error: cannot write to the run folder {re.escape(str(logdir))} \((FileExistsError|"
+                     r"NotADirectoryError): .*\): checkpoints, replay and logs go there\. Pass a --logdir",
+                     result.stderr, re.M), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and bad.read_text() == "my notes"
+
+
+def test_a_stop_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C during start-up (before a step is taken) must not point at a latest.pt that was never
+    written."""
+    import dreamer
+    from config import load_config
+
+    class StopAtOnce(dreamer.Interrupt):
+        def __enter__(self):
+            self.requested = True  # as if Ctrl-C came during set-up
+            return super().__enter__()
+
+    monkeypatch.setattr(dreamer, "Interrupt", StopAtOnce)
+    config = load_config(["--configs", "debug", "custom", "--task", "custom_reach", "--logdir", str(tmp_path),
+                          "--envs.parallel", "none"])
+    counters = dreamer.train(config)
+    log = (tmp_path / "train.log").read_text()
+    assert counters.step == 0 and not (tmp_path / "latest.pt").exists()
+    assert "INFO stopped at step 0, before the first checkpoint: nothing to resume; the same command starts " \
+           "the run afresh" in log and "to resume, run the same command" not in log, log
