@@ -287,17 +287,24 @@ def shape_message(name: str, found: tuple, expected: tuple, hints: Mapping[str, 
 
 
 def check_config_sizes(saved: Mapping, current: Mapping, keys: list[str]) -> None:
-    """Raise CheckpointMismatch naming the first dotted config key (e.g. 'rssm.deter') whose value
-    in the config the checkpoint was trained with (`saved`) differs from the current config."""
+    """Raise CheckpointMismatch naming every dotted config key (e.g. 'rssm.deter') whose value in
+    the config the checkpoint was trained with (`saved`) differs from the current config, with the
+    flags that restore them all."""
+    differ = []
     for key in keys:
         old, new = lookup(saved, key, _MISSING), lookup(current, key, _MISSING)
         if old is not _MISSING and new is not _MISSING and old != new:
-            raise CheckpointMismatch(
-                f"the checkpoint was trained with {key}={old!r} but the config asks for "
-                f"{key}={new!r}, so its parameters do not fit the model. Resume with "
-                f"--{key} {old} (or the same --configs blocks as the original run), or start a "
-                "fresh run in a new --logdir."
-            )
+            differ.append((key, old, new))
+    if not differ:
+        return
+    (key, old, new), rest = differ[0], differ[1:]
+    also = ("; also " + ", ".join(f"{k}={o!r} (config: {n!r})" for k, o, n in rest)) if rest else ""
+    flags = " ".join(f"--{k} {o}" for k, o, _ in differ)
+    raise CheckpointMismatch(
+        f"the checkpoint was trained with {key}={old!r} but the config asks for {key}={new!r}{also}, "
+        f"so its parameters do not fit the model. Resume with {flags} (or the same --configs blocks "
+        "as the original run), or start a fresh run in a new --logdir."
+    )
 
 
 _MISSING = object()

@@ -338,8 +338,34 @@ def checkpoint_state(config: Config, agent: Agent, counters: Counters, replay: R
         "counters": dataclasses.asdict(counters),
         "rng": ckpt.capture_rng_states(),
         "config": config.to_dict(),
+        "spaces": describe_spaces(agent.obs_space, agent.act_space),
         "format": 1,
     }
+
+
+def describe_spaces(obs_space: dict, act_space: Any) -> dict[str, Any]:
+    """The env's spaces as a checkpoint records them: {"obs": {key: "(shape) dtype"}, "act": repr}."""
+    return {"obs": {k: f"{tuple(v.shape)} {v.dtype}" for k, v in sorted(obs_space.items())},
+            "act": repr(act_space)}
+
+
+def check_same_spaces(saved: dict | None, current: dict, source: Path, task: str) -> None:
+    """A checkpoint's model fits only the observation and action spaces it was trained on: the same
+    task name whose env options changed (an image size, an action set) would otherwise surface as a
+    parameter shape blamed on the model size. (Checkpoints from before the spaces were recorded
+    are not checked here.)"""
+    if saved is None or saved == current:
+        return
+    differences = [f"observation '{k}' {saved['obs'].get(k, 'absent')} then, {current['obs'].get(k, 'absent')} now"
+                   for k in sorted(set(saved["obs"]) | set(current["obs"]))
+                   if saved["obs"].get(k) != current["obs"].get(k)]
+    if saved["act"] != current["act"]:
+        differences.append(f"actions {saved['act']} then, {current['act']} now")
+    raise ckpt.CheckpointMismatch(
+        f"the checkpoint {source} was trained on other spaces of task {task}: {'; '.join(differences)}. "
+        f"The env's options (env.<suite> in the config, e.g. an image size) or its code changed since, and "
+        "the model fits only the spaces it was trained on. Resume with the options it was trained with "
+        "(its config.yaml), or start a fresh run in a new --logdir.")
 
 
 def save(config: Config, agent: Agent, counters: Counters, replay: Replay, paths: RunPaths, dist: Dist,
@@ -371,6 +397,7 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     state, source = loaded if loaded is not None else load_resume_state(paths, device, logger)
     if not config.eval_only:
         check_same_task(state["config"], config, source)
+    check_same_spaces(state.get("spaces"), describe_spaces(agent.obs_space, agent.act_space), source, config.task)
     ckpt.check_config_sizes(state["config"], config.to_dict(), SIZE_KEYS)
     modules = ("wm", "task", "expl")  # optimizer state is shaped by these; a fresh agent has none yet
     ckpt.check_shapes({k: state["agent"].get(k) or {} for k in modules},

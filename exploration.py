@@ -136,7 +136,7 @@ class Agent:
     def __init__(self, obs_space: Mapping[str, gymnasium.spaces.Box], act_space: gymnasium.Space, config,
                  device: torch.device):
         self.config, self.device = config, torch.device(device)
-        self.act_space = act_space
+        self.obs_space, self.act_space = dict(obs_space), act_space
         self.discrete = isinstance(act_space, gymnasium.spaces.Discrete)
         self.action_dim = action_size(act_space, config.actor_dist)
         self.precision = str(config.precision)

@@ -206,6 +206,20 @@ def test_config_size_mismatch_names_both_values() -> None:
     check_config_sizes({"rssm": {"deter": 512}}, {"rssm": {"deter": 512}}, keys)
 
 
+def test_config_size_mismatch_names_every_differing_key_at_once() -> None:
+    """A resume without the original --configs differs in many keys: one error lists them all with
+    the flags that restore them (it named one key per attempt)."""
+    saved = {"rssm": {"deter": 32, "hidden": 32, "stoch": 4}, "actor": {"units": 64}}
+    current = {"rssm": {"deter": 512, "hidden": 512, "stoch": 4}, "actor": {"units": 512}}
+    with pytest.raises(ValueError) as error:
+        check_config_sizes(saved, current, ["rssm.deter", "rssm.hidden", "rssm.stoch", "actor.units"])
+    assert str(error.value) == (
+        "the checkpoint was trained with rssm.deter=32 but the config asks for rssm.deter=512; also "
+        "rssm.hidden=32 (config: 512), actor.units=64 (config: 512), so its parameters do not fit the model. "
+        "Resume with --rssm.deter 32 --rssm.hidden 32 --actor.units 64 (or the same --configs blocks as the "
+        "original run), or start a fresh run in a new --logdir.")
+
+
 def test_map_location_loads_tensors_on_cpu(tmp_path: Path) -> None:
     path = tmp_path / "latest.pt"
     save_checkpoint(path, {"w": torch.ones(2)})

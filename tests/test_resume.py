@@ -307,6 +307,25 @@ def test_from_checkpoint_resumes_when_a_save_stopped_between_its_renames(killed_
         assert resumed_step(log.split("WARNING checkpoint")[-1]) == STEPS - SAVE_EVERY
 
 
+def test_other_env_spaces_under_the_same_task_name_are_named(killed_run, tmp_path):
+    """The same task with another image size (an env option): the error names the observation that
+    changed, not the model size, and nothing of the run is touched."""
+    logdir = copy_run(killed_run["logdir"], tmp_path / "run")
+    def files() -> dict[str, bytes]:  # all but the log (which records the error) and the lock
+        return {path.name: path.read_bytes() for path in logdir.iterdir()
+                if path.is_file() and path.name not in ("train.log", ".lock")}
+
+    before = files()
+    result = run_cli(run_args(logdir, "--env.custom.size", "32,32"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.fullmatch(
+        r"error: the checkpoint \S+/latest\.pt was trained on other spaces of task custom_reach: observation "
+        r"'image' \(64, 64, 3\) uint8 then, \(32, 32, 3\) uint8 now\. The env's options \(env\.<suite> in the "
+        r"config, e\.g\. an image size\) or its code changed since.*a new --logdir\.", last_line(result.stderr)), \
+        result.stderr[-3000:]
+    assert files() == before
+
+
 def test_other_model_size_stops_with_exit_2_naming_both_values(killed_run, tmp_path):
     logdir = copy_run(killed_run["logdir"], tmp_path / "run")
     checkpoint_bytes = (logdir / "latest.pt").read_bytes()
