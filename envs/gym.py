@@ -40,7 +40,8 @@ def make_gymnasium_env(env_id: str) -> gymnasium.Env:
         close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=5, cutoff=0.5)
         suggestion = f" Close matches: {', '.join(close)}." if close else ''
         raise EnvCheckError(
-            f"Unknown gymnasium environment '{env_id}' (task gym_{env_id}): {error}.{suggestion} Use "
+            f"Unknown gymnasium environment '{env_id}' (task gym_{env_id}): {str(error).rstrip('.')}."
+            f"{suggestion} Use "
             "--task gym_<EnvId> with an id from gymnasium.registry (e.g. gym_CartPole-v1, "
             "gym_Pendulum-v1); envs from other packages must be installed and imported to register."
         ) from None
