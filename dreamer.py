@@ -420,6 +420,21 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     return counters
 
 
+def check_replay_fits(replay: Replay, obs_space: dict) -> None:
+    """The replay loaded from the run folder must hold the observations the env gives now: an
+    earlier run in the folder with other env options (and no checkpoint left to say so) would
+    otherwise fail at the first step stored, after the folder's curves were already moved aside."""
+    stored = replay.step_shapes()
+    differ = [f"'{key}' {stored[key]} in the replay, {tuple(space.shape)} from the env"
+              for key, space in sorted(obs_space.items()) if key in stored and stored[key] != tuple(space.shape)]
+    if differ:
+        raise RunError(
+            f"the replay in {replay.directory} was recorded with other observations than this run's env "
+            f"gives: {'; '.join(differ)}. It comes from an earlier run in this folder (other env options "
+            "or env code). Train in a new --logdir, or move that replay folder aside to start afresh here; "
+            "nothing in the folder was changed.")
+
+
 def check_same_task(saved: dict, config: Config, source: Path) -> None:
     """Training on from a checkpoint of another task mixes the two in one agent and one replay."""
     if saved.get("task", config.task) != config.task:
@@ -586,16 +601,17 @@ class Trainer:
         self.logger.info(self.compute_summary())  # after set_grad_sync: data-parallel runs are eager
         self.replay = make_replay(config, self.paths, dist, self.logger.warning)
         self.counters = Counters()
-        if resumed is None and not config.eval_only:  # a fresh run in a folder an earlier one left
-            dropped = self.logger.rewind(0)  # without a checkpoint: its curves are not this run's
-            if dropped:
-                self.logger.info(f"metrics.jsonl: moved {dropped} records of an earlier run in this folder, "
-                                 "which left no checkpoint, to metrics.dropped.jsonl; this run starts at step 0")
         if resumed is not None:
             self.counters = restore(config, self.agent, self.replay, self.paths, self.device, self.logger,
                                     dist.world, resumed)
         # an --eval_only run trains nothing: its replay stays on disk, unread
         loaded = 0 if config.eval_only else self.replay.load(keep_worker=lambda worker: worker % dist.world == dist.rank)
+        check_replay_fits(self.replay, self.pool.obs_space)
+        if resumed is None and not config.eval_only:  # a fresh run in a folder an earlier one left
+            dropped = self.logger.rewind(0)  # without a checkpoint: its curves are not this run's
+            if dropped:
+                self.logger.info(f"metrics.jsonl: moved {dropped} records of an earlier run in this folder, "
+                                 "which left no checkpoint, to metrics.dropped.jsonl; this run starts at step 0")
         if loaded:
             self.logger.info(f"replay: loaded {loaded} steps from {self.replay.directory}")
         elif resumed is not None and self.counters.step > 0 and not config.eval_only:

@@ -369,6 +369,10 @@ class Replay:
         for writer in self._writers.values():
             writer.write()
 
+    def step_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{key: shape of one step} of what this replay holds (empty before the first step)."""
+        return {key: tuple(array.shape[1:]) for key, array in self._arrays.items()}
+
     def load(self, keep_worker: Callable[[int], bool] | None = None) -> int:
         """Read the chunk files of `directory` back (the most recent `capacity` steps); returns how
         many steps were loaded. Call once, on a fresh Replay, before adding. `keep_worker` picks

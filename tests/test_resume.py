@@ -326,6 +326,28 @@ def test_other_env_spaces_under_the_same_task_name_are_named(killed_run, tmp_pat
     assert files() == before
 
 
+def test_a_replay_left_without_checkpoints_must_fit_the_env(killed_run, tmp_path):
+    """A folder whose checkpoints were deleted but whose replay stayed, trained again with another
+    image size: one paragraph naming the replay and the shapes, exit 2, and the folder's curves and
+    config are not moved aside or rewritten first."""
+    logdir = copy_run(killed_run["logdir"], tmp_path / "run")
+    for stale in logdir.glob("latest*.pt"):
+        stale.unlink()
+    def kept_files() -> dict[str, bytes | None]:
+        return {name: (logdir / name).read_bytes() if (logdir / name).exists() else None
+                for name in ("metrics.jsonl", "metrics.dropped.jsonl", "config.yaml")}
+
+    kept = kept_files()
+    assert kept["metrics.jsonl"] and kept["config.yaml"]
+    result = run_cli(run_args(logdir, "--env.custom.size", "32,32"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.fullmatch(
+        r"error: the replay in \S+/replay was recorded with other observations than this run's env gives: "
+        r"'image' \(64, 64, 3\) in the replay, \(32, 32, 3\) from the env\. It comes from an earlier run in "
+        r"this folder.*nothing in the folder was changed\.", last_line(result.stderr)), result.stderr[-3000:]
+    assert kept_files() == kept
+
+
 def test_other_model_size_stops_with_exit_2_naming_both_values(killed_run, tmp_path):
     logdir = copy_run(killed_run["logdir"], tmp_path / "run")
     checkpoint_bytes = (logdir / "latest.pt").read_bytes()
