@@ -897,6 +897,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_USER_ERROR
 
 
+NOT_CHECKPOINT_SUFFIXES = {".yaml", ".yml", ".log", ".jsonl", ".json", ".npz", ".txt"}  # a run folder's other files
+
+
 def check_run_inputs(config: Config) -> None:
     """Problems that need no env or model, found before anything is printed or written: a task whose
     suite is not registered, a device this machine lacks, --parallel without GPUs (unless the CPU is
@@ -914,8 +917,15 @@ def check_run_inputs(config: Config) -> None:
             f"device (torch.cuda.is_available() is False). Drop --parallel to train in one process, or "
             f"add --device cpu to run {config.parallel} data-parallel processes on the CPU anyway (gloo; "
             f"each holds its own model, envs and replay, so memory grows {config.parallel}-fold).")
-    if config.from_checkpoint and not ckpt.has_checkpoint(checkpoint_file(config.from_checkpoint)):
-        raise RunError(ckpt.missing_message(checkpoint_file(config.from_checkpoint)))
+    if config.from_checkpoint:
+        path = checkpoint_file(config.from_checkpoint)
+        if path.suffix.lower() in NOT_CHECKPOINT_SUFFIXES:  # another file of a run folder
+            raise RunError(
+                f"--from_checkpoint {config.from_checkpoint} names the run's {path.name}, not a checkpoint: "
+                f"the checkpoint of that run is {path.parent / 'latest.pt'} (or pass the folder "
+                f"{path.parent} itself).")
+        if not ckpt.has_checkpoint(path):
+            raise RunError(ckpt.missing_message(path))
 
 
 if __name__ == "__main__":

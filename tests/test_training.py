@@ -124,6 +124,20 @@ def test_user_errors_exit_2_with_their_paragraph_only(tmp_path, args, message):
         assert result.stdout == "" and not (tmp_path / "run").exists()
 
 
+def test_from_checkpoint_given_another_file_of_the_run_names_the_checkpoint(tmp_path):
+    """--from_checkpoint run/config.yaml (the run folder's config, not its checkpoint): one paragraph
+    naming latest.pt, before anything is written (it was reported as a corrupt checkpoint)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("task: custom_reach\n")
+    result = run_cli("--configs", "debug", "custom", "--task", "custom_reach", "--from_checkpoint",
+                     str(run / "config.yaml"), "--logdir", str(tmp_path / "new"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: --from_checkpoint {run / 'config.yaml'} names the run's config.yaml, "
+                                    f"not a checkpoint: the checkpoint of that run is {run / 'latest.pt'}")
+    assert result.stdout == "" and not (tmp_path / "new").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 @pytest.mark.parametrize("args, message", [
     (("--device", "cuda"), "error: device 'cuda' was asked for but CUDA is not available on this machine"),
