@@ -132,10 +132,10 @@ def load_checkpoint_and_source(
     if not path.exists():
         # A stop between the two renames of save_checkpoint: the newest checkpoint is the complete
         # tmp file (the previous one already renamed to .prev.pt).
-        if is_intact(tmp_path(path)):
+        if tmp_path(path).is_file():
             try:
-                state = read_checkpoint(tmp_path(path), map_location)
-            except Exception:  # noqa: BLE001 -- unusable: the fallback below
+                state = read_checkpoint(tmp_path(path), map_location)  # checks it is complete
+            except Exception:  # noqa: BLE001 -- partial or unusable: the fallback below
                 pass
             else:
                 note = (f"checkpoint {path} is missing but {tmp_path(path).name} beside it is complete (a "
