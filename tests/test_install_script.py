@@ -22,8 +22,10 @@ with open(os.environ['STUB_LOG'], 'a') as log:
     log.write(json.dumps(args) + '\\n')
 if args[:2] == ['-m', 'pip']:
     sys.exit(1)
-if args == ['-c', 'import torch']:
-    sys.exit(0)
+if args == ['-c', 'import torch']:  # STUB_TORCH=absent: a machine without torch yet
+    sys.exit(0 if os.environ.get('STUB_TORCH', 'present') == 'present' else 1)
+if args[:1] == ['-']:  # the probe of PyTorch's CPU index (read from stdin): STUB_PROBE is its exit status
+    sys.exit(int(os.environ.get('STUB_PROBE', '1')))
 if args[:1] == ['-c']:
     import sysconfig
     real_get_paths = sysconfig.get_paths
@@ -91,3 +93,25 @@ def test_a_missing_interpreter_is_reported(tmp_path):
     env = {'PATH': '/usr/bin:/bin', 'PYTHON': str(tmp_path / 'none')}
     result = subprocess.run(['bash', str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and 'set PYTHON to a Python 3.10+ interpreter' in result.stderr
+
+
+CPU_INDEX = 'https://download.pytorch.org/whl/cpu'
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or shutil.which('nvidia-smi', path='/usr/bin:/bin')
+                    is not None, reason='the CPU-build path: Linux without nvidia-smi')
+@pytest.mark.parametrize('probe, env, expected', [
+    ('0', {}, [['torch==2.13.0+cpu', '--extra-index-url', CPU_INDEX]]),  # the index answers
+    ('1', {}, [['torch==2.13.0+cpu'], ['torch==2.13.0+cpu', '--extra-index-url', CPU_INDEX]]),  # pip's own first
+    ('1', {'TORCH_INDEX_URL': 'https://mirror.example/cpu'},
+     [['torch==2.13.0', '--index-url', 'https://mirror.example/cpu']]),
+], ids=['index-reachable', 'index-unreachable', 'torch-index-url'])
+def test_without_cuda_and_torch_the_cpu_build_is_asked_for(tmp_path, probe, env, expected):
+    """On Linux without CUDA, torch==2.13.0+cpu from PyTorch's CPU index (PyPI's Linux wheel is the
+    CUDA build); if every try fails, the script stops naming TORCH_INDEX_URL."""
+    code, stderr, calls = run_install(tmp_path, marker=False, in_venv=False, STUB_TORCH='absent',
+                                      STUB_PROBE=probe, **env)
+    assert code == 1
+    assert pip_calls(calls) == [['-m', 'pip', 'install', '--quiet', *tail] for tail in expected]
+    if 'TORCH_INDEX_URL' not in env:
+        assert 'could not install torch==2.13.0+cpu. Set TORCH_INDEX_URL' in stderr
