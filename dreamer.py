@@ -17,6 +17,17 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+
+def stop_while_starting(signum: int, _frame) -> None:
+    """Ctrl-C before training has begun (while torch loads, the config is read, the run is
+    prepared): nothing to save yet, so end at once with 128 + the signal's number, no traceback."""
+    sys.stderr.write(f"\n{signal.Signals(signum).name} while starting: stopped before training began\n")
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":  # until the loop's own handler (Interrupt) takes over
+    signal.signal(signal.SIGINT, stop_while_starting)
+
 import numpy as np
 import torch
 
@@ -476,6 +487,7 @@ class Interrupt:
 
     def __init__(self):
         self.requested = False
+        self.signal: Optional[int] = None  # the first stop request's signal
         self.shielded = False  # while the final checkpoint is written, a further Ctrl-C waits
         self._previous: dict[int, Any] = {}
 
@@ -493,13 +505,19 @@ class Interrupt:
             return
         if self.requested:  # second Ctrl-C: stop at once (the run still saves)
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signal = True, signum
         sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after the current step (an evaluation "
                          "in progress is cut short) and saving; press Ctrl-C again to stop at once\n")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def exit_code(self) -> int:
+        """0 for a run that ended by itself; 128 + the signal's number (130 for Ctrl-C, 143 for
+        SIGTERM) for one stopped by a signal, as shells report a process a signal ended, so that a
+        script or scheduler can tell a stopped run (saved, resumable) from a finished one."""
+        return 0 if self.signal is None else 128 + int(self.signal)
 
 
 class MetricSums:
@@ -796,11 +814,13 @@ class Trainer:
             self.lock.release()
 
 
-def train(config: Config, dist: Dist = Dist(), sync: Optional[DistSync] = None) -> Counters:
-    """Set up, resume if there is a checkpoint, run the loop, save at the end (and on Ctrl-C)."""
+def train(config: Config, dist: Dist = Dist(), sync: Optional[DistSync] = None,
+          interrupt: Optional[Interrupt] = None) -> Counters:
+    """Set up, resume if there is a checkpoint, run the loop, save at the end (and on Ctrl-C).
+    `interrupt` (made here if not given) tells the caller afterwards whether a signal stopped it."""
     trainer = Trainer(config, dist, sync)
     logger = trainer.logger
-    with Interrupt() as interrupt:  # Ctrl-C / SIGTERM from here on: stop at a clean point and save
+    with (interrupt or Interrupt()) as interrupt:  # Ctrl-C / SIGTERM from here on: stop at a clean point and save
         try:
             return run_training(trainer, interrupt)
         except Exception as error:
@@ -886,10 +906,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if config.parallel > 1 or "WORLD_SIZE" in os.environ:
             import distributed
 
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # distributed.launch handles it
             return distributed.launch(config, loaded)
         print_config(config, loaded)
-        train(config)
-        return 0
+        interrupt = Interrupt()
+        train(config, interrupt=interrupt)
+        return interrupt.exit_code()
     except Exception as error:
         if not is_user_error(error):
             raise

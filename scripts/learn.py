@@ -353,7 +353,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if not args.report_only:
         code = run_training(argv_run)
-        if code != 0:
+        if code > 128:  # stopped by a signal after saving (dreamer.py's 128 + signal number)
+            print(f"dreamer.py was stopped by {signal.Signals(code - 128).name} (exit code {code}) and saved; "
+                  f"judging what {logdir}/metrics.jsonl holds (rerun this command to resume).")
+        elif code != 0:
             print(f"dreamer.py exited with code {code}; judging what {logdir}/metrics.jsonl holds.")
     prefill = int(float(dict(merged_overrides(budget.overrides, extra)).get("prefill", 2500)))
     result = outcome(read_records(Path(logdir)), check.bar, prefill)

@@ -120,6 +120,7 @@ def test_ctrl_c_to_learn_py_lets_the_run_save_instead_of_killing_it(tmp_path):
     assert "Traceback" not in stderr, stderr[-3000:]
     assert process.returncode == 1  # the run stopped early: no eval return, so the check fails
     assert "saved checkpoint" in log.read_text() and "FAIL" in stdout
+    assert "dreamer.py was stopped by SIGINT (exit code 130) and saved" in stdout
     assert load_checkpoint(logdir / "latest.pt")["counters"]["step"] >= 200
 
 
