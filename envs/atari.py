@@ -8,15 +8,24 @@ ActionRepeat wrapper is not applied):
 - sticky actions (`sticky`): before every emulator frame, with probability 0.25 the previously played
   action is played again instead of the requested one (Machado et al. 2018); drawn from this env's own
   seeded generator, ALE's own repeat_action_probability is set to 0;
-- minimal action set (Discrete(n), n per game); `gray` gives image (H, W, 1), else (H, W, 3);
-  frames are resized to `size` with pillow (bilinear) or opencv (area), per `resize`;
+- `actions`: 'needed' is the game's minimal action set (Discrete(n), n per game: what the paper's
+  Atari100k runs use), 'all' the full set of 18 (the paper's Atari 200M runs, as Machado et al.);
+  index 0 is NOOP in both;
+- `gray` gives image (H, W, 1), else (H, W, 3) (the paper: colour for both benchmarks);
+  frames are resized to `size` with pillow (bilinear) or opencv (area), per `resize` (the paper's
+  code: opencv, area; pillow needs no extra package);
 - `lives`: 'unused' ignores life loss; 'discount' keeps playing after a life loss but marks that step
   with info['is_terminal'] = True (terminated stays False: the game goes on); the Flags wrapper is to
   OR info['is_terminal'] into the observation's is_terminal flag, so the return is cut at the life loss
   without ending the episode; 'reset' ends the episode at a life loss (terminated=True) and the
   following reset() continues the same game from that point instead of restarting it (a real restart
   happens after game over or after an episode that ended without a life loss, e.g. by the time limit).
-The episode's time limit (27000 agent steps in the paper) is applied by the generic TimeLimit wrapper.
+- `length`: a game is cut (truncated=True, never terminated) after this many emulator frames since its
+  reset, 108,000 (30 minutes of play, 27,000 agent steps at repeat 4) as in the paper's code, whatever
+  the config's time_limit says (0 = no cap);
+- rewards are the game's score changes, summed over the repeat and never clipped (DreamerV3 uses no
+  reward clipping; its reward head predicts symlog rewards), so the logged episode return is the raw
+  game score.
 """
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ NOOP = 0  # index of NOOP in every ALE action set
 STICKY_PROBABILITY = 0.25
 LIVES_MODES = ('unused', 'discount', 'reset')
 RESIZE_MODES = ('pillow', 'opencv')
+ACTION_SETS = ('needed', 'all')
+EPISODE_FRAMES = 108000  # 30 minutes at 60 Hz: the paper's episode cap
 
 
 def sticky_action(requested: int, previous: int, draw: float, probability: float) -> int:
@@ -70,14 +81,24 @@ class Atari:
 
     def __init__(self, name: str, action_repeat: int = 4, size: tuple[int, int] = (64, 64),
                  gray: bool = False, noops: int = 30, sticky: bool = True, lives: str = 'unused',
-                 resize: str = 'pillow', seed: int = 0):
+                 resize: str = 'pillow', actions: str = 'needed', length: int = EPISODE_FRAMES,
+                 seed: int = 0):
         check_choice('lives', lives, LIVES_MODES)
         check_choice('resize', resize, RESIZE_MODES)
+        check_choice('actions', actions, ACTION_SETS)
         if action_repeat < 1:
             raise EnvCheckError(f'Atari action_repeat must be >= 1; got {action_repeat}. '
                              'Use 4 as in the paper.')
+        if int(length) < 0:
+            raise EnvCheckError(f'Atari length must be >= 0 emulator frames (0 = no cap); got {length}. '
+                                f'Use {EPISODE_FRAMES} as in the paper.')
         self._ale = make_emulator(name, seed)
-        self._actions = list(self._ale.getMinimalActionSet())
+        if actions == 'all':
+            self._actions = list(self._ale.getLegalActionSet())
+        else:
+            self._actions = list(self._ale.getMinimalActionSet())
+        self._length = int(length)
+        self._frames = 0  # emulator frames played since the game's reset (no-op frames excluded)
         self._repeat = int(action_repeat)
         self._size = (int(size[0]), int(size[1]))  # (H, W)
         self._gray, self._noops, self._lives_mode, self._resize = bool(gray), int(noops), lives, resize
@@ -104,10 +125,12 @@ class Atari:
     def reset(self, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
         if seed is not None:
             self._rng = np.random.default_rng(seed)
-        if self._continue_game and not self._ale.game_over():
+        capped = 0 < self._length <= self._frames
+        if self._continue_game and not self._ale.game_over() and not capped:
             self._continue_game = False
             return self._observation([self._screen()]), {}
         self._continue_game = False
+        self._frames = 0
         self._ale.reset_game()
         for _ in range(int(self._rng.integers(0, self._noops + 1))):
             self._ale.act(self._actions[NOOP])
@@ -125,10 +148,12 @@ class Atari:
                                    self._sticky_probability)
             self._previous_action = played
             reward += self._ale.act(played)
+            self._frames += 1
             over = self._ale.game_over()
-            if repeat >= self._repeat - 2 or over:
+            cut = 0 < self._length <= self._frames
+            if repeat >= self._repeat - 2 or over or cut:
                 frames.append(self._screen())
-            if over:
+            if over or cut:
                 break
         lives = self._ale.lives()
         life_loss = lives < self._lives
@@ -137,9 +162,12 @@ class Atari:
         terminated = over or (life_loss and self._lives_mode == 'reset')
         self._continue_game = life_loss and self._lives_mode == 'reset' and not over
         discount_terminal = life_loss and self._lives_mode == 'discount'
+        truncated = not terminated and 0 < self._length <= self._frames
+        if truncated:
+            self._continue_game = False  # the next reset() starts a new game
         info = {'life_loss': bool(life_loss), 'lives': lives,
                 'is_terminal': bool(terminated or discount_terminal)}
-        return self._observation(frames), reward, bool(terminated), False, info
+        return self._observation(frames), reward, bool(terminated), bool(truncated), info
 
     def render(self, mode: str = 'rgb_array') -> np.ndarray:
         """The full-size RGB screen (210, 160, 3) uint8."""
@@ -152,8 +180,8 @@ class Atari:
     def _action_index(self, action) -> int:
         index = int(np.asarray(action).reshape(-1)[0]) if np.ndim(action) else int(action)
         if not 0 <= index < len(self._actions):
-            raise ValueError(f'Atari action must be an index in 0..{len(self._actions) - 1} (minimal '
-                             f'action set); got {action!r}.')
+            raise ValueError(f'Atari action must be an index in 0..{len(self._actions) - 1} (the '
+                             f'action set of env.atari.actions); got {action!r}.')
         return index
 
     def _screen(self) -> np.ndarray:

@@ -148,3 +148,145 @@ def test_bad_options_are_explained():
         Atari('pongg')
     with pytest.raises(ValueError, match=r'must be an index in 0..5'):
         Atari('pong').step(6)
+
+
+# ------------------------------------------------------------------ the paper's settings, end to end
+
+
+class RecordingALE:
+    """Passes every call to the real ALEInterface and records the action of each act()."""
+
+    def __init__(self, ale):
+        self.ale, self.played = ale, []
+
+    def act(self, action, *args):
+        self.played.append(action)
+        return self.ale.act(action, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.ale, name)
+
+
+def sticky_rate(env, steps=1000):
+    """Fraction of frames that replayed the previous action although another one was requested."""
+    env.reset()
+    recorder = RecordingALE(env.ale)
+    env._ale = recorder
+    actions = env.ale.getMinimalActionSet()
+    requested = []
+    for step in range(steps):
+        index = 2 + step % 2  # RIGHT, LEFT, RIGHT, ...: every step asks for another action
+        env.step(index)
+        requested += [actions[index]] * (len(recorder.played) - len(requested))
+    previous = [actions[NOOP]] + recorder.played[:-1]
+    chances = [(want, last, got) for want, last, got in zip(requested, previous, recorder.played)
+               if want != last]
+    return sum(got == last for _, last, got in chances) / len(chances), len(chances)
+
+
+def test_sticky_actions_replay_the_previous_action_a_quarter_of_the_time():
+    env = pong(sticky=True, seed=0)
+    assert env.ale.getFloat('repeat_action_probability') == 0.0  # no second, hidden stickiness
+    rate, chances = sticky_rate(env)
+    assert chances > 1000
+    assert 0.21 < rate < 0.29, rate  # 0.25 (Machado et al.); std of the estimate ~0.012
+    rate, _ = sticky_rate(pong(sticky=False, seed=0), steps=200)
+    assert rate == 0.0
+
+
+def test_action_sets_minimal_and_full():
+    minimal = Atari('pong', size=(64, 64), seed=0)
+    full = Atari('pong', size=(64, 64), actions='all', seed=0)
+    assert minimal.act_space.n == 6 and full.act_space.n == 18
+    assert full._actions == list(full.ale.getLegalActionSet())
+    import ale_py
+    assert full._actions[NOOP] == minimal._actions[NOOP] == ale_py.Action.NOOP  # index 0 is NOOP
+    full.reset()
+    assert full.step(17)[0]['image'].shape == (64, 64, 3)  # DOWNLEFTFIRE: not in Pong's minimal set
+    with pytest.raises(ValueError, match=r"actions must be one of needed, all; got 'some'"):
+        Atari('pong', actions='some')
+
+
+def test_games_are_cut_at_108000_frames_as_truncation():
+    assert Atari('pong')._length == 108000  # 30 minutes at 60 Hz = 27,000 agent steps at repeat 4
+    env = pong(length=40)
+    env.reset()
+    for step in range(1, 11):
+        _, _, terminated, truncated, _ = env.step(0)
+        assert terminated is False
+        assert truncated is (step == 10), step  # 10 agent steps x 4 frames
+    assert env.ale.getEpisodeFrameNumber() == 40
+    env.reset()
+    assert env.ale.getEpisodeFrameNumber() == 0  # a new game
+    _, _, _, truncated, _ = pong(length=0).step(0)
+    assert truncated is False
+
+
+def paper_env(block, task, **overrides):
+    import config as config_module
+    import envs
+    argv = ['--configs', block, '--task', task]
+    for key, value in overrides.items():
+        argv += [f'--{key}', str(value)]
+    config = config_module.load_config(argv)
+    return config, envs.make_env(config, 'train', 0)
+
+
+def inner_atari(env):
+    while not isinstance(env, Atari):
+        env = env.env
+    return env
+
+
+def wrapper_names(env):
+    names = []
+    while not isinstance(env, Atari):
+        names.append(type(env).__name__)
+        env = env.env
+    return names
+
+
+@pytest.mark.parametrize('block, sticky, noops, steps', [('atari', True, 0, 50_000_000),
+                                                         ('atari100k', False, 30, 100_000)])
+def test_config_blocks_build_the_papers_env(block, sticky, noops, steps):
+    config, env = paper_env(block, 'atari_pong')
+    # Atari 200M = 50M agent steps; Atari100k = 100K agent steps = 400K frames (both at repeat 4)
+    assert config.steps == steps and config.action_repeat == 4 and config.reward_clip == 0.0
+    assert config.time_limit == 27000 and config.envs.amount == (8 if block == 'atari' else 1)
+    assert config.train_ratio == (64 if block == 'atari' else 1024)
+    atari = inner_atari(env)
+    assert atari._repeat == 4 and atari._sticky_probability == (0.25 if sticky else 0.0)
+    assert atari._noops == noops and atari._lives_mode == 'unused' and atari._gray is False
+    assert atari._length == 108000 and atari.obs_space['image'].shape == (64, 64, 3)
+    # the env repeats and pools itself; no reward clipping, the time limit as truncation
+    assert wrapper_names(env) == ['Flags', 'TimeLimit', 'OneHotAction']
+
+
+def test_rewards_reach_the_agent_unclipped():
+    """Space Invaders scores 5 to 30 points per invader: the agent's reward is the raw score."""
+    _, env = paper_env('atari100k', 'atari_space_invaders')
+    env.reset()
+    rng = np.random.default_rng(0)
+    rewards = []
+    for _ in range(600):
+        obs, reward, terminated, truncated, _ = env.step(int(rng.integers(env.act_space.n)))
+        assert obs['reward'] == np.float32(reward)
+        rewards.append(reward)
+        if terminated or truncated:
+            break
+    assert max(rewards) >= 5.0 and sum(rewards) >= 20.0, sorted(set(rewards))
+
+
+def test_a_life_loss_is_not_terminal_in_the_papers_configs():
+    for lives, terminal in [('unused', False), ('discount', True)]:
+        _, env = paper_env('atari100k', 'atari_breakout', **{'env.atari.lives': lives,
+                                                             'env.atari.noops': 0})
+        env.reset()
+        env.step(1)  # FIRE serves the ball
+        for _ in range(400):
+            obs, _, terminated, truncated, info = env.step(0)
+            if info['life_loss']:
+                break
+        assert info['life_loss'] and info['lives'] == 4
+        assert obs['is_terminal'] is terminal and obs['is_last'] is False  # the game goes on
+        assert terminated is False and truncated is False
