@@ -112,6 +112,9 @@ class Counters:
     last_log: int = 0
     last_eval: int = 0
     last_save: int = 0
+    # replay steps no checkpoint counted: collected after one by a run that then stopped without
+    # saving (kill -9, a crash, a power cut); kept as training data, counted once (see count_unsaved_replay)
+    replay_unsaved: int = 0
 
 
 # ------------------------------------------------------------------------------------------- factories
@@ -431,6 +434,24 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     return counters
 
 
+def count_unsaved_replay(counters: Counters, steps_on_disk: int, logger: Optional[Logger]) -> int:
+    """Every step a run takes is stored once (one per env per iteration), so at each checkpoint the
+    replay folder holds counters.step steps, plus those counted here before. More on disk means the
+    previous run went on after its last checkpoint and stopped without saving: those steps stay in
+    the replay as training data, and the run continues from the checkpoint's step. Says so once
+    (`logger`: the main rank's) and returns how many there were."""
+    unsaved = steps_on_disk - counters.step - counters.replay_unsaved
+    if unsaved <= 0:  # none (fewer: chunks were lost or skipped, which their own warnings report)
+        return 0
+    counters.replay_unsaved += unsaved
+    if logger is not None:
+        logger.info(
+            f"replay: {unsaved} of its steps were collected after the checkpoint's step {counters.step} by a run "
+            "that stopped without saving (kill -9, a crash, a power cut); they stay in the replay as training "
+            f"data, and training and the logs continue from step {counters.step}")
+    return unsaved
+
+
 def check_replay_fits(replay: Replay, obs_space: dict) -> None:
     """The replay loaded from the run folder must hold the observations the env gives now: an
     earlier run in the folder with other env options (and no checkpoint left to say so) would
@@ -632,6 +653,8 @@ class Trainer:
                                  "which left no checkpoint, to metrics.dropped.jsonl; this run starts at step 0")
         if loaded:
             self.logger.info(f"replay: loaded {loaded} steps from {self.replay.directory}")
+        if resumed is not None and not config.eval_only:
+            count_unsaved_replay(self.counters, self.replay.steps_on_disk, self.logger if dist.main else None)
         elif resumed is not None and self.counters.step > 0 and not config.eval_only:
             self.logger.warning(
                 f"resumed at step {self.counters.step} but {self.replay.directory} holds no replay: "

@@ -229,6 +229,7 @@ class Replay:
         self._next_id = 0  # global id of the next step (in-memory)
         self._next_order = 0  # global insertion counter written to disk (continues on resume)
         self._counts = {"inserts": 0, "samples": 0, "evictions": 0, "loaded": 0}
+        self.steps_on_disk = 0  # steps in the folder's readable chunks, every worker's (set by load)
 
     # --- adding ---------------------------------------------------------------------------------
 
@@ -386,6 +387,7 @@ class Replay:
             )
         headers = self._chunk_headers()
         self._resume_counters(headers)
+        self.steps_on_disk = sum(len(order) for order, *_ in headers)
         if keep_worker is not None:
             headers = [header for header in headers if keep_worker(header[1])]
         if not headers:

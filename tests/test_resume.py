@@ -178,11 +178,29 @@ def test_replay_after_a_kill_holds_every_step_written_before_it_once(killed_run)
     # the full chunks written between that save and the kill come back too
     assert loaded == len(disk_before) >= step, (loaded, len(disk_before), step)
     assert len(np.unique(disk_before)) == len(disk_before)
+    # the steps written after the checkpoint are kept, and the resume says how many (once)
+    unsaved = len(disk_before) - step
+    said = re.findall(r"replay: (\d+) of its steps were collected after the checkpoint's step (\d+)", new_log)
+    assert said == ([(str(unsaved), str(step))] if unsaved else []), (said, unsaved, killed_run["moment"])
+    final = checkpoint.load_checkpoint(killed_run["logdir"] / "latest.pt")["counters"]
+    assert final["replay_unsaved"] == unsaved
     # the resumed run adds its own steps after them and never rewrites or repeats one
     disk_after = steps_on_disk(killed_run["logdir"] / "replay")
     assert len(disk_after) == len(disk_before) + (STEPS - step)
     assert len(np.unique(disk_after)) == len(disk_after)
     assert set(disk_before.tolist()) <= set(disk_after.tolist())
+
+
+def test_unsaved_replay_steps_are_counted_once_across_resumes():
+    """Steps a killed run stored after its checkpoint are counted at the resume that finds them and
+    carried in the counters, so a later resume (the disk then holds them plus every counted step)
+    does not report them again; fewer steps on disk than counted (lost chunks) count as none."""
+    counters = dreamer.Counters(step=300)
+    assert dreamer.count_unsaved_replay(counters, 340, None) == 40 and counters.replay_unsaved == 40
+    counters.step = 500  # trained on; saved; killed right after that save; resumed again
+    assert dreamer.count_unsaved_replay(counters, 540, None) == 0 and counters.replay_unsaved == 40
+    assert dreamer.count_unsaved_replay(counters, 560, None) == 20 and counters.replay_unsaved == 60
+    assert dreamer.count_unsaved_replay(dreamer.Counters(step=300), 200, None) == 0
 
 
 def episode_starts(replay_dir: Path) -> dict[int, bytes]:
