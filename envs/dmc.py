@@ -1,9 +1,16 @@
 """DeepMind Control Suite tasks (`dmc_<domain>_<task>`) as gymnasium-style envs.
 
 Observations: the task's proprioceptive arrays as float32 vectors (scalars become shape (1,)) when
-`proprio`, and a `size` RGB frame under `image` when `image`. Episodes end by the 1000-step time
-limit, which is reported as `truncated`; only a real termination (dm_env discount 0) is `terminated`.
-Action repeat is left to the generic ActionRepeat wrapper.
+`proprio`, and a `size` RGB frame under `image` when `image`, from camera 2 for quadruped and camera 0
+for every other domain (`camera` -1, the paper's choice). Episodes end by the 1000-env-step time
+limit (500 agent steps at the paper's action repeat 2), which is reported as `truncated`; only a real
+termination (dm_env discount 0) is `terminated`, which no Control Suite task has.
+
+The class repeats actions itself (`action_repeat`, summing rewards, stopping at the episode's end),
+so a frame is rendered once per agent step, not once per physics step. Frames look as in the paper
+(MuJoCo's default lighting: shadows and 4x multisampling); `fast_render=True` turns both off, about
+3-6x faster frames that no longer match the paper's (a walker's shadow is gone: a third of its pixels
+change by more than 16 levels). `dmc_cup_catch` (the paper's name) is `ball_in_cup_catch`.
 
 Headless rendering: unless the user set `MUJOCO_GL`, `select_mujoco_gl()` probes EGL, then OSMesa, in a
 short subprocess and sets the first that opens a context, before dm_control is imported.
@@ -20,6 +27,7 @@ import numpy as np
 from .checker import EnvCheckError, MissingDependency
 
 QUADRUPED_CAMERA = 2  # the paper's view for quadruped tasks; every other domain uses camera 0
+DOMAIN_ALIASES = {'cup': 'ball_in_cup'}  # the paper's code names ball_in_cup tasks cup_<task>
 HEADLESS_BACKENDS = ('egl', 'osmesa')
 APT_RENDER_LIBS = 'apt-get install -y libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1 libosmesa6'
 _PROBE = (
@@ -61,7 +69,11 @@ def select_mujoco_gl() -> str:
 
 
 def split_task_name(name: str, all_tasks: list[tuple[str, str]]) -> tuple[str, str]:
-    """'ball_in_cup_catch' -> ('ball_in_cup', 'catch'), resolved against dm_control's task list."""
+    """'ball_in_cup_catch' -> ('ball_in_cup', 'catch'), resolved against dm_control's task list;
+    the paper's 'cup_catch' names the same task."""
+    alias, _, rest = name.partition('_')
+    if alias in DOMAIN_ALIASES and rest:
+        name = f'{DOMAIN_ALIASES[alias]}_{rest}'
     matches = [(domain, task) for domain, task in all_tasks if f'{domain}_{task}' == name]
     if len(matches) != 1:
         known = ', '.join(f'dmc_{domain}_{task}' for domain, task in sorted(all_tasks))
@@ -87,7 +99,11 @@ class DMC:
     """One DeepMind Control Suite task, e.g. DMC('walker_walk', size=(64, 64), image=True)."""
 
     def __init__(self, name: str, size: tuple[int, int] = (64, 64), camera: int = -1,
-                 image: bool = True, proprio: bool = True, seed: int = 0):
+                 image: bool = True, proprio: bool = True, action_repeat: int = 1,
+                 fast_render: bool = False, seed: int = 0):
+        if isinstance(action_repeat, bool) or int(action_repeat) != action_repeat or action_repeat < 1:
+            raise EnvCheckError(f'DMC action_repeat must be a whole number >= 1; got {action_repeat!r}. '
+                                'Use 2 as in the paper.')
         if not (image or proprio):
             raise EnvCheckError(
                 f"DMC task '{name}' got image=False and proprio=False: the observation would be empty. "
@@ -104,7 +120,11 @@ class DMC:
         self._size = (int(size[0]), int(size[1]))  # (H, W)
         self._camera = default_camera(self._domain, camera)
         self._image, self._proprio = bool(image), bool(proprio)
-        configure_fast_offscreen(self._env.physics.model, self._size)
+        self._repeat = int(action_repeat)
+        if fast_render:
+            configure_fast_offscreen(self._env.physics.model, self._size)
+        else:
+            size_offscreen_buffer(self._env.physics.model, self._size)
 
     @property
     def obs_space(self) -> dict[str, gymnasium.spaces.Box]:
@@ -131,8 +151,12 @@ class DMC:
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         action = np.asarray(action, np.float64).reshape(self._env.action_spec().shape)
-        time_step = self._env.step(action)
-        reward = float(time_step.reward or 0.0)
+        reward = 0.0
+        for _ in range(self._repeat):
+            time_step = self._env.step(action)
+            reward += float(time_step.reward or 0.0)
+            if time_step.last():
+                break
         terminated = bool(time_step.last() and time_step.discount == 0.0)
         truncated = bool(time_step.last() and not terminated)
         info = {'discount': time_step.discount}
@@ -161,13 +185,17 @@ class DMC:
         return obs
 
 
-def configure_fast_offscreen(model, size: tuple[int, int]) -> None:
-    """Offscreen buffer of the frame's size, no shadows, no multisampling: about 5x faster frames.
-
-    Must run before the first render (dm_control creates the context lazily, sized from these).
-    """
+def size_offscreen_buffer(model, size: tuple[int, int]) -> None:
+    """Offscreen buffer of the frame's size (MuJoCo's default is 640x480): the same pixels, a little
+    faster. Must run before the first render (dm_control creates the context lazily, sized from it)."""
     height, width = size
     model.vis.global_.offwidth = width
     model.vis.global_.offheight = height
+
+
+def configure_fast_offscreen(model, size: tuple[int, int]) -> None:
+    """size_offscreen_buffer, no shadows, no multisampling: about 3-6x faster frames, but not the
+    paper's images (`fast_render=True` only). Must run before the first render."""
+    size_offscreen_buffer(model, size)
     model.vis.quality.shadowsize = 0
     model.vis.quality.offsamples = 0

@@ -62,12 +62,93 @@ def test_pixels_are_a_real_frame():
 
 
 @needs_headless_gl
-def test_fast_offscreen_settings_are_applied():
-    env = DMC('cartpole_balance', size=(64, 48), image=True, proprio=False)
+def test_frames_are_the_papers_unless_fast_render():
+    """By default a frame is dm_control's own render (shadows, 4x multisampling), as in the paper's
+    code; fast_render drops both and changes many pixels."""
+    from dm_control import suite
+    env = DMC('walker_walk', image=True, proprio=False, seed=0)
     vis = env._env.physics.model.vis
+    assert (vis.global_.offheight, vis.global_.offwidth) == (64, 64)  # only the buffer is sized
+    assert vis.quality.shadowsize == 2048 and vis.quality.offsamples == 4  # MuJoCo's defaults
+    reference = suite.load('walker', 'walk', task_kwargs={'random': 0})
+    reference.reset()
+    paper = env.reset()[0]['image']
+    np.testing.assert_array_equal(paper, reference.physics.render(64, 64, camera_id=0))
+    fast = DMC('walker_walk', size=(64, 48), image=True, proprio=False, fast_render=True, seed=0)
+    vis = fast._env.physics.model.vis
     assert (vis.global_.offheight, vis.global_.offwidth) == (64, 48)
     assert vis.quality.shadowsize == 0 and vis.quality.offsamples == 0
-    assert env.reset()[0]['image'].shape == (64, 48, 3)
+    assert fast.reset()[0]['image'].shape == (64, 48, 3)
+    fast = DMC('walker_walk', image=True, proprio=False, fast_render=True, seed=0).reset()[0]['image']
+    changed = np.abs(fast.astype(int) - paper.astype(int)).max(-1) > 16
+    assert changed.mean() > 0.1, changed.mean()  # the walker's shadow is gone
+
+
+@needs_headless_gl
+def test_quadruped_is_seen_from_camera_2():
+    env = DMC('quadruped_walk', image=True, proprio=False, seed=0)
+    image = env.reset()[0]['image']
+    physics = env._env.physics
+    np.testing.assert_array_equal(image, physics.render(64, 64, camera_id=2))
+    assert np.any(image != physics.render(64, 64, camera_id=0))
+    assert DMC('walker_walk', image=False, camera=1)._camera == 1
+
+
+@needs_headless_gl
+def test_action_repeat_sums_rewards_and_renders_once_per_agent_step(monkeypatch):
+    once = DMC('walker_walk', action_repeat=1, seed=3)
+    twice = DMC('walker_walk', action_repeat=2, seed=3)
+    calls = []
+    original = twice._env.physics.render
+    monkeypatch.setattr(twice._env.physics, 'render', lambda *a, **k: calls.append(a) or original(*a, **k))
+    once.reset()
+    twice.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        action = rng.uniform(-1, 1, 6)
+        first, second = once.step(action), once.step(action)
+        calls.clear()
+        obs, reward, terminated, truncated, _ = twice.step(action)
+        assert len(calls) == 1  # one frame per agent step, not one per physics step
+        assert reward == pytest.approx(first[1] + second[1])
+        np.testing.assert_array_equal(obs['image'], second[0]['image'])
+        np.testing.assert_array_equal(obs['orientations'], second[0]['orientations'])
+    with pytest.raises(ValueError, match=r'action_repeat must be a whole number >= 1; got 0'):
+        DMC('walker_walk', action_repeat=0)
+
+
+def paper_env(block, task):
+    import config as config_module
+    import envs
+    config = config_module.load_config(['--configs', block, '--task', task])
+    return config, envs.make_env(config, 'train', 0)
+
+
+def test_dmc_proprio_episode_is_500_agent_steps_never_terminal():
+    config, env = paper_env('dmc_proprio', 'dmc_cartpole_balance')
+    assert config.action_repeat == 2 and config.time_limit == 0 and config.env.dmc.image is False
+    stack, inner = [], env
+    while not isinstance(inner, DMC):
+        stack.append(type(inner).__name__)
+        inner = inner.env
+    assert stack == ['Flags', 'NormalizeActions'] and inner._repeat == 2  # the env repeats itself
+    obs, _ = env.reset()
+    assert set(obs) == {'position', 'velocity', 'reward', 'is_first', 'is_last', 'is_terminal'}
+    for step in range(1, 501):
+        obs, *_ = env.step(np.zeros(1))
+        assert obs['is_terminal'] is False
+        if obs['is_last']:
+            break
+    assert step == 500 and obs['is_last'] is True  # 1000 env steps at action repeat 2
+
+
+@needs_headless_gl
+def test_dmc_vision_sees_only_the_image():
+    config, env = paper_env('dmc_vision', 'dmc_walker_walk')
+    assert config.env.dmc.proprio is False and config.action_repeat == 2
+    assert config.encoder.cnn_keys == 'image' and config.encoder.mlp_keys == '$^'
+    obs, _ = env.reset()
+    assert set(env.obs_space) == {'image'} and obs['image'].shape == (64, 64, 3)
 
 
 def test_proprio_only_never_renders(monkeypatch):
@@ -99,6 +180,8 @@ def test_task_names_with_underscores_resolve():
     env = DMC('ball_in_cup_catch', image=False, seed=0)
     assert (env._domain, env._task) == ('ball_in_cup', 'catch')
     assert set(env.obs_space) == {'position', 'velocity'}
+    cup = DMC('cup_catch', image=False, seed=0)  # the paper's name for it
+    assert (cup._domain, cup._task) == ('ball_in_cup', 'catch')
     pairs = [('point_mass', 'easy'), ('point', 'mass_easy_x')]
     assert dmc.split_task_name('point_mass_easy', pairs) == ('point_mass', 'easy')
 
