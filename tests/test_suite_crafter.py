@@ -115,3 +115,34 @@ def test_no_legacy_gym_banner_and_gym_still_importable():
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "unmaintained" not in run.stderr + run.stdout
+
+
+def test_episodes_are_cut_at_10000_steps_as_truncation():
+    env = Crafter('reward', seed=0)
+    assert env._env._length == 10000  # the paper's (and crafter's) episode length
+    env._env._length = 30  # the same mechanism, reached quickly
+    env.reset()
+    results = [env.step(0) for _ in range(30)]
+    assert [r[3] for r in results] == [False] * 29 + [True]
+    assert not any(r[2] for r in results)  # alive at the end: truncated, not terminated
+
+
+def test_crafter_block_builds_the_papers_env():
+    import config as config_module
+    import envs
+    config = config_module.load_config(['--configs', 'crafter'])
+    assert config.task == 'crafter_reward' and config.steps == 1_000_000
+    assert config.action_repeat == 1 and config.envs.amount == 1 and config.train_ratio == 512
+    assert config.reward_clip == 0.0 and config.time_limit == 0
+    env = envs.make_env(config, 'train', 0)
+    stack = []
+    inner = env
+    while not isinstance(inner, Crafter):
+        stack.append(type(inner).__name__)
+        inner = inner.env
+    assert stack == ['Flags', 'OneHotAction']  # no repeat, no clipping, crafter's own length
+    assert set(env.obs_space) == {'image'} and env.obs_space['image'].shape == (64, 64, 3)
+    obs, _ = env.reset()
+    assert len(log_keys(obs)) == ACHIEVEMENTS and obs['is_first'] is True
+    obs, reward, *_ = env.step(0)
+    assert obs['reward'] == np.float32(reward) and obs['is_terminal'] is False
