@@ -254,6 +254,9 @@ def test_config_blocks_build_the_papers_env(block, sticky, noops, steps):
     assert config.steps == steps and config.action_repeat == 4 and config.reward_clip == 0.0
     assert config.time_limit == 27000 and config.envs.amount == (8 if block == 'atari' else 1)
     assert config.train_ratio == (64 if block == 'atari' else 1024)
+    # the paper's evaluation: Atari100k's score is 100 episodes at 100K; Atari 200M 10 every 1M
+    assert (config.eval_every, config.eval_episode_num) == ((1_000_000, 10) if block == 'atari'
+                                                            else (100_000, 100))
     atari = inner_atari(env)
     assert atari._repeat == 4 and atari._sticky_probability == (0.25 if sticky else 0.0)
     assert atari._noops == noops and atari._lives_mode == 'unused' and atari._gray is False
