@@ -293,3 +293,24 @@ def test_a_life_loss_is_not_terminal_in_the_papers_configs():
         assert info['life_loss'] and info['lives'] == 4
         assert obs['is_terminal'] is terminal and obs['is_last'] is False  # the game goes on
         assert terminated is False and truncated is False
+
+
+def test_opencv_resize_is_area_averaging_and_its_absence_is_explained(monkeypatch):
+    """resize 'opencv' (the paper's code: cv2.INTER_AREA) averages pixel blocks; without OpenCV the
+    env says what to install instead of failing inside the frame code."""
+    import sys
+
+    from envs.atari import resize_frame
+    from envs.checker import MissingDependency
+    frame = np.random.default_rng(0).integers(0, 256, (210, 160, 3)).astype(np.uint8)
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        half = resize_frame(frame, (105, 80), 'opencv').astype(int)
+        blocks = frame.reshape(105, 2, 80, 2, 3).astype(float).mean((1, 3))
+        assert np.abs(half - blocks).max() <= 1  # the 2x2 mean, rounded
+    monkeypatch.setitem(sys.modules, 'cv2', None)
+    with pytest.raises(MissingDependency, match=r'pip install opencv-python-headless'):
+        resize_frame(frame, (64, 64), 'opencv')
