@@ -267,12 +267,6 @@ def test_supervisor_kills_a_rank_left_waiting_after_another_crashed():
     assert "(rank 0 was killed: it was still running 1 s after rank 1 ended)" in out.text
 
 
-def test_supervisor_returns_0_when_every_rank_finished():
-    out = Output()
-    assert distributed.RankSupervisor(2, finish, out=out).run() == 0
-    assert out.text == ""
-
-
 def test_a_broken_collective_is_told_apart_from_a_bug():
     assert distributed.is_peer_lost(torch.distributed.DistNetworkError("store gone"))
     try:
@@ -343,7 +337,3 @@ def crash_or_wait(rank: int, world: int) -> None:
         time.sleep(0.5)
         raise RuntimeError("a bug in rank 1")
     time.sleep(600)  # e.g. waiting in a collective for rank 1
-
-
-def finish(rank: int, world: int) -> int:
-    return 0
