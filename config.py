@@ -26,7 +26,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "actor_dist": ("normal", "onehot"),
     "behavior": ("greedy", "random", "plan2explore"),
     "env.atari.lives": ("unused", "discount", "reset"),
-    "env.atari.resize": ("pillow", "opencv"),
+    "env.atari.resize": ("area", "pillow"),
+    "env.atari.actions": ("needed", "all"),
 }
 # Keys that must be positive / non-negative numbers.
 POSITIVE = (

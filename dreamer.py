@@ -289,10 +289,11 @@ def render_failure(error: Exception) -> str:
 
 def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger, video: bool = True,
              stop: Callable[[], bool] = lambda: False) -> tuple[int, bool, bool]:
-    """Run eval_episode_num episodes with the deterministic policy; log their returns and, if
-    `video`, the video of env 0's first episode. `stop()` true (a stop request) ends it early with
-    nothing logged. Returns (video frames recorded, whether render() worked: False after it raised,
-    which is logged once here, whether it ran to the end)."""
+    """Run eval_episode_num episodes with the policy (its most likely action, or sampled with
+    eval_sample); log their returns and, if `video`, the video of env 0's first episode. `stop()`
+    true (a stop request) ends it early with nothing logged. Returns (video frames recorded,
+    whether render() worked: False after it raised, which is logged once here, whether it ran to
+    the end)."""
     import envs
 
     returns: list[float] = []

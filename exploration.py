@@ -141,6 +141,7 @@ class Agent:
         self.action_dim = action_size(act_space, config.actor_dist)
         self.precision = str(config.precision)
         self.behavior = config.behavior
+        self.eval_sample = bool(config.eval_sample)
         self.wm = WorldModel(obs_space, self.action_dim, config).to(self.device)
         feat_size = self.wm.rssm.feat_size
         self.task = ActorCritic(feat_size, self.action_dim, config).to(self.device)
@@ -289,7 +290,8 @@ class Agent:
     def policy(self, obs: Mapping[str, np.ndarray], state: PolicyState | None, mode: str = "train"
                ) -> tuple[np.ndarray, PolicyState]:
         """Actions (N, A) float32 for a batch of env observations and the next policy state.
-        mode 'train': the behaviour policy (sampled); 'eval': the task actor's mode."""
+        mode 'train': the behaviour policy (sampled); 'eval': the task actor's mode, or a sample
+        from it with `eval_sample` (as the paper's code evaluates Atari100k)."""
         if mode not in ("train", "eval"):
             raise ValueError(f"policy mode must be 'train' or 'eval', got '{mode}'.")
         is_first = torch.as_tensor(np.asarray(obs["is_first"]), dtype=torch.bool).reshape(-1).to(self.device)
@@ -304,7 +306,7 @@ class Agent:
             else:
                 actor = self.expl.ac.actor if (mode == "train" and self.expl is not None) else self.task.actor
                 dist = actor(feat)
-                action = dist.sample() if mode == "train" else dist.mode()
+                action = dist.sample() if mode == "train" or self.eval_sample else dist.mode()
         action = action.float()
         if not self.discrete:
             action = action.clamp(-1.0, 1.0)

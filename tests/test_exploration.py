@@ -77,6 +77,21 @@ def test_random_behavior_acts_uniformly_and_evaluates_greedily():
         np.testing.assert_array_equal(evals[0], agent.task.actor(torch.cat([stoch, deter], -1)).mode().numpy())
 
 
+def test_eval_sample_evaluates_with_sampled_actions():
+    """eval_sample True (the atari100k block, as the paper's code evaluates Atari100k): eval actions
+    are draws from the task actor's policy, not its mode; the default stays the mode."""
+    for sample in (False, True):
+        agent, _ = make("greedy", gym.spaces.Discrete(4), "onehot", "--eval_sample", str(sample))
+        torch.manual_seed(5)
+        actions, (stoch, deter, _) = agent.policy(obs(400, [True] * 400), None, "eval")
+        with torch.no_grad():
+            mode = agent.task.actor(torch.cat([stoch, deter], -1)).mode().numpy()
+        assert actions.shape == (400, 4) and (actions.sum(-1) == 1).all()  # one-hot either way
+        differ = (actions != mode).any(-1).mean()
+        # a fresh actor is spread over the 4 actions: a draw misses the mode about half the time
+        assert (differ == 0) if not sample else (0.3 < differ < 0.9), (sample, differ)
+
+
 def test_random_actions_for_discrete_spaces_are_one_hot():
     agent, _ = make("greedy", gym.spaces.Discrete(4), "onehot")
     actions = agent.random_actions(1000)

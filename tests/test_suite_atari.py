@@ -295,22 +295,24 @@ def test_a_life_loss_is_not_terminal_in_the_papers_configs():
         assert terminated is False and truncated is False
 
 
-def test_opencv_resize_is_area_averaging_and_its_absence_is_explained(monkeypatch):
-    """resize 'opencv' (the paper's code: cv2.INTER_AREA) averages pixel blocks; without OpenCV the
-    env says what to install instead of failing inside the frame code."""
-    import sys
-
-    from envs.atari import resize_frame
-    from envs.checker import MissingDependency
+def test_area_resize_averages_the_pixels_each_output_pixel_covers():
+    """resize 'area' (the default: the paper's code resizes with OpenCV's INTER_AREA, which this
+    equals without the package) averages whole blocks for integer factors and weights the pixels a
+    fractional interval covers by their overlap."""
+    from envs.atari import area_weights, resize_frame
     frame = np.random.default_rng(0).integers(0, 256, (210, 160, 3)).astype(np.uint8)
-    try:
-        import cv2  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        half = resize_frame(frame, (105, 80), 'opencv').astype(int)
-        blocks = frame.reshape(105, 2, 80, 2, 3).astype(float).mean((1, 3))
-        assert np.abs(half - blocks).max() <= 1  # the 2x2 mean, rounded
-    monkeypatch.setitem(sys.modules, 'cv2', None)
-    with pytest.raises(MissingDependency, match=r'pip install opencv-python-headless'):
-        resize_frame(frame, (64, 64), 'opencv')
+    half = resize_frame(frame, (105, 80), 'area').astype(int)
+    blocks = frame.reshape(105, 2, 80, 2, 3).astype(float).mean((1, 3))
+    assert np.abs(half - blocks).max() <= 0.5  # the 2x2 mean, rounded to the nearest level
+    # 3 pixels into 2: each output covers 1.5 inputs: weights (1, 0.5, 0) / 1.5 and (0, 0.5, 1) / 1.5
+    np.testing.assert_allclose(area_weights(3, 2), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]])
+    weights = area_weights(210, 64)
+    np.testing.assert_allclose(weights.sum(1), 1.0)
+    assert (np.count_nonzero(weights, 1) <= 5).all()  # an output row covers 3.28 input rows
+    gray = resize_frame(frame[..., :1], (64, 64), 'area')
+    assert gray.shape == (64, 64, 1) and gray.dtype == np.uint8
+    # a flat screen stays flat; alternate rows are averaged, not sampled
+    assert (resize_frame(np.full((210, 160, 3), 77, np.uint8), (64, 64), 'area') == 77).all()
+    stripes = np.zeros((210, 160, 3), np.uint8)
+    stripes[::2] = 200
+    assert np.abs(resize_frame(stripes, (64, 64), 'area').astype(int) - 100).max() <= 31
