@@ -128,7 +128,7 @@ def run_rank(rank: int, world: int, local_rank: int, config_dict: dict, loaded_b
         global _TRAINING
         _TRAINING = True
         dreamer.train(config, dreamer.Dist(rank, world), sync=DistSync(), interrupt=interrupt)
-        return interrupt.exit_code() if hasattr(interrupt, "exit_code") else 0
+        return interrupt.exit_code()
     finally:
         torch_dist.destroy_process_group()
 

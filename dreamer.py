@@ -139,7 +139,7 @@ def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logg
         logger.warning(f"{mode} {event['message']}:\n{text}")
 
     ctors = [functools.partial(envs.make_env, config, mode, first_index + i, seed_shift) for i in range(amount)]
-    return envs.parallel.EnvPool(ctors, config.envs.parallel, on_event=log_event)
+    return envs.parallel.EnvPool(ctors, config.envs.parallel, on_event=log_event, first_index=first_index)
 
 
 def make_agent(config: Config, obs_space: dict, act_space: Any, device: torch.device) -> Agent:
@@ -646,6 +646,7 @@ class Trainer:
                                     dist.world, resumed)
         # an --eval_only run trains nothing: its replay stays on disk, unread
         loaded = 0 if config.eval_only else self.replay.load(keep_worker=lambda worker: worker % dist.world == dist.rank)
+        loaded = self.sum_over_ranks(loaded)  # every rank's share
         check_replay_fits(self.replay, self.pool.obs_space)
         if resumed is None and not config.eval_only:  # a fresh run in a folder an earlier one left
             dropped = self.logger.rewind(0)  # without a checkpoint: its curves are not this run's
@@ -732,7 +733,7 @@ class Trainer:
         logger.scalar("perf/fps", (self.counters.step - start_step) / elapsed)
         logger.scalar("perf/train_updates_per_s", (self.counters.updates - start_updates) / elapsed)
         logger.scalar("perf/updates", self.counters.updates)
-        logger.scalar("perf/replay_steps", len(self.replay))
+        logger.scalar("perf/replay_steps", self.sum_over_ranks(len(self.replay)))
         stats = self.gather_episode_stats(episode_stats)
         self.counters.episodes += len(stats)
         logger.scalar("perf/episodes", self.counters.episodes)
@@ -816,8 +817,11 @@ class Trainer:
             counters.last_log = counters.step
 
     def stop_requested(self, interrupt: Interrupt) -> bool:
-        """Ctrl-C/SIGTERM on any rank stops all ranks at the same iteration."""
-        return not self.all_ranks(not interrupt.requested)
+        """Ctrl-C/SIGTERM on any rank stops all ranks at the same iteration (each then reports a
+        stop, not a finished run)."""
+        stop = not self.all_ranks(not interrupt.requested)
+        interrupt.requested = interrupt.requested or stop
+        return stop
 
     def all_ranks(self, flag: bool) -> bool:
         """True when `flag` holds on every rank (so all ranks take the same branch together)."""
@@ -828,6 +832,16 @@ class Trainer:
         value = torch.tensor([float(flag)])
         torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MIN)
         return bool(value.item() > 0)
+
+    def sum_over_ranks(self, count: int) -> int:
+        """`count` summed over the ranks (each rank's replay holds its own envs' steps)."""
+        if self.dist.world == 1:
+            return count
+        import torch.distributed as torch_dist
+
+        value = torch.tensor([float(count)], dtype=torch.float64)
+        torch_dist.all_reduce(value)
+        return int(value.item())
 
     def close(self) -> None:
         for thing in (getattr(self, "prefetch", None), self.pool):

@@ -91,7 +91,7 @@ class Atari:
 
     def __init__(self, name: str, action_repeat: int = 4, size: tuple[int, int] = (64, 64),
                  gray: bool = False, noops: int = 30, sticky: bool = True, lives: str = 'unused',
-                 resize: str = 'pillow', actions: str = 'needed', length: int = EPISODE_FRAMES,
+                 resize: str = 'area', actions: str = 'needed', length: int = EPISODE_FRAMES,
                  seed: int = 0):
         check_choice('lives', lives, LIVES_MODES)
         check_choice('resize', resize, RESIZE_MODES)

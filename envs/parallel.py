@@ -236,7 +236,8 @@ class EnvPool:
     """
 
     def __init__(self, ctors: Sequence[Callable[[], Any]], parallel: str = 'process',
-                 max_restarts: int = 10, on_event: Callable[[dict], None] | None = None):
+                 max_restarts: int = 10, on_event: Callable[[dict], None] | None = None,
+                 first_index: int = 0):
         if parallel not in PARALLEL_MODES:
             raise ValueError(
                 f"envs.parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}. Use "
@@ -244,6 +245,7 @@ class EnvPool:
         if not ctors:
             raise ValueError('EnvPool needs at least one env constructor (envs.amount >= 1).')
         self._ctors = list(ctors)
+        self.first_index = int(first_index)  # messages name env i as first_index + i (its global index)
         self._parallel = parallel
         self._context = _process_context() if parallel == 'process' else None
         self.max_restarts = int(max_restarts)
@@ -271,10 +273,10 @@ class EnvPool:
     def _start(self, index: int) -> Any:
         ctor = self._ctors[index]
         if self._parallel == 'process':
-            return _ProcessWorker(ctor, index, self._context)
+            return _ProcessWorker(ctor, self.first_index + index, self._context)
         if self._parallel == 'thread':
-            return _ThreadWorker(ctor, index)
-        return _InlineWorker(ctor, index)
+            return _ThreadWorker(ctor, self.first_index + index)
+        return _InlineWorker(ctor, self.first_index + index)
 
     def _raise_if_failed(self, answer: tuple[str, Any], index: int, what: str) -> Any:
         status, value = answer
@@ -282,14 +284,14 @@ class EnvPool:
             return value
         self.close()
         if status == 'died':
-            raise EnvError(index, f'{what}: {value}')
+            raise EnvError(self.first_index + index, f'{what}: {value}')
         text, exception = value
         if exception is not None:
             exception.add_note(
-                f'(env {index} {what} in its worker, envs.parallel={self._parallel}; worker '
+                f'(env {self.first_index + index} {what} in its worker, envs.parallel={self._parallel}; worker '
                 f'traceback:)\n{text}')
             raise exception
-        raise EnvError(index, what, text)
+        raise EnvError(self.first_index + index, what, text)
 
     def _ask(self, index: int, method: str, *args: Any) -> Any:
         self._workers[index].submit(method, *args)
@@ -325,7 +327,7 @@ class EnvPool:
         except (KeyError, TypeError, IndexError):
             self.close()
             raise EnvError(
-                index, f"observation without 'is_last' (got {type(obs).__name__}); EnvPool needs "
+                self.first_index + index, f"observation without 'is_last' (got {type(obs).__name__}); EnvPool needs "
                 "envs built by envs.make_env, whose last wrapper sets the episode flags.") from None
 
     def _restart(self, index: int, answer: tuple[str, Any]) -> dict:
@@ -334,11 +336,11 @@ class EnvPool:
         text = value if status == 'died' else value[0]
         if self.restarts >= self.max_restarts:
             self.close()
-            raise EnvError(index, f'failed after {self.restarts} restarts (limit max_restarts='
+            raise EnvError(self.first_index + index, f'failed after {self.restarts} restarts (limit max_restarts='
                                   f'{self.max_restarts}); last failure:', text)
         self.restarts += 1
         self._record({'index': index, 'kind': 'restart', 'time': time.time(),
-                      'message': f'env {index} {"died" if status == "died" else "raised"}; '
+                      'message': f'env {self.first_index + index} {"died" if status == "died" else "raised"}; '
                                  f'restarted it and dropped its episode',
                       'traceback': text})
         _close_workers([self._workers[index]])
@@ -360,7 +362,7 @@ class EnvPool:
         for index, (status, value) in enumerate(answers):
             if status != 'ok':
                 text = value if status == 'died' else value[0]
-                raise EnvError(index, f"failed in call('{method}')", text)
+                raise EnvError(self.first_index + index, f"failed in call('{method}')", text)
         return [value for _, value in answers]
 
     def call_one(self, index: int, method: str, *args: Any) -> Any:
@@ -369,7 +371,7 @@ class EnvPool:
         self._workers[index].submit(method, *args)
         status, value = self._workers[index].receive()
         if status != 'ok':
-            raise EnvError(index, f"failed in call_one('{method}')", value if status == 'died' else value[0])
+            raise EnvError(self.first_index + index, f"failed in call_one('{method}')", value if status == 'died' else value[0])
         return value
 
     def close(self) -> None:

@@ -196,6 +196,25 @@ def test_sigterm_to_the_launcher_alone_reaches_the_ranks(tmp_path):
     assert "stopped at step" in log_text(logdir) and saved_steps(logdir)[-1] == checkpoint_step(logdir)
 
 
+def test_sigterm_to_rank_1_alone_stops_the_run_as_a_stop_and_counts_every_ranks_replay(tmp_path):
+    """A scheduler may signal one rank: every rank stops at the same iteration, and rank 0 reports a
+    stop (it said 'finished' when the request came from another rank). The logged replay size is
+    both ranks' steps, the whole run's (it was rank 0's share)."""
+    logdir = tmp_path / "run"
+    launcher = start([*RUN, "--steps", "100000"], logdir)
+    rank0, rank1 = ranks_of(launcher, logdir)
+    first_checkpoint(logdir)
+    os.kill(rank1, signal.SIGTERM)
+    assert launcher.wait(timeout=60) == 143
+    log = log_text(logdir)
+    stopped = int(re.search(r"stopped at step (\d+); to resume", log).group(1))
+    assert "finished:" not in log and saved_steps(logdir)[-1] == stopped == checkpoint_step(logdir)
+    records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "perf/replay_steps" in r][-1]
+    assert last["perf/replay_steps"] == last["step"]  # every step of both ranks is in the replay
+    assert not alive(rank0) and not alive(rank1) and lock_is_free(logdir)
+
+
 def test_kill_9_of_one_rank_stops_the_others_and_names_it(tmp_path):
     logdir = tmp_path / "run"
     launcher = start([*RUN, "--steps", "100000"], logdir)

@@ -120,6 +120,20 @@ def test_restart_limit_raises_with_index_and_traceback(parallel):
     assert info.value.index == 0
 
 
+def test_a_pool_of_a_later_rank_names_its_envs_by_their_global_index():
+    """Rank 1 of a --parallel run holds envs 2 and 3 (first_index 2): a failure there names env 3,
+    the index make_env and the seeds use, not its place in this rank's pool."""
+    ctors = [counter_env, functools.partial(counter_env, crash_at=1)]
+    events = []
+    with EnvPool(ctors, 'none', max_restarts=1, on_event=events.append, first_index=2) as pool:
+        pool.step(np.zeros((2, 1)))  # reset
+        pool.step(np.zeros((2, 1)))  # env 3 crashes -> restart
+        with pytest.raises(EnvError, match=r"(?s)^env 3: failed after 1 restarts.*worker of env 3") as info:
+            pool.step(np.zeros((2, 1)))
+    assert info.value.index == 3
+    assert events[0]['message'].startswith('env 3 raised')
+
+
 @pytest.mark.parametrize('parallel', MODES)
 def test_constructor_failure_names_the_env_and_keeps_its_traceback(parallel):
     ctors = [counter_env, failing_ctor]
