@@ -634,6 +634,11 @@ class Trainer:
         else:
             self.pool = make_env_pool(config, "train", config.envs.amount, self.first_env, self.logger, seed_shift)
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
+        from networks import unused_keys_note
+
+        note = unused_keys_note(self.pool.obs_space, config.encoder)
+        if note and dist.main:
+            self.logger.info(note)
         if self.sync is not None:  # data-parallel: act as one learner over all ranks' batches
             self.agent.set_grad_sync(self.sync.grads)
             self.agent.set_return_gather(self.sync.gather)

@@ -552,6 +552,29 @@ def matched_keys(obs_space: Mapping[str, gymnasium.spaces.Box], cnn_keys: str, m
     return cnn, mlp
 
 
+def unused_keys_note(obs_space: Mapping[str, gymnasium.spaces.Box], encoder: Mapping) -> str | None:
+    """One line naming the observation keys the encoder's regular expressions (`encoder`: its
+    cnn_keys and mlp_keys) leave out, with the flags that add them; None when it uses every key.
+    (A run whose env gives an image and a vector under an images-only block such as `custom` would
+    otherwise drop the vector without a word.)"""
+    cnn, mlp = matched_keys(obs_space, encoder["cnn_keys"], encoder["mlp_keys"])
+    left = {k: v for k, v in usable_keys(obs_space).items() if k not in cnn and k not in mlp}
+    if not left:
+        return None
+    described = ", ".join(f"'{k}' {tuple(v.shape)} {v.dtype}" for k, v in left.items())
+    flags = []
+    for kind, used, fits in (("mlp_keys", mlp, lambda v: len(v.shape) == 1),
+                             ("cnn_keys", cnn, lambda v: len(v.shape) == 3 and v.dtype == np.uint8)):
+        added = [k for k, v in left.items() if fits(v)]
+        if added:
+            pattern = "|".join(used + added)
+            flags.append(f"--encoder.{kind} '{pattern}' --decoder.{kind} '{pattern}'")
+    how = f"; to use them: {' '.join(flags)}" if flags else \
+        " (only (n,) float vectors and (H, W, C) uint8 images can be used)"
+    return (f"observation keys the model does not use: {described} (encoder cnn_keys='{encoder['cnn_keys']}', "
+            f"mlp_keys='{encoder['mlp_keys']}'){how}")
+
+
 def check_key_selections(obs_space: Mapping[str, gymnasium.spaces.Box], selections: Mapping[str, Mapping]) -> None:
     """Raise one ConfigError naming every part (`selections`: e.g. {"encoder": {"cnn_keys": ...,
     "mlp_keys": ...}, "decoder": {...}}) whose regular expressions select no observation key, with

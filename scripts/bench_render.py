@@ -1,4 +1,5 @@
-"""Time DeepMind Control frame rendering: MuJoCo's default offscreen settings vs envs.dmc's fast ones.
+"""Time DeepMind Control frame rendering: MuJoCo's default offscreen settings (the paper's frames, envs.dmc's
+default) vs the fast ones of `env.dmc.fast_render: True` (no shadows, no multisampling).
 
 Usage: python scripts/bench_render.py [--task walker_walk] [--frames 100] [--size 64]
 Prints `dmc_render_ms_per_frame_default: X` and `dmc_render_ms_per_frame_fast: Y` (wall-clock ms per

@@ -6,7 +6,8 @@ import torch
 
 from distributions import unimix_log_probs
 from networks import (RSSM, Actor, EnsembleMLP, Head, LayerNormGRU, MultiDecoder, MultiEncoder,
-                      check_key_selections, features, maybe_compile, probe_backward, select_keys)
+                      check_key_selections, features, maybe_compile, probe_backward, select_keys,
+                      unused_keys_note)
 
 IMAGE = gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)
 VECTOR = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)
@@ -48,6 +49,23 @@ def test_key_selection_errors_name_every_part_and_its_own_flags():
     assert message.startswith("The decoder selects no observation key: cnn_keys='image'")
     assert "--decoder.mlp_keys '.*'" in message and "--encoder." not in message
     check_key_selections(space, {"encoder": {"cnn_keys": "$^", "mlp_keys": ".*"}})  # a vector: fine
+
+
+def test_unused_keys_note_names_what_the_encoder_leaves_out_and_the_flags_that_add_it():
+    """README's custom-env example gives an image and a vector; the `custom` block selects images
+    only: the run says which keys it drops and how to keep them (nothing for flags and log_ keys)."""
+    space = {"image": IMAGE, "vector": VECTOR, "joints": VECTOR, "is_first": FLAG, "log_success": VECTOR}
+    note = unused_keys_note(space, {"cnn_keys": "image", "mlp_keys": "$^"})
+    assert note == ("observation keys the model does not use: 'vector' (5,) float32, 'joints' (5,) float32 "
+                    "(encoder cnn_keys='image', mlp_keys='$^'); to use them: --encoder.mlp_keys 'vector|joints' "
+                    "--decoder.mlp_keys 'vector|joints'")
+    # keys already used stay in the suggested pattern
+    note = unused_keys_note(space, {"cnn_keys": "$^", "mlp_keys": "vector"})
+    assert "--encoder.mlp_keys 'vector|joints'" in note and "--encoder.cnn_keys 'image' --decoder.cnn_keys 'image'" in note
+    assert unused_keys_note(space, {"cnn_keys": ".*", "mlp_keys": ".*"}) is None
+    depth = {"image": IMAGE, "depth": gym.spaces.Box(0, 1, (16, 16, 1), np.float32)}
+    assert unused_keys_note(depth, {"cnn_keys": ".*", "mlp_keys": ".*"}).endswith(
+        "(only (n,) float vectors and (H, W, C) uint8 images can be used)")
 
 
 def test_image_size_must_be_min_res_times_power_of_two():
