@@ -29,6 +29,8 @@ ActionRepeat wrapper is not applied):
 """
 from __future__ import annotations
 
+import functools
+
 import gymnasium
 import numpy as np
 from .checker import EnvCheckError, MissingDependency
@@ -53,6 +55,7 @@ def max_pool(frames: list[np.ndarray]) -> np.ndarray:
     return np.maximum(frames[-2], frames[-1])
 
 
+@functools.lru_cache(maxsize=8)
 def area_weights(size_in: int, size_out: int) -> np.ndarray:
     """(size_out, size_in) weights of area interpolation for shrinking: output pixel o averages the
     input interval [o, o + 1) * size_in / size_out, each input pixel weighted by its overlap."""
@@ -61,7 +64,30 @@ def area_weights(size_in: int, size_out: int) -> np.ndarray:
     left, right = edges[:-1, None], edges[1:, None]  # (size_out, 1)
     pixel = np.arange(size_in)[None, :]  # (1, size_in)
     overlap = np.clip(np.minimum(right, pixel + 1) - np.maximum(left, pixel), 0.0, None)
-    return overlap / scale  # (size_out, size_in), rows sum to 1
+    weights = overlap / scale  # (size_out, size_in), rows sum to 1
+    weights.flags.writeable = False  # shared by every call (cached)
+    return weights
+
+
+@functools.lru_cache(maxsize=8)
+def area_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """area_weights as taps: (size_out, K) input indices and their weights, K the most input pixels
+    one output pixel overlaps (5 for 210 -> 64), so that a resize is K multiply-adds of gathered
+    rows instead of a matrix product (numpy's BLAS threads stall when the cores are busy)."""
+    weights = area_weights(size_in, size_out)
+    taps = int((weights > 0).sum(1).max())
+    index = np.argsort(weights <= 0, axis=1, kind="stable")[:, :taps]  # (size_out, K): the nonzero first
+    return index, np.take_along_axis(weights, index, 1)  # weights of padding taps are 0
+
+
+def area_resize_axis(pixels: np.ndarray, size_out: int, axis: int) -> np.ndarray:
+    """Area-resize float pixels along `axis` (0: rows, 1: columns) to size_out."""
+    index, weight = area_taps(pixels.shape[axis], size_out)
+    shape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
+    out = np.zeros(pixels.shape[:axis] + (size_out,) + pixels.shape[axis + 1:])
+    for k in range(index.shape[1]):
+        out += weight[:, k].reshape(shape) * np.take(pixels, index[:, k], axis=axis)
+    return out
 
 
 def resize_frame(frame: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
@@ -72,9 +98,8 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int], method: str) -> np.nd
     if frame.shape[:2] == (height, width):
         return frame
     if method == 'area' and height <= frame.shape[0] and width <= frame.shape[1]:
-        rows, cols = area_weights(frame.shape[0], height), area_weights(frame.shape[1], width)
         pixels = frame.reshape(frame.shape[0], frame.shape[1], -1).astype(np.float64)  # (210, 160, C)
-        out = np.einsum('oh,hwc,pw->opc', rows, pixels, cols)  # (H, W, C)
+        out = area_resize_axis(area_resize_axis(pixels, height, 0), width, 1)  # (H, W, C)
         return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape((height, width) + frame.shape[2:])
     from PIL import Image  # also 'area' for a size larger than the screen, where it has no meaning
     return np.asarray(Image.fromarray(frame).resize((width, height), Image.BILINEAR))
