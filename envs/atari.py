@@ -77,14 +77,14 @@ def area_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
     weights = area_weights(size_in, size_out)
     taps = int((weights > 0).sum(1).max())
     index = np.argsort(weights <= 0, axis=1, kind="stable")[:, :taps]  # (size_out, K): the nonzero first
-    return index, np.take_along_axis(weights, index, 1)  # weights of padding taps are 0
+    return index, np.take_along_axis(weights, index, 1).astype(np.float32)  # padding taps weigh 0
 
 
 def area_resize_axis(pixels: np.ndarray, size_out: int, axis: int) -> np.ndarray:
     """Area-resize float pixels along `axis` (0: rows, 1: columns) to size_out."""
     index, weight = area_taps(pixels.shape[axis], size_out)
     shape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
-    out = np.zeros(pixels.shape[:axis] + (size_out,) + pixels.shape[axis + 1:])
+    out = np.zeros(pixels.shape[:axis] + (size_out,) + pixels.shape[axis + 1:], np.float32)
     for k in range(index.shape[1]):
         out += weight[:, k].reshape(shape) * np.take(pixels, index[:, k], axis=axis)
     return out
@@ -98,7 +98,7 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int], method: str) -> np.nd
     if frame.shape[:2] == (height, width):
         return frame
     if method == 'area' and height <= frame.shape[0] and width <= frame.shape[1]:
-        pixels = frame.reshape(frame.shape[0], frame.shape[1], -1).astype(np.float64)  # (210, 160, C)
+        pixels = frame.reshape(frame.shape[0], frame.shape[1], -1).astype(np.float32)  # (210, 160, C)
         out = area_resize_axis(area_resize_axis(pixels, height, 0), width, 1)  # (H, W, C)
         return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape((height, width) + frame.shape[2:])
     from PIL import Image  # also 'area' for a size larger than the screen, where it has no meaning
