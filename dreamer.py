@@ -828,25 +828,23 @@ class Trainer:
         interrupt.requested = interrupt.requested or stop
         return stop
 
-    def all_ranks(self, flag: bool) -> bool:
-        """True when `flag` holds on every rank (so all ranks take the same branch together)."""
+    def _reduce_over_ranks(self, value: float, op: str) -> float:
+        """`value` reduced over the ranks with torch.distributed.ReduceOp.<op> (itself in one process)."""
         if self.dist.world == 1:
-            return flag
+            return value
         import torch.distributed as torch_dist
 
-        value = torch.tensor([float(flag)])
-        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MIN)
-        return bool(value.item() > 0)
+        tensor = torch.tensor([float(value)], dtype=torch.float64)
+        torch_dist.all_reduce(tensor, op=getattr(torch_dist.ReduceOp, op))
+        return float(tensor.item())
+
+    def all_ranks(self, flag: bool) -> bool:
+        """True when `flag` holds on every rank (so all ranks take the same branch together)."""
+        return self._reduce_over_ranks(float(flag), "MIN") > 0
 
     def sum_over_ranks(self, count: int) -> int:
         """`count` summed over the ranks (each rank's replay holds its own envs' steps)."""
-        if self.dist.world == 1:
-            return count
-        import torch.distributed as torch_dist
-
-        value = torch.tensor([float(count)], dtype=torch.float64)
-        torch_dist.all_reduce(value)
-        return int(value.item())
+        return int(self._reduce_over_ranks(count, "SUM"))
 
     def close(self) -> None:
         for thing in (getattr(self, "prefetch", None), self.pool):
@@ -949,7 +947,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if config.parallel > 1 or "WORLD_SIZE" in os.environ:
             import distributed
 
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # distributed.launch handles it
             return distributed.launch(config, loaded)
         print_config(config, loaded)
         interrupt = Interrupt()

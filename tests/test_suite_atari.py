@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from envs.atari import NOOP, STICKY_PROBABILITY, Atari, make_emulator, max_pool, sticky_action
+from helpers.paper_envs import paper_env, unwrap
 
 FULL = (210, 160)  # the raw screen size: no resize, so frames compare exactly
 
@@ -222,30 +223,6 @@ def test_games_are_cut_at_108000_frames_as_truncation():
     assert truncated is False
 
 
-def paper_env(block, task, **overrides):
-    import config as config_module
-    import envs
-    argv = ['--configs', block, '--task', task]
-    for key, value in overrides.items():
-        argv += [f'--{key}', str(value)]
-    config = config_module.load_config(argv)
-    return config, envs.make_env(config, 'train', 0)
-
-
-def inner_atari(env):
-    while not isinstance(env, Atari):
-        env = env.env
-    return env
-
-
-def wrapper_names(env):
-    names = []
-    while not isinstance(env, Atari):
-        names.append(type(env).__name__)
-        env = env.env
-    return names
-
-
 @pytest.mark.parametrize('block, sticky, noops, steps', [('atari', True, 0, 50_000_000),
                                                          ('atari100k', False, 30, 100_000)])
 def test_config_blocks_build_the_papers_env(block, sticky, noops, steps):
@@ -257,12 +234,12 @@ def test_config_blocks_build_the_papers_env(block, sticky, noops, steps):
     # the paper's evaluation: Atari100k's score is 100 episodes at 100K; Atari 200M 10 every 1M
     assert (config.eval_every, config.eval_episode_num) == ((1_000_000, 10) if block == 'atari'
                                                             else (100_000, 100))
-    atari = inner_atari(env)
+    names, atari = unwrap(env, Atari)
     assert atari._repeat == 4 and atari._sticky_probability == (0.25 if sticky else 0.0)
     assert atari._noops == noops and atari._lives_mode == 'unused' and atari._gray is False
     assert atari._length == 108000 and atari.obs_space['image'].shape == (64, 64, 3)
     # the env repeats and pools itself; no reward clipping, the time limit as truncation
-    assert wrapper_names(env) == ['Flags', 'TimeLimit', 'OneHotAction']
+    assert names == ['Flags', 'TimeLimit', 'OneHotAction']
 
 
 def test_rewards_reach_the_agent_unclipped():
@@ -309,6 +286,11 @@ def test_area_resize_averages_the_pixels_each_output_pixel_covers():
     weights = area_weights(210, 64)
     np.testing.assert_allclose(weights.sum(1), 1.0)
     assert (np.count_nonzero(weights, 1) <= 5).all()  # an output row covers 3.28 input rows
+    # the taps give the full overlap-weight product exactly, and not pillow's bilinear filter
+    screen = resize_frame(frame, (64, 64), 'area')
+    full = np.einsum('oh,hwc,pw->opc', weights, frame.astype(np.float64), area_weights(160, 64))
+    np.testing.assert_array_equal(screen, np.clip(np.rint(full), 0, 255).astype(np.uint8))
+    assert np.abs(screen.astype(int) - resize_frame(frame, (64, 64), 'pillow')).max() > 16
     gray = resize_frame(frame[..., :1], (64, 64), 'area')
     assert gray.shape == (64, 64, 1) and gray.dtype == np.uint8
     # a flat screen stays flat; alternate rows are averaged, not sampled

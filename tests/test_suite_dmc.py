@@ -7,6 +7,7 @@ import pytest
 
 from envs import dmc
 from envs.dmc import DMC
+from helpers.paper_envs import paper_env, unwrap
 
 
 def gl_libraries_present() -> bool:
@@ -117,20 +118,10 @@ def test_action_repeat_sums_rewards_and_renders_once_per_agent_step(monkeypatch)
         DMC('walker_walk', action_repeat=0)
 
 
-def paper_env(block, task):
-    import config as config_module
-    import envs
-    config = config_module.load_config(['--configs', block, '--task', task])
-    return config, envs.make_env(config, 'train', 0)
-
-
 def test_dmc_proprio_episode_is_500_agent_steps_never_terminal():
     config, env = paper_env('dmc_proprio', 'dmc_cartpole_balance')
     assert config.action_repeat == 2 and config.time_limit == 0 and config.env.dmc.image is False
-    stack, inner = [], env
-    while not isinstance(inner, DMC):
-        stack.append(type(inner).__name__)
-        inner = inner.env
+    stack, inner = unwrap(env, DMC)
     assert stack == ['Flags', 'NormalizeActions'] and inner._repeat == 2  # the env repeats itself
     obs, _ = env.reset()
     assert set(obs) == {'position', 'velocity', 'reward', 'is_first', 'is_last', 'is_terminal'}
