@@ -128,18 +128,12 @@ def test_episodes_are_cut_at_10000_steps_as_truncation():
 
 
 def test_crafter_block_builds_the_papers_env():
-    import config as config_module
-    import envs
-    config = config_module.load_config(['--configs', 'crafter'])
+    from helpers.paper_envs import paper_env, unwrap
+    config, env = paper_env('crafter')  # the block's own task
     assert config.task == 'crafter_reward' and config.steps == 1_000_000
     assert config.action_repeat == 1 and config.envs.amount == 1 and config.train_ratio == 512
     assert config.reward_clip == 0.0 and config.time_limit == 0
-    env = envs.make_env(config, 'train', 0)
-    stack = []
-    inner = env
-    while not isinstance(inner, Crafter):
-        stack.append(type(inner).__name__)
-        inner = inner.env
+    stack, _ = unwrap(env, Crafter)
     assert stack == ['Flags', 'OneHotAction']  # no repeat, no clipping, crafter's own length
     assert set(env.obs_space) == {'image'} and env.obs_space['image'].shape == (64, 64, 3)
     obs, _ = env.reset()

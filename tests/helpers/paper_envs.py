@@ -4,9 +4,9 @@ import config as config_module
 import envs
 
 
-def paper_env(block: str, task: str, **overrides):
-    """(config, make_env's train env 0) for `--configs block --task task --key value ...`."""
-    argv = ['--configs', block, '--task', task]
+def paper_env(block: str, task: str | None = None, **overrides):
+    """(config, make_env's train env 0) for `--configs block [--task task] --key value ...`."""
+    argv = ['--configs', block] + (['--task', task] if task else [])
     for key, value in overrides.items():
         argv += [f'--{key}', str(value)]
     config = config_module.load_config(argv)
