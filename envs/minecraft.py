@@ -1,16 +1,25 @@
 """Minecraft on MineRL 0.4.4 (`minecraft_diamond`, `minecraft_wood`, `minecraft_climb`).
 
-The DreamerV3 paper's Minecraft Diamond set-up (appendix "Minecraft"):
+Follows the paper's code (danijar/dreamerv3 v1: `embodied/envs/minecraft.py`, `minecraft_base.py`,
+`minecraft_minerl.py`):
 - a flat categorical action space of 25 actions (`DIAMOND_ACTIONS`: 12 movement/camera/attack/place
-  actions plus 13 abstract crafting, placing, equipping and smelting actions of MineRL);
+  actions plus 13 abstract crafting, placing, equipping and smelting actions of MineRL, in v1's order);
 - observations: 64x64x3 first-person `image`, `inventory` counts, `inventory_max` (running maximum of
   the counts since the episode began), one-hot `equipped` main-hand item, and `health`, `hunger`,
-  `breath` scaled to [0, 1] (vectors of shape (1,)); `log_<item>` counts for log, cobblestone,
-  iron_ingot and diamond are for logging only;
+  `breath` scaled to [0, 1] (vectors of shape (1,) here, scalars in v1); `log_<item>` counts for log,
+  cobblestone, iron_ingot and diamond are for logging only;
 - reward +1 the first time in an episode each of 12 milestone items is obtained (`DIAMOND_MILESTONES`),
-  plus -0.01 per lost heart and +0.01 per restored heart (one heart = 2 life points);
-- the jump key is held for 200 ms (4 steps at 20 Hz) so a jump triggers; episodes end on death
-  (`terminated`) or after 36000 steps (`truncated`); `break_speed` multiplies block breaking speed.
+  plus 0.01 times the change of the `health` observation (life / 20): -0.001 per lost heart of 2 life
+  points, +0.001 per restored one;
+- sticky jump: a jump action keeps jump (and forward) pressed for 10 steps; sticky attack: with
+  `break_speed` 1.0 only, an attack action keeps attack pressed (and jump released) for 30 steps;
+  camera pitch stays within [-60, 60] degrees (a turn beyond it is dropped);
+- episodes end when MineRL says done (`terminated`, as v1 counts every MineRL end as terminal) or after
+  36000 steps (`truncated`); a MineRL step that reports an error ends the episode as `truncated` with
+  the last good observation (v1 resets the game there too); `break_speed` multiplies block breaking
+  speed;
+- before the game starts, Minecraft's options.txt gets v1's settings (`GAME_OPTIONS`: normal
+  difficulty, render distance 6, gamma 5, no FOV effects, minimal ambient occlusion).
 `minecraft_wood` rewards +1 per log collected (and the health term) with the 12 basic actions;
 `minecraft_climb` rewards height gained (and the health term).
 
@@ -19,6 +28,9 @@ dicts shaped like MineRL observations.
 """
 from __future__ import annotations
 
+import os
+import pathlib
+import tempfile
 from typing import Any
 
 import gymnasium
@@ -34,13 +46,17 @@ INSTALL_MESSAGE = (
     "--env.minecraft.break_speed 1.0.")
 
 EPISODE_LENGTH = 36000          # steps: 30 minutes at 20 Hz
-JUMP_HOLD_STEPS = 4             # 200 ms at 20 Hz: keep the jump key pressed so the jump triggers
+STICKY_JUMP_STEPS = 10          # steps a jump action keeps jump and forward pressed (v1 sticky_jump)
+STICKY_ATTACK_STEPS = 30        # steps an attack action keeps attack pressed (v1 sticky_attack) ...
+STICKY_ATTACK_BREAK_SPEED = 1.0  # ... used only at this break_speed (v1 turns it off otherwise)
 PITCH_LIMIT = (-60.0, 60.0)     # degrees; camera pitch changes beyond this are dropped
 CAMERA_STEP = 15.0              # degrees per turn action
-HEART_REWARD = 0.01             # reward per restored heart (negative per lost heart)
-LIFE_POINTS_PER_HEART = 2.0
+HEALTH_REWARD_SCALE = 0.01      # reward per unit change of the `health` observation (life / MAX_LIFE)
 MAX_LIFE, MAX_FOOD, MAX_AIR = 20.0, 20.0, 300.0
 LOGGED_ITEMS = ('log', 'cobblestone', 'iron_ingot', 'diamond')
+# Minecraft client settings v1 writes into MineRL's options.txt before the game starts.
+GAME_OPTIONS = {'difficulty': '2', 'renderDistance': '6', 'simulationDistance': '6',
+                'fovEffectScale': '0.0', 'ao': '1', 'gamma': '5.0'}
 
 NOOP_ACTION: dict[str, Any] = {
     'camera': (0.0, 0.0), 'forward': 0, 'back': 0, 'left': 0, 'right': 0, 'jump': 0, 'sneak': 0,
@@ -70,8 +86,8 @@ DIAMOND_ACTIONS = BASIC_ACTIONS + (
     ('craft_wooden_pickaxe', {'nearbyCraft': 'wooden_pickaxe'}),
     ('craft_stone_pickaxe', {'nearbyCraft': 'stone_pickaxe'}),
     ('craft_iron_pickaxe', {'nearbyCraft': 'iron_pickaxe'}),
-    ('equip_wooden_pickaxe', {'equip': 'wooden_pickaxe'}),
     ('equip_stone_pickaxe', {'equip': 'stone_pickaxe'}),
+    ('equip_wooden_pickaxe', {'equip': 'wooden_pickaxe'}),
     ('equip_iron_pickaxe', {'equip': 'iron_pickaxe'}),
     ('craft_furnace', {'nearbyCraft': 'furnace'}),
     ('place_furnace', {'place': 'furnace'}),
@@ -86,36 +102,53 @@ TASK_ACTIONS = {'diamond': DIAMOND_ACTIONS, 'wood': BASIC_ACTIONS, 'climb': BASI
 
 
 class ActionMapper:
-    """Categorical index -> full MineRL action dict, holding jump and limiting the camera pitch."""
+    """Categorical index -> full MineRL action dict, with v1's sticky attack / jump and pitch limit.
 
-    def __init__(self, actions: tuple[tuple[str, dict[str, Any]], ...],
-                 jump_hold: int = JUMP_HOLD_STEPS, pitch_limit: tuple[float, float] = PITCH_LIMIT):
+    `sticky_attack` (0 = off) and `sticky_jump` are the number of steps, counting the one that pressed
+    the key, for which an attack / jump action stays pressed; while attack is held, jump is released
+    (an attack hold then a jump hold can still press jump again). `pitch_limit` None: no limit.
+    """
+
+    def __init__(self, actions: tuple[tuple[str, dict[str, Any]], ...], sticky_attack: int = 0,
+                 sticky_jump: int = STICKY_JUMP_STEPS,
+                 pitch_limit: tuple[float, float] | None = PITCH_LIMIT):
         self.names = tuple(name for name, _ in actions)
         self._actions = tuple({**NOOP_ACTION, **partial} for _, partial in actions)
-        self._jump_hold, self._pitch_limit = jump_hold, pitch_limit
-        self._jump_left, self._pitch = 0, 0.0
+        self._sticky_attack, self._sticky_jump = int(sticky_attack), int(sticky_jump)
+        self._pitch_limit = pitch_limit
+        self._attack_left = self._jump_left = 0
+        self._pitch = 0.0
 
     def __len__(self) -> int:
         return len(self._actions)
 
     def reset(self) -> None:
-        self._jump_left, self._pitch = 0, 0.0
+        self._attack_left = self._jump_left = 0
+        self._pitch = 0.0
 
     def __call__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self._actions):
             raise ValueError(f'Minecraft action must be an index in 0..{len(self._actions) - 1}; '
                              f'got {index}.')
         action = dict(self._actions[index])
-        if action['jump']:
-            self._jump_left = self._jump_hold
-        if self._jump_left > 0:  # keep the key pressed: jump (and forward) for jump_hold steps
-            action['jump'], action['forward'] = 1, 1
-            self._jump_left -= 1
+        if self._sticky_attack:  # attack first: it releases jump, which a running jump hold re-presses
+            if action['attack']:
+                self._attack_left = self._sticky_attack
+            if self._attack_left > 0:
+                action['attack'], action['jump'] = 1, 0
+                self._attack_left -= 1
+        if self._sticky_jump:
+            if action['jump']:
+                self._jump_left = self._sticky_jump
+            if self._jump_left > 0:
+                action['jump'], action['forward'] = 1, 1
+                self._jump_left -= 1
         pitch, yaw = action['camera']
-        low, high = self._pitch_limit
-        if pitch and not low <= self._pitch + pitch <= high:
-            pitch = 0.0
-        self._pitch += pitch
+        if self._pitch_limit and pitch:
+            low, high = self._pitch_limit
+            if not low <= self._pitch + pitch <= high:
+                pitch = 0.0
+            self._pitch += pitch
         action['camera'] = np.array([pitch, yaw], np.float32)
         return action
 
@@ -198,8 +231,12 @@ class CollectReward:
 
 
 def health_reward(previous_life: float, life: float) -> float:
-    """+-0.01 per restored / lost heart (2 life points)."""
-    return HEART_REWARD * (life - previous_life) / LIFE_POINTS_PER_HEART
+    """0.01 times the change of the health observation (life / 20), in float32 like v1.
+
+    A lost heart (2 life points) gives -0.001, a restored one +0.001.
+    """
+    health, previous = np.float32(life / MAX_LIFE), np.float32(previous_life / MAX_LIFE)
+    return float(np.float32(HEALTH_REWARD_SCALE * (health - previous)))
 
 
 class Minecraft:
@@ -216,12 +253,14 @@ class Minecraft:
         spaces = self._env.observation_space
         self._convert = ObservationConverter(list(spaces['inventory'].spaces.keys()),
                                              list(spaces['equipped_items']['mainhand']['type'].values))
-        self._mapper = ActionMapper(TASK_ACTIONS[name])
+        sticky_attack = STICKY_ATTACK_STEPS if float(break_speed) == STICKY_ATTACK_BREAK_SPEED else 0
+        self._mapper = ActionMapper(TASK_ACTIONS[name], sticky_attack=sticky_attack)
         self._milestones = MilestoneReward(DIAMOND_MILESTONES)
         self._logs = CollectReward('log')
         self._life = self._height = 0.0
         self._step = 0
         self._last_image = np.zeros(self._size + (3,), np.uint8)  # (H, W, 3)
+        self._last_obs: dict[str, np.ndarray] | None = None
 
     def _make_backend(self, size: tuple[int, int], break_speed: float):
         """The MineRL gym env (old gym API: reset() -> obs, step() -> obs, reward, done, info)."""
@@ -260,17 +299,22 @@ class Minecraft:
         self._height = float(raw.get('location_stats', {}).get('ypos', 0.0))
         self._step = 0
         self._last_image = np.asarray(raw['pov'], np.uint8)
-        return self._convert(raw), {}
+        self._last_obs = self._convert(raw)
+        return self._last_obs, {}
 
     def step(self, action) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         index = int(np.asarray(action).reshape(-1)[0]) if np.ndim(action) else int(action)
         raw, _, done, info = self._env.step(self._mapper(index))
+        info = dict(info or {})
         self._step += 1
+        if 'error' in info:  # v1 restarts the game here; the caller's reset() does that
+            return dict(self._last_obs), 0.0, False, True, info
         reward = self._reward(raw)
         self._last_image = np.asarray(raw['pov'], np.uint8)
-        terminated = bool(done and raw['life_stats']['life'] <= 0)
-        truncated = bool(not terminated and (done or self._step >= self._length))
-        return self._convert(raw), reward, terminated, truncated, dict(info or {})
+        self._last_obs = self._convert(raw)
+        terminated = bool(done)  # v1 (from_gym.py): every MineRL end is terminal
+        truncated = bool(not terminated and self._step >= self._length)
+        return self._last_obs, reward, terminated, truncated, info
 
     def render(self, mode: str = 'rgb_array') -> np.ndarray:
         del mode
@@ -295,13 +339,49 @@ class Minecraft:
         return float(reward)
 
 
+def edit_game_options(text: str, options: dict[str, str] = GAME_OPTIONS) -> str:
+    """Minecraft options.txt text with each `key:value` line of `options` set (appended if missing)."""
+    lines = text.splitlines()
+    for key, value in options.items():
+        found = [i for i, line in enumerate(lines) if line.split(':', 1)[0] == key]
+        for i in found:
+            lines[i] = f'{key}:{value}'
+        if not found:
+            lines.append(f'{key}:{value}')
+    return '\n'.join(lines) + '\n'
+
+
+def apply_game_options(path: pathlib.Path, options: dict[str, str] = GAME_OPTIONS) -> None:
+    """Write `options` into the options.txt at `path` (created if missing), atomically and only on change.
+
+    Many env processes may start at once, so the file is replaced whole, never rewritten in place.
+    """
+    path = pathlib.Path(path)
+    old = path.read_text() if path.exists() else ''
+    new = edit_game_options(old, options)
+    if new == old:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix='.options.', suffix='.txt')
+    try:
+        os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        with os.fdopen(handle, 'w') as file:
+            file.write(new)
+        os.replace(temporary, path)
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def make_minerl_env(size: tuple[int, int], break_speed: float):
     """A MineRL 0.4.4 env built from a custom herobraine EnvSpec with the paper's handlers."""
     try:
+        import minerl
         from minerl.herobraine.env_spec import EnvSpec
         from minerl.herobraine.hero import handler, handlers, mc
     except ImportError as error:
         raise MissingDependency(INSTALL_MESSAGE.format(error=error)) from error
+    apply_game_options(pathlib.Path(minerl.__file__).parent / 'Malmo' / 'Minecraft' / 'run' / 'options.txt')
 
     class BreakSpeed(handler.Handler):
         def to_string(self) -> str:
