@@ -287,46 +287,64 @@ def render_failure(error: Exception) -> str:
             "render(mode='rgb_array'); or set --video False.")
 
 
-def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger, video: bool = True,
-             stop: Callable[[], bool] = lambda: False) -> tuple[int, bool, bool]:
-    """Run eval_episode_num episodes with the policy (its most likely action, or sampled with
-    eval_sample); log their returns and, if `video`, the video of env 0's first episode. `stop()`
-    true (a stop request) ends it early with nothing logged. Returns (video frames recorded,
-    whether render() worked: False after it raised, which is logged once here, whether it ran to
-    the end)."""
+@dataclasses.dataclass
+class EvalResult:
+    """One rank's share of an evaluation."""
+
+    returns: list[float] = dataclasses.field(default_factory=list)
+    lengths: list[int] = dataclasses.field(default_factory=list)
+    frames: list[np.ndarray] = dataclasses.field(default_factory=list)  # env 0's first episode, (H, W, 3) each
+    render_ok: bool = True  # False once render() raised (logged once by evaluate)
+    completed: bool = True  # False when a stop request cut it short
+
+
+def eval_share(episodes: int, rank: int, world: int) -> int:
+    """Rank `rank`'s share of `episodes` eval episodes: equal parts, the first ranks one more."""
+    return episodes // world + (rank < episodes % world)
+
+
+def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, logger: Logger,
+             video: bool = True, stop: Callable[[], bool] = lambda: False) -> EvalResult:
+    """Run `episodes` episodes (at least; envs that end at the same step all count) with the
+    policy's eval mode (its most likely action, or sampled with eval_sample), recording up to
+    `video_length` frames of env 0's first episode if `video`. `stop()` true (a stop request)
+    ends it early, with `completed` False."""
     import envs
 
-    returns: list[float] = []
-    lengths: list[int] = []
+    result = EvalResult()
     tracker = EpisodeTracker(len(pool))
-    frames: list[np.ndarray] = []
-    want_video, render_ok = video, True
+    want_video = video
     actions = agent.random_actions(len(pool))  # ignored: the first step resets every env
     state = None
-    while len(returns) < config.eval_episode_num:
+    while len(result.returns) < episodes:
         if stop():
-            logger.info(f"evaluation stopped by the stop request after {len(returns)} of "
-                        f"{config.eval_episode_num} episodes (not logged)")
-            return len(frames), render_ok, False
+            result.completed = False
+            return result
         observations = pool.step(actions)
         for index, obs in enumerate(observations):
-            envs.check_running_step(obs, f"eval env {index}")
+            envs.check_running_step(obs, f"eval env {pool.first_index + index}")
             summary = tracker.add(index, obs)
             if summary is not None:
-                returns.append(summary["return"])
-                lengths.append(summary["length"])
+                result.returns.append(summary["return"])
+                result.lengths.append(summary["length"])
                 if index == 0:
                     want_video = False
-        if want_video and len(frames) < config.video_length:
+        if want_video and len(result.frames) < video_length:
             try:
                 frame = render_frame(pool, observations[0])
             except envs.EnvError as error:
                 logger.warning(render_failure(error))
-                frame, render_ok = None, False
+                frame, result.render_ok = None, False
             want_video = frame is not None
             if frame is not None:
-                frames.append(frame)
+                result.frames.append(frame)
         actions, state = agent.policy(stack_obs(observations), state, "eval")
+    return result
+
+
+def log_eval(config: Config, returns: list[float], lengths: list[int], frames: list[np.ndarray],
+             logger: Logger) -> None:
+    """The evaluation's scalars (every rank's episodes) and env 0's video."""
     metrics = {"eval/return": float(np.mean(returns)), "eval/length": float(np.mean(lengths)),
                "eval/episodes": float(len(returns))}
     logger.scalars(metrics)
@@ -335,7 +353,6 @@ def evaluate(config: Config, agent: Agent, pool: EnvPool, logger: Logger, video:
                     f"{max(returns):.2f}) over {len(returns)} episodes, mean length {metrics['eval/length']:.0f}")
     if frames:
         logger.video("eval/video", np.stack(frames)[None])
-    return len(frames), render_ok, True
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -675,7 +692,7 @@ class Trainer:
     # -- schedule
     def should_eval(self) -> bool:
         c = self.config
-        return self.dist.main and c.eval_every > 0 and self.counters.step - self.counters.last_eval >= c.eval_every
+        return c.eval_every > 0 and self.counters.step - self.counters.last_eval >= c.eval_every
 
     def should_eval_at_end(self) -> bool:
         c = self.config
@@ -764,25 +781,46 @@ class Trainer:
         return [s for part in gathered for s in part]
 
     def run_eval(self, stop: Callable[[], bool] = lambda: False) -> None:
-        """Evaluate on fresh eval envs (the same seeds every time, apart from the train envs'), log
-        the returns, one episode's video and the world model's open-loop predictions. A stop
-        request (`stop()`) cuts it short: nothing is logged and the evaluation stays due."""
-        amount = min(self.config.envs.amount, self.config.eval_episode_num)
-        with make_env_pool(self.config, "eval", amount, 0, self.logger) as pool:
-            frames, render_ok, completed = evaluate(self.config, self.agent, pool, self.logger,
-                                                    self.wants_video, stop)
+        """Evaluate on fresh eval envs (the same seeds every time, apart from the train envs'), each
+        rank its share of the episodes (`eval_share`) on its own envs; rank 0 logs the returns of
+        all, env 0's video and the world model's open-loop predictions. A stop request (`stop()`)
+        on any rank cuts it short: nothing is logged and the evaluation stays due."""
+        config, dist = self.config, self.dist
+        share = eval_share(config.eval_episode_num, dist.rank, dist.world)
+        result = EvalResult()
+        if share:
+            amount = min(config.envs.amount, share)
+            # eval env indices of rank r start at r * envs.amount, like its train envs'
+            with make_env_pool(config, "eval", amount, dist.rank * config.envs.amount, self.logger) as pool:
+                result = evaluate(self.agent, pool, share, config.video_length, self.logger,
+                                  self.wants_video and dist.main, stop)
+        returns, lengths, completed = self.gather_eval(result)
         if not completed:
+            self.logger.info(f"evaluation stopped by the stop request after {len(returns)} of "
+                             f"{config.eval_episode_num} episodes (not logged)")
             return
-        if self.wants_video and render_ok and not frames:
+        log_eval(config, returns, lengths, result.frames, self.logger)
+        if self.wants_video and result.render_ok and not result.frames and dist.main:
             self.logger.info("no eval video: the env has no render() (or it gives no frame) and no 'image' "
                              "observation (training is not affected)")
-        if not (render_ok and frames):  # a raising render() is logged once by evaluate
+        if not (result.render_ok and result.frames):  # a raising render() is logged once by evaluate
             self.wants_video = False  # later evaluations record no video
-        if self.config.video and self.prefetch is not None:
+        if config.video and self.prefetch is not None and dist.main:
             for name, video in self.agent.report(self.prefetch.next()).items():
                 self.logger.video(name, video[None] if video.ndim == 4 else video)
         self.counters.last_eval = self.counters.step
         self.logger.write(self.counters.step)
+
+    def gather_eval(self, result: EvalResult) -> tuple[list[float], list[int], bool]:
+        """(every rank's returns, lengths, whether every rank completed its share)."""
+        if self.dist.world == 1:
+            return result.returns, result.lengths, result.completed
+        import torch.distributed as torch_dist
+
+        gathered: list = [None] * self.dist.world
+        torch_dist.all_gather_object(gathered, (result.returns, result.lengths, result.completed))
+        return ([r for part in gathered for r in part[0]], [n for part in gathered for n in part[1]],
+                all(part[2] for part in gathered))
 
     def loop(self, interrupt: Interrupt) -> None:
         config, counters, logger = self.config, self.counters, self.logger
@@ -892,7 +930,7 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
                     f"{config.steps}; raise --steps to train further")
     try:
         trainer.loop(interrupt)
-        if dist.main and trainer.should_eval_at_end() and not interrupt.requested:
+        if trainer.should_eval_at_end() and not interrupt.requested:  # every rank: each evaluates its share
             trainer.run_eval(stop=lambda: interrupt.requested)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, but still save
         interrupt.requested = True

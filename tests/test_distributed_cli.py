@@ -47,6 +47,29 @@ class OddBad(gymnasium.Env):
 gymnasium.register(id="OddBad-v0", entry_point=OddBad)
 '''
 
+# ten-step episodes of return 10; every seeded reset appends its seed to $RESETS_FILE
+COUNTED_ENV = '''
+import os, gymnasium, numpy as np
+
+class Counted(gymnasium.Env):
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if seed is not None:
+            with open(os.environ["RESETS_FILE"], "a") as out:
+                out.write(f"{seed}\\n")
+        self._t = 0
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        self._t += 1
+        return np.zeros(3, np.float32), 1.0, self._t >= 10, False, {}
+
+gymnasium.register(id="Counted-v0", entry_point=Counted)
+'''
+
 
 def environment(**extra: str) -> dict:
     return {**os.environ, "CI": "1", **extra}
@@ -232,6 +255,44 @@ def test_kill_9_of_one_rank_stops_the_others_and_names_it(tmp_path):
     assert lock_is_free(logdir)
     assert checkpoint_step(logdir) == saved_steps(logdir)[-1]  # the last checkpoint, intact
     assert f"ERROR rank 1 (pid {rank1}) was ended by SIGKILL" in log_text(logdir)  # the log says why too
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def test_eval_shares_split_the_episodes_over_the_ranks():
+    import dreamer
+
+    assert [dreamer.eval_share(10, rank, 4) for rank in range(4)] == [3, 3, 2, 2]
+    assert [dreamer.eval_share(3, rank, 2) for rank in range(2)] == [2, 1]
+    assert [dreamer.eval_share(1, rank, 2) for rank in range(2)] == [1, 0]  # rank 1 makes no eval envs
+    assert dreamer.eval_share(7, 0, 1) == 7
+
+
+def test_every_rank_evaluates_its_share_and_rank_0_logs_them_all(tmp_path):
+    import envs
+
+    (tmp_path / "countedenv.py").write_text(COUNTED_ENV)
+    resets = tmp_path / "resets.txt"
+    logdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "dreamer.py", "--configs", "debug", "gym", "--task", "gym_countedenv:Counted-v0",
+         "--parallel", "2", "--device", "cpu", "--seed", "5", "--steps", "60", "--eval_every", "40",
+         "--eval_episode_num", "3", "--log_every", "20", "--logdir", str(logdir)],
+        cwd=ROOT, env=environment(PYTHONPATH=str(tmp_path), RESETS_FILE=str(resets)),
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/return" in r]
+    # at step 40 and at the end (60): rank 0's 2 episodes and rank 1's 1, each of return 10
+    assert [r["step"] for r in evals] == [40, 60]
+    assert all(r["eval/episodes"] == 3 and r["eval/return"] == 10.0 and r["eval/length"] == 10 for r in evals)
+    seeds = [int(line) for line in resets.read_text().split()]
+    # one env per rank: rank 0's eval env is eval env 0, rank 1's eval env 1 (a one-rank run
+    # would make eval env 0 alone); each evaluation makes fresh eval envs with the same seeds
+    eval_seeds = [envs.env_seed(5, "eval", index) for index in (0, 1)]
+    assert sorted(s for s in seeds if s in eval_seeds) == sorted(eval_seeds * 2)
+    assert (logdir / "train.log").read_text().count("finished: 60 steps") == 1
 
 
 # ---------------------------------------------------------------------------------------- user errors
