@@ -6,18 +6,24 @@ access (`cfg.rssm.deter`, `cfg['rssm']['deter']`, `RSSM(**cfg.rssm)`), whose lis
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import io
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.reader import ReaderError
 
 CONFIGS_PATH = Path(__file__).resolve().parent / "configs.yaml"
 DEBUG_BLOCK = "debug"
 DEFAULTS_BLOCK = "defaults"
+ENV_OPTIONS = "env"  # env.<suite>.<key>: keyword arguments of a suite's constructor, open to any suite and key
 
 # Keys whose value is one of a fixed set of strings (checked after merging).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -128,21 +134,155 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_blocks(path: Path = CONFIGS_PATH) -> dict[str, dict[str, Any]]:
-    """All blocks of configs.yaml as plain dicts, `defaults` first."""
+def read_blocks(path: Path | None = None, notes: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """All blocks of configs.yaml as plain dicts, in file order.
+
+    A YAML syntax error, a key set twice inside a block, or a block defined twice with other contents
+    is a ConfigError naming the file and lines. A block defined twice with the same contents (the
+    guide's `custom` block appended to a configs.yaml that ships it) keeps the first copy and adds one
+    line saying so to `notes`.
+    """
+    path = CONFIGS_PATH if path is None else Path(path)
+    text = path.read_text(encoding="utf-8")
     yaml = YAML(typ="rt")
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.load(f)
-    if not isinstance(raw, Mapping) or DEFAULTS_BLOCK not in raw:
+    root = _compose(yaml, text, path)
+    if not isinstance(root, MappingNode):
         raise ConfigError(f"{path} must be a mapping of blocks with a '{DEFAULTS_BLOCK}' block.")
-    return {name: _plain(block or {}) for name, block in raw.items()}
+    blocks: dict[str, dict[str, Any]] = {}
+    first_lines: dict[str, int] = {}
+    for key_node, value_node in root.value:
+        name, line = str(key_node.value), key_node.start_mark.line + 1
+        _check_duplicate_keys(value_node, path, name)
+        block = _plain(_construct(yaml, value_node, text, path))
+        if block is None:
+            block = {}
+        if not isinstance(block, dict):
+            raise ConfigError(
+                f"{path}, line {line}: block '{name}' is {block!r}, but a block is a mapping of keys "
+                f"(e.g. '{name}: {{batch_size: 16}}', or one 'key: value' per indented line). Fix the block."
+            )
+        if name in blocks:
+            note = _same_block_twice(path, name, first_lines[name], line, blocks[name], block)
+            if notes is not None:
+                notes.append(note)
+            continue
+        blocks[name], first_lines[name] = block, line
+    if DEFAULTS_BLOCK not in blocks:
+        raise ConfigError(f"{path} must be a mapping of blocks with a '{DEFAULTS_BLOCK}' block.")
+    return blocks
 
 
-def key_comments(path: Path = CONFIGS_PATH) -> dict[str, str]:
+def _compose(yaml: YAML, text: str, path: Path) -> Node | None:
+    """The node tree of `text` (nothing constructed, so duplicate keys are still there to be found)."""
+    try:
+        return yaml.compose(text)
+    except YAMLError as error:
+        raise _syntax_error(error, text, path) from None
+
+
+def _construct(yaml: YAML, node: Node, text: str, path: Path) -> Any:
+    try:
+        return yaml.constructor.construct_object(node, deep=True)
+    except YAMLError as error:
+        raise _syntax_error(error, text, path) from None
+
+
+def _syntax_error(error: YAMLError, text: str, path: Path) -> ConfigError:
+    """One paragraph for ruamel's error: file, line and column, its problem in its own words, and the
+    line to fix (where ruamel's context starts when that is what it scanned, e.g. a key without ':')."""
+    if isinstance(error, ReaderError):  # a character YAML does not allow (a control character)
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - (text.rfind("\n", 0, error.position) + 1) + 1
+        code = error.character if isinstance(error.character, int) else ord(str(error.character)[:1] or " ")
+        return ConfigError(
+            f"{path}, line {line}, column {column}: not valid YAML: {error.reason} (character "
+            f"U+{code:04X}). The run did not start: delete that character."
+        )
+    if not isinstance(error, MarkedYAMLError) or (error.problem_mark or error.context_mark) is None:
+        what = " ".join(str(error).split())
+        return ConfigError(f"{path} is not valid YAML: {what}. The run did not start: fix the file.")
+    mark = error.problem_mark or error.context_mark
+    line, column = mark.line + 1, mark.column + 1
+    problem, context = error.problem or error.context, ""
+    culprit = line
+    if error.problem and error.context and error.context_mark is not None:
+        context = f" ({error.context} at line {error.context_mark.line + 1})"
+        if error.context.startswith(("while scanning", "while parsing a flow")):
+            culprit = error.context_mark.line + 1  # the key without ':', the unclosed '{' or quote
+    lines = text.splitlines()
+    source = lines[culprit - 1] if 0 < culprit <= len(lines) else ""
+    hint = ("indent with spaces, not tabs" if "\t" in source else
+            "every key needs a colon and a space ('batch_size: 16'), indents are spaces (never tabs), and "
+            "every '{', '[' and quote must be closed")
+    shown = f"line {culprit} reads '{source.strip()}': fix it" if source.strip() else f"fix line {culprit}"
+    return ConfigError(
+        f"{path}, line {line}, column {column}: not valid YAML: {problem}{context}. The run did not "
+        f"start: {shown} ({hint})."
+    )
+
+
+def _check_duplicate_keys(node: Node, path: Path, block: str, prefix: str = "") -> None:
+    """A key given twice in one mapping of a block: ConfigError naming the file, both lines and the key."""
+    if isinstance(node, SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(item, path, block, prefix)
+    if not isinstance(node, MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, ScalarNode) or key_node.value == "<<":  # merge keys are not keys
+            continue
+        key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+        if key in seen:
+            lines = f"on line {line}" if seen[key] == line else f"(line {seen[key]} and line {line})"
+            raise ConfigError(
+                f"{path}, line {line}: block '{block}' sets '{key}' twice {lines}, and only one value can "
+                f"hold. Delete one of the two (keep the value you want); the run did not start."
+            )
+        seen[key] = line
+        _check_duplicate_keys(value_node, path, block, key + ".")
+
+
+def _same_block_twice(path: Path, name: str, first: int, second: int, kept: dict, other: dict) -> str:
+    """The note for a block defined twice with the same contents; a ConfigError if they differ."""
+    if kept == other:
+        return (f"note: {path} defines block '{name}' twice (line {first} and line {second}) with the "
+                f"same contents; the second copy is ignored.")
+    differences = _differences(kept, other)
+    shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+    raise ConfigError(
+        f"{path} defines block '{name}' twice, at line {first} and at line {second}, with different "
+        f"contents ({shown}), and a block name can hold only one of them. Edit the first one (line {first}) "
+        f"instead of adding a second, or give yours another name (e.g. '{name}_mine:' at line {second}) "
+        f"and pass it with --configs {name}_mine. The run did not start."
+    )
+
+
+_UNSET = object()
+
+
+def _differences(first: Mapping, second: Mapping, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two copies of a block, short values shown."""
+    found: list[str] = []
+    for key in list(first) + [k for k in second if k not in first]:
+        a, b = first.get(key, _UNSET), second.get(key, _UNSET)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found.extend(_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            found.append(f"'{prefix}{key}' {_shown(a)} vs {_shown(b)}")
+    return found
+
+
+def _shown(value: Any) -> str:
+    text = "unset" if value is _UNSET else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def key_comments(path: Path | None = None) -> dict[str, str]:
     """The one-line comment of every key of `defaults` (dotted names for nested keys)."""
     comments: dict[str, str] = {}
     in_defaults = False
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(CONFIGS_PATH if path is None else path).read_text(encoding="utf-8").splitlines():
         if re.match(r"^\S", line):
             in_defaults = line.startswith(f"{DEFAULTS_BLOCK}:")
             continue
@@ -167,35 +307,65 @@ def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+def _siblings(base: Mapping[str, Any], dotted: str) -> list[str]:
+    """The dotted names of the keys of `base`, the mapping that holds `dotted`."""
+    parent = dotted.rpartition(".")[0]
+    return [f"{parent}.{key}" if parent else key for key in flat_keys(base)]
+
+
 def _closest(name: str, candidates: list[str]) -> str:
     match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     return f" (did you mean --{match[0]}?)" if match else ""
 
 
+def is_suite_options(dotted: str) -> bool:
+    """Whether `dotted` is `env.<suite>`: the keyword arguments of one suite's constructor."""
+    parts = dotted.split(".")
+    return len(parts) == 2 and parts[0] == ENV_OPTIONS
+
+
+def is_open(dotted: str) -> bool:
+    """Whether `dotted` lies under `env.<suite>`, where every key is open (any suite, any option)."""
+    parts = dotted.split(".")
+    return len(parts) >= 3 and parts[0] == ENV_OPTIONS
+
+
 def merge_block(base: dict[str, Any], block: Mapping[str, Any], block_name: str, prefix: str = "") -> None:
-    """Merge `block` into `base` in place, nested dicts key by key; a key `base` lacks is an error."""
+    """Merge `block` into `base` in place, nested dicts key by key; a key `base` lacks is an error,
+    except under `env.<suite>` (a suite's constructor options, any suite's, any key)."""
     for key, value in block.items():
         dotted = f"{prefix}{key}"
-        if key not in base:
-            raise ConfigError(
-                f"configs.yaml block '{block_name}' sets '{dotted}', which is not a key of the "
-                f"'{DEFAULTS_BLOCK}' block, so it would be silently ignored.{_closest(dotted, flat_keys(base))} "
-                f"Fix the spelling in the block, or add the key with a default and a comment to "
-                f"'{DEFAULTS_BLOCK}' if the program really reads it."
-            )
-        if isinstance(base[key], dict) and isinstance(value, Mapping):
-            if not base[key]:  # an open dict (no fixed keys) takes whatever the block gives
-                base[key] = dict(value)
-            else:
-                merge_block(base[key], value, block_name, dotted + ".")
-        elif isinstance(base[key], dict):
+        if key not in base and is_suite_options(dotted) and isinstance(value, Mapping):
+            base[key] = {}  # a suite the defaults give no options, e.g. the user's own
+        if key not in base and not is_open(dotted):
+            raise _unknown_block_key(base, block_name, dotted, value)
+        if isinstance(base.get(key), dict) and isinstance(value, Mapping):
+            merge_block(base[key], value, block_name, dotted + ".")
+        elif isinstance(base.get(key), dict) and not is_open(dotted):
+            example = next(iter(base[key]), "KEY")
+            listed = f" ({', '.join(base[key])})" if base[key] else ""
             raise ConfigError(
                 f"configs.yaml block '{block_name}' sets '{dotted}' to {value!r}, but in "
-                f"'{DEFAULTS_BLOCK}' it is a group of keys ({', '.join(base[key])}); set them one by one, "
-                f"e.g. '{dotted}: {{{next(iter(base[key]))}: ...}}'."
+                f"'{DEFAULTS_BLOCK}' it is a group of keys{listed}; set them one by one, "
+                f"e.g. '{dotted}: {{{example}: ...}}'."
             )
         else:
-            base[key] = value
+            base[key] = copy.deepcopy(value)
+
+
+def _unknown_block_key(base: dict[str, Any], block_name: str, dotted: str, value: Any) -> ConfigError:
+    if is_suite_options(dotted):
+        return ConfigError(
+            f"configs.yaml block '{block_name}' sets '{dotted}' to {value!r}, but env.<suite> holds the "
+            f"keyword arguments of that suite's constructor, a mapping: write e.g. "
+            f"'env: {{{dotted.split('.')[1]}: {{size: [64, 64]}}}}'."
+        )
+    return ConfigError(
+        f"configs.yaml block '{block_name}' sets '{dotted}', which is not a key of the "
+        f"'{DEFAULTS_BLOCK}' block, so it would be silently ignored.{_closest(dotted, _siblings(base, dotted))} "
+        f"Fix the spelling in the block, or add the key with a default and a comment to "
+        f"'{DEFAULTS_BLOCK}' if the program really reads it."
+    )
 
 
 def order_blocks(names: list[str]) -> tuple[list[str], bool]:
@@ -210,10 +380,11 @@ def order_blocks(names: list[str]) -> tuple[list[str], bool]:
 # --------------------------------------------------------------------------------------- overrides
 
 
-def parse_argv(argv: list[str]) -> tuple[list[str], list[tuple[str, str]], bool]:
+def parse_argv(argv: list[str], path: Path | None = None) -> tuple[list[str], list[tuple[str, str]], bool]:
     """Split argv into (block names, [(key, raw value)], help asked)."""
     blocks: list[str] = []
     overrides: list[tuple[str, str]] = []
+    empty_configs = False
     index = 0
     while index < len(argv):
         token = argv[index]
@@ -231,7 +402,9 @@ def parse_argv(argv: list[str]) -> tuple[list[str], list[tuple[str, str]], bool]
             while not eq and index < len(argv) and not argv[index].startswith("--"):
                 values.append(argv[index])
                 index += 1
-            blocks.extend(v for part in values for v in part.split(",") if v)
+            named = [v for part in values for v in part.split(",") if v]
+            empty_configs = empty_configs or not named
+            blocks.extend(named)
             continue
         if not eq:
             if index + 1 >= len(argv) or (argv[index + 1].startswith("--") and not _is_number(argv[index + 1])):
@@ -240,7 +413,18 @@ def parse_argv(argv: list[str]) -> tuple[list[str], list[tuple[str, str]], bool]
             index += 1
         overrides.append((key, value))
         index += 1
+    if empty_configs:
+        raise _no_block_named(path)
     return blocks, overrides, False
+
+
+def _no_block_named(path: Path | None) -> ConfigError:
+    names = ", ".join(n for n in read_blocks(path) if n != DEFAULTS_BLOCK)
+    return ConfigError(
+        f"--configs needs one or more block names, e.g. --configs debug custom; the blocks of "
+        f"configs.yaml are {names}. Name the blocks to merge, or leave out --configs to run on the "
+        f"'{DEFAULTS_BLOCK}' block alone. The run did not start."
+    )
 
 
 def _is_number(text: str) -> bool:
@@ -296,26 +480,75 @@ def parse_value(key: str, raw: str, default: Any) -> Any:
         except ConfigError:
             raise _type_error(key, "a comma-separated list", raw) from None
     if isinstance(default, dict):
-        raise ConfigError(
-            f"--{key} is a group of keys ({', '.join(default)}); override them one by one with dotted "
-            f"names, e.g. --{key}.{next(iter(default))} VALUE."
-        )
+        raise _group_error(key, default)
     return raw
 
 
-def apply_override(tree: dict[str, Any], key: str, raw: str) -> None:
-    """Set dotted `key` in `tree` from the command-line string `raw`."""
+def _group_error(key: str, group: Mapping[str, Any]) -> ConfigError:
+    if is_suite_options(key):
+        return ConfigError(
+            f"--{key} holds the keyword arguments of the {key.split('.')[1]} suite's constructor; set "
+            f"them one by one with dotted names, e.g. --{key}.{next(iter(group), 'size')} VALUE."
+        )
+    return ConfigError(
+        f"--{key} is a group of keys ({', '.join(group)}); override them one by one with dotted "
+        f"names, e.g. --{key}.{next(iter(group), 'KEY')} VALUE."
+    )
+
+
+def parse_open_value(raw: str) -> Any:
+    """A value for a key without a default (an option of a suite's constructor), read as YAML:
+    '1' -> 1, '0.5' -> 0.5, 'true' -> True, 'null' -> None, 'abc' -> 'abc'; '128,128' or
+    '[128, 128]' -> [128, 128]."""
+    text = raw.strip()
+    if "," in text or (text[:1], text[-1:]) in (("[", "]"), ("(", ")")):
+        return [_yaml_scalar(item.strip()) for item in text.strip("[]()").split(",") if item.strip()]
+    return _yaml_scalar(raw)
+
+
+def _yaml_scalar(text: str) -> Any:
+    """`text` as a YAML scalar (bool, int, float, null), else the string itself."""
+    if not text.strip():
+        return text
+    try:
+        value = YAML(typ="safe").load(text)
+    except YAMLError:
+        return text
+    if value is None and text.strip() not in ("null", "Null", "NULL", "~"):
+        return text  # e.g. '#red' (a YAML comment)
+    return value if value is None or isinstance(value, (bool, int, float, str)) else text
+
+
+def apply_override(tree: dict[str, Any], key: str, raw: str, defaults: Mapping[str, Any] | None = None) -> None:
+    """Set dotted `key` in `tree` from the command-line string `raw`, typed by the key's value in
+    `defaults` (default: `tree`). Under `env.<suite>` every suite and key is accepted; a key there
+    that `defaults` lacks is read by parse_open_value."""
     parts = key.split(".")
     node = tree
-    for depth, part in enumerate(parts):
+    for depth, part in enumerate(parts[:-1]):
+        dotted = ".".join(parts[: depth + 1])
+        if isinstance(node, dict) and part not in node and (is_suite_options(dotted) or is_open(dotted)):
+            node[part] = {}  # a suite (or a group of its options) that the defaults do not name
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(
-                f"unknown option --{key}: it is not a key of configs.yaml.{_closest(key, flat_keys(tree))} "
-                f"Run 'python3 dreamer.py --help' for the list of keys."
-            )
-        if depth < len(parts) - 1:
-            node = node[part]
-    node[parts[-1]] = parse_value(key, raw, node[parts[-1]])
+            raise _unknown_option(tree, key)
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, dict) and is_open(key):
+        default = lookup(tree if defaults is None else defaults, key, _UNSET)
+        node[last] = parse_open_value(raw) if default is _UNSET else parse_value(key, raw, default)
+        return
+    if not isinstance(node, dict) or last not in node:
+        if is_suite_options(key):
+            raise _group_error(key, {})
+        raise _unknown_option(tree, key)
+    node[last] = parse_value(key, raw, node[last])
+
+
+def _unknown_option(tree: dict[str, Any], key: str) -> ConfigError:
+    return ConfigError(
+        f"unknown option --{key}: it is not a key of configs.yaml.{_closest(key, flat_keys(tree))} "
+        f"Run 'python3 dreamer.py --help' for the list of keys."
+    )
 
 
 # -------------------------------------------------------------------------------------- validation
@@ -401,15 +634,20 @@ def lookup(tree: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
 class LoadedConfig:
     """What load_config produced besides the config itself (for the start-up message)."""
 
-    def __init__(self, blocks: list[str], debug_moved: bool):
+    def __init__(self, blocks: list[str], debug_moved: bool, notes: list[str] | None = None):
         self.blocks = blocks
         self.debug_moved = debug_moved
+        self.notes = notes or []  # one line each, already printed to stderr (e.g. a block defined twice)
 
 
-def build_config(argv: list[str], path: Path = CONFIGS_PATH) -> tuple[Config, LoadedConfig]:
-    """Merge defaults, blocks and overrides from `argv`; validate; freeze."""
-    blocks_available = read_blocks(path)
-    names, overrides, _ = parse_argv(argv)
+def build_config(argv: list[str], path: Path | None = None) -> tuple[Config, LoadedConfig]:
+    """Merge defaults, blocks and overrides from `argv`; validate; freeze. Notes on configs.yaml
+    (a block defined twice with the same contents) are printed to stderr, one line each."""
+    notes: list[str] = []
+    blocks_available = read_blocks(path, notes)
+    for note in notes:
+        print(note, file=sys.stderr)
+    names, overrides, _ = parse_argv(argv, path)
     for name in names:
         if name not in blocks_available or name == DEFAULTS_BLOCK:
             options = ", ".join(n for n in blocks_available if n != DEFAULTS_BLOCK)
@@ -418,17 +656,17 @@ def build_config(argv: list[str], path: Path = CONFIGS_PATH) -> tuple[Config, Lo
                 f"Blocks are defined in configs.yaml."
             )
     order, moved = order_blocks(names)
+    defaults_copy = copy.deepcopy(blocks_available[DEFAULTS_BLOCK])
     tree = blocks_available[DEFAULTS_BLOCK]
-    defaults_copy = read_blocks(path)[DEFAULTS_BLOCK]
     for name in order:
         merge_block(tree, blocks_available[name], name)
         _check_types(blocks_available[name], defaults_copy, f"configs.yaml block '{name}'")
     for key, raw in overrides:
-        apply_override(tree, key, raw)
-    return Config(validate(tree)), LoadedConfig(order, moved)
+        apply_override(tree, key, raw, defaults_copy)
+    return Config(validate(tree)), LoadedConfig(order, moved, notes)
 
 
-def load_config(argv: list[str], path: Path = CONFIGS_PATH) -> Config:
+def load_config(argv: list[str], path: Path | None = None) -> Config:
     """The frozen config for command-line arguments `argv` (without the program name)."""
     return build_config(argv, path)[0]
 
@@ -442,7 +680,7 @@ def to_yaml(config: Config) -> str:
     return stream.getvalue()
 
 
-def help_text(path: Path = CONFIGS_PATH) -> str:
+def help_text(path: Path | None = None) -> str:
     """`dreamer.py --help`: usage, the blocks, and every key with its comment and default."""
     blocks = read_blocks(path)
     comments = key_comments(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from typing import Any, Mapping
 
 import gymnasium
@@ -42,8 +43,8 @@ MODES = ('train', 'eval')
 EVAL_SEED_OFFSET = 10000
 
 __all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'MissingDependency', 'EnvPool', 'check_env',
-           'check_running_step', 'env_seed', 'make_env', 'make_pool', 'parse_task', 'suite_kwargs', 'wrap_env',
-           'wrappers']
+           'check_running_step', 'env_seed', 'make_env', 'make_pool', 'options_note', 'parse_task',
+           'suite_kwargs', 'wrap_env', 'wrappers']
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -90,6 +91,22 @@ def suite_kwargs(cls: Any, options: Mapping[str, Any], seed: int, action_repeat:
     return kwargs
 
 
+def options_note(cls: Any, name: str, suite: str, kwargs: Mapping[str, Any], error: TypeError) -> str:
+    """What a TypeError of a suite's constructor means for its options: where each comes from and the
+    fix; names the option the constructor (or an env it passes **kwargs to) did not take."""
+    head = (f"make_env called {cls.__name__}({name!r}, **{dict(kwargs)}): the options are config "
+            f"env.{suite} (plus seed / action_repeat where the constructor names them), set by "
+            f"--env.{suite}.<key> VALUE on the command line or env: {{{suite}: {{<key>: VALUE}}}} in a "
+            "configs.yaml block.")
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    rejected = match.group(1) if match else None
+    if rejected not in kwargs or rejected in ('seed', 'action_repeat'):
+        return f"{head} Make the constructor accept them, or change env.{suite} there."
+    return (f"{head} Option '{rejected}' was not taken: drop --env.{suite}.{rejected} or its "
+            f"'{rejected}:' entry under env: {{{suite}: ...}} (or fix its spelling), or make the "
+            f"constructor, and any env it passes **kwargs to, accept '{rejected}'.")
+
+
 def wrap_env(env: Any, action_repeat: int = 1, time_limit: int = 0,
              reward_clip: float = 0.0) -> wrappers.Flags:
     """The common wrapper stack (see the module docstring); action_repeat 1 means no ActionRepeat."""
@@ -124,11 +141,7 @@ def make_env(config: Mapping[str, Any], mode: str, index: int, seed_shift: int =
     try:
         env = cls(name, **kwargs)
     except TypeError as error:
-        error.add_note(
-            f"make_env called {cls.__name__}({name!r}, **{kwargs}): the options are config "
-            f"env.{suite} (plus seed / action_repeat where the constructor names them). Make the "
-            f"constructor accept them, or change env.{suite} with --env.{suite}.<key> or in "
-            "configs.yaml.")
+        error.add_note(options_note(cls, name, suite, kwargs, error))
         raise
     check_env(env, index)
     env.reset()

@@ -2,8 +2,8 @@
 
 Copy this file's `CustomEnv` as the starting point for your own env: replace `make_task` with your
 environment and keep the rest. Tasks (`--task custom_<name>`), each 100 env steps long (the end is
-reported as `truncated`, never `terminated`), observations `image` (64x64x3 uint8 by default) and
-`vector` (float32 state):
+reported as `truncated`, never `terminated`), observations `image` (64x64x3 uint8 by default;
+`--env.custom.size 128,128` for other sizes) and `vector` (float32 state):
 
 - `reach`: continuous, Box(2): move a red point toward a green target in the square [-1, 1]^2 by up
   to 0.1 per step and axis. Reward per step `1 - distance`. Uniform random actions score -4 per
@@ -27,6 +27,7 @@ from . import wrappers
 from .checker import EnvCheckError
 
 EPISODE_LENGTH = 100  # env steps per episode, for every task
+DEFAULT_SIZE = (64, 64)  # image height, width (config env.custom.size changes it; the defaults set none)
 SPEED = 0.1  # distance moved per env step
 
 
@@ -193,17 +194,29 @@ def make_task(name: str, size: tuple[int, int]) -> gym.Env:
     return TASKS[name](size)
 
 
+def image_size(size: Any) -> tuple[int, int]:
+    """The option `size` as (height, width); anything but two positive integers is an EnvCheckError."""
+    ok = isinstance(size, (list, tuple)) and len(size) == 2 and all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in size)
+    if not ok:
+        raise EnvCheckError(
+            f"CustomEnv option size is {size!r}, but it must be two positive integers (height, width) "
+            "of the image, e.g. --env.custom.size 64,64 (the default).")
+    return int(size[0]), int(size[1])
+
+
 class CustomEnv:
     """The guide's template, filled in: a built-in task behind wrappers.NormalizeActions."""
 
-    def __init__(self, name: str, seed: int = 0, size: tuple[int, int] = (64, 64), **kwargs: Any):
+    def __init__(self, name: str, seed: int = 0, size: tuple[int, int] = DEFAULT_SIZE, **kwargs: Any):
         if kwargs:
             raise EnvCheckError(
                 f"CustomEnv got unknown option(s) {sorted(kwargs)}; it accepts 'size' (config "
-                "env.custom) and 'seed'. Remove the others from env.custom in configs.yaml.")
-        self._env = make_task(name, size)
+                "env.custom, e.g. --env.custom.size 64,64) and 'seed'. Remove the others: drop their "
+                "--env.custom.<key> options, or their entries under env: {custom: ...} in configs.yaml.")
+        self._size = image_size(size)
+        self._env = make_task(name, self._size)
         self._env = wrappers.NormalizeActions(self._env)
-        self._size = tuple(int(s) for s in size)
         self._seed = seed  # used by the first reset only; later resets continue the env's RNG
 
     @property

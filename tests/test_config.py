@@ -1,9 +1,13 @@
-"""The config system: merge order, nested merge, typed overrides, errors, freezing, --help."""
+"""The config system: merge order, nested merge, typed overrides, errors, freezing, --help; and
+configs.yaml as users edit it (syntax errors, blocks and keys given twice, options of their own suite),
+run through dreamer.main."""
+import re
 from pathlib import Path
 
 import pytest
 
 import config as config_lib
+import dreamer
 from config import ConfigError, load_config
 
 
@@ -184,3 +188,228 @@ def test_help_lists_blocks_and_keys_with_comments():
     assert "blocks: dmc_proprio" in text and "debug" in text
     assert "--batch_size" in text and "sequences per update" in text
     assert "--train_ratio" in text and "replayed steps" in text
+
+
+# --- configs.yaml as the user edits it, through dreamer.main (exit status, stderr, logdir) ----------
+
+REAL_CONFIGS = config_lib.CONFIGS_PATH.read_text(encoding="utf-8")
+# The guide's step 3 (seed-custom-env-guide.ja.md), verbatim: what "configs.yaml に追加" appends.
+GUIDE_BLOCK = """# configs.yaml に追加
+custom:
+  # 環境設定
+  task: custom_task_name
+  envs: {amount: 4, parallel: process}
+  
+  # 観測空間の設定
+  encoder: {mlp_keys: '$^', cnn_keys: 'image'}
+  decoder: {mlp_keys: '$^', cnn_keys: 'image'}
+  
+  # ハイパーパラメータ
+  train_ratio: 64
+  batch_size: 16
+  batch_length: 64
+  
+  # モデル設定
+  rssm: {deter: 4096, hidden: 1024, stoch: 32, classes: 32}
+  
+  # 学習設定
+  model_lr: 1e-4
+  actor_lr: 3e-5
+  critic_lr: 3e-5
+  
+  # その他の設定
+  actor_dist: normal
+  imag_horizon: 15
+  slow_value_target: True
+  slow_target_update: 1
+"""
+TINY_RUN = ["--steps", "40", "--prefill", "20", "--eval_every", "0", "--envs.parallel", "none",
+            "--video", "False", "--device", "cpu"]
+
+
+def use_configs(monkeypatch, tmp_path: Path, text: str) -> Path:
+    """`text` as the configs.yaml that dreamer.main reads."""
+    path = write_configs(tmp_path, text)
+    monkeypatch.setattr(config_lib, "CONFIGS_PATH", path)
+    return path
+
+
+def line_of(text: str, line: str, after: int = 0) -> int:
+    """1-based number of the first line of `text` equal to `line`, after line `after`."""
+    lines = text.splitlines()
+    return next(i + 1 for i in range(after, len(lines)) if lines[i] == line)
+
+
+def stopped_with_one_paragraph(capsys, rc: int, logdir: Path) -> str:
+    """The run stopped before it started: exit 2, one 'error:' line on stderr, nothing written."""
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert out == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err
+    assert not logdir.exists()
+    return err.strip()
+
+
+def test_guide_block_appended_verbatim_runs_with_one_note(monkeypatch, tmp_path, capsys):
+    """The guide's step 3 done literally: configs.yaml then holds `custom` twice, equal after loading."""
+    text = REAL_CONFIGS + "\n" + GUIDE_BLOCK
+    path = use_configs(monkeypatch, tmp_path, text)
+    first = line_of(text, "custom:")
+    second = line_of(text, "custom:", after=first)
+    logdir = tmp_path / "run"
+    rc = dreamer.main(["--configs", "debug", "custom", "--task", "custom_reach", "--logdir", str(logdir), *TINY_RUN])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    assert err.splitlines()[0] == (
+        f"note: {path} defines block 'custom' twice (line {first} and line {second}) with the same "
+        f"contents; the second copy is ignored.")
+    assert err.count("defines block") == 1 and "Traceback" not in err
+    assert "finished: 40 steps" in (logdir / "train.log").read_text()
+
+
+def test_a_block_defined_twice_with_other_contents_names_both_lines_and_the_fix(monkeypatch, tmp_path, capsys):
+    mine = GUIDE_BLOCK.replace("task: custom_task_name", "task: custom_catch")
+    text = REAL_CONFIGS + "\n" + mine
+    path = use_configs(monkeypatch, tmp_path, text)
+    first = line_of(text, "custom:")
+    second = line_of(text, "custom:", after=first)
+    logdir = tmp_path / "run"
+    rc = dreamer.main(["--configs", "custom", "--task", "custom_reach", "--logdir", str(logdir)])
+    assert stopped_with_one_paragraph(capsys, rc, logdir) == (
+        f"error: {path} defines block 'custom' twice, at line {first} and at line {second}, with different "
+        f"contents ('task' 'custom_task_name' vs 'custom_catch'), and a block name can hold only one of "
+        f"them. Edit the first one (line {first}) instead of adding a second, or give yours another name "
+        f"(e.g. 'custom_mine:' at line {second}) and pass it with --configs custom_mine. The run did not start.")
+
+
+def test_a_key_twice_in_a_block_names_file_line_and_key(monkeypatch, tmp_path, capsys):
+    text = REAL_CONFIGS.replace("\ncustom:\n", "\ncustom:\n  batch_size: 8\n", 1)
+    path = use_configs(monkeypatch, tmp_path, text)
+    first = line_of(text, "  batch_size: 8")
+    second = line_of(text, "  batch_size: 16", after=first)
+    logdir = tmp_path / "run"
+    rc = dreamer.main(["--configs", "custom", "--task", "custom_reach", "--logdir", str(logdir)])
+    assert stopped_with_one_paragraph(capsys, rc, logdir) == (
+        f"error: {path}, line {second}: block 'custom' sets 'batch_size' twice (line {first} and line "
+        f"{second}), and only one value can hold. Delete one of the two (keep the value you want); the run "
+        f"did not start.")
+
+
+def test_a_nested_key_twice_names_its_dotted_name(tmp_path):
+    path = write_configs(tmp_path, TOY.replace("nest: {p: 1, q: 2}", "nest: {p: 1, q: 2, p: 3}"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}, line 15: block 'defaults' sets 'nest.p' "
+                                          r"twice on line 15, and only one value can hold\."):
+        load_config([], path)
+
+
+def custom_block_line(old: str, new: str) -> tuple[str, int]:
+    """configs.yaml with the line `old` of the `custom` block replaced by `new`; its line number."""
+    start = line_of(REAL_CONFIGS, "custom:")
+    number = line_of(REAL_CONFIGS, old, after=start)
+    lines = REAL_CONFIGS.splitlines(keepends=True)
+    lines[number - 1] = new + "\n"
+    return "".join(lines), number
+
+
+@pytest.mark.parametrize("old, new, where, problem", [
+    ("  batch_size: 16", "  batch_size 16", (1, 3),
+     r"could not find expected ':' \(while scanning a simple key at line {n}\)\. The run did not start: "
+     r"line {n} reads 'batch_size 16': fix it \(every key needs a colon and a space \('batch_size: 16'\)"),
+    ("  batch_size: 16", "\tbatch_size: 16", (0, 1),
+     r"found character '\\t' that cannot start any token\. The run did not start: line {n} reads "
+     r"'batch_size: 16': fix it \(indent with spaces, not tabs\)"),
+    ("  rssm: {deter: 4096, hidden: 1024, stoch: 32, classes: 32}",
+     "  rssm: {deter: 4096, hidden: 1024, stoch: 32, classes: 32", (3, 3),
+     r"expected ',' or '}}', but got '\?' \(while parsing a flow mapping at line {n}\)\. The run did not "
+     r"start: line {n} reads 'rssm: {{deter: 4096, hidden: 1024, stoch: 32, classes: 32': fix it"),
+], ids=["missing colon", "tab", "unclosed brace"])
+def test_yaml_syntax_errors_stop_with_one_paragraph(monkeypatch, tmp_path, capsys, old, new, where, problem):
+    """`where`: (lines after the bad one, column) at which ruamel notices the problem."""
+    text, number = custom_block_line(old, new)
+    path = use_configs(monkeypatch, tmp_path, text)
+    logdir = tmp_path / "run"
+    rc = dreamer.main(["--configs", "debug", "custom", "--task", "custom_reach", "--logdir", str(logdir)])
+    message = stopped_with_one_paragraph(capsys, rc, logdir)
+    line, column = number + where[0], where[1]
+    assert re.fullmatch(
+        rf"error: {re.escape(str(path))}, line {line}, column {column}: not valid YAML: "
+        + problem.format(n=number) + r".*\.", message), message
+
+
+def test_a_syntax_error_also_stops_help_and_the_block_list(monkeypatch, tmp_path, capsys):
+    text, number = custom_block_line("  batch_size: 16", "  batch_size 16")
+    use_configs(monkeypatch, tmp_path, text)
+    for argv in (["--help"], ["--configs"]):
+        assert dreamer.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1 and f"line {number} reads" in err, err
+
+
+# --- options of a user's own suite: env.<suite>.<key> is open ---------------------------------------
+
+
+def test_env_options_of_any_suite_are_open_and_typed_like_yaml():
+    cfg = load_config(["--env.broken.foo", "1", "--env.broken.rate", "0.5", "--env.broken.name", "abc",
+                       "--env.broken.on", "true", "--env.broken.size", "128,128", "--env.broken.ids", "[1, 2]",
+                       "--env.broken.none", "null", "--env.custom.size", "128,128", "--env.dmc.extra", "1e3"])
+    assert cfg.env.broken.to_dict() == {"foo": 1, "rate": 0.5, "name": "abc", "on": True,
+                                        "size": [128, 128], "ids": [1, 2], "none": None}
+    assert cfg.env.custom.size == (128, 128) and cfg.env.dmc.extra == 1000.0
+    assert cfg.env.dmc.size == (64, 64)  # the shipped suites keep their options
+
+
+def test_env_options_from_a_new_block_merge_key_by_key(tmp_path):
+    path = write_configs(tmp_path, REAL_CONFIGS + """
+mine:
+  task: mine_reach
+  env: {mine: {foo: 1, opts: {a: 1}}, custom: {size: [32, 32]}}
+mine_more:
+  env: {mine: {bar: [1, 2], opts: {b: 2}}}
+""")
+    cfg = load_config(["--configs", "mine", "mine_more", "--env.mine.foo", "abc"], path)
+    assert cfg.env.mine.to_dict() == {"foo": "abc", "bar": [1, 2], "opts": {"a": 1, "b": 2}}
+    assert cfg.env.custom.size == (32, 32)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--env.atari.resize", "bilinear"], r"--env.atari.resize is 'bilinear', which is not one of area, pillow"),
+    (["--env.atari.lives", "x"], r"--env.atari.lives is 'x', which is not one of unused, discount, reset"),
+    (["--env.atari.size", "a,b"], r"--env.atari.size expects a comma-separated list, but got 'a,b'"),
+    (["--env.dmc.camera", "top"], r"--env.dmc.camera expects an integer"),
+    (["--env.broken", "3"], r"^--env.broken holds the keyword arguments of the broken suite's constructor; "
+                            r"set them one by one with dotted names, e.g. --env.broken.size VALUE\.$"),
+    (["--env.custom", "3"], r"^--env.custom holds the keyword arguments of the custom suite's constructor"),
+])
+def test_known_options_of_the_shipped_suites_are_still_checked(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
+
+
+def test_block_values_of_known_env_options_are_still_type_checked(tmp_path):
+    path = write_configs(tmp_path, REAL_CONFIGS + "\nbad:\n  env: {atari: {size: 64}}\nflat:\n  env: {mine: 3}\n")
+    with pytest.raises(ConfigError, match=r"block 'bad' sets 'env.atari.size' to 64 \(int\), but it must be a list"):
+        load_config(["--configs", "bad"], path)
+    with pytest.raises(ConfigError, match=r"block 'flat' sets 'env.mine' to 3, but env.<suite> holds the keyword "
+                                          r"arguments of that suite's constructor, a mapping"):
+        load_config(["--configs", "flat"], path)
+
+
+def test_the_defaults_inject_no_options_into_the_custom_suite():
+    assert load_config([]).env.custom.to_dict() == {}
+    assert load_config(["--configs", "custom", "debug"]).env.custom.to_dict() == {}
+
+
+# --- --configs without a block name -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["--configs", "--task", "custom_reach"], ["--task", "custom_reach", "--configs"], ["--configs="],
+])
+def test_configs_without_a_block_lists_the_blocks(capsys, tmp_path, argv):
+    logdir = tmp_path / "run"
+    rc = dreamer.main([*argv, "--logdir", str(logdir)] if argv[-1] != "--configs" else argv)
+    blocks = ", ".join(n for n in config_lib.read_blocks() if n != "defaults")
+    assert stopped_with_one_paragraph(capsys, rc, logdir) == (
+        f"error: --configs needs one or more block names, e.g. --configs debug custom; the blocks of "
+        f"configs.yaml are {blocks}. Name the blocks to merge, or leave out --configs to run on the "
+        f"'defaults' block alone. The run did not start.")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import config as config_module
+import dreamer
 import envs
 from envs import wrappers
 from helpers import guide_env
@@ -182,7 +183,9 @@ def test_seed_and_action_repeat_go_only_to_constructors_that_name_them(monkeypat
     received.clear()
     monkeypatch.setitem(envs.REGISTRY, 'custom', TakesKwargs)
     envs.make_env(make_config('--task', 'custom_reach'), 'train', 1)
-    assert received == {'size': (64, 64)}
+    assert received == {}  # the defaults inject no options into the custom suite
+    envs.make_env(make_config('--task', 'custom_reach', '--env.custom.size', '32,32'), 'train', 1)
+    assert received == {'size': (32, 32)}
 
 
 def test_constructor_option_mismatch_says_where_the_options_come_from(monkeypatch):
@@ -191,9 +194,52 @@ def test_constructor_option_mismatch_says_where_the_options_come_from(monkeypatc
             super().__init__(name)
 
     monkeypatch.setitem(envs.REGISTRY, 'custom', NoOptions)
+    envs.make_env(make_config('--task', 'custom_reach'), 'train', 0)  # no options: it takes none
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'size'") as info:
-        envs.make_env(make_config('--task', 'custom_reach'), 'train', 0)
+        envs.make_env(make_config('--task', 'custom_reach', '--env.custom.size', '32,32'), 'train', 0)
     assert "the options are config env.custom" in info.value.__notes__[0]
+
+
+def test_an_option_the_users_constructor_does_not_take_names_the_key_and_the_fix(monkeypatch, tmp_path):
+    """The user's own suite, an option on the command line, a constructor without it: the run stops
+    with the constructor's TypeError and a note that says where the option came from and what to do."""
+    class Broken(CustomEnv):
+        def __init__(self, name):
+            super().__init__('reach')
+
+    monkeypatch.setitem(envs.REGISTRY, 'broken', Broken)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'foo'") as info:
+        dreamer.main(['--task', 'broken_x', '--env.broken.foo', '1', '--envs.parallel', 'none',
+                      '--device', 'cpu', '--logdir', str(tmp_path / 'run')])
+    assert info.value.__notes__[0] == (
+        "make_env called Broken('x', **{'foo': 1}): the options are config env.broken (plus seed / "
+        "action_repeat where the constructor names them), set by --env.broken.<key> VALUE on the command "
+        "line or env: {broken: {<key>: VALUE}} in a configs.yaml block. Option 'foo' was not taken: drop "
+        "--env.broken.foo or its 'foo:' entry under env: {broken: ...} (or fix its spelling), or make the "
+        "constructor, and any env it passes **kwargs to, accept 'foo'.")
+
+
+def test_options_of_a_users_suite_from_a_block_and_the_command_line_reach_its_constructor(monkeypatch, tmp_path):
+    """A new block with env: {mine: {...}} and --env.mine.<key>: every env of the run gets them, typed."""
+    received = []
+
+    class Mine(CustomEnv):
+        def __init__(self, name, foo, speed, size, seed=0):
+            received.append({'foo': foo, 'speed': speed, 'size': size})
+            super().__init__(name, seed=seed, size=size)
+
+    path = tmp_path / 'configs.yaml'
+    path.write_text(config_module.CONFIGS_PATH.read_text(encoding='utf-8') + (
+        '\nmine:\n  task: mine_reach\n  env: {mine: {foo: 1, size: [32, 32]}}\n'), encoding='utf-8')
+    monkeypatch.setattr(config_module, 'CONFIGS_PATH', path)
+    monkeypatch.setitem(envs.REGISTRY, 'mine', Mine)
+    logdir = tmp_path / 'run'
+    rc = dreamer.main(['--configs', 'debug', 'mine', '--env.mine.speed', '0.5', '--logdir', str(logdir),
+                       '--steps', '40', '--prefill', '20', '--eval_every', '0', '--envs.parallel', 'none',
+                       '--video', 'False', '--device', 'cpu'])
+    assert rc == 0
+    assert received and all(r == {'foo': 1, 'speed': 0.5, 'size': (32, 32)} for r in received), received
+    assert 'finished: 40 steps' in (logdir / 'train.log').read_text()
 
 
 def test_wrapper_stack_order():
@@ -291,6 +337,26 @@ def test_custom_env_is_deterministic_per_seed_and_sized_by_config():
 def test_custom_env_rejects_unknown_options():
     with pytest.raises(envs.EnvCheckError, match=r"CustomEnv got unknown option\(s\) \['colour'\]"):
         CustomEnv('reach', colour='red')
+    with pytest.raises(envs.EnvCheckError, match=(
+            r"^CustomEnv got unknown option\(s\) \['colour'\]; it accepts 'size' \(config env.custom, e.g. "
+            r"--env.custom.size 64,64\) and 'seed'. Remove the others: drop their --env.custom.<key> options")):
+        envs.make_env(make_config('--task', 'custom_reach', '--env.custom.colour', 'red'), 'train', 0)
+
+
+def test_custom_env_keeps_its_64x64_default_and_takes_size_from_the_command_line():
+    default = envs.make_env(make_config('--task', 'custom_reach'), 'train', 0)
+    assert default.obs_space['image'].shape == (64, 64, 3)
+    env = envs.make_env(make_config('--task', 'custom_reach', '--env.custom.size', '128,128'), 'train', 0)
+    assert env.obs_space['image'].shape == (128, 128, 3)
+    assert env.reset()[0]['image'].shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize('size', ['128', 'a,b', '0,64', '64,64,3'])
+def test_custom_env_size_must_be_two_positive_integers(size):
+    with pytest.raises(envs.EnvCheckError, match=(
+            r"^CustomEnv option size is .*, but it must be two positive integers \(height, width\) of the "
+            r"image, e.g. --env.custom.size 64,64 \(the default\)\.$")):
+        envs.make_env(make_config('--task', 'custom_reach', '--env.custom.size', size), 'train', 0)
 
 
 def test_custom_env_keeps_the_guide_template_shape():

@@ -215,3 +215,25 @@ def test_a_render_that_raises_costs_the_videos_not_the_run(tmp_path):
     acc = EventAccumulator(str(tmp_path), size_guidance={'images': 0})
     acc.Reload()
     assert not [tag for tag in acc.Tags()['images'] if tag.startswith('eval/video')]
+
+
+def test_guide_env_forwarding_kwargs_to_an_env_that_takes_only_name_trains(tmp_path):
+    """The guide's step 1 literally: its CustomEnv, registered as 'custom' (step 2), passes **kwargs
+    on to `YourCustomEnvironment(name, **kwargs)`, whose constructor takes only `name`. The defaults
+    give the custom suite no options, so the guide's own commands run."""
+    names = []
+
+    def only_name(name):  # the user's environment: no options
+        names.append(name)
+        return TruncatingToy()
+
+    logdir = tmp_path / 'custom_debug'
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(envs.REGISTRY, 'custom', GuideEnv)
+        patch.setattr(guide_env, 'YourCustomEnvironment', only_name)
+        rc = dreamer.main(['--configs', 'debug', 'custom', '--task', 'custom_toy', '--logdir', str(logdir),
+                           '--steps', '40', '--prefill', '20', '--eval_every', '0', '--envs.parallel', 'none',
+                           '--device', 'cpu'])
+    assert rc == 0
+    assert names and set(names) == {'toy'}
+    assert 'finished: 40 steps' in (logdir / 'train.log').read_text()
