@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -35,7 +36,7 @@ import checkpoint as ckpt
 import config as config_lib
 import tools
 from config import EXIT_USER_ERROR, Config, ConfigError
-from logger import Logger
+from logger import Logger, video_frame
 from replay import Prefetcher, Replay
 
 if TYPE_CHECKING:  # imported late at run time (start-up speed, optional suites)
@@ -53,8 +54,10 @@ def is_user_error(error: BaseException) -> bool:
     its options, a checkpoint, a missing optional package): reported as that one paragraph, exit
     status 2, no traceback. Anything else is a bug and keeps its traceback."""
     from envs.checker import EnvCheckError, MissingDependency
+    from replay import ReplayMemoryError
 
-    return isinstance(error, (RunError, ConfigError, ckpt.CheckpointError, EnvCheckError, MissingDependency))
+    return isinstance(error, (RunError, ConfigError, ckpt.CheckpointError, EnvCheckError, MissingDependency,
+                              ReplayMemoryError))
 
 
 # ------------------------------------------------------------------------------------------ run set-up
@@ -151,7 +154,9 @@ def make_agent(config: Config, obs_space: dict, act_space: Any, device: torch.de
 def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str], None]) -> Replay:
     """This rank's replay shard. Every rank writes into the one replay folder under worker ids that
     are global env indices, so a resume with another number of ranks finds every chunk."""
-    capacity = max(config.replay_size // dist.world, config.batch_length)
+    # a run never stores more than its --steps (over all ranks): a short run reserves no more
+    capacity = max(min(config.replay_size, config.steps + config.envs.amount * dist.world) // dist.world,
+                   config.batch_length)
     return Replay(capacity, config.batch_length, paths.replay_dir, chunk=config.replay_chunk,
                   seed=config.seed + dist.rank, warn=warn)
 
@@ -266,15 +271,16 @@ def stack_obs(observations: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def render_frame(pool: EnvPool, obs: dict[str, Any]) -> Optional[np.ndarray]:
-    """An (H, W, 3) uint8 frame of eval env 0: its render(), else its image observation. Raises
-    envs.EnvError when the env's render() fails."""
+    """An (H, W, 3) uint8 frame of eval env 0: its render() (RGBA, grey and float frames converted,
+    logger.video_frame), else its image observation. Raises envs.EnvError when the env's render()
+    fails, ValueError when it returns something that is not a frame."""
     frame = pool.call_one(0, "render") if hasattr(pool, "call_one") else pool.call("render")[0]
     if frame is None:
         image = obs.get("image")
         if image is None:
             return None
-        frame = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, -1)
-    return np.asarray(frame, np.uint8)
+        return np.asarray(image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, -1), np.uint8)
+    return video_frame(frame)
 
 
 def render_failure(error: Exception) -> str:
@@ -303,12 +309,12 @@ def eval_share(episodes: int, rank: int, world: int) -> int:
     return episodes // world + (rank < episodes % world)
 
 
-def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, logger: Logger,
+def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn: Callable[[str], None],
              video: bool = True, stop: Callable[[], bool] = lambda: False) -> EvalResult:
     """Run `episodes` episodes (at least; envs that end at the same step all count) with the
     policy's eval mode (its most likely action, or sampled with eval_sample), recording up to
-    `video_length` frames of env 0's first episode if `video`. `stop()` true (a stop request)
-    ends it early, with `completed` False."""
+    `video_length` frames of env 0's first episode if `video` (`warn` gets what goes wrong with
+    them). `stop()` true (a stop request) ends it early, with `completed` False."""
     import envs
 
     result = EvalResult()
@@ -332,9 +338,14 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, logg
         if want_video and len(result.frames) < video_length:
             try:
                 frame = render_frame(pool, observations[0])
-            except envs.EnvError as error:
-                logger.warning(render_failure(error))
+            except (envs.EnvError, ValueError) as error:
+                warn(render_failure(error))
                 frame, result.render_ok = None, False
+            if frame is not None and result.frames and frame.shape != result.frames[0].shape:
+                warn(f"eval video: env 0's render() changed its frame size from "
+                               f"{result.frames[0].shape} to {frame.shape}; this video ends there (a video "
+                               "needs one frame size; make render() return frames of one size)")
+                frame = None
             want_video = frame is not None
             if frame is not None:
                 result.frames.append(frame)
@@ -432,8 +443,16 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     check_same_spaces(state.get("spaces"), describe_spaces(agent.obs_space, agent.act_space), source, config.task)
     ckpt.check_config_sizes(state["config"], config.to_dict(), SIZE_KEYS)
     modules = ("wm", "task", "expl")  # optimizer state is shaped by these; a fresh agent has none yet
-    ckpt.check_shapes({k: state["agent"].get(k) or {} for k in modules},
-                      {k: agent.state_dict().get(k) or {} for k in modules}, hints=shape_hints(config))
+    try:
+        ckpt.check_shapes({k: state["agent"].get(k) or {} for k in modules},
+                          {k: agent.state_dict().get(k) or {} for k in modules}, hints=shape_hints(config))
+    except ckpt.CheckpointMismatch as error:  # e.g. other encoder keys: name the settings that changed
+        changes = [c for c in changed_settings(state["config"], config.to_dict())
+                   if c.split(" ", 1)[0] not in NOT_MODEL_SHAPING]
+        if not changes:
+            raise
+        raise ckpt.CheckpointMismatch(f"{error} Settings that differ from the checkpoint's: {'; '.join(changes)}; "
+                                      f"resume with the checkpoint's values (its config.yaml).") from None
     agent.load_state_dict(state["agent"])
     counters = Counters(**state["counters"])
     ckpt.restore_rng_states(state["rng"])
@@ -452,6 +471,29 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     return counters
 
 
+def keep_checkpoint_passed_over(paths: RunPaths, logger: Logger) -> Optional[Path]:
+    """A resume from another file (e.g. --from_checkpoint <logdir>/latest.prev.pt) in a folder whose
+    own latest.pt exists would overwrite that checkpoint with this run's first save: keep it, under
+    latest.step<N>.pt (a hard link, no copy), and say so. Returns the kept path."""
+    requested, own = paths.resume_from, paths.checkpoint
+    if requested is None or not own.is_file() or requested.resolve() == own.resolve():
+        return None
+    try:
+        name = f"latest.step{int(ckpt.load_checkpoint(own, map_location='cpu')['counters']['step'])}.pt"
+    except Exception:  # noqa: BLE001 -- unreadable: kept all the same, under a name that says so
+        name = "latest.unreadable.pt"
+    kept = own.with_name(name)
+    if kept.exists():
+        return kept
+    try:
+        os.link(own, kept)
+    except OSError:
+        shutil.copy2(own, kept)
+    logger.info(f"{own} is not the checkpoint this run resumes from ({requested}) and this run's saves would "
+                f"overwrite it: it is kept as {kept}")
+    return kept
+
+
 def count_unsaved_replay(counters: Counters, steps_on_disk: int, logger: Optional[Logger]) -> int:
     """Every step a run takes is stored once (one per env per iteration), so at each checkpoint the
     replay folder holds counters.step steps, plus those counted here before. More on disk means the
@@ -464,9 +506,10 @@ def count_unsaved_replay(counters: Counters, steps_on_disk: int, logger: Optiona
     counters.replay_unsaved += unsaved
     if logger is not None:
         logger.info(
-            f"replay: {unsaved} of its steps were collected after the checkpoint's step {counters.step} by a run "
-            "that stopped without saving (kill -9, a crash, a power cut); they stay in the replay as training "
-            f"data, and training and the logs continue from step {counters.step}")
+            f"replay: {unsaved} of its steps were collected after the checkpoint's step {counters.step} (by a run "
+            "that stopped without saving, e.g. kill -9 or a crash, or one whose later checkpoint this resume "
+            "passed over); they stay in the replay as training data, and training and the logs continue "
+            f"from step {counters.step}")
     return unsaved
 
 
@@ -492,6 +535,12 @@ def check_same_task(saved: dict, config: Config, source: Path) -> None:
             f"the checkpoint {source} was trained on task {saved['task']}, but this run asks for "
             f"--task {config.task}. Resume with --task {saved['task']}, or train {config.task} in a "
             f"new --logdir (this folder's replay holds {saved['task']}'s episodes).")
+
+
+# settings a resume may change freely: they never shape the model's parameters
+NOT_MODEL_SHAPING = {"steps", "seed", "device", "threads", "parallel", "eval_every", "eval_episode_num",
+                     "log_every", "save_every", "save_every_minutes", "train_ratio", "video", "video_length",
+                     "eval_only", "compile", "cuda_graphs", "precision", "prefill", "replay_size", "replay_chunk"}
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
@@ -629,6 +678,7 @@ class Trainer:
         tools.set_seed(config.seed + 1000 * dist.rank, config.deterministic)
         self.pool = None
         self.wants_video = bool(config.video)  # False once render() has raised or given no frame
+        self.warned: set[str] = set()  # warnings given (each evaluation would repeat them)
 
     def compute_summary(self) -> str:
         """One line: where the update runs and how (threads picked, CUDA graphs)."""
@@ -677,7 +727,9 @@ class Trainer:
                                  "which left no checkpoint, to metrics.dropped.jsonl; this run starts at step 0")
         if loaded:
             self.logger.info(f"replay: loaded {loaded} steps from {self.replay.directory}")
-        if resumed is not None and not config.eval_only:
+        if resumed is not None and not config.eval_only and dist.main:
+            keep_checkpoint_passed_over(self.paths, self.logger)
+        if resumed is not None and not config.eval_only and self.replay.steps_on_disk:
             count_unsaved_replay(self.counters, self.replay.steps_on_disk, self.logger if dist.main else None)
         elif resumed is not None and self.counters.step > 0 and not config.eval_only:
             self.logger.warning(
@@ -792,7 +844,7 @@ class Trainer:
             amount = min(config.envs.amount, share)
             # eval env indices of rank r start at r * envs.amount, like its train envs'
             with make_env_pool(config, "eval", amount, dist.rank * config.envs.amount, self.logger) as pool:
-                result = evaluate(self.agent, pool, share, config.video_length, self.logger,
+                result = evaluate(self.agent, pool, share, config.video_length, self.warn_once,
                                   self.wants_video and dist.main, stop)
         returns, lengths, completed = self.gather_eval(result)
         if not completed:
@@ -810,6 +862,12 @@ class Trainer:
                 self.logger.video(name, video[None] if video.ndim == 4 else video)
         self.counters.last_eval = self.counters.step
         self.logger.write(self.counters.step)
+
+    def warn_once(self, text: str) -> None:
+        """A warning into train.log, the first time only."""
+        if text not in self.warned:
+            self.warned.add(text)
+            self.logger.warning(text)
 
     def gather_eval(self, result: EvalResult) -> tuple[list[float], list[int], bool]:
         """(every rank's returns, lengths, whether every rank completed its share)."""
@@ -1020,10 +1078,10 @@ def check_run_inputs(config: Config) -> None:
     if config.from_checkpoint:
         path = checkpoint_file(config.from_checkpoint)
         if path.suffix.lower() in NOT_CHECKPOINT_SUFFIXES:  # another file of a run folder
+            run = path.parent.parent if path.parent.name == "replay" else path.parent  # a replay chunk's run
             raise RunError(
                 f"--from_checkpoint {config.from_checkpoint} names the run's {path.name}, not a checkpoint: "
-                f"the checkpoint of that run is {path.parent / 'latest.pt'} (or pass the folder "
-                f"{path.parent} itself).")
+                f"the checkpoint of that run is {run / 'latest.pt'} (or pass the folder {run} itself).")
         if not ckpt.has_checkpoint(path):
             raise RunError(ckpt.missing_message(path))
 

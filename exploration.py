@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ActorCritic, GradSync, Optimizer, RewardFn, WorldModel, action_size, autocast, frozen
+from models import (ActorCritic, GradSync, Optimizer, RewardFn, WorldModel, action_size, autocast, frozen,
+                    resolve_actor_dist)
 from networks import EnsembleMLP, features
 
 if TYPE_CHECKING:
@@ -32,13 +33,13 @@ class Plan2Explore(nn.Module):
     """Ensemble that predicts the next latent from (features, action); the std of its predictions
     (mean over latent dims) is the intrinsic reward of an exploration actor-critic."""
 
-    def __init__(self, feat_size: int, stoch_size: int, action_dim: int, config):
+    def __init__(self, feat_size: int, stoch_size: int, action_dim: int, actor_dist: str, config):
         super().__init__()
         pc = config.plan2explore
         self.intr_scale, self.extr_scale = float(pc.intr_scale), float(pc.extr_scale)
         self.ensemble = EnsembleMLP(int(pc.ensemble), feat_size + action_dim, stoch_size, int(pc.units),
                                     int(pc.layers), float(config.norm_eps))
-        self.ac = ActorCritic(feat_size, action_dim, config)
+        self.ac = ActorCritic(feat_size, action_dim, actor_dist, config)
 
     def disagreement(self, feat: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """feat (..., F), action (..., A) -> std over members of the predicted next latent, (...)."""
@@ -138,16 +139,18 @@ class Agent:
         self.config, self.device = config, torch.device(device)
         self.obs_space, self.act_space = dict(obs_space), act_space
         self.discrete = isinstance(act_space, gymnasium.spaces.Discrete)
-        self.action_dim = action_size(act_space, config.actor_dist)
+        self.actor_dist = resolve_actor_dist(act_space, config.actor_dist)  # auto: from the action space
+        self.action_dim = action_size(act_space, self.actor_dist)
         self.precision = str(config.precision)
         self.behavior = config.behavior
         self.eval_sample = bool(config.eval_sample)
         self.wm = WorldModel(obs_space, self.action_dim, config).to(self.device)
         feat_size = self.wm.rssm.feat_size
-        self.task = ActorCritic(feat_size, self.action_dim, config).to(self.device)
+        self.task = ActorCritic(feat_size, self.action_dim, self.actor_dist, config).to(self.device)
         self.expl = None
         if self.behavior == "plan2explore":
-            self.expl = Plan2Explore(feat_size, self.wm.rssm.stoch_size, self.action_dim, config).to(self.device)
+            self.expl = Plan2Explore(feat_size, self.wm.rssm.stoch_size, self.action_dim, self.actor_dist,
+                                     config).to(self.device)
         elif self.behavior not in ("greedy", "random"):
             raise ValueError(f"behavior must be greedy, random or plan2explore, got '{self.behavior}'.")
         self.set_stack_steps(self.device.type == "cuda")  # few large kernels on a GPU, cache-sized rows on a CPU

@@ -62,6 +62,24 @@ def ordered_names(names: list[str]) -> list[str]:
     return main + losses + rest
 
 
+def video_frame(frame: Any) -> np.ndarray:
+    """One rendered frame as (H, W, 3) uint8: RGBA loses its alpha, grey (H, W) or (H, W, 1) is
+    repeated over three channels, float frames in [0, 1] are scaled to 0..255 (others clipped).
+    Raises ValueError, naming the shape or dtype, for anything else."""
+    array = np.asarray(frame)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(array.shape[:2]) < 1:
+        raise ValueError(f"render() returned an array of shape {array.shape}, not an (H, W, 3) frame")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) or np.iscomplexobj(array):
+        raise ValueError(f"render() returned a frame of dtype {array.dtype}, not uint8")
+    array = array[..., :3] if array.shape[-1] == 4 else np.repeat(array, 3, -1) if array.shape[-1] == 1 else array
+    if array.dtype != np.uint8:
+        array = array.astype(np.float32)
+        array = np.clip(np.nan_to_num(array * 255.0 if array.max() <= 1.0 else array), 0, 255).astype(np.uint8)
+    return array  # (H, W, 3)
+
+
 def video_batch(frames: np.ndarray) -> np.ndarray:
     """(T,H,W,C) or (B,T,H,W,C) uint8 frames -> (B,T,C,H,W) as TensorBoard's add_video wants."""
     frames = np.asarray(frames)

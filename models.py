@@ -193,6 +193,15 @@ class Optimizer:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def resolve_actor_dist(act_space: gymnasium.Space, actor_dist: str) -> str:
+    """The policy distribution for `act_space`: `auto` picks onehot for Discrete actions and normal
+    for a continuous Box; an explicit choice is checked against the space (action_size)."""
+    if actor_dist == "auto":
+        actor_dist = "onehot" if isinstance(act_space, gymnasium.spaces.Discrete) else "normal"
+    action_size(act_space, actor_dist)
+    return actor_dist
+
+
 def action_size(act_space: gymnasium.Space, actor_dist: str) -> int:
     """Width of the (N, A) action vectors; checks that actor_dist fits the action space."""
     if isinstance(act_space, gymnasium.spaces.Discrete):
@@ -295,18 +304,18 @@ class WorldModel(nn.Module):
 class ActorCritic(nn.Module):
     """Actor, critic, slow critic and return normaliser, trained on imagined trajectories."""
 
-    def __init__(self, feat_size: int, action_dim: int, config):
+    def __init__(self, feat_size: int, action_dim: int, actor_dist: str, config):
         super().__init__()
         self.config = config
         eps = float(config.norm_eps)
-        self.actor = Actor(feat_size, action_dim, config.actor_dist, norm_eps=eps, **config.actor)
+        self.actor = Actor(feat_size, action_dim, actor_dist, norm_eps=eps, **config.actor)
         cc = config.critic
         self.critic = Head(feat_size, cc.bins, cc.units, cc.layers, eps, out_scale=0.0)
         self.slow_critic = Head(feat_size, cc.bins, cc.units, cc.layers, eps, out_scale=0.0)
         self.slow_critic.load_state_dict(self.critic.state_dict())
         self.slow_critic.requires_grad_(False)
         self.return_norm = ReturnNormalizer(**config.return_norm)
-        self.backprop = config.actor_dist == "normal"  # continuous: dynamics backprop; discrete: REINFORCE
+        self.backprop = actor_dist == "normal"  # continuous: dynamics backprop; discrete: REINFORCE
         self.return_gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # see Agent.set_return_gather
         # Evaluate the critic, slow critic and continue heads and the reward terms once on the
         # stacked imagined steps, and take the actor's parameter gradients once over them

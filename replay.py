@@ -38,6 +38,43 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+class ReplayMemoryError(MemoryError):
+    """The replay's capacity cannot be held in this machine's memory (message names the fix)."""
+
+
+def machine_memory_bytes() -> int | None:
+    """MemTotal + SwapTotal from /proc/meminfo (what Linux lets one process reserve), None elsewhere."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return 1024 * (int(fields["MemTotal"].split()[0]) + int(fields.get("SwapTotal", "0 kB").split()[0]))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def replay_memory_message(capacity: int, step_bytes: int, layout: dict, why: str) -> str:
+    """One paragraph: what the replay would reserve, why it cannot, and the replay_size that fits."""
+    gib = 2 ** 30
+    largest = max(layout, key=lambda key: int(np.prod(layout[key][0])) * np.dtype(layout[key][1]).itemsize)
+    shape, dtype = layout[largest]
+    memory = machine_memory_bytes()
+    fits = "" if memory is None else (f" (about {max(memory // 2 // step_bytes, 1):,} steps fit in half of this "
+                                      f"machine's {memory / gib:.1f} GiB of memory and swap)")
+    return (f"replay: holding {capacity:,} steps of {step_bytes:,} bytes each ('{largest}' {tuple(shape)} "
+            f"{np.dtype(dtype).name} is the largest) needs {capacity * step_bytes / gib:.1f} GiB, and {why}. "
+            f"Lower --replay_size{fits}; with --parallel N each process holds replay_size / N. "
+            "Images are stored as uint8: an env that gives float images takes 4x the memory. Nothing was "
+            "written to the replay folder.")
+
+
+def check_replay_memory(capacity: int, step_bytes: int, layout: dict) -> None:
+    """Raises ReplayMemoryError when `capacity` steps cannot fit in memory and swap together, so the
+    run stops at its start with the fix, not hours later when the replay fills up."""
+    memory = machine_memory_bytes()
+    if memory is not None and capacity * step_bytes > memory:
+        raise ReplayMemoryError(replay_memory_message(
+            capacity, step_bytes, layout, f"this machine has {memory / 2 ** 30:.1f} GiB of memory and swap"))
+
+
 LOG_PREFIX = "log_"
 ORDER_KEY = "_order"
 CHUNK_NAME = re.compile(r"^w(\d+)-(\d+)\.npz$")
@@ -253,24 +290,32 @@ class Replay:
             self._allocate(stored)
         if stored.keys() != self._arrays.keys():
             raise KeyError(
-                f"Replay.add got keys {sorted(stored)} but the first step stored had "
+                f"the step has keys {sorted(stored)} but the first step stored in replay had "
                 f"{sorted(self._arrays)}. Every step must carry the same observation keys plus "
                 "action, reward, is_first, is_last and is_terminal."
             )
         for key, value in stored.items():
             if value.shape != self._arrays[key].shape[1:]:
                 raise ValueError(
-                    f"Replay.add got '{key}' of shape {value.shape} but the first step stored had "
-                    f"{self._arrays[key].shape[1:]}. Observations must keep one shape for the "
-                    "whole run (check the env's observation_space and wrappers)."
+                    f"the step has '{key}' of shape {value.shape} but the first step stored in replay "
+                    f"had {self._arrays[key].shape[1:]}. Observations must keep one shape for the "
+                    "whole run (check the env's obs_space / observation_space and its wrappers)."
                 )
         return stored
 
     def _allocate(self, step: dict[str, np.ndarray]) -> None:
-        for key, value in step.items():
-            dtype = np.float32 if value.dtype == np.float64 else value.dtype  # python floats
-            # np.empty leaves pages untouched until written: a large capacity costs what it holds.
-            self._arrays[key] = np.empty((self.capacity, *value.shape), dtype)  # (capacity, ...)
+        layout = {key: (value.shape, np.float32 if value.dtype == np.float64 else value.dtype)  # python floats
+                  for key, value in step.items()}
+        step_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in layout.values())
+        check_replay_memory(self.capacity, step_bytes, layout)
+        try:
+            for key, (shape, dtype) in layout.items():
+                # np.empty leaves pages untouched until written: a large capacity costs what it holds.
+                self._arrays[key] = np.empty((self.capacity, *shape), dtype)  # (capacity, ...)
+        except MemoryError:
+            self._arrays.clear()
+            raise ReplayMemoryError(replay_memory_message(self.capacity, step_bytes, layout,
+                                                          "the operating system refused to reserve it")) from None
 
     def _insert(self, stored: dict[str, np.ndarray], worker: int) -> None:
         gid = self._next_id

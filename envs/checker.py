@@ -61,8 +61,9 @@ def check_running_step(obs: Mapping, where: str) -> None:
                     f"{where}: {what} {array.tolist() if array.size <= 8 else bad}; every observation and reward "
                     "must be finite, and the model cannot learn from it. Find where the env divides by "
                     "zero or overflows, or replace the values (np.nan_to_num) in the env or a wrapper. "
-                    "The run stopped before storing the step; its last checkpoint and replay on disk are "
-                    "intact, and the same command resumes from them once the env is fixed.")
+                    "The run stopped before storing the step, and nothing on disk changed: once the env is "
+                    "fixed, the same command resumes from the last checkpoint with its replay (or starts "
+                    "afresh if none was saved yet).")
 
 
 def is_model_input(key: str) -> bool:
@@ -185,9 +186,13 @@ def _check_value(key: str, value: Any, box: gymnasium.spaces.Box, where: str, ca
             f"{name}: expected shape {box.shape}, got {value.shape}. Make the observation match "
             f"obs_space['{key}'] or fix obs_space.{hint}")
     if value.dtype != box.dtype:
-        raise EnvCheckError(
-            f"{name}: expected dtype {box.dtype}, got {value.dtype}. Convert it in _format_obs with "
-            f".astype(np.{box.dtype}) or declare dtype=np.{value.dtype} in obs_space['{key}'].")
+        image = len(box.shape) == 3 and box.dtype == np.uint8
+        fix = (f"Convert it in _format_obs with .astype(np.uint8) (scale [0, 1] floats by 255 first): "
+               "images are used, and stored, as uint8 (a float image in obs_space is not an image to the "
+               "model and would take 4x the replay memory)." if image else
+               f"Convert it in _format_obs with .astype(np.{box.dtype}) or declare dtype=np.{value.dtype} "
+               f"in obs_space['{key}'].")
+        raise EnvCheckError(f"{name}: expected dtype {box.dtype}, got {value.dtype}. {fix}")
     if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
         bad = 'NaN' if np.any(np.isnan(value)) else 'inf'
         raise EnvCheckError(

@@ -49,11 +49,33 @@ def render_frame(env: Any, *args: Any, **kwargs: Any) -> Any:
         return render(*args, **kwargs)
     if 'mode' in signature.parameters and not args and 'mode' not in kwargs:
         kwargs = {**kwargs, 'mode': 'rgb_array'}
+    elif (not args and 'mode' not in kwargs
+          and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())):
+        return _render_passing_through(render, kwargs)
     try:
         signature.bind(*args, **kwargs)
     except TypeError:
         return render()
     return render(*args, **kwargs)
+
+
+def _render_passing_through(render: Any, kwargs: dict) -> Any:
+    """A `render(self, *args, **kwargs)` that forwards to another env: as gymnasium's render() first;
+    if that raises or gives no frame (an old gym env inside, whose default mode is 'human'), again
+    with mode='rgb_array'. The first error is raised when both fail."""
+    try:
+        frame = render(**kwargs)
+    except Exception as first:  # noqa: BLE001 -- retried with the old gym style below
+        try:
+            return render(**kwargs, mode='rgb_array')
+        except Exception:  # noqa: BLE001
+            raise first from None
+    if frame is not None:
+        return frame
+    try:
+        return render(**kwargs, mode='rgb_array')
+    except Exception:  # noqa: BLE001 -- gave no frame either way
+        return None
 
 
 class Wrapper:

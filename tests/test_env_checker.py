@@ -63,6 +63,14 @@ def test_wrong_dtype_names_key_expected_and_actual():
         check_env(env)
 
 
+def test_a_float_image_is_told_to_become_uint8_not_to_be_declared_float():
+    env = ToyEnv(obs=with_obs(image=np.zeros((64, 64, 3), np.float32)))
+    with pytest.raises(EnvCheckError, match=r"observation 'image': expected dtype uint8, got float32\. Convert it "
+                                            r"in _format_obs with \.astype\(np\.uint8\)") as error:
+        check_env(env)
+    assert "declare dtype" not in str(error.value)
+
+
 def test_missing_key():
     with pytest.raises(EnvCheckError, match=(
             r"reset\(\) observation is missing key\(s\) \['vector'\] that obs_space declares; got "

@@ -113,3 +113,19 @@ def test_progress_line_only_on_an_interactive_terminal(tmp_path: Path, monkeypat
     monkeypatch.delenv("CI")
     Logger(tmp_path, tensorboard=False).progress(1, 10, 1.0)
     assert plain.getvalue() == ""
+
+
+def test_video_frame_converts_rgba_grey_and_float_frames_and_names_what_it_cannot() -> None:
+    rgba = np.zeros((4, 5, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 100, 7
+    assert logger_module.video_frame(rgba).shape == (4, 5, 3) and (logger_module.video_frame(rgba) == 100).all()
+    grey = np.arange(20, dtype=np.uint8).reshape(4, 5)
+    frame = logger_module.video_frame(grey)
+    assert frame.shape == (4, 5, 3) and (frame[..., 2] == grey).all()
+    assert (logger_module.video_frame(np.full((2, 2, 3), 0.5)) == 127).all()  # float in [0, 1]: x 255
+    assert (logger_module.video_frame(np.full((2, 2, 3), 300.0)) == 255).all()  # else clipped
+    assert logger_module.video_frame(np.ones((2, 2, 1), np.int64)).dtype == np.uint8
+    for bad, named in [(np.zeros((4, 4, 5)), r"shape \(4, 4, 5\)"), (np.zeros(7), r"shape \(7,\)"),
+                       (np.array([["a"]]), "dtype <U1")]:
+        with pytest.raises(ValueError, match=named):
+            logger_module.video_frame(bad)

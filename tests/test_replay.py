@@ -128,7 +128,7 @@ def test_bad_configuration_and_inputs_give_clear_errors() -> None:
     replay.add(make_step(0))
     bad = make_step(1)
     del bad["reward"]
-    with pytest.raises(KeyError, match=r"but the first step stored had"):
+    with pytest.raises(KeyError, match=r"but the first step stored in replay had"):
         replay.add(bad)
 
 
@@ -260,7 +260,7 @@ def test_shape_change_is_rejected_and_python_floats_stored_as_float32() -> None:
     replay = Replay(capacity=20, batch_length=2)
     replay.add({"image": np.zeros((4, 4, 3), np.uint8), "reward": 1.0, "is_first": True})
     assert replay._arrays["reward"].dtype == np.float32
-    pattern = r"got 'image' of shape \(4, 5, 3\) but the first step stored had \(4, 4, 3\)"
+    pattern = r"has 'image' of shape \(4, 5, 3\) but the first step stored in replay had \(4, 4, 3\)"
     with pytest.raises(ValueError, match=pattern):
         replay.add({"image": np.zeros((4, 5, 3), np.uint8), "reward": 1.0, "is_first": False})
     assert len(replay) == 1
@@ -383,3 +383,37 @@ def test_prefetcher_reports_the_sampler_state_of_the_next_unconsumed_batch() -> 
     fill(resumed, 100)
     resumed.set_rng_state(saved)
     np.testing.assert_array_equal(resumed.sample(4)["reward"], expected_next)
+
+
+def test_a_replay_larger_than_memory_and_swap_stops_at_its_first_step_with_the_fix(tmp_path) -> None:
+    """10 million 1024x1024x3 images (31 TB) cannot be reserved anywhere: one paragraph naming
+    replay_size and the memory, before anything is stored or written."""
+    from replay import ReplayMemoryError, machine_memory_bytes
+
+    assert machine_memory_bytes() > 2 ** 30  # this machine's /proc/meminfo is read
+    replay = Replay(capacity=10_000_000, batch_length=4, directory=tmp_path / "replay", chunk=2)
+    step = {"image": np.zeros((1024, 1024, 3), np.uint8), "action": np.zeros(2, np.float32), "reward": 0.0,
+            "is_first": True, "is_last": False, "is_terminal": False}
+    with pytest.raises(ReplayMemoryError, match=r"replay: holding 10,000,000 steps of 3,145,7\d\d bytes each "
+                                                r"\('image' \(1024, 1024, 3\) uint8 is the largest\) needs "
+                                                r"29\d\d\d\.\d GiB, and this machine has .* Lower --replay_size "
+                                                r"\(about [\d,]+ steps fit in half"):
+        replay.add(step)
+    assert len(replay) == 0 and not list((tmp_path / "replay").iterdir())
+
+
+def test_a_run_reserves_no_more_replay_than_its_steps(tmp_path) -> None:
+    import config as config_lib
+    import dreamer
+
+    def capacity(*extra: str) -> int:
+        cfg = config_lib.load_config(["--configs", "debug", "custom", "--task", "custom_reach",
+                                      "--logdir", str(tmp_path / "run"), *extra])
+        return dreamer.make_replay(cfg, dreamer.resolve_paths(cfg), dreamer.Dist(*extra_dist), print).capacity
+
+    extra_dist = (0, 1)
+    assert capacity("--steps", "400", "--replay_size", "1000000") == 401  # 400 steps + one env's last step
+    assert capacity("--steps", "5000000", "--replay_size", "1000000") == 1_000_000
+    extra_dist = (1, 2)  # rank 1 of 2 holds half
+    assert capacity("--steps", "400", "--replay_size", "1000000") == 201
+    assert capacity("--steps", "400", "--replay_size", "100", "--batch_length", "8") == 50

@@ -383,6 +383,20 @@ def test_other_model_size_stops_with_exit_2_naming_both_values(killed_run, tmp_p
     assert "deter: 32" in config_text
 
 
+def test_other_encoder_keys_stop_naming_the_changed_setting(killed_run, tmp_path):
+    """Trained on the image alone (`custom`'s mlp_keys '$^'), resumed with the vector added: the
+    mismatched parameter and the setting that made it, both values."""
+    logdir = copy_run(killed_run["logdir"], tmp_path / "run")
+    checkpoint_bytes = (logdir / "latest.pt").read_bytes()
+    result = run_cli(run_args(logdir, "--encoder.mlp_keys", "vector", "--steps", "700"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = last_line(result.stderr)
+    assert line.startswith("error: checkpoint parameter 'wm.") and "Settings that differ from the checkpoint's: " \
+        "encoder.mlp_keys $^ -> vector; resume with the checkpoint's values (its config.yaml)." in line, line
+    assert "steps 600 -> 700" not in line  # settings that shape no parameter are not blamed
+    assert (logdir / "latest.pt").read_bytes() == checkpoint_bytes
+
+
 def test_missing_checkpoint_stops_with_exit_2_listing_the_folder(tmp_path):
     folder = tmp_path / "run"
     (folder / "replay").mkdir(parents=True)
@@ -413,6 +427,32 @@ def test_from_checkpoint_without_logdir_continues_in_its_folder(killed_run, tmp_
     new_records = read_metrics(logdir)[records_before:]
     assert new_records and all(r["step"] > STEPS for r in new_records)
     assert checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]["step"] == STEPS + SAVE_EVERY
+
+
+def test_resume_from_the_previous_checkpoint_keeps_the_newer_one(killed_run, tmp_path):
+    """--from_checkpoint <logdir>/latest.prev.pt (step 500) in a folder whose latest.pt is at step
+    600: the run's saves would rotate the step-600 checkpoint away; it is kept as latest.step600.pt,
+    the same file, and the log says so."""
+    logdir = copy_run(killed_run["logdir"], tmp_path / "run")
+    newer = (logdir / "latest.pt").read_bytes()
+    result = run_cli(run_args(logdir, "--from_checkpoint", str(logdir / "latest.prev.pt"), steps=STEPS + 200))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (logdir / "train.log").read_text()
+    assert resumed_step(log[log.rindex("INFO resumed from"):]) == STEPS - SAVE_EVERY
+    assert f"{logdir}/latest.pt is not the checkpoint this run resumes from ({logdir}/latest.prev.pt) and this " \
+           f"run's saves would overwrite it: it is kept as {logdir}/latest.step{STEPS}.pt" in log
+    assert (logdir / f"latest.step{STEPS}.pt").read_bytes() == newer
+    assert checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]["step"] == STEPS + 200
+
+
+def test_resume_without_its_replay_warns_once(killed_run, tmp_path):
+    logdir = copy_run(killed_run["logdir"], tmp_path / "run")
+    shutil.rmtree(logdir / "replay")
+    result = run_cli(run_args(logdir, steps=STEPS + 100))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (logdir / "train.log").read_text()
+    assert log.count(f"resumed at step {STEPS} but {logdir}/replay holds no replay: training waits") == 1
+    assert "finished: 700 steps" in log
 
 
 def test_resume_with_a_new_train_ratio_applies_it_from_the_resume_step(killed_run, tmp_path):

@@ -136,6 +136,12 @@ def test_from_checkpoint_given_another_file_of_the_run_names_the_checkpoint(tmp_
     assert result.stderr.startswith(f"error: --from_checkpoint {run / 'config.yaml'} names the run's config.yaml, "
                                     f"not a checkpoint: the checkpoint of that run is {run / 'latest.pt'}")
     assert result.stdout == "" and not (tmp_path / "new").exists()
+    (run / "replay").mkdir()  # a replay chunk: the run is the folder above replay/
+    (run / "replay" / "w000-000000000000.npz").write_bytes(b"")
+    chunk = run_cli("--configs", "debug", "custom", "--task", "custom_reach", "--from_checkpoint",
+                    str(run / "replay" / "w000-000000000000.npz"), "--logdir", str(tmp_path / "new"))
+    assert chunk.returncode == 2 and f"the checkpoint of that run is {run / 'latest.pt'} (or pass the folder " \
+        f"{run} itself)" in chunk.stderr, chunk.stderr[-3000:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
@@ -293,11 +299,43 @@ def test_env_without_render_trains_and_says_there_is_no_video(tmp_path):
     assert len([r for r in read_metrics(logdir) if "eval/return" in r]) == 2
 
 
+@pytest.mark.parametrize("task, warning", [
+    ("RgbaFrames-v0", None),  # RGBA frames: the alpha channel is dropped
+    ("NoFrames-v0", "no eval videos from now on: env 0's render() failed (render() returned an array of shape "
+                    "(16, 16, 5), not an (H, W, 3) frame)"),
+    ("GrowingFrames-v0", "eval video: env 0's render() changed its frame size from (16, 16, 3) to (17, 17, 3); "
+                         "this video ends there"),
+])
+def test_frames_that_are_not_rgb_cost_the_video_not_the_run(tmp_path, task, warning):
+    """render() giving RGBA, a five-channel array or frames of changing size: the run trains,
+    evaluates and saves to the end (the evaluation at step N used to crash before the save at step N)."""
+    import os
+
+    import checkpoint
+
+    logdir = tmp_path / "frames"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "gym", "--task", f"gym_faulty_env:{task}",
+         "--steps", "200", "--eval_every", "100", "--logdir", str(logdir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CI": "1", "PYTHONPATH": str(ROOT / "tests" / "helpers")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (logdir / "train.log").read_text()
+    assert "finished: 200 steps" in log
+    assert len([r for r in read_metrics(logdir) if "eval/return" in r]) == 2
+    assert checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]["step"] == 200
+    if warning is None:
+        assert "WARNING" not in log and "no eval video" not in log
+    else:
+        assert log.count(warning) == 1  # not again at the second evaluation
+
+
 @pytest.mark.parametrize("task, message", [
     ("NanLater-v0", "error: env 0 at step 265: observation 'vector' contains NaN at 3 of 3 entries: [nan, nan, nan]; "
                     "every observation and reward must be finite"),
-    ("GrowsLater-v0", "error: env 0 at step 265: Replay.add got 'vector' of shape (4,) but the first step stored "
-                      "had (3,)."),
+    ("GrowsLater-v0", "error: env 0 at step 265: the step has 'vector' of shape (4,) but the first step stored "
+                      "in replay had (3,)."),
 ])
 def test_an_env_that_breaks_mid_run_stops_with_its_paragraph_and_keeps_the_checkpoint(tmp_path, task, message):
     """An env that passes the start-up check and later returns NaN, or an observation of another

@@ -254,3 +254,36 @@ def test_wrappers_forward_attributes_and_close():
     assert inner.closed
     with pytest.raises(AttributeError):
         env.no_such_attribute
+
+
+def test_a_pass_through_render_reaches_an_old_gym_env_inside():
+    """A user's wrapper `render(self, *args, **kwargs)` around an old gym env whose render() defaults
+    to mode 'human' (and raises for it): retried with mode='rgb_array'; around a gymnasium env,
+    called plainly."""
+    class OldGymHuman(TinyEnv):
+        def render(self, mode='human'):
+            if mode != 'rgb_array':
+                raise NotImplementedError(mode)
+            return np.full((2, 2, 3), 5, np.uint8)
+
+    class Gymnasium(TinyEnv):
+        def render(self):
+            return np.full((2, 2, 3), 6, np.uint8)
+
+    class PassThrough(TinyEnv):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def render(self, *args, **kwargs):
+            return self.inner.render(*args, **kwargs)
+
+    assert wrappers.Flags(PassThrough(OldGymHuman())).render()[0, 0, 0] == 5
+    assert wrappers.Flags(PassThrough(Gymnasium())).render()[0, 0, 0] == 6
+
+    class Broken(TinyEnv):
+        def render(self, *args, **kwargs):
+            raise RuntimeError('the first error')
+
+    with pytest.raises(RuntimeError, match='the first error'):
+        wrappers.Flags(Broken()).render()

@@ -57,3 +57,37 @@ class SpoilsLater(gymnasium.Env):
 
 gymnasium.register(id="NanLater-v0", entry_point=SpoilsLater, kwargs={"spoil": "nan"})
 gymnasium.register(id="GrowsLater-v0", entry_point=SpoilsLater, kwargs={"spoil": "grow"})
+
+
+class OddFrames(gymnasium.Env):
+    """A tiny task (as Faulty's even copies) whose render() gives frames that are not (H, W, 3)
+    uint8: RGBA (`RgbaFrames-v0`), five channels of float64 (`NoFrames-v0`), or a frame that grows
+    by one pixel per step (`GrowingFrames-v0`)."""
+    metadata = {"render_modes": ["rgb_array"]}
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, frames: str = "rgba", render_mode=None):
+        self._frames, self.render_mode = frames, render_mode
+        self._t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._t = 0
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        self._t += 1
+        return np.full(3, self._t / 100.0, np.float32), float(-abs(action[0])), False, self._t >= 40, {}
+
+    def render(self):
+        if self._frames == "rgba":
+            return np.full((16, 16, 4), 200, np.uint8)
+        if self._frames == "growing":
+            return np.zeros((16 + self._t, 16 + self._t, 3), np.uint8)
+        return np.zeros((16, 16, 5))
+
+
+for _name in ("rgba", "growing", "none"):
+    gymnasium.register(id={"rgba": "RgbaFrames-v0", "growing": "GrowingFrames-v0", "none": "NoFrames-v0"}[_name],
+                       entry_point=OddFrames, kwargs={"frames": _name})
