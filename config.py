@@ -29,7 +29,7 @@ ENV_OPTIONS = "env"  # env.<suite>.<key>: keyword arguments of a suite's constru
 CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("32", "16", "bf16"),
     "envs.parallel": ("process", "thread", "none"),
-    "actor_dist": ("normal", "onehot"),
+    "actor_dist": ("auto", "normal", "onehot"),
     "behavior": ("greedy", "random", "plan2explore"),
     "env.atari.lives": ("unused", "discount", "reset"),
     "env.atari.resize": ("area", "pillow"),

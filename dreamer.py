@@ -425,7 +425,7 @@ SIZE_KEYS = ["rssm.deter", "rssm.hidden", "rssm.stoch", "rssm.classes", "encoder
              "encoder.mlp_units", "encoder.mlp_layers", "decoder.cnn_depth", "decoder.mlp_units",
              "decoder.mlp_layers", "reward_head.units", "reward_head.layers", "reward_head.bins",
              "cont_head.units", "cont_head.layers", "actor.units", "actor.layers", "critic.units",
-             "critic.layers", "critic.bins", "actor_dist"]
+             "critic.layers", "critic.bins"]  # actor_dist: fixed by the action space, which restore checks
 
 
 def load_resume_state(paths: RunPaths, device: torch.device, logger: Logger) -> tuple[dict, Path]:
@@ -1061,10 +1061,21 @@ NOT_CHECKPOINT_SUFFIXES = {".yaml", ".yml", ".log", ".jsonl", ".json", ".npz", "
 def check_run_inputs(config: Config) -> None:
     """Problems that need no env or model, found before anything is printed or written: a task whose
     suite is not registered, a device this machine lacks, --parallel without GPUs (unless the CPU is
-    asked for), a resume path that does not exist (nor its .prev.pt)."""
+    asked for), a resume path that does not exist (nor its .prev.pt), options for a suite that is
+    not registered (a misspelt --env.<suite>.<key> would do nothing)."""
+    import difflib
+
     import envs
 
     envs.parse_task(config.task)
+    for suite in config.to_dict().get("env", {}):
+        if suite not in envs.REGISTRY:
+            close = difflib.get_close_matches(suite, list(envs.REGISTRY), n=1)
+            raise RunError(
+                f"env.{suite}: there is no suite '{suite}' in envs.REGISTRY ({', '.join(sorted(envs.REGISTRY))}), "
+                f"so its options would reach no env{f': did you mean env.{close[0]}?' if close else '.'} Fix the "
+                f"--env.{suite}.<key> option or the env: {{{suite}: ...}} entry in configs.yaml, or register the "
+                f"suite in envs/__init__.py.")
     try:
         device = tools.resolve_device(config.device)
     except ValueError as error:

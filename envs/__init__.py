@@ -11,6 +11,7 @@ TimeLimit, ClipReward, and Flags, which gives every observation dict `reward`, `
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import re
@@ -91,6 +92,22 @@ def suite_kwargs(cls: Any, options: Mapping[str, Any], seed: int, action_repeat:
     return kwargs
 
 
+def rejected_option(error: TypeError, options: Mapping[str, Any]) -> str | None:
+    """The config option a constructor's TypeError says it did not take, if it is one."""
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    return match.group(1) if match and match.group(1) in options else None
+
+
+def spelling_hint(cls: Any, rejected: str) -> str:
+    """' Did you mean ...?' from the constructor's own parameter names, or ''."""
+    try:
+        names = [n for n in inspect.signature(cls).parameters if n not in ('self', 'name')]
+    except (TypeError, ValueError):
+        return ''
+    close = difflib.get_close_matches(rejected, names, n=1)
+    return f": did you mean '{close[0]}'?" if close else ''
+
+
 def options_note(cls: Any, name: str, suite: str, kwargs: Mapping[str, Any], error: TypeError) -> str:
     """What a TypeError of a suite's constructor means for its options: where each comes from and the
     fix; names the option the constructor (or an env it passes **kwargs to) did not take."""
@@ -141,6 +158,14 @@ def make_env(config: Mapping[str, Any], mode: str, index: int, seed_shift: int =
     try:
         env = cls(name, **kwargs)
     except TypeError as error:
+        rejected = rejected_option(error, options)
+        if rejected is not None:  # a config option the constructor does not take: the user's to fix
+            raise EnvCheckError(
+                f"{cls.__name__}({name!r}) does not take option '{rejected}': drop --env.{suite}.{rejected} or "
+                f"its '{rejected}:' entry under env: {{{suite}: ...}} in configs.yaml (or fix its spelling"
+                f"{spelling_hint(cls, rejected)}), or make the constructor, and any env it passes **kwargs "
+                f"to, accept '{rejected}'. It was called with **{dict(kwargs)}: config env.{suite}, plus seed / "
+                "action_repeat where the constructor names them.") from None
         error.add_note(options_note(cls, name, suite, kwargs, error))
         raise
     check_env(env, index)

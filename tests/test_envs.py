@@ -195,28 +195,39 @@ def test_constructor_option_mismatch_says_where_the_options_come_from(monkeypatc
 
     monkeypatch.setitem(envs.REGISTRY, 'custom', NoOptions)
     envs.make_env(make_config('--task', 'custom_reach'), 'train', 0)  # no options: it takes none
-    with pytest.raises(TypeError, match=r"unexpected keyword argument 'size'") as info:
+    with pytest.raises(envs.EnvCheckError, match=r"^NoOptions\('reach'\) does not take option 'size': drop "
+                                                 r"--env.custom.size .*It was called with \*\*\{'size': \(32, 32\)\}"):
         envs.make_env(make_config('--task', 'custom_reach', '--env.custom.size', '32,32'), 'train', 0)
+
+
+def test_a_constructor_bug_keeps_its_traceback_with_a_note_on_the_options(monkeypatch):
+    class Buggy(CustomEnv):
+        def __init__(self, name, size=(64, 64)):
+            super().__init__(name, size=size)
+            self.radius = len(size[0])  # its own mistake, not an option's
+
+    monkeypatch.setitem(envs.REGISTRY, 'custom', Buggy)
+    with pytest.raises(TypeError, match=r"object of type 'int' has no len\(\)") as info:
+        envs.make_env(make_config('--task', 'custom_reach'), 'train', 0)
     assert "the options are config env.custom" in info.value.__notes__[0]
 
 
-def test_an_option_the_users_constructor_does_not_take_names_the_key_and_the_fix(monkeypatch, tmp_path):
-    """The user's own suite, an option on the command line, a constructor without it: the run stops
-    with the constructor's TypeError and a note that says where the option came from and what to do."""
+def test_an_option_the_users_constructor_does_not_take_names_the_key_and_the_fix(monkeypatch, tmp_path, capsys):
+    """The user's own suite, a misspelt option on the command line, a constructor without it: one
+    paragraph naming the option, where it came from, the closest parameter and the fix; exit 2."""
     class Broken(CustomEnv):
-        def __init__(self, name):
+        def __init__(self, name, speed=1.0):
             super().__init__('reach')
 
     monkeypatch.setitem(envs.REGISTRY, 'broken', Broken)
-    with pytest.raises(TypeError, match=r"unexpected keyword argument 'foo'") as info:
-        dreamer.main(['--task', 'broken_x', '--env.broken.foo', '1', '--envs.parallel', 'none',
-                      '--device', 'cpu', '--logdir', str(tmp_path / 'run')])
-    assert info.value.__notes__[0] == (
-        "make_env called Broken('x', **{'foo': 1}): the options are config env.broken (plus seed / "
-        "action_repeat where the constructor names them), set by --env.broken.<key> VALUE on the command "
-        "line or env: {broken: {<key>: VALUE}} in a configs.yaml block. Option 'foo' was not taken: drop "
-        "--env.broken.foo or its 'foo:' entry under env: {broken: ...} (or fix its spelling), or make the "
-        "constructor, and any env it passes **kwargs to, accept 'foo'.")
+    code = dreamer.main(['--task', 'broken_x', '--env.broken.sped', '2', '--envs.parallel', 'none',
+                         '--device', 'cpu', '--logdir', str(tmp_path / 'run')])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: Broken('x') does not take option 'sped': drop --env.broken.sped or its 'sped:' entry under "
+        "env: {broken: ...} in configs.yaml (or fix its spelling: did you mean 'speed'?), or make the "
+        "constructor, and any env it passes **kwargs to, accept 'sped'. It was called with **{'sped': 2}: "
+        "config env.broken, plus seed / action_repeat where the constructor names them.")
 
 
 def test_options_of_a_users_suite_from_a_block_and_the_command_line_reach_its_constructor(monkeypatch, tmp_path):

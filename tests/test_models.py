@@ -124,6 +124,16 @@ def test_return_normalizer_gathers_returns_of_all_processes():
     assert norm.high.item() == pytest.approx(np.percentile(both, 95))
 
 
+def test_actor_dist_auto_follows_the_action_space_and_explicit_choices_are_checked():
+    from models import resolve_actor_dist
+
+    assert resolve_actor_dist(gym.spaces.Discrete(3), "auto") == "onehot"
+    assert resolve_actor_dist(gym.spaces.Box(-1, 1, (2,), np.float32), "auto") == "normal"
+    assert resolve_actor_dist(gym.spaces.Discrete(3), "onehot") == "onehot"
+    with pytest.raises(ValueError, match=r"Discrete\(3\) but actor_dist is 'normal'"):
+        resolve_actor_dist(gym.spaces.Discrete(3), "normal")
+
+
 def test_action_size_rejects_mismatched_actor_dist():
     with pytest.raises(ValueError, match=r"Discrete\(3\) but actor_dist is 'normal'.*--actor_dist onehot"):
         action_size(gym.spaces.Discrete(3), "normal")

@@ -108,6 +108,9 @@ def test_placeholder_task_is_one_paragraph_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("--task", "mine_reach"), "error: Unknown suite 'mine' in task 'mine_reach'. Registered suites: atari, crafter, custom,"),
+    (("--task", "custom_reach", "--env.cutsom.size", "32,32"),
+     "error: env.cutsom: there is no suite 'cutsom' in envs.REGISTRY (atari, crafter, custom, dmc, gym, memorymaze, "
+     "minecraft), so its options would reach no env: did you mean env.custom?"),
     (("--task", "custom_reach_discrete", "--actor_dist", "normal"),
      "error: The action space is Discrete(5) but actor_dist is 'normal'"),
     (("--task", "custom_reach", "--encoder.mlp_keys", "$^", "--encoder.cnn_keys", "$^"),
@@ -120,7 +123,7 @@ def test_user_errors_exit_2_with_their_paragraph_only(tmp_path, args, message):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count(message) == 1, result.stderr
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    if args[1] == "mine_reach":  # checked before anything is printed or written
+    if args[1] == "mine_reach" or "--env.cutsom.size" in args:  # checked before anything is printed or written
         assert result.stdout == "" and not (tmp_path / "run").exists()
 
 
@@ -281,6 +284,19 @@ def test_ctrl_c_during_an_evaluation_cuts_it_short_and_saves(tmp_path):
     assert not any("eval/return" in record for record in read_metrics(logdir))
     counters = checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]
     assert (counters["step"], counters["last_save"], counters["last_eval"]) == (300, 300, 0)  # eval still due
+
+
+def test_the_readme_gym_cartpole_command_trains_without_naming_actor_dist(tmp_path):
+    """README's `--configs gym --task gym_CartPole-v1` (Discrete actions): the defaults' actor_dist
+    auto gives a one-hot policy (it stopped asking for --actor_dist onehot)."""
+    import checkpoint
+
+    logdir = tmp_path / "cartpole"
+    result = run_cli("--configs", "debug", "gym", "--task", "gym_CartPole-v1", "--steps", "150", "--logdir", str(logdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = checkpoint.load_checkpoint(logdir / "latest.pt")
+    assert state["config"]["actor_dist"] == "auto"
+    assert state["agent"]["task"]["actor.out.weight"].shape[0] == 2  # two logits of Discrete(2)
 
 
 def test_env_without_render_trains_and_says_there_is_no_video(tmp_path):
