@@ -43,7 +43,8 @@ POSITIVE = (
     "envs.amount", "model_lr", "actor_lr", "critic_lr", "slow_target_update", "video_length",
     "rssm.deter", "rssm.hidden", "rssm.stoch", "rssm.classes",
 )
-NON_NEGATIVE = ("prefill", "eval_every", "time_limit", "threads", "save_every_minutes", "reward_clip", "seed")
+NON_NEGATIVE = ("prefill", "eval_every", "time_limit", "threads", "save_every_minutes", "reward_clip", "seed",
+                "envs.max_restarts")
 UNIT_INTERVAL = ("discount", "discount_lambda", "slow_target_fraction", "rssm.unimix", "actor.unimix")
 
 

@@ -142,7 +142,8 @@ def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logg
         logger.warning(f"{mode} {event['message']}:\n{text}")
 
     ctors = [functools.partial(envs.make_env, config, mode, first_index + i, seed_shift) for i in range(amount)]
-    return envs.parallel.EnvPool(ctors, config.envs.parallel, on_event=log_event, first_index=first_index)
+    return envs.parallel.EnvPool(ctors, config.envs.parallel, max_restarts=config.envs.max_restarts,
+                                 on_event=log_event, first_index=first_index)
 
 
 def make_agent(config: Config, obs_space: dict, act_space: Any, device: torch.device) -> Agent:
@@ -973,6 +974,8 @@ def train(config: Config, dist: Dist = Dist(), sync: Optional[DistSync] = None,
 
 def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
     """setup, then evaluate only, or train to config.steps (or a stop request) and save."""
+    from envs import EnvGaveUp
+
     config, dist, logger = trainer.config, trainer.dist, trainer.logger
     trainer.setup()
     if dist.main and not config.eval_only:  # after resume accepted the checkpoint
@@ -992,6 +995,9 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
             trainer.run_eval(stop=lambda: interrupt.requested)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, but still save
         interrupt.requested = True
+    except EnvGaveUp as error:  # an env that keeps failing: keep the progress, then say so
+        interrupt.shielded = True
+        raise env_gave_up(trainer, error) from None
     interrupt.shielded = True
     if trainer.counters.last_save != trainer.counters.step:  # else saved at this very step
         trainer.counters.last_save = trainer.counters.step
@@ -1004,6 +1010,24 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
     else:
         logger.info(f"finished: {trainer.counters.step} steps, {trainer.counters.updates} updates")
     return trainer.counters
+
+
+def env_gave_up(trainer: Trainer, error: Exception) -> RunError:
+    """Save what the run has (rank 0: the checkpoint; every rank: its replay) after an env failed
+    `envs.max_restarts` times in a row, and the paragraph that says so."""
+    counters, paths = trainer.counters, trainer.paths
+    text = getattr(error, "worker_traceback", "") or str(error)
+    last = [line.strip() for line in text.strip().splitlines() if line.strip()][-1:] or ["?"]
+    head = str(error).split("\n", 1)[0].removesuffix(" last failure:").rstrip(";")
+    if counters.last_save != counters.step:
+        counters.last_save = counters.step
+        save(trainer.config, trainer.agent, counters, trainer.replay, paths, trainer.dist, trainer.logger,
+             trainer.prefetch)
+    kept = (f"The run saved its progress: {paths.checkpoint} at step {counters.step}" if trainer.dist.main
+            else "Rank 0 keeps the last checkpoint")
+    return RunError(
+        f"{head}; its last failure: {last[0]} (the tracebacks are in {paths.logdir / 'train.log'}). {kept}: "
+        f"fix the env and {resume_hint(paths)}; or allow more restarts in a row with --envs.max_restarts N.")
 
 
 def resume_hint(paths: RunPaths) -> str:

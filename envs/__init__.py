@@ -28,7 +28,7 @@ from .dmc import DMC
 from .gym import GymEnv
 from .memorymaze import MemoryMaze
 from .minecraft import Minecraft
-from .parallel import EnvError, EnvPool
+from .parallel import EnvError, EnvGaveUp, EnvPool
 
 REGISTRY = {
     'dmc': DMC,
@@ -43,7 +43,7 @@ REGISTRY = {
 MODES = ('train', 'eval')
 EVAL_SEED_OFFSET = 10000
 
-__all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'MissingDependency', 'EnvPool', 'check_env',
+__all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'EnvGaveUp', 'MissingDependency', 'EnvPool', 'check_env',
            'check_running_step', 'env_seed', 'make_env', 'make_pool', 'options_note', 'parse_task',
            'suite_kwargs', 'wrap_env', 'wrappers']
 

@@ -9,7 +9,9 @@ its command first and then collects the answers, so the envs advance concurrentl
 observation had `is_last` is reset instead (its action is ignored) and returns its first observation.
 An env that raises, or whose worker dies, during `step` is rebuilt from its constructor and its episode
 dropped: the pool returns a fresh first observation for it and records an event (index, traceback);
-once `max_restarts` restarts have been used, the next failure raises EnvError. A constructor that
+after `max_restarts` restarts in a row, each within `healthy_steps` pool steps of the one before, the
+next failure raises EnvGaveUp (an env that keeps failing is broken; one that fails once a day is
+restarted every time: `healthy_steps` steps without a failure clear the count). A constructor that
 fails at start-up raises its own exception, with the env index and the worker's traceback as a note.
 """
 from __future__ import annotations
@@ -44,6 +46,10 @@ class EnvError(RuntimeError):
         self.index = index
         self.worker_traceback = worker_traceback
         self.exception = exception
+
+
+class EnvGaveUp(EnvError):
+    """An env failed again after `max_restarts` restarts in a row: the pool stopped restarting it."""
 
 
 def _current_failure() -> tuple[str, BaseException | None]:
@@ -237,7 +243,7 @@ class EnvPool:
 
     def __init__(self, ctors: Sequence[Callable[[], Any]], parallel: str = 'process',
                  max_restarts: int = 10, on_event: Callable[[dict], None] | None = None,
-                 first_index: int = 0):
+                 first_index: int = 0, healthy_steps: int = 1000):
         if parallel not in PARALLEL_MODES:
             raise ValueError(
                 f"envs.parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}. Use "
@@ -248,8 +254,10 @@ class EnvPool:
         self.first_index = int(first_index)  # messages name env i as first_index + i (its global index)
         self._parallel = parallel
         self._context = _process_context() if parallel == 'process' else None
-        self.max_restarts = int(max_restarts)
-        self.restarts = 0
+        self.max_restarts, self.healthy_steps = int(max_restarts), int(healthy_steps)
+        self.restarts = 0  # in all
+        self.restarts_in_a_row = 0  # each within healthy_steps steps of the one before
+        self._steps = self._last_failure_step = 0
         self.events: list[dict] = []
         self._on_event = on_event
         self._workers: list = [None] * len(self._ctors)
@@ -308,6 +316,7 @@ class EnvPool:
             raise ValueError(
                 f'EnvPool.step: expected one action per env ({len(self)}), got {len(actions)} '
                 f'(actions shape {np.shape(actions)}).')
+        self._steps += 1
         for index, worker in enumerate(self._workers):
             if self._needs_reset[index]:
                 worker.submit('reset')
@@ -334,18 +343,28 @@ class EnvPool:
         """Replaces a failed env by a fresh one and returns its first observation."""
         status, value = answer
         text = value if status == 'died' else value[0]
-        if self.restarts >= self.max_restarts:
+        if self._steps - self._last_failure_step > self.healthy_steps:
+            self.restarts_in_a_row = 0  # the envs ran healthy_steps steps since the last failure
+        self._last_failure_step = self._steps
+        if self.restarts_in_a_row >= self.max_restarts:
             self.close()
-            raise EnvError(self.first_index + index, f'failed after {self.restarts} restarts (limit max_restarts='
-                                  f'{self.max_restarts}); last failure:', text)
+            raise EnvGaveUp(self.first_index + index,
+                            f'failed after {self.restarts_in_a_row} restarts in a row, each within '
+                            f'{self.healthy_steps} steps of the one before (limit max_restarts='
+                            f'{self.max_restarts}); last failure:', text)
         self.restarts += 1
+        self.restarts_in_a_row += 1
         self._record({'index': index, 'kind': 'restart', 'time': time.time(),
                       'message': f'env {self.first_index + index} {"died" if status == "died" else "raised"}; '
                                  f'restarted it and dropped its episode',
                       'traceback': text})
         _close_workers([self._workers[index]])
         self._workers[index] = self._start(index)
-        self._raise_if_failed(self._workers[index].receive(), index, 'failed to restart')
+        status, value = self._workers[index].receive()
+        if status != 'ok':  # its constructor (or start-up check) fails now: restarting cannot help
+            self.close()
+            raise EnvGaveUp(self.first_index + index, 'failed, and then failed to restart; last failure:',
+                            value if status == 'died' else value[0])
         return self._ask(index, 'reset')
 
     def _record(self, event: dict) -> None:

@@ -114,10 +114,28 @@ def test_restart_limit_raises_with_index_and_traceback(parallel):
         pool.step(np.zeros((1, 1)))  # reset
         pool.step(np.zeros((1, 1)))  # crash 1 -> restart
         with pytest.raises(EnvError, match=(
-                r"(?s)env 0: failed after 1 restarts \(limit max_restarts=1\).*Traceback in the worker "
+                r"(?s)env 0: failed after 1 restarts in a row, each within 1000 steps of the one before "
+                r"\(limit max_restarts=1\).*Traceback in the worker "
                 r"of env 0.*RuntimeError: deliberate crash at step 1")) as info:
             pool.step(np.zeros((1, 1)))
     assert info.value.index == 0
+
+
+def test_failures_far_apart_are_restarted_every_time_and_a_run_of_them_gives_up():
+    """An env that crashes at its 3rd step of every episode: 3 pool steps apart. With healthy_steps 2
+    the count clears before each failure (restarted forever); with healthy_steps 3 they are in a row,
+    and the third failure after max_restarts=2 restarts gives up with EnvGaveUp."""
+    from envs.parallel import EnvGaveUp
+
+    with EnvPool([functools.partial(counter_env, crash_at=3)], 'none', max_restarts=2, healthy_steps=2) as pool:
+        for _ in range(40):
+            pool.step(np.zeros((1, 1)))
+        assert pool.restarts == 13 and pool.restarts_in_a_row == 1  # pool steps 4, 7, ..., 40
+    with EnvPool([functools.partial(counter_env, crash_at=3)], 'none', max_restarts=2, healthy_steps=3) as pool:
+        with pytest.raises(EnvGaveUp, match=r"^env 0: failed after 2 restarts in a row, each within 3 steps"):
+            for _ in range(40):
+                pool.step(np.zeros((1, 1)))
+        assert pool.restarts == 2
 
 
 def test_a_pool_of_a_later_rank_names_its_envs_by_their_global_index():

@@ -378,6 +378,36 @@ def test_an_env_that_breaks_mid_run_stops_with_its_paragraph_and_keeps_the_check
     assert vectors and all(np.isfinite(v).all() for v in vectors)
 
 
+def test_an_env_that_keeps_failing_stops_the_run_with_its_progress_saved(tmp_path):
+    """From its 250th step on the env raises at every step, so its restart (which checks one step)
+    fails too: the run saves at the step it reached and stops with one paragraph (it was a
+    traceback, and the steps after the last checkpoint were lost)."""
+    import os
+
+    import checkpoint
+
+    logdir = tmp_path / "broken"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "gym", "--task", "gym_faulty_env:CrashesLater-v0",
+         "--envs.parallel", "none", "--envs.max_restarts", "3", "--logdir", str(logdir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CI": "1", "PYTHONPATH": str(ROOT / "tests" / "helpers")},
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    # the first failure's traceback is logged as the restart's warning; the end is one paragraph
+    assert result.stderr.count("error:") == 1 and result.stderr.count("Traceback") == 1, result.stderr[-3000:]
+    step = checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]["step"]
+    assert step > 200  # past the step-200 checkpoint (eval episodes count in the process too)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: env 0: failed, and then failed to restart; its last failure: RuntimeError: the simulator lost "
+        "its licence server (the tracebacks "
+        f"are in {logdir / 'train.log'}). The run saved its progress: {logdir / 'latest.pt'} at step {step}: fix "
+        f"the env and run the same command again (it resumes from {logdir / 'latest.pt'} by itself), or add "
+        f"--from_checkpoint {logdir / 'latest.pt'}; or allow more restarts in a row with --envs.max_restarts N.")
+    log = (logdir / "train.log").read_text()
+    assert log.count("RuntimeError: the simulator lost its licence server") >= 2  # the first traceback, the error
+
+
 def test_user_errors_are_the_ones_whose_message_says_what_to_fix():
     import checkpoint
     import dreamer

@@ -91,3 +91,31 @@ class OddFrames(gymnasium.Env):
 for _name in ("rgba", "growing", "none"):
     gymnasium.register(id={"rgba": "RgbaFrames-v0", "growing": "GrowingFrames-v0", "none": "NoFrames-v0"}[_name],
                        entry_point=OddFrames, kwargs={"frames": _name})
+
+
+class CrashesFromStep(gymnasium.Env):
+    """Steps fine until the `crash_from`-th step made in this process (over episodes and restarts),
+    then raises on every step: an env that broke for good (`CrashesLater-v0`; run it with
+    envs.parallel none, so that a restarted copy keeps the count)."""
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    steps_in_process = 0
+
+    def __init__(self, crash_from: int = 250):
+        self._crash_from = crash_from
+        self._t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._t = 0
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        CrashesFromStep.steps_in_process += 1
+        if CrashesFromStep.steps_in_process >= self._crash_from:
+            raise RuntimeError("the simulator lost its licence server")
+        self._t += 1
+        return np.full(3, self._t / 100.0, np.float32), float(-abs(action[0])), False, self._t >= 40, {}
+
+
+gymnasium.register(id="CrashesLater-v0", entry_point=CrashesFromStep)
