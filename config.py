@@ -11,7 +11,6 @@ import difflib
 import io
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -638,16 +637,14 @@ class LoadedConfig:
     def __init__(self, blocks: list[str], debug_moved: bool, notes: list[str] | None = None):
         self.blocks = blocks
         self.debug_moved = debug_moved
-        self.notes = notes or []  # one line each, already printed to stderr (e.g. a block defined twice)
+        self.notes = notes or []  # one line each for the user (e.g. a block defined twice)
 
 
 def build_config(argv: list[str], path: Path | None = None) -> tuple[Config, LoadedConfig]:
     """Merge defaults, blocks and overrides from `argv`; validate; freeze. Notes on configs.yaml
-    (a block defined twice with the same contents) are printed to stderr, one line each."""
+    (a block defined twice with the same contents) go to LoadedConfig.notes, one line each."""
     notes: list[str] = []
     blocks_available = read_blocks(path, notes)
-    for note in notes:
-        print(note, file=sys.stderr)
     names, overrides, _ = parse_argv(argv, path)
     for name in names:
         if name not in blocks_available or name == DEFAULTS_BLOCK:

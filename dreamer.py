@@ -1062,6 +1062,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    for note in loaded.notes:  # about configs.yaml itself, e.g. a block defined twice
+        print(note, file=sys.stderr)
     try:
         check_run_inputs(config)
         if config.parallel > 1 or "WORLD_SIZE" in os.environ:
