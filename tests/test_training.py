@@ -22,6 +22,16 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
+def run_faulty_env(env_id: str, *args: str) -> subprocess.CompletedProcess:
+    """A debug run of tests/helpers/faulty_env.py's gym env `env_id` through the gym suite."""
+    import os
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "gym", "--task", f"gym_faulty_env:{env_id}",
+         *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CI": "1", "PYTHONPATH": str(ROOT / "tests" / "helpers")})
+
+
 def read_metrics(logdir: Path) -> list[dict]:
     return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -300,15 +310,8 @@ def test_the_readme_gym_cartpole_command_trains_without_naming_actor_dist(tmp_pa
 
 
 def test_env_without_render_trains_and_says_there_is_no_video(tmp_path):
-    import os
-
     logdir = tmp_path / "norender"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "gym", "--task", "gym_faulty_env:Faulty-v0",
-         "--steps", "200", "--eval_every", "100", "--logdir", str(logdir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "CI": "1", "PYTHONPATH": str(ROOT / "tests" / "helpers")},
-    )
+    result = run_faulty_env("Faulty-v0", "--steps", "200", "--eval_every", "100", "--logdir", str(logdir))
     assert result.returncode == 0, result.stderr[-3000:]
     log = (logdir / "train.log").read_text()
     assert log.count("no eval video") == 1 and "finished: 200 steps" in log
@@ -325,17 +328,10 @@ def test_env_without_render_trains_and_says_there_is_no_video(tmp_path):
 def test_frames_that_are_not_rgb_cost_the_video_not_the_run(tmp_path, task, warning):
     """render() giving RGBA, a five-channel array or frames of changing size: the run trains,
     evaluates and saves to the end (the evaluation at step N used to crash before the save at step N)."""
-    import os
-
     import checkpoint
 
     logdir = tmp_path / "frames"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "gym", "--task", f"gym_faulty_env:{task}",
-         "--steps", "200", "--eval_every", "100", "--logdir", str(logdir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "CI": "1", "PYTHONPATH": str(ROOT / "tests" / "helpers")},
-    )
+    result = run_faulty_env(task, "--steps", "200", "--eval_every", "100", "--logdir", str(logdir))
     assert result.returncode == 0, result.stderr[-3000:]
     log = (logdir / "train.log").read_text()
     assert "finished: 200 steps" in log
@@ -357,17 +353,10 @@ def test_an_env_that_breaks_mid_run_stops_with_its_paragraph_and_keeps_the_check
     """An env that passes the start-up check and later returns NaN, or an observation of another
     shape: one paragraph naming the env, the step and the key (not an index error from a loss, nor a
     traceback), exit 2; the checkpoint saved at step 200 stays, and no NaN reached the replay."""
-    import os
-
     import checkpoint
 
     logdir = tmp_path / "spoils"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "gym", "--task", f"gym_faulty_env:{task}",
-         "--logdir", str(logdir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "CI": "1", "PYTHONPATH": str(ROOT / "tests" / "helpers")},
-    )
+    result = run_faulty_env(task, "--logdir", str(logdir))
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count(message) == 1 and result.stderr.count("error:") == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr + result.stdout
@@ -382,17 +371,11 @@ def test_an_env_that_keeps_failing_stops_the_run_with_its_progress_saved(tmp_pat
     """From its 250th step on the env raises at every step, so its restart (which checks one step)
     fails too: the run saves at the step it reached and stops with one paragraph (it was a
     traceback, and the steps after the last checkpoint were lost)."""
-    import os
-
     import checkpoint
 
     logdir = tmp_path / "broken"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "gym", "--task", "gym_faulty_env:CrashesLater-v0",
-         "--envs.parallel", "none", "--envs.max_restarts", "3", "--logdir", str(logdir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "CI": "1", "PYTHONPATH": str(ROOT / "tests" / "helpers")},
-    )
+    result = run_faulty_env("CrashesLater-v0", "--envs.parallel", "none", "--envs.max_restarts", "3",
+                            "--logdir", str(logdir))
     assert result.returncode == 2, result.stderr[-3000:]
     # the first failure's traceback is logged as the restart's warning; the end is one paragraph
     assert result.stderr.count("error:") == 1 and result.stderr.count("Traceback") == 1, result.stderr[-3000:]

@@ -5,6 +5,23 @@ import gymnasium
 import numpy as np
 
 
+class TinyTask(gymnasium.Env):
+    """40-step episodes of a 3-d vector that grows by 0.01 per step, reward -|action|; the envs below
+    change one thing about it."""
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    _t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._t = 0
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        self._t += 1
+        return np.full(3, self._t / 100.0, np.float32), float(-abs(action[0])), False, self._t >= 40, {}
+
+
 class Faulty(gymnasium.Env):
     observation_space = gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)
     action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
@@ -59,26 +76,14 @@ gymnasium.register(id="NanLater-v0", entry_point=SpoilsLater, kwargs={"spoil": "
 gymnasium.register(id="GrowsLater-v0", entry_point=SpoilsLater, kwargs={"spoil": "grow"})
 
 
-class OddFrames(gymnasium.Env):
-    """A tiny task (as Faulty's even copies) whose render() gives frames that are not (H, W, 3)
-    uint8: RGBA (`RgbaFrames-v0`), five channels of float64 (`NoFrames-v0`), or a frame that grows
-    by one pixel per step (`GrowingFrames-v0`)."""
+class OddFrames(TinyTask):
+    """A TinyTask whose render() gives frames that are not (H, W, 3) uint8: RGBA (`RgbaFrames-v0`),
+    five channels of float64 (`NoFrames-v0`), or a frame that grows by one pixel per step
+    (`GrowingFrames-v0`)."""
     metadata = {"render_modes": ["rgb_array"]}
-    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)
-    action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
 
     def __init__(self, frames: str = "rgba", render_mode=None):
         self._frames, self.render_mode = frames, render_mode
-        self._t = 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self._t = 0
-        return np.zeros(3, np.float32), {}
-
-    def step(self, action):
-        self._t += 1
-        return np.full(3, self._t / 100.0, np.float32), float(-abs(action[0])), False, self._t >= 40, {}
 
     def render(self):
         if self._frames == "rgba":
@@ -88,34 +93,24 @@ class OddFrames(gymnasium.Env):
         return np.zeros((16, 16, 5))
 
 
-for _name in ("rgba", "growing", "none"):
-    gymnasium.register(id={"rgba": "RgbaFrames-v0", "growing": "GrowingFrames-v0", "none": "NoFrames-v0"}[_name],
-                       entry_point=OddFrames, kwargs={"frames": _name})
+for _name, _id in (("rgba", "RgbaFrames-v0"), ("growing", "GrowingFrames-v0"), ("none", "NoFrames-v0")):
+    gymnasium.register(id=_id, entry_point=OddFrames, kwargs={"frames": _name})
 
 
-class CrashesFromStep(gymnasium.Env):
-    """Steps fine until the `crash_from`-th step made in this process (over episodes and restarts),
-    then raises on every step: an env that broke for good (`CrashesLater-v0`; run it with
+class CrashesFromStep(TinyTask):
+    """A TinyTask until the `crash_from`-th step made in this process (over episodes and restarts),
+    then it raises on every step: an env that broke for good (`CrashesLater-v0`; run it with
     envs.parallel none, so that a restarted copy keeps the count)."""
-    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)
-    action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
     steps_in_process = 0
 
     def __init__(self, crash_from: int = 250):
         self._crash_from = crash_from
-        self._t = 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self._t = 0
-        return np.zeros(3, np.float32), {}
 
     def step(self, action):
         CrashesFromStep.steps_in_process += 1
         if CrashesFromStep.steps_in_process >= self._crash_from:
             raise RuntimeError("the simulator lost its licence server")
-        self._t += 1
-        return np.full(3, self._t / 100.0, np.float32), float(-abs(action[0])), False, self._t >= 40, {}
+        return super().step(action)
 
 
 gymnasium.register(id="CrashesLater-v0", entry_point=CrashesFromStep)
