@@ -200,7 +200,8 @@ def check_writable_run_folder(logdir: Path) -> None:
 def make_logger(config: Config, paths: RunPaths, dist: Dist) -> Logger:
     """The run's logs in its folder; an --eval_only run's in <logdir>/eval_only, apart from the
     training curves (TensorBoard shows it as a run of its own)."""
-    return Logger(paths.logdir / "eval_only" if config.eval_only else paths.logdir, enabled=dist.main)
+    return Logger(paths.logdir / "eval_only" if config.eval_only else paths.logdir, enabled=dist.main,
+                  rank=dist.rank)
 
 
 # ------------------------------------------------------------------------------------- episode tracking
@@ -1023,10 +1024,12 @@ def env_gave_up(trainer: Trainer, error: Exception) -> RunError:
         counters.last_save = counters.step
         save(trainer.config, trainer.agent, counters, trainer.replay, paths, trainer.dist, trainer.logger,
              trainer.prefetch)
-    kept = (f"The run saved its progress: {paths.checkpoint} at step {counters.step}" if trainer.dist.main
-            else "Rank 0 keeps the last checkpoint")
+    main = trainer.dist.main
+    kept = f"The run saved its progress: {paths.checkpoint} at step {counters.step}" if main else \
+        "Rank 0 keeps the last checkpoint"
+    where = paths.logdir / "train.log" if main else "this rank's warnings above"
     return RunError(
-        f"{head}; its last failure: {last[0]} (the tracebacks are in {paths.logdir / 'train.log'}). {kept}: "
+        f"{head}; its last failure: {last[0]} (the tracebacks are in {where}). {kept}: "
         f"fix the env and {resume_hint(paths)}; or allow more restarts in a row with --envs.max_restarts N.")
 
 

@@ -105,8 +105,10 @@ def format_duration(seconds: float) -> str:
 class Logger:
     """Collects scalars and videos between write() calls and writes them to every sink."""
 
-    def __init__(self, logdir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
-        self.logdir, self.enabled = Path(logdir), enabled
+    def __init__(self, logdir: Path, enabled: bool = True, tensorboard: bool = True, rank: int = 0) -> None:
+        """`enabled` False (the ranks after the first of a data-parallel run): nothing is written, but
+        warnings and errors still reach stderr, as `[rank N] WARNING ...`."""
+        self.logdir, self.enabled, self.rank = Path(logdir), enabled, rank
         self._scalars: dict[str, Any] = {}
         self._videos: dict[str, np.ndarray] = {}
         self._writer = None  # made at the first write, so a rewind before it makes no extra events file
@@ -204,7 +206,9 @@ class Logger:
         self._message("ERROR", message, echo)
 
     def _message(self, level: str, message: str, echo: bool = True) -> None:
-        if not self.enabled:
+        if not self.enabled:  # another rank writes the files; what goes wrong here is still shown
+            if echo and level in ("WARNING", "ERROR"):
+                print(f"[rank {self.rank}] [{timestamp()}] {level} {message}", file=sys.stderr, flush=True)
             return
         line = f"[{timestamp()}] {level} {message}"
         self._text.write(line + "\n")

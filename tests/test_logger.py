@@ -129,3 +129,14 @@ def test_video_frame_converts_rgba_grey_and_float_frames_and_names_what_it_canno
                        (np.array([["a"]]), "dtype <U1")]:
         with pytest.raises(ValueError, match=named):
             logger_module.video_frame(bad)
+
+
+def test_a_later_rank_writes_no_files_but_shows_its_warnings(tmp_path, capsys) -> None:
+    log = logger_module.Logger(tmp_path / "run", enabled=False, rank=1)
+    log.info("only rank 0 says this")
+    log.warning("env 3 raised; restarted it")
+    log.scalar("loss", 1.0)
+    log.write(10)
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"\[rank 1\] \[[^\]]+\] WARNING env 3 raised; restarted it\n", err), err
+    assert not (tmp_path / "run").exists()
