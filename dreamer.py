@@ -344,9 +344,9 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
                 warn(render_failure(error))
                 frame, result.render_ok = None, False
             if frame is not None and result.frames and frame.shape != result.frames[0].shape:
-                warn(f"eval video: env 0's render() changed its frame size from "
-                               f"{result.frames[0].shape} to {frame.shape}; this video ends there (a video "
-                               "needs one frame size; make render() return frames of one size)")
+                warn(f"eval video: env 0's render() changed its frame size from {result.frames[0].shape} to "
+                     f"{frame.shape}; this video ends there (a video needs one frame size; make render() "
+                     "return frames of one size)")
                 frame = None
             want_video = frame is not None
             if frame is not None:
