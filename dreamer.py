@@ -985,7 +985,11 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
                     f"{trainer.paths.logdir / 'train.log'}` or `tensorboard --logdir {trainer.paths.logdir}`")
     if config.eval_only:
         logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {config.eval_episode_num} episodes")
-        trainer.run_eval(stop=lambda: interrupt.requested)
+        try:
+            trainer.run_eval(stop=lambda: interrupt.requested)
+        except EnvGaveUp as error:  # an --eval_only run saves nothing: only the paragraph
+            raise RunError(failure_summary(error) + ". Fix the env and run the command again; or allow "
+                           "more restarts in a row with --envs.max_restarts N.") from None
         return trainer.counters
     if trainer.counters.step >= config.steps:
         logger.info(f"nothing to train: the run is at step {trainer.counters.step}, at or past --steps "
@@ -1017,9 +1021,6 @@ def env_gave_up(trainer: Trainer, error: Exception) -> RunError:
     """Save what the run has (rank 0: the checkpoint; every rank: its replay) after an env failed
     `envs.max_restarts` times in a row, and the paragraph that says so."""
     counters, paths = trainer.counters, trainer.paths
-    text = getattr(error, "worker_traceback", "") or str(error)
-    last = [line.strip() for line in text.strip().splitlines() if line.strip()][-1:] or ["?"]
-    head = str(error).split("\n", 1)[0].removesuffix(" last failure:").rstrip(";")
     if counters.last_save != counters.step:
         counters.last_save = counters.step
         save(trainer.config, trainer.agent, counters, trainer.replay, paths, trainer.dist, trainer.logger,
@@ -1029,8 +1030,16 @@ def env_gave_up(trainer: Trainer, error: Exception) -> RunError:
         "Rank 0 keeps the last checkpoint"
     where = paths.logdir / "train.log" if main else "this rank's warnings above"
     return RunError(
-        f"{head}; its last failure: {last[0]} (the tracebacks are in {where}). {kept}: "
+        f"{failure_summary(error)} (the tracebacks are in {where}). {kept}: "
         f"fix the env and {resume_hint(paths)}; or allow more restarts in a row with --envs.max_restarts N.")
+
+
+def failure_summary(error: Exception) -> str:
+    """'env N: failed after ...; its last failure: <the traceback's last line>' of an EnvGaveUp."""
+    text = getattr(error, "worker_traceback", "") or str(error)
+    last = [line.strip() for line in text.strip().splitlines() if line.strip()][-1:] or ["?"]
+    head = str(error).split("\n", 1)[0].removesuffix(" last failure:").rstrip(";")
+    return f"{head}; its last failure: {last[0]}"
 
 
 def resume_hint(paths: RunPaths) -> str:

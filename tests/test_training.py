@@ -389,6 +389,16 @@ def test_an_env_that_keeps_failing_stops_the_run_with_its_progress_saved(tmp_pat
         f"--from_checkpoint {logdir / 'latest.pt'}; or allow more restarts in a row with --envs.max_restarts N.")
     log = (logdir / "train.log").read_text()
     assert log.count("RuntimeError: the simulator lost its licence server") >= 2  # the first traceback, the error
+    # --eval_only on the same env: it saves nothing, the same paragraph without a checkpoint
+    before = (logdir / "latest.pt").read_bytes()
+    evaluation = run_faulty_env("CrashesLater-v0", "--envs.parallel", "none", "--eval_only", "True",
+                                "--eval_episode_num", "20", "--from_checkpoint", str(logdir / "latest.pt"))
+    assert evaluation.returncode == 2, evaluation.stderr[-3000:]
+    assert evaluation.stderr.strip().splitlines()[-1] == (
+        "error: env 0: failed, and then failed to restart; its last failure: RuntimeError: the simulator lost its "
+        "licence server. Fix the env and run the command again; or allow more restarts in a row with "
+        "--envs.max_restarts N.")
+    assert (logdir / "latest.pt").read_bytes() == before
 
 
 def test_user_errors_are_the_ones_whose_message_says_what_to_fix():
