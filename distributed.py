@@ -124,7 +124,7 @@ def run_rank(rank: int, world: int, local_rank: int, config_dict: dict, loaded_b
             dreamer.print_config(config, config_lib.LoadedConfig(loaded_blocks, debug_moved))
             print(f"parallel: {world} ranks, backend {backend}, batch_size {config.batch_size} per rank",
                   flush=True)
-        interrupt = dreamer.Interrupt()
+        interrupt = dreamer.Interrupt(announce=rank == 0)  # torchrun signals every rank
         global _TRAINING
         _TRAINING = True
         dreamer.train(config, dreamer.Dist(rank, world), sync=DistSync(), interrupt=interrupt)

@@ -575,7 +575,8 @@ def shape_hints(config: Config) -> dict[str, str]:
 class Interrupt:
     """Turns SIGINT/SIGTERM into a flag the loop checks, so it can stop at a clean point."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
+        self.announce = announce  # False on ranks after the first: rank 0 says it once for all
         self.requested = False
         self.signal: Optional[int] = None  # the first stop request's signal
         self.shielded = False  # while the final checkpoint is written, a further Ctrl-C waits
@@ -596,8 +597,10 @@ class Interrupt:
         if self.requested:  # second Ctrl-C: stop at once (the run still saves)
             raise KeyboardInterrupt
         self.requested, self.signal = True, signum
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after the current step (an evaluation "
-                         "in progress is cut short) and saving; press Ctrl-C again to stop at once\n")
+        if self.announce:
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after the current step (an "
+                             "evaluation in progress is cut short) and saving; press Ctrl-C again to stop "
+                             "at once\n")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

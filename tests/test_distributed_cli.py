@@ -394,6 +394,27 @@ def test_torchrun_launch_as_the_readme_shows_on_cpu(tmp_path):
     assert {p.name[:4] for p in (logdir / "replay").glob("*.npz")} == {"w000", "w001"}
 
 
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_saves_once_and_is_announced_once(tmp_path):
+    """torchrun passes the signal to every rank: rank 0 says so once, they stop at one iteration and
+    rank 0 saves once (torchrun itself then ends with its own SignalException, exit 1)."""
+    logdir = tmp_path / "run"
+    out = open(tmp_path / "run.stderr", "w")
+    launcher = subprocess.Popen(
+        [*torchrun(), "dreamer.py", "--configs", "debug", "custom", "--task", "custom_reach", "--device", "cpu",
+         "--steps", "100000", "--eval_every", "0", "--save_every", "100", "--logdir", str(logdir)],
+        cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
+    STARTED.append(launcher)
+    first_checkpoint(logdir)
+    os.killpg(launcher.pid, signal.SIGINT)
+    launcher.wait(timeout=90)
+    err = (tmp_path / "run.stderr").read_text()
+    assert err.count("SIGINT: stopping after the current step") == 1, err
+    stopped = int(re.search(r"stopped at step (\d+)", log_text(logdir)).group(1))
+    assert saved_steps(logdir).count(stopped) == 1 and checkpoint_step(logdir) == stopped
+    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err, err
+
+
 # ------------------------------------------------------------------------- stand-in ranks (spawned)
 
 
