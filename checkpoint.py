@@ -32,7 +32,12 @@ class CheckpointMissing(CheckpointError, FileNotFoundError):
 
 
 class CheckpointMismatch(CheckpointError, ValueError):
-    """The checkpoint's parameters do not fit the model the config builds."""
+    """The checkpoint's parameters do not fit the model the config builds; `detail` names the first
+    parameter that differs (for a caller that knows the cause better than the sizes do)."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
 
 
 class CheckpointWriteError(CheckpointError, OSError):
@@ -251,16 +256,17 @@ def check_shapes(
     for name, expected in expected_state.items():
         if name in model_state and tuple(model_state[name].shape) != tuple(expected.shape):
             found = tuple(model_state[name].shape)
-            raise CheckpointMismatch(shape_message(name, found, tuple(expected.shape), hints or {}))
+            raise CheckpointMismatch(shape_message(name, found, tuple(expected.shape), hints or {}),
+                                     f"'{name}' has shape {found} there and {tuple(expected.shape)} here")
     missing = [name for name in expected_state if name not in model_state]
     extra = [name for name in model_state if name not in expected_state]
     if missing or extra:
+        detail = (f"parameters missing from the checkpoint: {missing[:5] or 'none'}; parameters only in the "
+                  f"checkpoint: {extra[:5] or 'none'}")
         raise CheckpointMismatch(
-            f"the checkpoint's model does not match the one the config builds: parameters missing "
-            f"from the checkpoint: {missing[:5] or 'none'}; parameters only in the checkpoint: "
-            f"{extra[:5] or 'none'}. It was probably trained with other encoder/decoder keys or "
-            "model options: pass the config it was trained with (stored in the checkpoint)."
-        )
+            f"the checkpoint's model does not match the one the config builds: {detail}. It was probably "
+            "trained with other encoder/decoder keys or model options: pass the config it was trained "
+            "with (stored in the checkpoint).", detail)
 
 
 def flat_tensors(state: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -453,8 +453,11 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
                    if c.split(" ", 1)[0] not in NOT_MODEL_SHAPING]
         if not changes:
             raise
-        raise ckpt.CheckpointMismatch(f"{error} Settings that differ from the checkpoint's: {'; '.join(changes)}; "
-                                      f"resume with the checkpoint's values (its config.yaml).") from None
+        raise ckpt.CheckpointMismatch(
+            f"the checkpoint {source} holds a model of other shapes than this config builds, because "
+            f"settings that shape the model differ from the checkpoint's: {'; '.join(changes)}. Resume "
+            f"with the checkpoint's values (its config.yaml), or start a fresh run in a new --logdir. "
+            f"(The first parameter that differs: {error.detail}.)") from None
     agent.load_state_dict(state["agent"])
     counters = Counters(**state["counters"])
     ckpt.restore_rng_states(state["rng"])
@@ -547,13 +550,21 @@ NOT_MODEL_SHAPING = {"steps", "seed", "device", "threads", "parallel", "eval_eve
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """'key old -> new' for every config key whose value differs from the checkpoint's config
-    (the run folder and checkpoint paths aside)."""
+    (the run folder and checkpoint paths aside). An env option (`env.<suite>.<key>`, an open
+    mapping) set on one side only shows as '(not set)' there; other keys missing from the saved
+    config are ones an older version did not have, and are left out."""
     changes = []
-    for key in config_lib.flat_keys(current):
-        old = config_lib.lookup(saved, key, None)
-        new = config_lib.lookup(current, key)
-        if key not in ("logdir", "from_checkpoint") and old is not None and old != new:
-            changes.append(f"{key} {old} -> {new}")
+    keys = config_lib.flat_keys(current)
+    keys += [key for key in config_lib.flat_keys(saved) if key not in set(keys)]
+    for key in keys:
+        old, new = config_lib.lookup(saved, key, None), config_lib.lookup(current, key, None)
+        if key in ("logdir", "from_checkpoint") or old == new or isinstance(old, dict) or isinstance(new, dict):
+            continue  # a mapping on one side: its keys are compared one by one
+        if old is None or new is None:
+            if not key.startswith("env."):
+                continue
+            old, new = ("(not set)" if v is None else v for v in (old, new))
+        changes.append(f"{key} {old} -> {new}")
     return changes
 
 
@@ -991,8 +1002,9 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
         try:
             trainer.run_eval(stop=lambda: interrupt.requested)
         except EnvGaveUp as error:  # an --eval_only run saves nothing: only the paragraph
-            raise RunError(failure_summary(error) + ". Fix the env and run the command again; or allow "
-                           "more restarts in a row with --envs.max_restarts N.") from None
+            log_gave_up(trainer, error)
+            raise RunError(f"{failure_summary(error)} (the tracebacks are in {tracebacks_at(trainer)}). Fix "
+                           f"the env and run the command again{more_restarts_hint(error)}.") from None
         return trainer.counters
     if trainer.counters.step >= config.steps:
         logger.info(f"nothing to train: the run is at step {trainer.counters.step}, at or past --steps "
@@ -1028,13 +1040,27 @@ def env_gave_up(trainer: Trainer, error: Exception) -> RunError:
         counters.last_save = counters.step
         save(trainer.config, trainer.agent, counters, trainer.replay, paths, trainer.dist, trainer.logger,
              trainer.prefetch)
-    main = trainer.dist.main
-    kept = f"The run saved its progress: {paths.checkpoint} at step {counters.step}" if main else \
-        "Rank 0 keeps the last checkpoint"
-    where = paths.logdir / "train.log" if main else "this rank's warnings above"
-    return RunError(
-        f"{failure_summary(error)} (the tracebacks are in {where}). {kept}: "
-        f"fix the env and {resume_hint(paths)}; or allow more restarts in a row with --envs.max_restarts N.")
+    log_gave_up(trainer, error)
+    kept = f"The run saved its progress: {paths.checkpoint} at step {counters.step}" if trainer.dist.main \
+        else "Rank 0 keeps the last checkpoint"
+    return RunError(f"{failure_summary(error)} (the tracebacks are in {tracebacks_at(trainer)}). {kept}: "
+                    f"fix the env and {resume_hint(paths)}{more_restarts_hint(error)}.")
+
+
+def log_gave_up(trainer: Trainer, error: Exception) -> None:
+    """The last failure's traceback into train.log (on stderr too on the ranks that write no log)."""
+    trainer.logger.error(f"the env pool gave up: {error}", echo=not trainer.dist.main)
+
+
+def tracebacks_at(trainer: Trainer) -> str:
+    return str(trainer.logger.logdir / "train.log") if trainer.dist.main else "this rank's errors above"
+
+
+def more_restarts_hint(error: Exception) -> str:
+    """More restarts help an env that fails now and then, not one whose fresh copy fails to start."""
+    from envs.parallel import EnvRestartFailed
+
+    return "" if isinstance(error, EnvRestartFailed) else "; or allow more restarts in a row with --envs.max_restarts N"
 
 
 def failure_summary(error: Exception) -> str:

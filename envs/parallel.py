@@ -52,6 +52,10 @@ class EnvGaveUp(EnvError):
     """An env failed again after `max_restarts` restarts in a row: the pool stopped restarting it."""
 
 
+class EnvRestartFailed(EnvGaveUp):
+    """An env failed, and its fresh copy failed to start: more restarts cannot help."""
+
+
 def _current_failure() -> tuple[str, BaseException | None]:
     """The exception being handled as (traceback text, the exception if it survives pickling)."""
     text = traceback.format_exc()
@@ -363,7 +367,7 @@ class EnvPool:
         status, value = self._workers[index].receive()
         if status != 'ok':  # its constructor (or start-up check) fails now: restarting cannot help
             self.close()
-            raise EnvGaveUp(self.first_index + index, 'failed, and then failed to restart; last failure:',
+            raise EnvRestartFailed(self.first_index + index, 'failed, and then failed to restart; last failure:',
                             value if status == 'died' else value[0])
         return self._ask(index, 'reset')
 

@@ -90,7 +90,7 @@ def test_a_failing_rank_stops_the_whole_run_with_its_message(tmp_path):
     assert errors == [
         "error: [rank 1] env 1: failed after 10 restarts in a row, each within 1000 steps of the one before "
         "(limit max_restarts=10); its last failure: RuntimeError: deliberate failure inside the env of rank 1 "
-        "(the tracebacks are in this rank's warnings above). Rank 0 keeps the last checkpoint: fix the env "
+        "(the tracebacks are in this rank's errors above). Rank 0 keeps the last checkpoint: fix the env "
         f"and run the same command again (it resumes from {tmp_path / 'faulty' / 'latest.pt'} by itself), or "
         f"add --from_checkpoint {tmp_path / 'faulty' / 'latest.pt'}; or allow more restarts in a row with "
         "--envs.max_restarts N."], result.stderr[-4000:]

@@ -391,8 +391,12 @@ def test_other_encoder_keys_stop_naming_the_changed_setting(killed_run, tmp_path
     result = run_cli(run_args(logdir, "--encoder.mlp_keys", "vector", "--steps", "700"))
     assert result.returncode == 2, result.stderr[-3000:]
     line = last_line(result.stderr)
-    assert line.startswith("error: checkpoint parameter 'wm.") and "Settings that differ from the checkpoint's: " \
-        "encoder.mlp_keys $^ -> vector; resume with the checkpoint's values (its config.yaml)." in line, line
+    assert line.startswith(
+        f"error: the checkpoint {logdir / 'latest.pt'} holds a model of other shapes than this config builds, "
+        "because settings that shape the model differ from the checkpoint's: encoder.mlp_keys $^ -> vector. "
+        "Resume with the checkpoint's values (its config.yaml), or start a fresh run in a new --logdir. (The "
+        "first parameter that differs: 'wm."), line
+    assert "model size" not in line  # the sizes did not change
     assert "steps 600 -> 700" not in line  # settings that shape no parameter are not blamed
     assert (logdir / "latest.pt").read_bytes() == checkpoint_bytes
 
@@ -495,6 +499,19 @@ def test_second_run_in_a_folder_stops_before_writing_anything(killed_run, tmp_pa
     assert again.returncode == 0, again.stderr[-3000:]
     assert (f"nothing to train: the run is at step {STEPS}, at or past --steps {STEPS}; raise --steps "
             "to train further") in (logdir / "train.log").read_text()
+
+
+def test_changed_settings_name_env_options_added_or_removed_but_not_keys_an_older_version_lacked():
+    """env.<suite> is an open mapping: an option given before and not now (or the reverse) changes
+    the env, so it is listed; a top-level key the saved config lacks is a newer version's key."""
+    saved = {**debug_config("--env.custom.size", "32,32").to_dict(), "steps": 400}
+    saved["env"]["custom"]["mode"] = "crash_after"
+    del saved["eval_every"]
+    current = debug_config("--env.custom.size", "48,48", "--steps", "420").to_dict()
+    current["env"]["myrobot"] = {"length": 60}
+    assert dreamer.changed_settings(saved, current) == [
+        "steps 400 -> 420", "env.custom.size [32, 32] -> [48, 48]", "env.myrobot.length (not set) -> 60",
+        "env.custom.mode crash_after -> (not set)"]
 
 
 def test_resume_checks_the_task_and_reports_changed_settings(tmp_path):
