@@ -142,8 +142,32 @@ def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logg
         logger.warning(f"{mode} {event['message']}:\n{text}")
 
     ctors = [functools.partial(envs.make_env, config, mode, first_index + i, seed_shift) for i in range(amount)]
-    return envs.parallel.EnvPool(ctors, config.envs.parallel, max_restarts=config.envs.max_restarts,
-                                 on_event=log_event, first_index=first_index)
+    try:
+        return envs.parallel.EnvPool(ctors, config.envs.parallel, max_restarts=config.envs.max_restarts,
+                                     on_event=log_event, first_index=first_index)
+    except Exception as error:
+        if is_user_error(error):  # a failed start-up check names the key itself
+            raise
+        raise env_start_failure(error, mode, first_index, logger) from None
+
+
+class EnvStartError(RunError):
+    """An env raised (or its worker died) while it was built or checked at start: the env's bug."""
+
+
+def env_start_failure(error: Exception, mode: str, first_index: int, logger: Logger) -> EnvStartError:
+    """Log the env's own traceback once (stderr and train.log) and return the paragraph that follows
+    it; Python's traceback of the re-raise in this process would only repeat it."""
+    index = getattr(error, "env_index", getattr(error, "index", first_index))
+    text = (getattr(error, "worker_traceback", "") or "").rstrip()
+    if text:
+        logger.error(f"{mode} env {index} failed to start:\n{text}")
+    last = [line.strip() for line in (text or str(error)).splitlines() if line.strip()][-1:] or ["?"]
+    where = "its traceback is above and in train.log" if text else "no traceback: its worker process died"
+    return EnvStartError(
+        f"{mode} env {index} failed to start (while it was built, or in the start-up check's reset() and "
+        f"one step()): {last[0]} ({where}). This is a failure of the env's own code or of the simulator "
+        "it drives: fix it and run the command again.")
 
 
 def make_agent(config: Config, obs_space: dict, act_space: Any, device: torch.device) -> Agent:
@@ -1018,6 +1042,9 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
     except EnvGaveUp as error:  # an env that keeps failing: keep the progress, then say so
         interrupt.shielded = True
         raise env_gave_up(trainer, error) from None
+    except EnvStartError as error:  # e.g. an evaluation's env that fails to start: keep the progress too
+        interrupt.shielded = True
+        raise RunError(f"{error} {save_progress(trainer)}.") from None
     interrupt.shielded = True
     if trainer.counters.last_save != trainer.counters.step:  # else saved at this very step
         trainer.counters.last_save = trainer.counters.step
@@ -1035,16 +1062,23 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
 def env_gave_up(trainer: Trainer, error: Exception) -> RunError:
     """Save what the run has (rank 0: the checkpoint; every rank: its replay) after an env failed
     `envs.max_restarts` times in a row, and the paragraph that says so."""
+    kept = save_progress(trainer)
+    log_gave_up(trainer, error)
+    return RunError(f"{failure_summary(error)} (the tracebacks are in {tracebacks_at(trainer)}). {kept}: "
+                    f"fix the env and {resume_hint(trainer.paths)}{more_restarts_hint(error)}.")
+
+
+def save_progress(trainer: Trainer) -> str:
+    """Save the run where it stands (rank 0: the checkpoint; every rank: its replay) before it stops
+    for a failure; the sentence that says what is kept."""
     counters, paths = trainer.counters, trainer.paths
     if counters.last_save != counters.step:
         counters.last_save = counters.step
         save(trainer.config, trainer.agent, counters, trainer.replay, paths, trainer.dist, trainer.logger,
              trainer.prefetch)
-    log_gave_up(trainer, error)
-    kept = f"The run saved its progress: {paths.checkpoint} at step {counters.step}" if trainer.dist.main \
-        else "Rank 0 keeps the last checkpoint"
-    return RunError(f"{failure_summary(error)} (the tracebacks are in {tracebacks_at(trainer)}). {kept}: "
-                    f"fix the env and {resume_hint(paths)}{more_restarts_hint(error)}.")
+    if not trainer.dist.main:
+        return "Rank 0 keeps the last checkpoint"
+    return f"The run saved its progress: {paths.checkpoint} at step {counters.step}"
 
 
 def log_gave_up(trainer: Trainer, error: Exception) -> None:

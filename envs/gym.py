@@ -34,8 +34,9 @@ def make_gymnasium_env(env_id: str) -> gymnasium.Env:
     try:
         try:
             return gymnasium.make(env_id, render_mode='rgb_array')
-        except TypeError:  # an env class that does not take render_mode
-            return gymnasium.make(env_id)
+        except TypeError:  # an env class that does not take render_mode: made again below, so that
+            pass           # an error of its own constructor is not shown chained to this one
+        return gymnasium.make(env_id)
     except gymnasium.error.UnregisteredEnv as error:
         close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=5, cutoff=0.5)
         suggestion = f" Close matches: {', '.join(close)}." if close else ''

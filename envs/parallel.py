@@ -298,7 +298,8 @@ class EnvPool:
         if status == 'died':
             raise EnvError(self.first_index + index, f'{what}: {value}')
         text, exception = value
-        if exception is not None:
+        if exception is not None:  # raised again with its own type (an EnvCheckError stays one)
+            exception.env_index, exception.worker_traceback = self.first_index + index, text
             exception.add_note(
                 f'(env {self.first_index + index} {what} in its worker, envs.parallel={self._parallel}; worker '
                 f'traceback:)\n{text}')

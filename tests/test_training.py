@@ -403,6 +403,39 @@ def test_an_env_that_keeps_failing_stops_the_run_with_its_progress_saved(tmp_pat
     assert (logdir / "latest.pt").read_bytes() == before
 
 
+def test_an_env_that_raises_at_start_shows_its_traceback_once_then_one_paragraph(tmp_path):
+    """Its constructor raises: the env's own traceback once (stderr and train.log), then one
+    paragraph, exit 2 (it was the re-raise's traceback and the worker's, the same twice)."""
+    logdir = tmp_path / "never"
+    result = run_faulty_env("NeverBuilds-v0", "--logdir", str(logdir))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]
+    assert "During handling of the above exception" not in result.stderr  # gym's render_mode retry
+    assert "in __init__" in result.stderr and "faulty_env.py" in result.stderr  # where the env failed
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: train env 0 failed to start (while it was built, or in the start-up check's reset() and one "
+        "step()): OSError: the simulator's display is gone (its traceback is above and in train.log). This is "
+        "a failure of the env's own code or of the simulator it drives: fix it and run the command again.")
+    assert "OSError: the simulator's display is gone" in (logdir / "train.log").read_text()
+
+
+def test_an_eval_env_that_fails_to_start_mid_run_keeps_the_progress(tmp_path):
+    """The first evaluation's env cannot be built: the run saves where it is, then one paragraph."""
+    import checkpoint
+
+    logdir = tmp_path / "evalfails"
+    result = run_faulty_env("BuildsOnce-v0", "--envs.parallel", "none", "--eval_every", "300", "--logdir",
+                            str(logdir))
+    assert result.returncode == 2, result.stderr[-3000:]
+    step = checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]["step"]
+    assert step >= 300
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: eval env 0 failed to start (while it was built, or in the start-up check's reset() and one "
+        "step()): OSError: the simulator's display is gone (its traceback is above and in train.log). This is "
+        "a failure of the env's own code or of the simulator it drives: fix it and run the command again. The "
+        f"run saved its progress: {logdir / 'latest.pt'} at step {step}.")
+
+
 def test_user_errors_are_the_ones_whose_message_says_what_to_fix():
     import checkpoint
     import dreamer

@@ -114,3 +114,19 @@ class CrashesFromStep(TinyTask):
 
 
 gymnasium.register(id="CrashesLater-v0", entry_point=CrashesFromStep)
+
+
+class BuildsOnce(TinyTask):
+    """A TinyTask whose constructor works `builds` times in this process, then raises: the train
+    env starts, and the first evaluation's env fails to start (`BuildsOnce-v0`, envs.parallel none);
+    with `builds` 0 no env starts (`NeverBuilds-v0`)."""
+    built = 0
+
+    def __init__(self, builds: int = 1):
+        BuildsOnce.built += 1
+        if BuildsOnce.built > builds:
+            raise OSError("the simulator's display is gone")
+
+
+gymnasium.register(id="BuildsOnce-v0", entry_point=BuildsOnce)
+gymnasium.register(id="NeverBuilds-v0", entry_point=BuildsOnce, kwargs={"builds": 0})
