@@ -387,7 +387,7 @@ def log_eval(config: Config, returns: list[float], lengths: list[int], frames: l
     logger.scalars(metrics)
     if config.eval_only:  # the result itself, where the user looks
         logger.info(f"eval_only: return {metrics['eval/return']:.2f} (min {min(returns):.2f}, max "
-                    f"{max(returns):.2f}) over {len(returns)} episodes, mean length {metrics['eval/length']:.0f}")
+                    f"{max(returns):.2f}) over {tools.plural(len(returns), 'episode')}, mean length {metrics['eval/length']:.0f}")
     if frames:
         logger.video("eval/video", np.stack(frames)[None])
 
@@ -491,7 +491,8 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     if changes:
         logger.info("settings changed since the checkpoint: " + ", ".join(changes))
     saved_world = int(state.get("world", state["config"].get("parallel", 1)))
-    restart_update_schedule(counters, state["config"], saved_world, config, world, logger)
+    if not config.eval_only:  # an evaluation trains nothing: no update rate to restart
+        restart_update_schedule(counters, state["config"], saved_world, config, world, logger)
     if not config.eval_only:  # the steps after the checkpoint are trained and logged again
         dropped = logger.rewind(counters.step)
         if dropped:
@@ -1022,7 +1023,7 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
         logger.info(f"logs in {trainer.paths.logdir.resolve()}: follow with `tail -f "
                     f"{trainer.paths.logdir / 'train.log'}` or `tensorboard --logdir {trainer.paths.logdir}`")
     if config.eval_only:
-        logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {config.eval_episode_num} episodes")
+        logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {tools.plural(config.eval_episode_num, 'episode')}")
         try:
             trainer.run_eval(stop=lambda: interrupt.requested)
         except EnvGaveUp as error:  # an --eval_only run saves nothing: only the paragraph

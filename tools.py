@@ -153,3 +153,8 @@ class FolderLock:
         if self._file is not None:
             self._file.close()  # closing the file drops the flock
             self._file = None
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 episode', '3 episodes'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

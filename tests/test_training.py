@@ -204,6 +204,14 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
                       evaluated.stderr)  # the result on the console, not only in the logs
     assert shown and float(shown[1]) == pytest.approx(record["eval/return"], abs=0.01), evaluated.stderr[-2000:]
     assert float(shown[2]) <= float(shown[1]) <= float(shown[3])
+    # one episode, with another train_ratio given: said in the singular, and no word of update rates
+    single = run_cli("--configs", "debug", "custom", "--task", "custom_reach", "--eval_only", "True",
+                     "--from_checkpoint", str(logdir / "latest.pt"), "--eval_episode_num", "1",
+                     "--train_ratio", "64")
+    assert single.returncode == 0, single.stderr[-3000:]
+    eval_log = (logdir / "eval_only" / "train.log").read_text()
+    assert "for 1 episode\n" in eval_log and ") over 1 episode, mean length" in eval_log, eval_log
+    assert "updates per agent step" not in eval_log, eval_log
 
 
 def start_debug_run_until_logged(logdir: Path, step: int, *args: str) -> subprocess.Popen:
