@@ -134,13 +134,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_blocks(path: Path | None = None, notes: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def read_blocks(path: Path | None = None, notes: list[str] | None = None,
+                key_lines: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, Any]]:
     """All blocks of configs.yaml as plain dicts, in file order.
 
     A YAML syntax error, a key set twice inside a block, or a block defined twice with other contents
     is a ConfigError naming the file and lines. A block defined twice with the same contents (the
     guide's `custom` block appended to a configs.yaml that ships it) keeps the first copy and adds one
-    line saying so to `notes`.
+    line saying so to `notes`. `key_lines` gets each block's {dotted key: line}.
     """
     path = CONFIGS_PATH if path is None else Path(path)
     text = path.read_text(encoding="utf-8")
@@ -152,7 +153,8 @@ def read_blocks(path: Path | None = None, notes: list[str] | None = None) -> dic
     first_lines: dict[str, int] = {}
     for key_node, value_node in root.value:
         name, line = str(key_node.value), key_node.start_mark.line + 1
-        _check_duplicate_keys(value_node, path, name)
+        lines: dict[str, int] = {}
+        _check_duplicate_keys(value_node, path, name, lines=lines)
         block = _plain(_construct(yaml, value_node, text, path))
         if block is None:
             block = {}
@@ -167,6 +169,8 @@ def read_blocks(path: Path | None = None, notes: list[str] | None = None) -> dic
                 notes.append(note)
             continue
         blocks[name], first_lines[name] = block, line
+        if key_lines is not None:
+            key_lines[name] = lines
     if DEFAULTS_BLOCK not in blocks:
         raise ConfigError(f"{path} must be a mapping of blocks with a '{DEFAULTS_BLOCK}' block.")
     return blocks
@@ -210,6 +214,8 @@ def _syntax_error(error: YAMLError, text: str, path: Path) -> ConfigError:
         if error.context.startswith(("while scanning", "while parsing a flow")):
             culprit = error.context_mark.line + 1  # the key without ':', the unclosed '{' or quote
     lines = text.splitlines()
+    if error.problem == "mapping values are not allowed here":
+        culprit = _key_without_colon_before(lines, culprit)
     source = lines[culprit - 1] if 0 < culprit <= len(lines) else ""
     hint = ("indent with spaces, not tabs" if "\t" in source else
             "every key needs a colon and a space ('batch_size: 16'), indents are spaces (never tabs), and "
@@ -221,11 +227,25 @@ def _syntax_error(error: YAMLError, text: str, path: Path) -> ConfigError:
     )
 
 
-def _check_duplicate_keys(node: Node, path: Path, block: str, prefix: str = "") -> None:
-    """A key given twice in one mapping of a block: ConfigError naming the file, both lines and the key."""
+def _key_without_colon_before(lines: list[str], line: int) -> int:
+    """The line to blame for 'mapping values are not allowed here' at `line` (1-based): YAML reads a
+    line without ':' (e.g. 'batch_size 16') as the start of a plain scalar that the next lines
+    continue, and reports the colon of the next key; that earlier line is the one to fix."""
+    index = line - 2  # the line before, 0-based
+    while index >= 0 and not lines[index].strip():
+        index -= 1
+    if index >= 0 and ":" not in lines[index] and not lines[index].lstrip().startswith(("#", "-")):
+        return index + 1
+    return line
+
+
+def _check_duplicate_keys(node: Node, path: Path, block: str, prefix: str = "",
+                          lines: dict[str, int] | None = None) -> None:
+    """A key given twice in one mapping of a block: ConfigError naming the file, both lines and the key.
+    `lines` gets the line of every dotted key, for the errors found later (a misspelt key, a bad value)."""
     if isinstance(node, SequenceNode):
         for item in node.value:
-            _check_duplicate_keys(item, path, block, prefix)
+            _check_duplicate_keys(item, path, block, prefix, lines)
     if not isinstance(node, MappingNode):
         return
     seen: dict[str, int] = {}
@@ -240,7 +260,9 @@ def _check_duplicate_keys(node: Node, path: Path, block: str, prefix: str = "") 
                 f"hold. Delete one of the two (keep the value you want); the run did not start."
             )
         seen[key] = line
-        _check_duplicate_keys(value_node, path, block, key + ".")
+        if lines is not None:
+            lines[key] = line
+        _check_duplicate_keys(value_node, path, block, key + ".", lines)
 
 
 def _same_block_twice(path: Path, name: str, first: int, second: int, kept: dict, other: dict) -> str:
@@ -250,11 +272,13 @@ def _same_block_twice(path: Path, name: str, first: int, second: int, kept: dict
                 f"same contents; the second copy is ignored.")
     differences = _differences(kept, other)
     shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+    rename = (f" ('{DEBUG_BLOCK}' is the one block applied after the others, so keep that name)"
+              if name == DEBUG_BLOCK else f", or give yours another name (e.g. '{name}_mine:' at line {second}) "
+              f"and pass it with --configs {name}_mine")
     raise ConfigError(
         f"{path} defines block '{name}' twice, at line {first} and at line {second}, with different "
         f"contents ({shown}), and a block name can hold only one of them. Edit the first one (line {first}) "
-        f"instead of adding a second, or give yours another name (e.g. '{name}_mine:' at line {second}) "
-        f"and pass it with --configs {name}_mine. The run did not start."
+        f"instead of adding a second{rename}. The run did not start."
     )
 
 
@@ -307,15 +331,25 @@ def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def _siblings(base: Mapping[str, Any], dotted: str) -> list[str]:
-    """The dotted names of the keys of `base`, the mapping that holds `dotted`."""
-    parent = dotted.rpartition(".")[0]
-    return [f"{parent}.{key}" if parent else key for key in flat_keys(base)]
-
-
 def _closest(name: str, candidates: list[str]) -> str:
+    """' (did you mean --rssm.deter?)' for a command-line option."""
     match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     return f" (did you mean --{match[0]}?)" if match else ""
+
+
+def _closest_key(key: str, keys: list[str]) -> str:
+    """" (did you mean 'deter'?)" for a key of a block, spelt there as it is, among its mapping's keys."""
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+class BlockKeyError(ConfigError):
+    """A key of a configs.yaml block that is wrong (misspelt, of the wrong type): build_config puts the
+    file and line of `key` in front of the message."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
 
 
 def is_suite_options(dotted: str) -> bool:
@@ -344,28 +378,25 @@ def merge_block(base: dict[str, Any], block: Mapping[str, Any], block_name: str,
         elif isinstance(base.get(key), dict) and not is_open(dotted):
             example = next(iter(base[key]), "KEY")
             listed = f" ({', '.join(base[key])})" if base[key] else ""
-            raise ConfigError(
-                f"configs.yaml block '{block_name}' sets '{dotted}' to {value!r}, but in "
+            raise BlockKeyError(
+                f"block '{block_name}' sets '{dotted}' to {value!r}, but in "
                 f"'{DEFAULTS_BLOCK}' it is a group of keys{listed}; set them one by one, "
-                f"e.g. '{dotted}: {{{example}: ...}}'."
-            )
+                f"e.g. '{dotted}: {{{example}: ...}}'.", dotted)
         else:
             base[key] = copy.deepcopy(value)
 
 
-def _unknown_block_key(base: dict[str, Any], block_name: str, dotted: str, value: Any) -> ConfigError:
+def _unknown_block_key(base: dict[str, Any], block_name: str, dotted: str, value: Any) -> BlockKeyError:
     if is_suite_options(dotted):
-        return ConfigError(
-            f"configs.yaml block '{block_name}' sets '{dotted}' to {value!r}, but env.<suite> holds the "
+        return BlockKeyError(
+            f"block '{block_name}' sets '{dotted}' to {value!r}, but env.<suite> holds the "
             f"keyword arguments of that suite's constructor, a mapping: write e.g. "
-            f"'env: {{{dotted.split('.')[1]}: {{size: [64, 64]}}}}'."
-        )
-    return ConfigError(
-        f"configs.yaml block '{block_name}' sets '{dotted}', which is not a key of the "
-        f"'{DEFAULTS_BLOCK}' block, so it would be silently ignored.{_closest(dotted, _siblings(base, dotted))} "
-        f"Fix the spelling in the block, or add the key with a default and a comment to "
-        f"'{DEFAULTS_BLOCK}' if the program really reads it."
-    )
+            f"'env: {{{dotted.split('.')[1]}: {{size: [64, 64]}}}}'.", dotted)
+    closest = _closest_key(dotted.rpartition(".")[2], list(base))
+    return BlockKeyError(
+        f"block '{block_name}' sets '{dotted}', which is not a key of the '{DEFAULTS_BLOCK}' block, so it "
+        f"would be silently ignored.{closest} Fix the spelling in the block, or add the key with a default "
+        f"and a comment to '{DEFAULTS_BLOCK}' if the program really reads it.", dotted)
 
 
 def order_blocks(names: list[str]) -> tuple[list[str], bool]:
@@ -554,6 +585,9 @@ def _unknown_option(tree: dict[str, Any], key: str) -> ConfigError:
 # -------------------------------------------------------------------------------------- validation
 
 
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+
+
 def _check_types(tree: Mapping[str, Any], defaults: Mapping[str, Any], source: str, prefix: str = "") -> None:
     """Block values must have the default's type (ints may stand for floats)."""
     for key, value in tree.items():
@@ -572,10 +606,9 @@ def _check_types(tree: Mapping[str, Any], defaults: Mapping[str, Any], source: s
         if dotted == "precision":
             ok = True  # 32, 16 or bf16: checked as a choice
         if not ok:
-            raise ConfigError(
-                f"{source} sets '{dotted}' to {value!r} ({type(value).__name__}), but it must be a "
-                f"{type(default).__name__} like its default {default!r}. Fix the value."
-            )
+            kind = TYPE_NAMES.get(type(default), type(default).__name__)
+            raise BlockKeyError(f"{source} sets '{dotted}' to {value!r} ({type(value).__name__}), but it must "
+                                f"be {kind} like its default {default!r}. Fix the value.", dotted)
 
 
 def validate(tree: dict[str, Any]) -> dict[str, Any]:
@@ -644,7 +677,8 @@ def build_config(argv: list[str], path: Path | None = None) -> tuple[Config, Loa
     """Merge defaults, blocks and overrides from `argv`; validate; freeze. Notes on configs.yaml
     (a block defined twice with the same contents) go to LoadedConfig.notes, one line each."""
     notes: list[str] = []
-    blocks_available = read_blocks(path, notes)
+    key_lines: dict[str, dict[str, int]] = {}
+    blocks_available = read_blocks(path, notes, key_lines)
     names, overrides, _ = parse_argv(argv, path)
     for name in names:
         if name not in blocks_available or name == DEFAULTS_BLOCK:
@@ -657,8 +691,13 @@ def build_config(argv: list[str], path: Path | None = None) -> tuple[Config, Loa
     defaults_copy = copy.deepcopy(blocks_available[DEFAULTS_BLOCK])
     tree = blocks_available[DEFAULTS_BLOCK]
     for name in order:
-        merge_block(tree, blocks_available[name], name)
-        _check_types(blocks_available[name], defaults_copy, f"configs.yaml block '{name}'")
+        try:
+            merge_block(tree, blocks_available[name], name)
+            _check_types(blocks_available[name], defaults_copy, f"block '{name}'")
+        except BlockKeyError as error:
+            line = key_lines.get(name, {}).get(error.key)
+            where = f", line {line}" if line else ""
+            raise ConfigError(f"{CONFIGS_PATH if path is None else path}{where}: {error}") from None
     for key, raw in overrides:
         apply_override(tree, key, raw, defaults_copy)
     return Config(validate(tree)), LoadedConfig(order, moved, notes)

@@ -110,9 +110,30 @@ def test_unknown_key_suggests_the_closest():
         load_config(["--rssm.detr", "32"])
 
 
+def test_a_wrong_key_or_value_in_a_real_block_names_its_file_line_and_spelling(monkeypatch, tmp_path):
+    text = REAL_CONFIGS + "\nmine:\n  rssm: {detr: 64}\n\nmine2:\n  steps: 10\n  batch_size: many\n"
+    path = use_configs(monkeypatch, tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(["--configs", "mine"], path)
+    assert str(raised.value).startswith(
+        f"{path}, line {line_of(text, '  rssm: {detr: 64}')}: block 'mine' sets 'rssm.detr', which is not a key of "
+        "the 'defaults' block, so it would be silently ignored. (did you mean 'deter'?) Fix the spelling")
+    with pytest.raises(ConfigError) as raised:
+        load_config(["--configs", "mine2"], path)
+    assert str(raised.value) == (
+        f"{path}, line {line_of(text, '  batch_size: many')}: block 'mine2' sets 'batch_size' to 'many' (str), but "
+        "it must be an integer like its default 16. Fix the value.")
+
+
 def test_block_with_a_key_defaults_lacks_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"block 'typo' sets 'nset'.*not a key of the 'defaults' block.*did you mean --nest"):
-        load_config(["--configs", "typo"], write_configs(tmp_path, TOY))
+    path = write_configs(tmp_path, TOY)
+    with pytest.raises(ConfigError) as raised:
+        load_config(["--configs", "typo"], path)
+    line = TOY.splitlines().index(next(l for l in TOY.splitlines() if l.strip().startswith("nset"))) + 1
+    assert str(raised.value) == (
+        f"{path}, line {line}: block 'typo' sets 'nset', which is not a key of the 'defaults' block, so it would "
+        "be silently ignored. (did you mean 'nest'?) Fix the spelling in the block, or add the key with a "
+        "default and a comment to 'defaults' if the program really reads it.")
 
 
 @pytest.mark.parametrize(
@@ -282,6 +303,18 @@ def test_a_block_defined_twice_with_other_contents_names_both_lines_and_the_fix(
         f"(e.g. 'custom_mine:' at line {second}) and pass it with --configs custom_mine. The run did not start.")
 
 
+def test_the_debug_block_twice_is_not_told_to_take_another_name(monkeypatch, tmp_path, capsys):
+    text = REAL_CONFIGS + "\ndebug:\n  steps: 50\n"
+    path = use_configs(monkeypatch, tmp_path, text)
+    first, second = line_of(text, "debug:"), line_of(text, "debug:", after=line_of(text, "debug:"))
+    with pytest.raises(ConfigError) as raised:
+        load_config(["--configs", "debug"], path)
+    assert str(raised.value).endswith(
+        f"Edit the first one (line {first}) instead of adding a second ('debug' is the one block applied "
+        "after the others, so keep that name). The run did not start.")
+    assert f"line {second}" in str(raised.value) and "debug_mine" not in str(raised.value)
+
+
 def test_a_key_twice_in_a_block_names_file_line_and_key(monkeypatch, tmp_path, capsys):
     text = REAL_CONFIGS.replace("\ncustom:\n", "\ncustom:\n  batch_size: 8\n", 1)
     path = use_configs(monkeypatch, tmp_path, text)
@@ -322,7 +355,11 @@ def custom_block_line(old: str, new: str) -> tuple[str, int]:
      "  rssm: {deter: 4096, hidden: 1024, stoch: 32, classes: 32", (3, 3),
      r"expected ',' or '}}', but got '\?' \(while parsing a flow mapping at line {n}\)\. The run did not "
      r"start: line {n} reads 'rssm: {{deter: 4096, hidden: 1024, stoch: 32, classes: 32': fix it"),
-], ids=["missing colon", "tab", "unclosed brace"])
+    ("  task: custom_task_name", "  task custom_task_name", (1, 7),
+     r"mapping values are not allowed here\. The run did not start: line {n} reads 'task custom_task_name': "
+     r"fix it "
+     r"\(every key needs a colon"),
+], ids=["missing colon", "tab", "unclosed brace", "missing colon before a key"])
 def test_yaml_syntax_errors_stop_with_one_paragraph(monkeypatch, tmp_path, capsys, old, new, where, problem):
     """`where`: (lines after the bad one, column) at which ruamel notices the problem."""
     text, number = custom_block_line(old, new)
