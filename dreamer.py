@@ -1160,6 +1160,25 @@ def main(argv: Optional[list[str]] = None) -> int:
 NOT_CHECKPOINT_SUFFIXES = {".yaml", ".yml", ".log", ".jsonl", ".json", ".npz", ".txt"}  # a run folder's other files
 
 
+def check_options_taken(suite: str, cls: Any, options: dict, task: str) -> None:
+    """An option for another suite than the task's that its constructor would not take: a misspelling
+    that would do nothing in this run and break the next run on that suite."""
+    import difflib
+
+    import envs
+
+    rejected = envs.options_not_taken(cls, options)
+    if not rejected:
+        return
+    key = rejected[0]
+    close = difflib.get_close_matches(key, sorted(envs.constructor_parameters(cls) - {"name"}), n=1)
+    raise RunError(
+        f"env.{suite}.{key}: {cls.__name__}, the '{suite}' suite's class, takes no option '{key}'"
+        f"{f' (did you mean {close[0]!r}?)' if close else ''}, so it would do nothing (this run's task, {task}, "
+        f"is not a {suite} task). Fix or drop --env.{suite}.{key} or its '{key}:' entry under env: {{{suite}: ...}} "
+        "in configs.yaml; the run did not start.")
+
+
 def check_run_inputs(config: Config) -> None:
     """Problems that need no env or model, found before anything is printed or written: a task whose
     suite is not registered, a device this machine lacks, --parallel without GPUs (unless the CPU is
@@ -1169,8 +1188,10 @@ def check_run_inputs(config: Config) -> None:
 
     import envs
 
-    envs.parse_task(config.task)
-    for suite in config.to_dict().get("env", {}):
+    task_suite, _ = envs.parse_task(config.task)
+    for suite, options in config.to_dict().get("env", {}).items():
+        if suite in envs.REGISTRY and suite != task_suite:  # the task's own suite says so when it is built
+            check_options_taken(suite, envs.REGISTRY[suite], options or {}, config.task)
         if suite not in envs.REGISTRY:
             close = difflib.get_close_matches(suite, list(envs.REGISTRY), n=1)
             raise RunError(

@@ -44,7 +44,7 @@ MODES = ('train', 'eval')
 EVAL_SEED_OFFSET = 10000
 
 __all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'EnvGaveUp', 'MissingDependency', 'EnvPool', 'check_env',
-           'check_running_step', 'env_seed', 'make_env', 'make_pool', 'options_note', 'parse_task',
+           'check_running_step', 'env_seed', 'make_env', 'make_pool', 'options_note', 'options_not_taken', 'parse_task',
            'suite_kwargs', 'wrap_env', 'wrappers']
 
 
@@ -79,6 +79,19 @@ def constructor_parameters(cls: Any) -> set[str]:
     except (TypeError, ValueError):
         return set()
     return {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def options_not_taken(cls: Any, options: Mapping[str, Any]) -> list[str]:
+    """The options a class's constructor cannot take (none when it takes **kwargs or has no
+    signature to read)."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return []
+    names = {p.name for p in parameters}
+    return [key for key in options if key not in names]
 
 
 def suite_kwargs(cls: Any, options: Mapping[str, Any], seed: int, action_repeat: int) -> dict:

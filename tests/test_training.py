@@ -121,6 +121,10 @@ def test_placeholder_task_is_one_paragraph_without_traceback(tmp_path):
     (("--task", "custom_reach", "--env.cutsom.size", "32,32"),
      "error: env.cutsom: there is no suite 'cutsom' in envs.REGISTRY (atari, crafter, custom, dmc, gym, memorymaze, "
      "minecraft), so its options would reach no env: did you mean env.custom?"),
+    (("--task", "custom_reach", "--env.dmc.sizee", "5"),
+     "error: env.dmc.sizee: DMC, the 'dmc' suite's class, takes no option 'sizee' (did you mean 'size'?), so it "
+     "would do nothing (this run's task, custom_reach, is not a dmc task). Fix or drop --env.dmc.sizee or its "
+     "'sizee:' entry under env: {dmc: ...} in configs.yaml; the run did not start."),
     (("--task", "custom_reach_discrete", "--actor_dist", "normal"),
      "error: The action space is Discrete(5) but actor_dist is 'normal'"),
     (("--task", "custom_reach", "--encoder.mlp_keys", "$^", "--encoder.cnn_keys", "$^"),
@@ -133,7 +137,7 @@ def test_user_errors_exit_2_with_their_paragraph_only(tmp_path, args, message):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count(message) == 1, result.stderr
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    if args[1] == "mine_reach" or "--env.cutsom.size" in args:  # checked before anything is printed or written
+    if args[1] == "mine_reach" or args[2].startswith("--env."):  # checked before anything is printed or written
         assert result.stdout == "" and not (tmp_path / "run").exists()
 
 
