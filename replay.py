@@ -66,13 +66,23 @@ def replay_memory_message(capacity: int, step_bytes: int, layout: dict, why: str
             "written to the replay folder.")
 
 
-def check_replay_memory(capacity: int, step_bytes: int, layout: dict) -> None:
+def check_replay_memory(capacity: int, step_bytes: int, layout: dict,
+                        warn: Callable[[str], None] | None = None) -> None:
     """Raises ReplayMemoryError when `capacity` steps cannot fit in memory and swap together, so the
-    run stops at its start with the fix, not hours later when the replay fills up."""
+    run stops at its start with the fix, not hours later when the replay fills up; `warn`s when
+    they fit but take more than half (the model, the envs and the system need the rest)."""
     memory = machine_memory_bytes()
-    if memory is not None and capacity * step_bytes > memory:
+    if memory is None:
+        return
+    gib = memory / 2 ** 30
+    if capacity * step_bytes > memory:
         raise ReplayMemoryError(replay_memory_message(
-            capacity, step_bytes, layout, f"this machine has {memory / 2 ** 30:.1f} GiB of memory and swap"))
+            capacity, step_bytes, layout, f"this machine has {gib:.1f} GiB of memory and swap"))
+    if warn is not None and capacity * step_bytes > memory // 2:
+        warn(f"replay: holding {capacity:,} steps needs {capacity * step_bytes / 2 ** 30:.1f} GiB once it is full, "
+             f"more than half of this machine's {gib:.1f} GiB of memory and swap; the model, the envs and the "
+             f"system need the rest, so the run may be killed for memory when the replay fills up. About "
+             f"{max(memory // 2 // step_bytes, 1):,} steps fit in half: lower --replay_size to that if it is.")
 
 
 LOG_PREFIX = "log_"
@@ -307,7 +317,7 @@ class Replay:
         layout = {key: (value.shape, np.float32 if value.dtype == np.float64 else value.dtype)  # python floats
                   for key, value in step.items()}
         step_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in layout.values())
-        check_replay_memory(self.capacity, step_bytes, layout)
+        check_replay_memory(self.capacity, step_bytes, layout, self._warn)
         try:
             for key, (shape, dtype) in layout.items():
                 # np.empty leaves pages untouched until written: a large capacity costs what it holds.

@@ -1,6 +1,7 @@
 """Replay: uniform sampling, episode boundaries, FIFO capacity, workers, dtypes, chunks on disk."""
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from pathlib import Path
@@ -400,6 +401,26 @@ def test_a_replay_larger_than_memory_and_swap_stops_at_its_first_step_with_the_f
                                                 r"\(about [\d,]+ steps fit in half"):
         replay.add(step)
     assert len(replay) == 0 and not list((tmp_path / "replay").iterdir())
+
+
+def test_a_replay_that_fits_but_takes_most_of_memory_warns_once_with_what_fits(tmp_path) -> None:
+    """Sized at 3/4 of memory and swap: it starts (np.empty reserves no pages), with one warning that
+    names replay_size and the steps that fit in half."""
+    from replay import machine_memory_bytes
+
+    image_bytes = 1024 * 1024 * 3
+    capacity = machine_memory_bytes() * 3 // 4 // (image_bytes + 8 + 4 + 3)
+    warnings_seen: list[str] = []
+    replay = Replay(capacity=capacity, batch_length=4, directory=tmp_path / "replay", chunk=2,
+                    warn=warnings_seen.append)
+    step = {"image": np.zeros((1024, 1024, 3), np.uint8), "action": np.zeros(2, np.float32), "reward": 0.0,
+            "is_first": True, "is_last": False, "is_terminal": False}
+    replay.add(step)
+    replay.add({**step, "is_first": False})
+    assert len(replay) == 2 and len(warnings_seen) == 1, warnings_seen
+    assert re.fullmatch(rf"replay: holding {capacity:,} steps needs [\d.]+ GiB once it is full, more than half of "
+                        r"this machine's [\d.]+ GiB of memory and swap; .* About [\d,]+ steps fit in half: lower "
+                        r"--replay_size to that if it is\.", warnings_seen[0]), warnings_seen[0]
 
 
 def test_a_run_reserves_no_more_replay_than_its_steps(tmp_path) -> None:
