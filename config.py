@@ -215,7 +215,7 @@ def _syntax_error(error: YAMLError, text: str, path: Path) -> ConfigError:
             culprit = error.context_mark.line + 1  # the key without ':', the unclosed '{' or quote
     lines = text.splitlines()
     if error.problem == "mapping values are not allowed here":
-        culprit = _key_without_colon_before(lines, culprit)
+        culprit = _key_without_colon_before(lines, culprit, column)
     source = lines[culprit - 1] if 0 < culprit <= len(lines) else ""
     hint = ("indent with spaces, not tabs" if "\t" in source else
             "every key needs a colon and a space ('batch_size: 16'), indents are spaces (never tabs), and "
@@ -227,16 +227,23 @@ def _syntax_error(error: YAMLError, text: str, path: Path) -> ConfigError:
     )
 
 
-def _key_without_colon_before(lines: list[str], line: int) -> int:
-    """The line to blame for 'mapping values are not allowed here' at `line` (1-based): YAML reads a
-    line without ':' (e.g. 'batch_size 16') as the start of a plain scalar that the next lines
-    continue, and reports the colon of the next key; that earlier line is the one to fix."""
-    index = line - 2  # the line before, 0-based
-    while index >= 0 and not lines[index].strip():
-        index -= 1
-    if index >= 0 and ":" not in lines[index] and not lines[index].lstrip().startswith(("#", "-")):
-        return index + 1
-    return line
+def _key_without_colon_before(lines: list[str], line: int, column: int) -> int:
+    """The line to blame for 'mapping values are not allowed here' at `line`, `column` (1-based):
+    YAML reads a key line without ':' (e.g. 'batch_size 16') as the start of a plain scalar that the
+    next lines of the same indent continue, and reports the colon of the next key. When the error
+    is at that colon (the line's first), the first line of the run of lines without ':' just above,
+    at the same indent, is the one to fix; otherwise `line` itself."""
+    def indent(text: str) -> int:
+        return len(text) - len(text.lstrip(" "))
+
+    current = lines[line - 1] if 0 < line <= len(lines) else ""
+    if ":" not in current or current.index(":") + 1 != column:
+        return line
+    blamed, index = line, line - 2  # 0-based index of the line above
+    while index >= 0 and lines[index].strip() and ":" not in lines[index] \
+            and indent(lines[index]) == indent(current) and not lines[index].lstrip().startswith(("#", "-")):
+        blamed, index = index + 1, index - 1
+    return blamed
 
 
 def _check_duplicate_keys(node: Node, path: Path, block: str, prefix: str = "",
@@ -272,9 +279,11 @@ def _same_block_twice(path: Path, name: str, first: int, second: int, kept: dict
                 f"same contents; the second copy is ignored.")
     differences = _differences(kept, other)
     shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
-    rename = (f" ('{DEBUG_BLOCK}' is the one block applied after the others, so keep that name)"
-              if name == DEBUG_BLOCK else f", or give yours another name (e.g. '{name}_mine:' at line {second}) "
-              f"and pass it with --configs {name}_mine")
+    kept_names = {DEBUG_BLOCK: f"'{DEBUG_BLOCK}' is the one block applied after the others",
+                  DEFAULTS_BLOCK: f"every other block is merged over '{DEFAULTS_BLOCK}'"}
+    rename = (f" ({kept_names[name]}, so keep that name)" if name in kept_names else
+              f", or give yours another name (e.g. '{name}_mine:' at line {second}) and pass it with "
+              f"--configs {name}_mine")
     raise ConfigError(
         f"{path} defines block '{name}' twice, at line {first} and at line {second}, with different "
         f"contents ({shown}), and a block name can hold only one of them. Edit the first one (line {first}) "

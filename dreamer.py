@@ -146,7 +146,8 @@ def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logg
         return envs.parallel.EnvPool(ctors, config.envs.parallel, max_restarts=config.envs.max_restarts,
                                      on_event=log_event, first_index=first_index)
     except Exception as error:
-        if is_user_error(error):  # a failed start-up check names the key itself
+        came_from_an_env = isinstance(error, envs.EnvError) or hasattr(error, "env_index")
+        if is_user_error(error) or not came_from_an_env:  # a failed start-up check names the key itself
             raise
         raise env_start_failure(error, mode, first_index, logger) from None
 
@@ -163,7 +164,9 @@ def env_start_failure(error: Exception, mode: str, first_index: int, logger: Log
     if text:
         logger.error(f"{mode} env {index} failed to start:\n{text}")
     last = [line.strip() for line in (text or str(error)).splitlines() if line.strip()][-1:] or ["?"]
-    where = "its traceback is above and in train.log" if text else "no traceback: its worker process died"
+    where = ("no traceback: its worker process died" if not text else
+             f"its traceback is above and in {logger.logdir / 'train.log'}" if logger.enabled else
+             "its traceback is above")
     return EnvStartError(
         f"{mode} env {index} failed to start (while it was built, or in the start-up check's reset() and "
         f"one step()): {last[0]} ({where}). This is a failure of the env's own code or of the simulator "
@@ -491,9 +494,8 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     if changes:
         logger.info("settings changed since the checkpoint: " + ", ".join(changes))
     saved_world = int(state.get("world", state["config"].get("parallel", 1)))
-    if not config.eval_only:  # an evaluation trains nothing: no update rate to restart
+    if not config.eval_only:  # an evaluation trains nothing; a training run trains the later steps again
         restart_update_schedule(counters, state["config"], saved_world, config, world, logger)
-    if not config.eval_only:  # the steps after the checkpoint are trained and logged again
         dropped = logger.rewind(counters.step)
         if dropped:
             logger.info(f"metrics.jsonl: moved {dropped} records logged after step {counters.step} "
@@ -574,22 +576,39 @@ NOT_MODEL_SHAPING = {"steps", "seed", "device", "threads", "parallel", "eval_eve
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
-    """'key old -> new' for every config key whose value differs from the checkpoint's config
-    (the run folder and checkpoint paths aside). An env option (`env.<suite>.<key>`, an open
-    mapping) set on one side only shows as '(not set)' there; other keys missing from the saved
-    config are ones an older version did not have, and are left out."""
+    """'key old -> new' for every config key whose value differs from the checkpoint's config (the
+    run folder and checkpoint paths aside; keys the saved config lacks are ones an older version did
+    not have), then the task's suite's env options (`changed_env_options`)."""
     changes = []
-    keys = config_lib.flat_keys(current)
-    keys += [key for key in config_lib.flat_keys(saved) if key not in set(keys)]
-    for key in keys:
-        old, new = config_lib.lookup(saved, key, None), config_lib.lookup(current, key, None)
-        if key in ("logdir", "from_checkpoint") or old == new or isinstance(old, dict) or isinstance(new, dict):
-            continue  # a mapping on one side: its keys are compared one by one
-        if old is None or new is None:
-            if not key.startswith("env."):
-                continue
-            old, new = ("(not set)" if v is None else v for v in (old, new))
-        changes.append(f"{key} {old} -> {new}")
+    for key in config_lib.flat_keys(current):
+        if key.startswith(f"{config_lib.ENV_OPTIONS}.") or key in ("logdir", "from_checkpoint"):
+            continue
+        old, new = config_lib.lookup(saved, key, None), config_lib.lookup(current, key)
+        if old is not None and old != new:
+            changes.append(f"{key} {old} -> {new}")
+    return changes + changed_env_options(saved, current)
+
+
+NOT_SET = "(not set)"
+
+
+def changed_env_options(saved: dict, current: dict) -> list[str]:
+    """The task's suite's options (env.<suite>, an open mapping) that differ, each as its constructor
+    gets it: an option given on one side only counts as the constructor's default on the other (so a
+    checkpoint of a version without a later option is unchanged), '(not set)' where it has none.
+    Other suites' options cannot change this run and are left out."""
+    import envs
+
+    suite = str(current.get("task", "")).partition("_")[0]
+    group = f"{config_lib.ENV_OPTIONS}.{suite}"
+    old_options = config_lib.lookup(saved, group, None) or {}
+    new_options = config_lib.lookup(current, group, None) or {}
+    defaults = envs.constructor_defaults(envs.REGISTRY[suite]) if suite in envs.REGISTRY else {}
+    changes = []
+    for key in dict.fromkeys([*new_options, *old_options]):
+        old, new = (options.get(key, defaults.get(key, NOT_SET)) for options in (old_options, new_options))
+        if envs.plain_option(old) != envs.plain_option(new):
+            changes.append(f"{group}.{key} {old} -> {new}")
     return changes
 
 
@@ -630,7 +649,7 @@ class Interrupt:
         if self.shielded:
             sys.stderr.write("\nsaving the checkpoint; the run stops when it is written\n")
             return
-        if self.requested:  # second Ctrl-C: stop at once (the run still saves)
+        if self.requested and self.signal is not None:  # a second Ctrl-C here: stop at once (the run still saves)
             raise KeyboardInterrupt
         self.requested, self.signal = True, signum
         if self.announce:
@@ -873,6 +892,17 @@ class Trainer:
         torch_dist.all_gather_object(gathered, list(episode_stats))
         return [s for part in gathered for s in part]
 
+    def make_eval_pool(self, amount: int) -> EnvPool:
+        """This rank's eval envs (indices from rank x envs.amount, like its train envs'). Any failure
+        to start them is an EnvStartError, which a training run saves its progress for before it
+        stops (a failed start-up check keeps its own paragraph)."""
+        from envs.checker import EnvCheckError, MissingDependency
+
+        try:
+            return make_env_pool(self.config, "eval", amount, self.dist.rank * self.config.envs.amount, self.logger)
+        except (EnvCheckError, MissingDependency) as error:
+            raise EnvStartError(str(error)) from None
+
     def run_eval(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Evaluate on fresh eval envs (the same seeds every time, apart from the train envs'), each
         rank its share of the episodes (`eval_share`) on its own envs; rank 0 logs the returns of
@@ -882,9 +912,7 @@ class Trainer:
         share = eval_share(config.eval_episode_num, dist.rank, dist.world)
         result = EvalResult()
         if share:
-            amount = min(config.envs.amount, share)
-            # eval env indices of rank r start at r * envs.amount, like its train envs'
-            with make_env_pool(config, "eval", amount, dist.rank * config.envs.amount, self.logger) as pool:
+            with self.make_eval_pool(min(config.envs.amount, share)) as pool:
                 result = evaluate(self.agent, pool, share, config.video_length, self.warn_once,
                                   self.wants_video and dist.main, stop)
         returns, lengths, completed = self.gather_eval(result)
@@ -962,6 +990,10 @@ class Trainer:
         """Ctrl-C/SIGTERM on any rank stops all ranks at the same iteration (each then reports a
         stop, not a finished run)."""
         stop = not self.all_ranks(not interrupt.requested)
+        if stop and not interrupt.requested:  # e.g. SIGTERM to one rank's pid: say it once, on rank 0
+            if self.dist.main:
+                self.logger.info("another rank got a stop request (Ctrl-C or SIGTERM): every rank stops after "
+                                 "this step, and rank 0 saves")
         interrupt.requested = interrupt.requested or stop
         return stop
 
@@ -1045,7 +1077,7 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
         raise env_gave_up(trainer, error) from None
     except EnvStartError as error:  # e.g. an evaluation's env that fails to start: keep the progress too
         interrupt.shielded = True
-        raise RunError(f"{error} {save_progress(trainer)}.") from None
+        raise RunError(f"{error} {save_progress(trainer)}, and the same command resumes from it.") from None
     interrupt.shielded = True
     if trainer.counters.last_save != trainer.counters.step:  # else saved at this very step
         trainer.counters.last_save = trainer.counters.step
@@ -1063,8 +1095,8 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
 def env_gave_up(trainer: Trainer, error: Exception) -> RunError:
     """Save what the run has (rank 0: the checkpoint; every rank: its replay) after an env failed
     `envs.max_restarts` times in a row, and the paragraph that says so."""
+    log_gave_up(trainer, error)  # first: a save that fails (a full disk) must not lose the traceback
     kept = save_progress(trainer)
-    log_gave_up(trainer, error)
     return RunError(f"{failure_summary(error)} (the tracebacks are in {tracebacks_at(trainer)}). {kept}: "
                     f"fix the env and {resume_hint(trainer.paths)}{more_restarts_hint(error)}.")
 
@@ -1088,14 +1120,17 @@ def log_gave_up(trainer: Trainer, error: Exception) -> None:
 
 
 def tracebacks_at(trainer: Trainer) -> str:
+    """Where a failure's tracebacks were written: the run's train.log, or stderr on other ranks."""
     return str(trainer.logger.logdir / "train.log") if trainer.dist.main else "this rank's errors above"
 
 
 def more_restarts_hint(error: Exception) -> str:
     """More restarts help an env that fails now and then, not one whose fresh copy fails to start."""
-    from envs.parallel import EnvRestartFailed
+    from envs import EnvRestartFailed
 
-    return "" if isinstance(error, EnvRestartFailed) else "; or allow more restarts in a row with --envs.max_restarts N"
+    if isinstance(error, EnvRestartFailed):
+        return ""
+    return "; or allow more restarts in a row with --envs.max_restarts N"
 
 
 def failure_summary(error: Exception) -> str:
@@ -1163,20 +1198,18 @@ NOT_CHECKPOINT_SUFFIXES = {".yaml", ".yml", ".log", ".jsonl", ".json", ".npz", "
 def check_options_taken(suite: str, cls: Any, options: dict, task: str) -> None:
     """An option for another suite than the task's that its constructor would not take: a misspelling
     that would do nothing in this run and break the next run on that suite."""
-    import difflib
-
     import envs
 
     rejected = envs.options_not_taken(cls, options)
     if not rejected:
         return
     key = rejected[0]
-    close = difflib.get_close_matches(key, sorted(envs.constructor_parameters(cls) - {"name"}), n=1)
+    close = envs.closest_parameter(cls, key)
     raise RunError(
         f"env.{suite}.{key}: {cls.__name__}, the '{suite}' suite's class, takes no option '{key}'"
-        f"{f' (did you mean {close[0]!r}?)' if close else ''}, so it would do nothing (this run's task, {task}, "
-        f"is not a {suite} task). Fix or drop --env.{suite}.{key} or its '{key}:' entry under env: {{{suite}: ...}} "
-        "in configs.yaml; the run did not start.")
+        f"{f' (did you mean {close!r}?)' if close else ''}, so it would do nothing (this run's task, {task}, "
+        f"is not a {suite} task). Fix or drop --env.{suite}.{key} or its '{key}:' entry under env: "
+        f"{{{suite}: ...}} in configs.yaml; the run did not start.")
 
 
 def check_run_inputs(config: Config) -> None:

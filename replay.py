@@ -57,13 +57,18 @@ def replay_memory_message(capacity: int, step_bytes: int, layout: dict, why: str
     largest = max(layout, key=lambda key: int(np.prod(layout[key][0])) * np.dtype(layout[key][1]).itemsize)
     shape, dtype = layout[largest]
     memory = machine_memory_bytes()
-    fits = "" if memory is None else (f" (about {max(memory // 2 // step_bytes, 1):,} steps fit in half of this "
+    fits = "" if memory is None else (f" (about {steps_in_half(memory, step_bytes):,} steps fit in half of this "
                                       f"machine's {memory / gib:.1f} GiB of memory and swap)")
     return (f"replay: holding {capacity:,} steps of {step_bytes:,} bytes each ('{largest}' {tuple(shape)} "
             f"{np.dtype(dtype).name} is the largest) needs {capacity * step_bytes / gib:.1f} GiB, and {why}. "
             f"Lower --replay_size{fits}; with --parallel N each process holds replay_size / N. "
             "Images are stored as uint8: an env that gives float images takes 4x the memory. Nothing was "
             "written to the replay folder.")
+
+
+def steps_in_half(memory: int, step_bytes: int) -> int:
+    """How many steps of `step_bytes` fit in half of `memory` bytes (at least one)."""
+    return max(memory // 2 // step_bytes, 1)
 
 
 def check_replay_memory(capacity: int, step_bytes: int, layout: dict,
@@ -81,8 +86,9 @@ def check_replay_memory(capacity: int, step_bytes: int, layout: dict,
     if warn is not None and capacity * step_bytes > memory // 2:
         warn(f"replay: holding {capacity:,} steps needs {capacity * step_bytes / 2 ** 30:.1f} GiB once it is full, "
              f"more than half of this machine's {gib:.1f} GiB of memory and swap; the model, the envs and the "
-             f"system need the rest, so the run may be killed for memory when the replay fills up. About "
-             f"{max(memory // 2 // step_bytes, 1):,} steps fit in half: lower --replay_size to that if it is.")
+             f"system need the rest. If the run gets killed for memory, lower --replay_size to about "
+             f"{steps_in_half(memory, step_bytes):,} steps (with --parallel N each process holds replay_size / N, "
+             "and all of them count).")
 
 
 LOG_PREFIX = "log_"

@@ -28,7 +28,7 @@ from .dmc import DMC
 from .gym import GymEnv
 from .memorymaze import MemoryMaze
 from .minecraft import Minecraft
-from .parallel import EnvError, EnvGaveUp, EnvPool
+from .parallel import EnvError, EnvGaveUp, EnvPool, EnvRestartFailed
 
 REGISTRY = {
     'dmc': DMC,
@@ -43,9 +43,10 @@ REGISTRY = {
 MODES = ('train', 'eval')
 EVAL_SEED_OFFSET = 10000
 
-__all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'EnvGaveUp', 'MissingDependency', 'EnvPool', 'check_env',
-           'check_running_step', 'env_seed', 'make_env', 'make_pool', 'options_note', 'options_not_taken', 'parse_task',
-           'suite_kwargs', 'wrap_env', 'wrappers']
+__all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'EnvGaveUp', 'EnvRestartFailed', 'MissingDependency', 'EnvPool',
+           'check_env', 'check_running_step', 'closest_parameter', 'constructor_defaults', 'env_seed', 'make_env',
+           'make_pool', 'options_note', 'options_not_taken', 'parse_task', 'plain_option', 'suite_kwargs',
+           'wrap_env', 'wrappers']
 
 
 def parse_task(task: str) -> tuple[str, str]:
@@ -72,26 +73,39 @@ def env_seed(seed: int, mode: str, index: int, shift: int = 0) -> int:
     return (int(seed) + index + (EVAL_SEED_OFFSET if mode == 'eval' else 0) + int(shift)) % 2**31
 
 
-def constructor_parameters(cls: Any) -> set[str]:
-    """Names of the parameters the class's constructor declares explicitly (not **kwargs)."""
+def constructor_signature(cls: Any) -> tuple[dict[str, Any], bool]:
+    """({parameter name: its default, or inspect.Parameter.empty}, whether it takes **kwargs) of a
+    class's constructor; ({}, True) when its signature cannot be read."""
     try:
         parameters = inspect.signature(cls).parameters.values()
     except (TypeError, ValueError):
-        return set()
-    return {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        return {}, True
+    named = {p.name: p.default for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return named, any(p.kind == p.VAR_KEYWORD for p in parameters)
+
+
+def constructor_parameters(cls: Any) -> set[str]:
+    """Names of the parameters the class's constructor declares explicitly (not **kwargs)."""
+    return set(constructor_signature(cls)[0])
+
+
+def constructor_defaults(cls: Any) -> dict[str, Any]:
+    """The constructor's parameters that have a default, with it (what an option not given means)."""
+    return {name: default for name, default in constructor_signature(cls)[0].items()
+            if default is not inspect.Parameter.empty}
+
+
+def plain_option(value: Any) -> Any:
+    """An option as YAML would hold it, for comparing a config value with a Python default:
+    (64, 64) == [64, 64]."""
+    return [plain_option(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def options_not_taken(cls: Any, options: Mapping[str, Any]) -> list[str]:
-    """The options a class's constructor cannot take (none when it takes **kwargs or has no
-    signature to read)."""
-    try:
-        parameters = inspect.signature(cls).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    if any(p.kind == p.VAR_KEYWORD for p in parameters):
-        return []
-    names = {p.name for p in parameters}
-    return [key for key in options if key not in names]
+    """The options make_env could not pass to a class's constructor: those it does not name (unless
+    it takes **kwargs), and 'name', which make_env passes itself."""
+    named, takes_kwargs = constructor_signature(cls)
+    return [key for key in options if key == 'name' or not (takes_kwargs or key in named)]
 
 
 def suite_kwargs(cls: Any, options: Mapping[str, Any], seed: int, action_repeat: int) -> dict:
@@ -111,14 +125,16 @@ def rejected_option(error: TypeError, options: Mapping[str, Any]) -> str | None:
     return match.group(1) if match and match.group(1) in options else None
 
 
+def closest_parameter(cls: Any, rejected: str) -> str | None:
+    """The constructor's parameter name closest to a rejected option's, if one is close."""
+    close = difflib.get_close_matches(rejected, sorted(constructor_parameters(cls) - {'self', 'name'}), n=1)
+    return close[0] if close else None
+
+
 def spelling_hint(cls: Any, rejected: str) -> str:
-    """' Did you mean ...?' from the constructor's own parameter names, or ''."""
-    try:
-        names = [n for n in inspect.signature(cls).parameters if n not in ('self', 'name')]
-    except (TypeError, ValueError):
-        return ''
-    close = difflib.get_close_matches(rejected, names, n=1)
-    return f": did you mean '{close[0]}'?" if close else ''
+    """': did you mean ...?' from the constructor's own parameter names, or ''."""
+    close = closest_parameter(cls, rejected)
+    return f": did you mean '{close}'?" if close else ''
 
 
 def options_note(cls: Any, name: str, suite: str, kwargs: Mapping[str, Any], error: TypeError) -> str:

@@ -303,7 +303,7 @@ def test_a_block_defined_twice_with_other_contents_names_both_lines_and_the_fix(
         f"(e.g. 'custom_mine:' at line {second}) and pass it with --configs custom_mine. The run did not start.")
 
 
-def test_the_debug_block_twice_is_not_told_to_take_another_name(monkeypatch, tmp_path, capsys):
+def test_the_debug_block_twice_is_not_told_to_take_another_name(monkeypatch, tmp_path):
     text = REAL_CONFIGS + "\ndebug:\n  steps: 50\n"
     path = use_configs(monkeypatch, tmp_path, text)
     first, second = line_of(text, "debug:"), line_of(text, "debug:", after=line_of(text, "debug:"))

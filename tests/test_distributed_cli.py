@@ -232,6 +232,8 @@ def test_sigterm_to_rank_1_alone_stops_the_run_as_a_stop_and_counts_every_ranks_
     log = log_text(logdir)
     stopped = int(re.search(r"stopped at step (\d+); to resume", log).group(1))
     assert "finished:" not in log and saved_steps(logdir)[-1] == stopped == checkpoint_step(logdir)
+    assert log.count("INFO another rank got a stop request (Ctrl-C or SIGTERM): every rank stops after this "
+                     "step, and rank 0 saves") == 1  # rank 0 says why it stops
     records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "perf/replay_steps" in r][-1]
     assert last["perf/replay_steps"] == last["step"]  # every step of both ranks is in the replay
@@ -399,15 +401,15 @@ def test_ctrl_c_under_torchrun_saves_once_and_is_announced_once(tmp_path):
     """torchrun passes the signal to every rank: rank 0 says so once, they stop at one iteration and
     rank 0 saves once (torchrun itself then ends with its own SignalException, exit 1)."""
     logdir = tmp_path / "run"
-    out = open(tmp_path / "run.stderr", "w")
-    launcher = subprocess.Popen(
-        [*torchrun(), "dreamer.py", "--configs", "debug", "custom", "--task", "custom_reach", "--device", "cpu",
-         "--steps", "100000", "--eval_every", "0", "--save_every", "100", "--logdir", str(logdir)],
-        cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
-    STARTED.append(launcher)
-    first_checkpoint(logdir)
-    os.killpg(launcher.pid, signal.SIGINT)
-    launcher.wait(timeout=90)
+    with open(tmp_path / "run.stderr", "w") as out:
+        launcher = subprocess.Popen(
+            [*torchrun(), "dreamer.py", "--configs", "debug", "custom", "--task", "custom_reach", "--device",
+             "cpu", "--steps", "100000", "--eval_every", "0", "--save_every", "100", "--logdir", str(logdir)],
+            cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
+        STARTED.append(launcher)
+        first_checkpoint(logdir)
+        os.killpg(launcher.pid, signal.SIGINT)
+        launcher.wait(timeout=90)
     err = (tmp_path / "run.stderr").read_text()
     assert err.count("SIGINT: stopping after the current step") == 1, err
     stopped = int(re.search(r"stopped at step (\d+)", log_text(logdir)).group(1))

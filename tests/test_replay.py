@@ -403,24 +403,27 @@ def test_a_replay_larger_than_memory_and_swap_stops_at_its_first_step_with_the_f
     assert len(replay) == 0 and not list((tmp_path / "replay").iterdir())
 
 
-def test_a_replay_that_fits_but_takes_most_of_memory_warns_once_with_what_fits(tmp_path) -> None:
-    """Sized at 3/4 of memory and swap: it starts (np.empty reserves no pages), with one warning that
-    names replay_size and the steps that fit in half."""
-    from replay import machine_memory_bytes
+def test_a_replay_that_fits_but_takes_most_of_memory_warns_once_with_what_fits(tmp_path, monkeypatch) -> None:
+    """On a machine of 1 MiB of memory and swap, 80 steps of 10 KiB (800 KiB) fit but take more than
+    half: the replay starts, with one warning that names replay_size and the steps that fit in half."""
+    import replay as replay_module
 
-    image_bytes = 1024 * 1024 * 3
-    capacity = machine_memory_bytes() * 3 // 4 // (image_bytes + 8 + 4 + 3)
+    monkeypatch.setattr(replay_module, "machine_memory_bytes", lambda: 2 ** 20)
     warnings_seen: list[str] = []
-    replay = Replay(capacity=capacity, batch_length=4, directory=tmp_path / "replay", chunk=2,
-                    warn=warnings_seen.append)
-    step = {"image": np.zeros((1024, 1024, 3), np.uint8), "action": np.zeros(2, np.float32), "reward": 0.0,
-            "is_first": True, "is_last": False, "is_terminal": False}
+    replay = Replay(capacity=80, batch_length=4, directory=tmp_path / "replay", chunk=2, warn=warnings_seen.append)
+    step = {"image": np.zeros((10 * 1024 - 17,), np.uint8), "action": np.zeros(2, np.float32), "reward": 0.0,
+            "is_first": True, "is_last": False, "is_terminal": False}  # 10,238 bytes a step with the rest
     replay.add(step)
     replay.add({**step, "is_first": False})
     assert len(replay) == 2 and len(warnings_seen) == 1, warnings_seen
-    assert re.fullmatch(rf"replay: holding {capacity:,} steps needs [\d.]+ GiB once it is full, more than half of "
-                        r"this machine's [\d.]+ GiB of memory and swap; .* About [\d,]+ steps fit in half: lower "
-                        r"--replay_size to that if it is\.", warnings_seen[0]), warnings_seen[0]
+    assert warnings_seen[0] == (
+        "replay: holding 80 steps needs 0.0 GiB once it is full, more than half of this machine's 0.0 GiB of "
+        "memory and swap; the model, the envs and the system need the rest. If the run gets killed for memory, "
+        "lower --replay_size to about 51 steps (with --parallel N each process holds replay_size / N, and all "
+        "of them count).")
+    quiet: list[str] = []
+    Replay(capacity=40, batch_length=4, directory=tmp_path / "other", chunk=2, warn=quiet.append).add(step)
+    assert quiet == []  # 400 KiB: under half
 
 
 def test_a_run_reserves_no_more_replay_than_its_steps(tmp_path) -> None:

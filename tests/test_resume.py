@@ -8,6 +8,7 @@ on their own copy of its folder. tests/test_training.py already covers a clean s
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -501,17 +502,25 @@ def test_second_run_in_a_folder_stops_before_writing_anything(killed_run, tmp_pa
             "to train further") in (logdir / "train.log").read_text()
 
 
-def test_changed_settings_name_env_options_added_or_removed_but_not_keys_an_older_version_lacked():
+def test_changed_settings_name_the_task_suites_options_added_or_removed_as_its_constructor_sees_them():
     """env.<suite> is an open mapping: an option given before and not now (or the reverse) changes
-    the env, so it is listed; a top-level key the saved config lacks is a newer version's key."""
+    the env, so it is listed, against the constructor's default where it has one; other suites'
+    options cannot change the run; a top-level key the saved config lacks is a newer version's."""
     saved = {**debug_config("--env.custom.size", "32,32").to_dict(), "steps": 400}
     saved["env"]["custom"]["mode"] = "crash_after"
+    saved["env"]["dmc"]["camera"] = 2
     del saved["eval_every"]
-    current = debug_config("--env.custom.size", "48,48", "--steps", "420").to_dict()
-    current["env"]["myrobot"] = {"length": 60}
+    current = debug_config("--env.custom.size", "48,48", "--steps", "420", "--env.custom.length", "60").to_dict()
     assert dreamer.changed_settings(saved, current) == [
-        "steps 400 -> 420", "env.custom.size [32, 32] -> [48, 48]", "env.myrobot.length (not set) -> 60",
+        "steps 400 -> 420", "env.custom.size [32, 32] -> [48, 48]", "env.custom.length (not set) -> 60",
         "env.custom.mode crash_after -> (not set)"]
+    # an older checkpoint without a later option of the task's suite: the constructor's default, unchanged
+    dmc_now = debug_config("--task", "dmc_walker_walk").to_dict()
+    dmc_then = copy.deepcopy(dmc_now)
+    del dmc_then["env"]["dmc"]["fast_render"]
+    assert dreamer.changed_settings(dmc_then, dmc_now) == []
+    dmc_then["env"]["dmc"]["size"] = (32, 32)
+    assert dreamer.changed_settings(dmc_then, dmc_now) == ["env.dmc.size (32, 32) -> [64, 64]"]
 
 
 def test_resume_checks_the_task_and_reports_changed_settings(tmp_path):

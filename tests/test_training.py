@@ -426,8 +426,8 @@ def test_an_env_that_raises_at_start_shows_its_traceback_once_then_one_paragraph
     assert "in __init__" in result.stderr and "faulty_env.py" in result.stderr  # where the env failed
     assert result.stderr.strip().splitlines()[-1] == (
         "error: train env 0 failed to start (while it was built, or in the start-up check's reset() and one "
-        "step()): OSError: the simulator's display is gone (its traceback is above and in train.log). This is "
-        "a failure of the env's own code or of the simulator it drives: fix it and run the command again.")
+        f"step()): OSError: the simulator's display is gone (its traceback is above and in {logdir / 'train.log'}). "
+        "This is a failure of the env's own code or of the simulator it drives: fix it and run the command again.")
     assert "OSError: the simulator's display is gone" in (logdir / "train.log").read_text()
 
 
@@ -441,11 +441,12 @@ def test_an_eval_env_that_fails_to_start_mid_run_keeps_the_progress(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     step = checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]["step"]
     assert step >= 300
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "error: eval env 0 failed to start (while it was built, or in the start-up check's reset() and one "
-        "step()): OSError: the simulator's display is gone (its traceback is above and in train.log). This is "
-        "a failure of the env's own code or of the simulator it drives: fix it and run the command again. The "
-        f"run saved its progress: {logdir / 'latest.pt'} at step {step}.")
+        f"step()): OSError: the simulator's display is gone (its traceback is above and in {logdir / 'train.log'}). "
+        "This is a failure of the env's own code or of the simulator it drives: fix it and run the command again. "
+        f"The run saved its progress: {logdir / 'latest.pt'} at step {step}, and the same command resumes from it.")
 
 
 def test_user_errors_are_the_ones_whose_message_says_what_to_fix():
