@@ -20,14 +20,23 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 
 def stop_while_starting(signum: int, _frame) -> None:
-    """Ctrl-C before training has begun (while torch loads, the config is read, the run is
-    prepared): nothing to save yet, so end at once with 128 + the signal's number, no traceback."""
+    """Ctrl-C before training has begun (the config is read, the run is prepared): nothing to save
+    yet, so end at once with 128 + the signal's number, no traceback."""
     sys.stderr.write(f"\n{signal.Signals(signum).name} while starting: stopped before training began\n")
     raise SystemExit(128 + signum)
 
 
-if __name__ == "__main__":  # until the loop's own handler (Interrupt) takes over
-    signal.signal(signal.SIGINT, stop_while_starting)
+def stop_while_importing(signum: int, _frame) -> None:
+    """Ctrl-C while numpy and torch load: end the process at once (an exception raised inside torch's
+    half-done import can abort the interpreter as it exits, SIGABRT and a stack dump); nothing has
+    been started or written yet."""
+    sys.stderr.write(f"\n{signal.Signals(signum).name} while starting: stopped before training began\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stop_while_importing)
 
 import numpy as np
 import torch
@@ -38,6 +47,9 @@ import tools
 from config import EXIT_USER_ERROR, Config, ConfigError
 from logger import Logger, video_frame
 from replay import Prefetcher, Replay
+
+if __name__ == "__main__":  # the imports are done; until the loop's own handler (Interrupt) takes over
+    signal.signal(signal.SIGINT, stop_while_starting)
 
 if TYPE_CHECKING:  # imported late at run time (start-up speed, optional suites)
     from distributed import DistSync
