@@ -402,7 +402,8 @@ def log_eval(config: Config, returns: list[float], lengths: list[int], frames: l
     logger.scalars(metrics)
     if config.eval_only:  # the result itself, where the user looks
         logger.info(f"eval_only: return {metrics['eval/return']:.2f} (min {min(returns):.2f}, max "
-                    f"{max(returns):.2f}) over {tools.plural(len(returns), 'episode')}, mean length {metrics['eval/length']:.0f}")
+                    f"{max(returns):.2f}) over {tools.plural(len(returns), 'episode')}, mean length "
+                    f"{metrics['eval/length']:.0f}")
     if frames:
         logger.video("eval/video", np.stack(frames)[None])
 
@@ -1067,7 +1068,8 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
         logger.info(f"logs in {trainer.paths.logdir.resolve()}: follow with `tail -f "
                     f"{trainer.paths.logdir / 'train.log'}` or `tensorboard --logdir {trainer.paths.logdir}`")
     if config.eval_only:
-        logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {tools.plural(config.eval_episode_num, 'episode')}")
+        episodes = tools.plural(config.eval_episode_num, "episode")
+        logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {episodes}")
         try:
             trainer.run_eval(stop=lambda: interrupt.requested)
         except EnvGaveUp as error:  # an --eval_only run saves nothing: only the paragraph
