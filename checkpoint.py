@@ -292,10 +292,10 @@ def shape_message(name: str, found: tuple, expected: tuple, hints: Mapping[str, 
     )
 
 
-def check_config_sizes(saved: Mapping, current: Mapping, keys: list[str]) -> None:
+def check_config_sizes(saved: Mapping, current: Mapping, keys: list[str], evaluating: bool = False) -> None:
     """Raise CheckpointMismatch naming every dotted config key (e.g. 'rssm.deter') whose value in
     the config the checkpoint was trained with (`saved`) differs from the current config, with the
-    flags that restore them all."""
+    flags that restore them all (`evaluating`: for an --eval_only run, which starts nothing fresh)."""
     differ = []
     for key in keys:
         old, new = lookup(saved, key, _MISSING), lookup(current, key, _MISSING)
@@ -306,11 +306,13 @@ def check_config_sizes(saved: Mapping, current: Mapping, keys: list[str]) -> Non
     (key, old, new), rest = differ[0], differ[1:]
     also = ("; also " + ", ".join(f"{k}={o!r} (config: {n!r})" for k, o, n in rest)) if rest else ""
     flags = " ".join(f"--{k} {o}" for k, o, _ in differ)
+    fix = (f"Evaluate with {flags}, or with the same --configs blocks as the training run (an evaluation "
+           "builds its model from the config it is given)" if evaluating else
+           f"Resume with {flags} (or the same --configs blocks as the original run), or start a fresh run "
+           "in a new --logdir")
     raise CheckpointMismatch(
         f"the checkpoint was trained with {key}={old!r} but the config asks for {key}={new!r}{also}, "
-        f"so its parameters do not fit the model. Resume with {flags} (or the same --configs blocks "
-        "as the original run), or start a fresh run in a new --logdir."
-    )
+        f"so its parameters do not fit the model. {fix}.")
 
 
 _MISSING = object()

@@ -483,7 +483,7 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     if not config.eval_only:
         check_same_task(state["config"], config, source)
     check_same_spaces(state.get("spaces"), describe_spaces(agent.obs_space, agent.act_space), source, config.task)
-    ckpt.check_config_sizes(state["config"], config.to_dict(), SIZE_KEYS)
+    ckpt.check_config_sizes(state["config"], config.to_dict(), SIZE_KEYS, evaluating=config.eval_only)
     modules = ("wm", "task", "expl")  # optimizer state is shaped by these; a fresh agent has none yet
     try:
         ckpt.check_shapes({k: state["agent"].get(k) or {} for k in modules},
@@ -504,6 +504,8 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     replay.set_rng_state(state["replay_rng"])
     logger.info(f"resumed from {source} at step {counters.step} ({counters.updates} updates)")
     changes = changed_settings(state["config"], config.to_dict())
+    if config.eval_only:  # steps, train_ratio, eval_only itself...: nothing an evaluation uses
+        changes = [c for c in changes if c.split(" ", 1)[0] not in NOT_MODEL_SHAPING]
     if changes:
         logger.info("settings changed since the checkpoint: " + ", ".join(changes))
     saved_world = int(state.get("world", state["config"].get("parallel", 1)))
@@ -666,9 +668,9 @@ class Interrupt:
             raise KeyboardInterrupt
         self.requested, self.signal = True, signum
         if self.announce:
+            again = "press Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM or Ctrl-C"
             sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after the current step (an "
-                             "evaluation in progress is cut short) and saving; press Ctrl-C again to stop "
-                             "at once\n")
+                             f"evaluation in progress is cut short) and saving; {again} to stop at once\n")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -992,7 +994,7 @@ class Trainer:
                 counters.last_save = counters.step
                 save(config, self.agent, counters, self.replay, self.paths, self.dist, logger, self.prefetch)
                 last_save_time = time.time()
-            if self.dist.main:
+            if self.dist.main and counters.step > interval[1]:  # not at a log step: its interval just began
                 elapsed = max(time.time() - interval[0], 1e-9)
                 logger.progress(counters.step, config.steps, (counters.step - interval[1]) / elapsed, last_return)
         if counters.step > max(counters.last_log, interval[1]):  # the same on every rank

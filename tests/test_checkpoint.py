@@ -218,6 +218,11 @@ def test_config_size_mismatch_names_every_differing_key_at_once() -> None:
         "rssm.hidden=32 (config: 512), actor.units=64 (config: 512), so its parameters do not fit the model. "
         "Resume with --rssm.deter 32 --rssm.hidden 32 --actor.units 64 (or the same --configs blocks as the "
         "original run), or start a fresh run in a new --logdir.")
+    with pytest.raises(ValueError) as error:  # --eval_only: no fresh run to start, the blocks to repeat
+        check_config_sizes(saved, current, ["rssm.deter", "actor.units"], evaluating=True)
+    assert str(error.value).endswith(
+        "so its parameters do not fit the model. Evaluate with --rssm.deter 32 --actor.units 64, or with the "
+        "same --configs blocks as the training run (an evaluation builds its model from the config it is given).")
 
 
 def test_map_location_loads_tensors_on_cpu(tmp_path: Path) -> None:

@@ -215,7 +215,7 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     eval_log = (logdir / "eval_only" / "train.log").read_text()
     assert "for 1 episode\n" in eval_log and ") over 1 episode, mean length" in eval_log, eval_log
-    assert "updates per agent step" not in eval_log, eval_log
+    assert "updates per agent step" not in eval_log and "train_ratio 32 -> 64" not in eval_log, eval_log
 
 
 def start_debug_run_until_logged(logdir: Path, step: int, *args: str) -> subprocess.Popen:
