@@ -340,6 +340,7 @@ class EvalResult:
 
     returns: list[float] = dataclasses.field(default_factory=list)
     lengths: list[int] = dataclasses.field(default_factory=list)
+    logs: list[dict[str, float]] = dataclasses.field(default_factory=list)  # each episode's log_ values
     frames: list[np.ndarray] = dataclasses.field(default_factory=list)  # env 0's first episode, (H, W, 3) each
     render_ok: bool = True  # False once render() raised (logged once by evaluate)
     completed: bool = True  # False when a stop request cut it short
@@ -372,8 +373,9 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
             envs.check_running_step(obs, f"eval env {pool.first_index + index}")
             summary = tracker.add(index, obs)
             if summary is not None:
-                result.returns.append(summary["return"])
-                result.lengths.append(summary["length"])
+                result.returns.append(summary.pop("return"))
+                result.lengths.append(summary.pop("length"))
+                result.logs.append(summary)  # the env's log_<key> values, e.g. success
                 if index == 0:
                     want_video = False
         if want_video and len(result.frames) < video_length:
@@ -394,11 +396,14 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
     return result
 
 
-def log_eval(config: Config, returns: list[float], lengths: list[int], frames: list[np.ndarray],
-             logger: Logger) -> None:
-    """The evaluation's scalars (every rank's episodes) and env 0's video."""
+def log_eval(config: Config, returns: list[float], lengths: list[int], logs: list[dict[str, float]],
+             frames: list[np.ndarray], logger: Logger) -> None:
+    """The evaluation's scalars (every rank's episodes; eval/<key>: the mean of an env's log_<key>
+    over the episodes that had it) and env 0's video."""
     metrics = {"eval/return": float(np.mean(returns)), "eval/length": float(np.mean(lengths)),
                "eval/episodes": float(len(returns))}
+    for key in sorted({key for episode in logs for key in episode}):
+        metrics[f"eval/{key}"] = float(np.mean([episode[key] for episode in logs if key in episode]))
     logger.scalars(metrics)
     if config.eval_only:  # the result itself, where the user looks
         logger.info(f"eval_only: return {metrics['eval/return']:.2f} (min {min(returns):.2f}, max "
@@ -930,12 +935,12 @@ class Trainer:
             with self.make_eval_pool(min(config.envs.amount, share)) as pool:
                 result = evaluate(self.agent, pool, share, config.video_length, self.warn_once,
                                   self.wants_video and dist.main, stop)
-        returns, lengths, completed = self.gather_eval(result)
+        returns, lengths, logs, completed = self.gather_eval(result)
         if not completed:
             self.logger.info(f"evaluation stopped by the stop request after {len(returns)} of "
                              f"{config.eval_episode_num} episodes (not logged)")
             return
-        log_eval(config, returns, lengths, result.frames, self.logger)
+        log_eval(config, returns, lengths, logs, result.frames, self.logger)
         if self.wants_video and result.render_ok and not result.frames and dist.main:
             self.logger.info("no eval video: the env has no render() (or it gives no frame) and no 'image' "
                              "observation (training is not affected)")
@@ -953,16 +958,16 @@ class Trainer:
             self.warned.add(text)
             self.logger.warning(text)
 
-    def gather_eval(self, result: EvalResult) -> tuple[list[float], list[int], bool]:
-        """(every rank's returns, lengths, whether every rank completed its share)."""
+    def gather_eval(self, result: EvalResult) -> tuple[list[float], list[int], list[dict[str, float]], bool]:
+        """(every rank's returns, lengths, log_ values, whether every rank completed its share)."""
         if self.dist.world == 1:
-            return result.returns, result.lengths, result.completed
+            return result.returns, result.lengths, result.logs, result.completed
         import torch.distributed as torch_dist
 
         gathered: list = [None] * self.dist.world
-        torch_dist.all_gather_object(gathered, (result.returns, result.lengths, result.completed))
+        torch_dist.all_gather_object(gathered, (result.returns, result.lengths, result.logs, result.completed))
         return ([r for part in gathered for r in part[0]], [n for part in gathered for n in part[1]],
-                all(part[2] for part in gathered))
+                [e for part in gathered for e in part[2]], all(part[3] for part in gathered))
 
     def loop(self, interrupt: Interrupt) -> None:
         config, counters, logger = self.config, self.counters, self.logger

@@ -540,3 +540,43 @@ def test_a_stop_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_
     assert counters.step == 0 and not (tmp_path / "latest.pt").exists()
     assert "INFO stopped at step 0, before the first checkpoint: nothing to resume; the same command starts " \
            "the run afresh" in log and "to resume, run the same command" not in log, log
+
+
+class SucceedsLate:
+    """20-step episodes of a 2-d vector; `log_success` is 0 until step 10, then 1 (a logging-only key)."""
+
+    def __init__(self, name, **kwargs):
+        import gymnasium
+
+        self._t = 0
+        self.obs_space = {"vector": gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)}
+        self.act_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def _obs(self):
+        return {"vector": np.full(2, self._t / 20.0, np.float32), "log_success": float(self._t >= 10)}
+
+    def reset(self):
+        self._t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self._t += 1
+        return self._obs(), 0.0, False, self._t >= 20, {}
+
+
+def test_log_keys_reach_the_training_and_the_evaluation_metrics(tmp_path, monkeypatch):
+    """log_success: episode/success for training episodes, eval/success (mean over the evaluation's
+    episodes) for evaluations; it was training episodes only."""
+    import config as config_lib
+    import dreamer
+    import envs
+
+    monkeypatch.setitem(envs.REGISTRY, "succ", SucceedsLate)
+    config = config_lib.load_config(["--configs", "debug", "--task", "succ_late", "--logdir", str(tmp_path),
+                                     "--steps", "200", "--eval_every", "200", "--eval_episode_num", "2",
+                                     "--envs.parallel", "none", "--device", "cpu"])
+    dreamer.train(config)
+    records = read_metrics(tmp_path)
+    evals = [r for r in records if "eval/return" in r]
+    assert evals and all(r["eval/success"] == 1.0 for r in evals), evals
+    assert any(r.get("episode/success") == 1.0 for r in records), records
