@@ -176,9 +176,8 @@ def env_start_failure(error: Exception, mode: str, first_index: int, logger: Log
     if text:
         logger.error(f"{mode} env {index} failed to start:\n{text}")
     last = [line.strip() for line in (text or str(error)).splitlines() if line.strip()][-1:] or ["?"]
-    where = ("no traceback: its worker process died" if not text else
-             f"its traceback is above and in {logger.logdir / 'train.log'}" if logger.enabled else
-             "its traceback is above")
+    where = (f"its traceback is in {tracebacks_at(logger)}" if text else
+             "no traceback: its worker process died")
     return EnvStartError(
         f"{mode} env {index} failed to start (while it was built, or in the start-up check's reset() and "
         f"one step()): {last[0]} ({where}). This is a failure of the env's own code or of the simulator "
@@ -1081,7 +1080,7 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
             trainer.run_eval(stop=lambda: interrupt.requested)
         except EnvGaveUp as error:  # an --eval_only run saves nothing: only the paragraph
             log_gave_up(trainer, error)
-            raise RunError(f"{failure_summary(error)} (the tracebacks are in {tracebacks_at(trainer)}). Fix "
+            raise RunError(f"{failure_summary(error)} (the tracebacks are in {tracebacks_at(trainer.logger)}). Fix "
                            f"the env and run the command again{more_restarts_hint(error)}.") from None
         return trainer.counters
     if trainer.counters.step >= config.steps:
@@ -1118,7 +1117,7 @@ def env_gave_up(trainer: Trainer, error: Exception) -> RunError:
     `envs.max_restarts` times in a row, and the paragraph that says so."""
     log_gave_up(trainer, error)  # first: a save that fails (a full disk) must not lose the traceback
     kept = save_progress(trainer)
-    return RunError(f"{failure_summary(error)} (the tracebacks are in {tracebacks_at(trainer)}). {kept}: "
+    return RunError(f"{failure_summary(error)} (the tracebacks are in {tracebacks_at(trainer.logger)}). {kept}: "
                     f"fix the env and {resume_hint(trainer.paths)}{more_restarts_hint(error)}.")
 
 
@@ -1140,9 +1139,10 @@ def log_gave_up(trainer: Trainer, error: Exception) -> None:
     trainer.logger.error(f"the env pool gave up: {error}", echo=not trainer.dist.main)
 
 
-def tracebacks_at(trainer: Trainer) -> str:
-    """Where a failure's tracebacks were written: the run's train.log, or stderr on other ranks."""
-    return str(trainer.logger.logdir / "train.log") if trainer.dist.main else "this rank's errors above"
+def tracebacks_at(logger: Logger) -> str:
+    """Where a failure's tracebacks were written: the run's train.log, or stderr on the ranks that
+    write no log."""
+    return str(logger.logdir / "train.log") if logger.enabled else "this rank's errors above"
 
 
 def more_restarts_hint(error: Exception) -> str:

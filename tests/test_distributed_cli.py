@@ -212,7 +212,8 @@ def test_sigterm_to_the_launcher_alone_reaches_the_ranks(tmp_path):
     launcher.send_signal(signal.SIGTERM)  # e.g. `kill PID` or a scheduler: the ranks get no signal of their own
     assert launcher.wait(timeout=60) == 143
     err = stderr_of(logdir)
-    assert err.count("SIGTERM: stopping after the current step") == 1, err
+    assert err.count("SIGTERM: stopping after the current step (an evaluation in progress is cut short) and "
+                     "saving; a second SIGTERM or Ctrl-C to stop at once") == 1, err
     assert "Traceback" not in err, err
     assert not alive(rank0) and not alive(rank1)
     assert lock_is_free(logdir)

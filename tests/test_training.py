@@ -426,7 +426,7 @@ def test_an_env_that_raises_at_start_shows_its_traceback_once_then_one_paragraph
     assert "in __init__" in result.stderr and "faulty_env.py" in result.stderr  # where the env failed
     assert result.stderr.strip().splitlines()[-1] == (
         "error: train env 0 failed to start (while it was built, or in the start-up check's reset() and one "
-        f"step()): OSError: the simulator's display is gone (its traceback is above and in {logdir / 'train.log'}). "
+        f"step()): OSError: the simulator's display is gone (its traceback is in {logdir / 'train.log'}). "
         "This is a failure of the env's own code or of the simulator it drives: fix it and run the command again.")
     assert "OSError: the simulator's display is gone" in (logdir / "train.log").read_text()
 
@@ -444,7 +444,7 @@ def test_an_eval_env_that_fails_to_start_mid_run_keeps_the_progress(tmp_path):
     assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "error: eval env 0 failed to start (while it was built, or in the start-up check's reset() and one "
-        f"step()): OSError: the simulator's display is gone (its traceback is above and in {logdir / 'train.log'}). "
+        f"step()): OSError: the simulator's display is gone (its traceback is in {logdir / 'train.log'}). "
         "This is a failure of the env's own code or of the simulator it drives: fix it and run the command again. "
         f"The run saved its progress: {logdir / 'latest.pt'} at step {step}, and the same command resumes from it.")
 
@@ -580,3 +580,20 @@ def test_log_keys_reach_the_training_and_the_evaluation_metrics(tmp_path, monkey
     evals = [r for r in records if "eval/return" in r]
     assert evals and all(r["eval/success"] == 1.0 for r in evals), evals
     assert any(r.get("episode/success") == 1.0 for r in records), records
+
+
+def test_the_live_progress_line_keeps_its_speed_at_a_log_step(tmp_path, monkeypatch, capsys):
+    """On a terminal the progress line is redrawn every step; at a log step the interval restarts,
+    and the line showed 'fps 0.0 | ... | left ?' there (the last one of a run among them)."""
+    import config as config_lib
+    import dreamer
+    import logger as logger_lib
+
+    monkeypatch.setattr(logger_lib, "live_terminal", lambda: True)
+    config = config_lib.load_config(["--configs", "debug", "custom", "--task", "custom_reach", "--logdir",
+                                     str(tmp_path), "--steps", "200", "--log_every", "50", "--eval_every", "0",
+                                     "--envs.parallel", "none", "--device", "cpu"])
+    dreamer.train(config)
+    lines = [part for part in capsys.readouterr().err.split("\r") if part.startswith("step ")]
+    assert len(lines) > 100 and any(line.startswith("step 199/200 ") for line in lines), lines[-3:]
+    assert not [line for line in lines if "fps 0.0 " in line or "left ?" in line], lines[-3:]
