@@ -11,6 +11,7 @@ a run's label is its folder name without a trailing `_seed<N>` or `-seed<N>` (`w
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import sys
 from pathlib import Path
@@ -57,6 +58,18 @@ def group_band(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray,
     return grid, stacked.mean(0), stacked.min(0), stacked.max(0)
 
 
+def logged_keys(runs: list[tuple[str, list[dict]]]) -> set[str]:
+    """Every metric name that some record of some run holds a value for."""
+    return {key for _, records in runs for r in records for key, v in r.items() if v is not None}
+
+
+def missing_key_note(key: str, logged: set[str]) -> str:
+    """`key` was logged by no run: its name and the closest logged names."""
+    close = difflib.get_close_matches(key, sorted(logged - {"step"}), n=3, cutoff=0.6)
+    hint = f" (closest logged: {', '.join(close)})" if close else ""
+    return f"{key}{hint}"
+
+
 def plot_runs(
     logdirs: list[Path],
     out: Path,
@@ -77,17 +90,23 @@ def plot_runs(
         )
     labels = labels or [run_label(Path(logdir)) for logdir in logdirs]
     runs = [(label, read_metrics(Path(logdir))) for label, logdir in zip(labels, logdirs)]
-    figure, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
-    drawn = 0
-    for axis, key in zip(axes[0], keys):
-        drawn += draw_key(axis, runs, key, smooth)
-    if drawn == 0:
-        plt.close(figure)
+    logged = logged_keys(runs)
+    missing = [missing_key_note(key, logged) for key in keys if key not in logged]
+    if len(missing) == len(keys):
         raise ValueError(
-            f"none of the keys {list(keys)} appears in the metrics.jsonl of "
+            f"none of the keys {'; '.join(missing)} appears in the metrics.jsonl of "
             f"{list(map(str, logdirs))}. Pass --keys with names that the runs logged "
             "(e.g. episode/return)."
         )
+    if missing:
+        print(
+            f"plot.py: no run logged {'; '.join(missing)}: "
+            f"{'its panel is' if len(missing) == 1 else 'their panels are'} empty.",
+            file=sys.stderr,
+        )
+    figure, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for axis, key in zip(axes[0], keys):
+        draw_key(axis, runs, key, smooth)
     figure.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -74,8 +74,24 @@ def test_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no metrics\.jsonl in .*empty"):
         plot.plot_runs([tmp_path / "empty"], tmp_path / "x.png")
     run = write_run(tmp_path / "run", 0)
-    with pytest.raises(ValueError, match=r"none of the keys \['nope'\] appears"):
+    with pytest.raises(ValueError, match=r"none of the keys nope appears"):
         plot.plot_runs([run], tmp_path / "x.png", ["nope"])
+    with pytest.raises(ValueError, match=r"keys eval/retrun \(closest logged: eval/return\) appears"):
+        plot.plot_runs([run], tmp_path / "x.png", ["eval/retrun"])
     pattern = r"--label needs one name per logdir: got 2 labels for 1 logdirs"
     with pytest.raises(ValueError, match=pattern):
         plot.plot_runs([run], tmp_path / "x.png", labels=["a", "b"])
+
+
+def test_a_key_no_run_logged_is_named_with_the_closest_logged_key(tmp_path: Path) -> None:
+    """A misspelt key beside a logged one: the PNG is written, and stderr names the empty panel."""
+    run = write_run(tmp_path / "run", 0)
+    out = tmp_path / "curves.png"
+    result = subprocess.run(
+        [sys.executable, str(Path(plot.__file__)), str(run), "--out", str(out),
+         "--keys", "episode/return", "eval/retrn"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"wrote {out}"
+    assert result.stderr.strip() == (
+        "plot.py: no run logged eval/retrn (closest logged: eval/return): its panel is empty."
+    )
+    assert out.read_bytes().startswith(PNG_MAGIC)
