@@ -279,6 +279,33 @@ def test_ctrl_c_while_starting_ends_at_once_without_a_traceback(tmp_path):
     assert not logdir.exists()
 
 
+def test_a_local_ctrl_c_after_another_ranks_stop_request_is_a_first_request(capsys):
+    """Another rank's stop request reaches this rank through the all-reduce: rank 0 says so once;
+    a Ctrl-C here afterwards is this rank's first request (announced, exit 130, the run still
+    saves), and only a second one stops at once."""
+    import signal
+    from types import SimpleNamespace
+
+    import dreamer
+
+    said: list[str] = []
+    trainer = SimpleNamespace(all_ranks=lambda flag: False,  # some rank's flag is False: it got a stop
+                              dist=SimpleNamespace(main=True), logger=SimpleNamespace(info=said.append))
+    interrupt = dreamer.Interrupt()
+    assert dreamer.Trainer.stop_requested(trainer, interrupt)
+    assert said == ["another rank got a stop request (Ctrl-C or SIGTERM): every rank stops after this "
+                    "step, and rank 0 saves"]
+    assert interrupt.requested and interrupt.exit_code() == 0
+    interrupt._handle(signal.SIGINT, None)  # no KeyboardInterrupt: a first request
+    assert "SIGINT: stopping after the current step" in capsys.readouterr().err
+    assert interrupt.exit_code() == 130
+    with pytest.raises(KeyboardInterrupt):
+        interrupt._handle(signal.SIGINT, None)
+    trainer.all_ranks = lambda flag: flag  # this rank's own request: no word about another rank
+    said.clear()
+    assert dreamer.Trainer.stop_requested(trainer, interrupt) and said == []
+
+
 def test_ctrl_c_during_an_evaluation_cuts_it_short_and_saves(tmp_path):
     """Ctrl-C (or a scheduler's SIGTERM) during a long evaluation stops it within a step, logs
     nothing for it and saves the current step, the evaluation still due (it used to run the whole
