@@ -294,7 +294,7 @@ class Agent:
                ) -> tuple[np.ndarray, PolicyState]:
         """Actions (N, A) float32 for a batch of env observations and the next policy state.
         mode 'train': the behaviour policy (sampled); 'eval': the task actor's mode, or a sample
-        from it with `eval_sample` (as the paper's code evaluates Atari100k)."""
+        from it with `eval_sample` (as the paper's code evaluates every task)."""
         if mode not in ("train", "eval"):
             raise ValueError(f"policy mode must be 'train' or 'eval', got '{mode}'.")
         is_first = torch.as_tensor(np.asarray(obs["is_first"]), dtype=torch.bool).reshape(-1).to(self.device)
