@@ -281,14 +281,20 @@ class EpisodeTracker:
 
     def achievement_metrics(self) -> dict[str, float]:
         """Success rate (%) of every achievement over all episodes so far, and the Crafter score."""
-        if not self.achievement_episodes or not self.episodes_seen:
-            return {}
-        rates = {n: 100.0 * c / self.episodes_seen for n, c in self.achievement_episodes.items()}
-        from envs.crafter import crafter_score
+        return achievement_metrics(self.achievement_episodes, self.episodes_seen, "achievement/")
 
-        metrics = {f"achievement/{name}": rate for name, rate in sorted(rates.items())}
-        metrics["achievement/crafter_score"] = crafter_score(rates)
-        return metrics
+
+def achievement_metrics(unlocked: dict[str, int], episodes: int, prefix: str) -> dict[str, float]:
+    """`<prefix><name>`: the success rate (%) of each achievement, unlocked in `unlocked[name]` of
+    `episodes` episodes, and `<prefix>crafter_score` (the Crafter paper's score of those rates)."""
+    if not unlocked or not episodes:
+        return {}
+    from envs.crafter import crafter_score
+
+    rates = {name: 100.0 * count / episodes for name, count in unlocked.items()}
+    metrics = {f"{prefix}{name}": rate for name, rate in sorted(rates.items())}
+    metrics[f"{prefix}crafter_score"] = crafter_score(rates)
+    return metrics
 
 
 def to_transition(obs: dict[str, Any], action: np.ndarray) -> dict[str, Any]:
@@ -398,11 +404,18 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
 def log_eval(config: Config, returns: list[float], lengths: list[int], logs: list[dict[str, float]],
              frames: list[np.ndarray], logger: Logger) -> None:
     """The evaluation's scalars (every rank's episodes; eval/<key>: the mean of an env's log_<key>
-    over the episodes that had it) and env 0's video."""
+    over the episodes that had it; Crafter's achievements as eval/achievement/<name>, the success
+    rate (%) over the evaluation's episodes, as training's achievement/<name>) and env 0's video."""
     metrics = {"eval/return": float(np.mean(returns)), "eval/length": float(np.mean(lengths)),
                "eval/episodes": float(len(returns))}
+    unlocked: dict[str, int] = {}
     for key in sorted({key for episode in logs for key in episode}):
-        metrics[f"eval/{key}"] = float(np.mean([episode[key] for episode in logs if key in episode]))
+        values = [episode[key] for episode in logs if key in episode]
+        if key.startswith("achievement_"):
+            unlocked[key[len("achievement_"):]] = sum(value > 0 for value in values)
+        else:
+            metrics[f"eval/{key}"] = float(np.mean(values))
+    metrics.update(achievement_metrics(unlocked, len(logs), "eval/achievement/"))
     logger.scalars(metrics)
     if config.eval_only:  # the result itself, where the user looks
         logger.info(f"eval_only: return {metrics['eval/return']:.2f} (min {min(returns):.2f}, max "

@@ -609,6 +609,30 @@ def test_log_keys_reach_the_training_and_the_evaluation_metrics(tmp_path, monkey
     assert any(r.get("episode/success") == 1.0 for r in records), records
 
 
+def test_an_evaluations_achievements_are_success_rates_as_in_training():
+    """Crafter's log_achievement_<name> counts: an evaluation logs eval/achievement/<name>, the
+    share (%) of its episodes that unlocked it, and eval/achievement/crafter_score, as training logs
+    achievement/<name> (it logged the mean count as eval/achievement_<name>); other log_ keys stay
+    means."""
+    from types import SimpleNamespace
+
+    import dreamer
+    from envs.crafter import crafter_score
+
+    logged: dict[str, float] = {}
+    logger = SimpleNamespace(scalars=logged.update, info=None, video=None)
+    logs = [{"achievement_collect_wood": 3.0, "achievement_eat_cow": 0.0, "success": 1.0},
+            {"achievement_collect_wood": 1.0, "achievement_eat_cow": 0.0, "success": 0.0},
+            {"achievement_collect_wood": 0.0, "achievement_eat_cow": 2.0, "success": 0.5},
+            {"achievement_collect_wood": 5.0, "achievement_eat_cow": 0.0, "success": 0.5}]
+    config = SimpleNamespace(eval_only=False)
+    dreamer.log_eval(config, [1.0, 2.0, 3.0, 4.0], [10, 10, 10, 10], logs, [], logger)
+    assert logged["eval/achievement/collect_wood"] == 75.0 and logged["eval/achievement/eat_cow"] == 25.0
+    assert logged["eval/achievement/crafter_score"] == pytest.approx(crafter_score({"a": 75.0, "b": 25.0}))
+    assert logged["eval/success"] == 0.5 and logged["eval/return"] == 2.5 and logged["eval/episodes"] == 4
+    assert not [key for key in logged if key.startswith("eval/achievement_")]
+
+
 def test_the_live_progress_line_keeps_its_speed_at_a_log_step(tmp_path, monkeypatch, capsys):
     """On a terminal the progress line is redrawn every step; at a log step the interval restarts,
     and the line showed 'fps 0.0 | ... | left ?' there (the last one of a run among them)."""
