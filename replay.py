@@ -200,6 +200,12 @@ class _ChunkWriter:
         return True
 
 
+def same_kind_of_values(dtype: np.dtype, stored: np.dtype) -> bool:
+    """A step's array can go into replay storage of dtype `stored`: the same dtype, or float into
+    float (the storage is float32 when the first step held float64, e.g. python floats)."""
+    return dtype == stored or (np.issubdtype(dtype, np.floating) and np.issubdtype(stored, np.floating))
+
+
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an uncompressed npz to `path` via a tmp file, fsync and rename."""
     tmp = path.with_name(path.name + ".tmp")
@@ -316,6 +322,13 @@ class Replay:
                     f"the step has '{key}' of shape {value.shape} but the first step stored in replay "
                     f"had {self._arrays[key].shape[1:]}. Observations must keep one shape for the "
                     "whole run (check the env's obs_space / observation_space and its wrappers)."
+                )
+            if not same_kind_of_values(value.dtype, self._arrays[key].dtype):
+                raise ValueError(
+                    f"the step has '{key}' of dtype {value.dtype} but the first step stored in replay had "
+                    f"{self._arrays[key].dtype}. Observations must keep one dtype for the whole run (a "
+                    "uint8 image that turns float, e.g. after a wrapper scales it, would be stored cast "
+                    "back to integers): convert it in the env the same way at every step."
                 )
         return stored
 

@@ -267,6 +267,24 @@ def test_shape_change_is_rejected_and_python_floats_stored_as_float32() -> None:
     assert len(replay) == 1
 
 
+def test_a_dtype_change_is_rejected_and_floats_stay_floats(tmp_path: Path) -> None:
+    """An image that turns float mid-run would be cast back into the uint8 storage (0.8 -> 0) and
+    written as float chunks beside uint8 ones: refused, naming the key and both dtypes. A float32
+    vector that comes as float64 later goes into its float32 storage as before."""
+    replay = Replay(capacity=20, batch_length=2, directory=tmp_path, chunk=2)
+    replay.add({"image": np.zeros((4, 4, 3), np.uint8), "vector": np.zeros(2, np.float32), "is_first": True})
+    replay.add({"image": np.zeros((4, 4, 3), np.uint8), "vector": np.ones(2, np.float64), "is_first": False})
+    assert replay._arrays["vector"].dtype == np.float32 and replay._arrays["vector"][1].tolist() == [1.0, 1.0]
+    for dtype in (np.float32, np.int64):
+        pattern = rf"has 'image' of dtype {np.dtype(dtype)} but the first step stored in replay had uint8"
+        with pytest.raises(ValueError, match=pattern):
+            replay.add({"image": np.full((4, 4, 3), 0.8, dtype), "vector": np.zeros(2, np.float32),
+                        "is_first": False})
+    assert len(replay) == 2
+    replay.flush()
+    assert {np.load(chunk)["image"].dtype for chunk in tmp_path.rglob("*.npz")} == {np.dtype(np.uint8)}
+
+
 def test_failed_chunk_write_warns_keeps_steps_and_retries(tmp_path: Path, monkeypatch) -> None:
     messages: list[str] = []
     replay = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=4, warn=messages.append)
