@@ -130,6 +130,7 @@ class Counters:
     # replay steps no checkpoint counted: collected after one by a run that then stopped without
     # saving (kill -9, a crash, a power cut); kept as training data, counted once (see count_unsaved_replay)
     replay_unsaved: int = 0
+    longest_episode: int = 0  # agent steps of the longest finished train episode (this rank's): caps evaluations
 
 
 # ------------------------------------------------------------------------------------------- factories
@@ -349,6 +350,20 @@ class EvalResult:
     frames: list[np.ndarray] = dataclasses.field(default_factory=list)  # env 0's first episode, (H, W, 3) each
     render_ok: bool = True  # False once render() raised (logged once by evaluate)
     completed: bool = True  # False when a stop request cut it short
+    abandoned: int = 0  # > 0: the length of the episode that reached the length cap (nothing to log)
+
+
+EVAL_LENGTH_FACTOR = 10  # an eval episode this many times the longest train episode has got stuck
+EVAL_LENGTH_MIN = 1000  # agent steps: never cap eval episodes below this
+EVAL_NOTE_EVERY_S = 300.0  # a long evaluation says how far it got this often (train.log)
+
+
+def eval_length_cap(time_limit: int, longest_episode: int) -> Optional[int]:
+    """Agent steps after which an eval episode that has not ended abandons the evaluation: none
+    where time_limit ends every episode or no train episode has ended yet (nothing to go by)."""
+    if time_limit > 0 or longest_episode <= 0:
+        return None
+    return max(EVAL_LENGTH_FACTOR * longest_episode, EVAL_LENGTH_MIN)
 
 
 def eval_share(episodes: int, rank: int, world: int) -> int:
@@ -357,11 +372,14 @@ def eval_share(episodes: int, rank: int, world: int) -> int:
 
 
 def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn: Callable[[str], None],
-             video: bool = True, stop: Callable[[], bool] = lambda: False) -> EvalResult:
+             video: bool = True, stop: Callable[[], bool] = lambda: False, max_length: Optional[int] = None,
+             note: Callable[[str], None] = lambda text: None) -> EvalResult:
     """Run `episodes` episodes (at least; envs that end at the same step all count) with the
     policy's eval mode (its most likely action, or sampled with eval_sample), recording up to
     `video_length` frames of env 0's first episode if `video` (`warn` gets what goes wrong with
-    them). `stop()` true (a stop request) ends it early, with `completed` False."""
+    them). `stop()` true (a stop request) ends it early, with `completed` False; an episode that
+    reaches `max_length` agent steps without ending ends it too, with `abandoned` set to that length.
+    `note` gets a progress line every EVAL_NOTE_EVERY_S seconds of a long evaluation."""
     import envs
 
     result = EvalResult()
@@ -369,10 +387,19 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
     want_video = video
     actions = agent.random_actions(len(pool))  # ignored: the first step resets every env
     state = None
+    last_note = time.time()
     while len(result.returns) < episodes:
         if stop():
             result.completed = False
             return result
+        running = int(tracker.lengths.max())  # agent steps of the longest episode still running
+        if max_length is not None and running >= max_length:
+            result.abandoned = running
+            return result
+        if time.time() - last_note >= EVAL_NOTE_EVERY_S:
+            last_note = time.time()
+            note(f"{len(result.returns)} of {tools.plural(episodes, 'episode')} done, one running for "
+                 f"{running} agent steps")
         observations = pool.step(actions)
         for index, obs in enumerate(observations):
             envs.check_running_step(obs, f"eval env {pool.first_index + index}")
@@ -399,6 +426,19 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
                 result.frames.append(frame)
         actions, state = agent.policy(stack_obs(observations), state, "eval")
     return result
+
+
+def eval_abandoned(config: Config, counters: Counters, length: int) -> str:
+    """The warning of an evaluation whose episode reached the length cap."""
+    policy = ("sampled actions" if config.eval_sample else
+              "the actor's most likely action, which can repeat one action all episode")
+    fix = "" if config.eval_sample else ", or evaluate with sampled actions (--eval_sample True)"
+    return (f"evaluation at step {counters.step} abandoned, nothing logged: an eval episode ran {length} "
+            f"agent steps without ending ({EVAL_LENGTH_FACTOR} times the longest training episode so far, "
+            f"{counters.longest_episode}, and at least {EVAL_LENGTH_MIN}). Its policy ({policy}) may never end it, e.g. by standing still "
+            "where only reaching a goal ends an episode. Give episodes a limit (--time_limit N agent steps, "
+            f"or truncated=True from the env){fix}. Training goes on; the next evaluation is due "
+            f"{config.eval_every} steps later.")
 
 
 def log_eval(config: Config, returns: list[float], lengths: list[int], logs: list[dict[str, float]],
@@ -872,6 +912,7 @@ class Trainer:
             summary = self.tracker.add(index, obs)
             if summary is not None:
                 finished.append(summary)
+                self.counters.longest_episode = max(self.counters.longest_episode, int(summary["length"]))
         return finished
 
     def train(self) -> int:
@@ -944,15 +985,26 @@ class Trainer:
         share = eval_share(config.eval_episode_num, dist.rank, dist.world)
         result = EvalResult()
         if share:
+            step, on_rank = self.counters.step, f" on rank {dist.rank}" if dist.world > 1 else ""
             with self.make_eval_pool(min(config.envs.amount, share)) as pool:
                 result = evaluate(self.agent, pool, share, config.video_length, self.warn_once,
-                                  self.wants_video and dist.main, stop)
-        returns, lengths, logs, completed = self.gather_eval(result)
-        if not completed:
-            self.logger.info(f"evaluation stopped by the stop request after {len(returns)} of "
+                                  self.wants_video and dist.main, stop,
+                                  eval_length_cap(config.time_limit, self.counters.longest_episode),
+                                  lambda text: self.logger.info(
+                                      f"evaluation at step {step} still running{on_rank}: {text}; "
+                                      "an episode that never ends keeps it running (--time_limit caps "
+                                      "episodes; Ctrl-C stops the run and saves)"))
+        gathered = self.gather_eval(result)
+        if not gathered.completed:
+            self.logger.info(f"evaluation stopped by the stop request after {len(gathered.returns)} of "
                              f"{config.eval_episode_num} episodes (not logged)")
             return
-        log_eval(config, returns, lengths, logs, result.frames, self.logger)
+        if gathered.abandoned:
+            if dist.main:
+                self.logger.warning(eval_abandoned(config, self.counters, gathered.abandoned))
+            self.counters.last_eval = self.counters.step  # tried: the next one is due eval_every later
+            return
+        log_eval(config, gathered.returns, gathered.lengths, gathered.logs, result.frames, self.logger)
         if self.wants_video and result.render_ok and not result.frames and dist.main:
             self.logger.info("no eval video: the env has no render() (or it gives no frame) and no 'image' "
                              "observation (training is not affected)")
@@ -970,16 +1022,21 @@ class Trainer:
             self.warned.add(text)
             self.logger.warning(text)
 
-    def gather_eval(self, result: EvalResult) -> tuple[list[float], list[int], list[dict[str, float]], bool]:
-        """(every rank's returns, lengths, log_ values, whether every rank completed its share)."""
+    def gather_eval(self, result: EvalResult) -> EvalResult:
+        """Every rank's returns, lengths and log_ values; completed if every rank completed its
+        share, abandoned if one did (the longest such episode). Frames stay this rank's."""
         if self.dist.world == 1:
-            return result.returns, result.lengths, result.logs, result.completed
+            return result
         import torch.distributed as torch_dist
 
         gathered: list = [None] * self.dist.world
-        torch_dist.all_gather_object(gathered, (result.returns, result.lengths, result.logs, result.completed))
-        return ([r for part in gathered for r in part[0]], [n for part in gathered for n in part[1]],
-                [e for part in gathered for e in part[2]], all(part[3] for part in gathered))
+        torch_dist.all_gather_object(
+            gathered, (result.returns, result.lengths, result.logs, result.completed, result.abandoned))
+        return EvalResult(returns=[r for part in gathered for r in part[0]],
+                          lengths=[n for part in gathered for n in part[1]],
+                          logs=[e for part in gathered for e in part[2]], frames=result.frames,
+                          render_ok=result.render_ok, completed=all(part[3] for part in gathered),
+                          abandoned=max(part[4] for part in gathered))
 
     def loop(self, interrupt: Interrupt) -> None:
         config, counters, logger = self.config, self.counters, self.logger

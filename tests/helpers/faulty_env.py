@@ -130,3 +130,22 @@ class BuildsOnce(TinyTask):
 
 gymnasium.register(id="BuildsOnce-v0", entry_point=BuildsOnce)
 gymnasium.register(id="NeverBuilds-v0", entry_point=BuildsOnce, kwargs={"builds": 0})
+
+
+class NeverEndsInEval(TinyTask):
+    """20-step training episodes; episodes of an env seeded as an eval env (seed 10000 and up,
+    envs.env_seed) never end: a stand-in for an eval policy that never reaches the end
+    (`NeverEndsInEval-v0`)."""
+    _eval = False
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            self._eval = seed >= 10000
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        self._t += 1
+        return np.full(3, 0.0, np.float32), 0.0, False, self._t >= 20 and not self._eval, {}
+
+
+gymnasium.register(id="NeverEndsInEval-v0", entry_point=NeverEndsInEval)
