@@ -610,21 +610,37 @@ def select_keys(obs_space: Mapping[str, gymnasium.spaces.Box], cnn_keys: str, ml
     return matched_keys(obs_space, cnn_keys, mlp_keys)
 
 
-def image_stages(obs_space: Mapping[str, gymnasium.spaces.Box], keys: list[str], min_res: int) -> tuple[int, int, int]:
-    """(resolution, total channels, stride-2 stages) of the CNN keys; checks H = W = min_res * 2^k."""
+def image_stages(obs_space: Mapping[str, gymnasium.spaces.Box], keys: list[str], min_res: int,
+                 who: str = "encoder") -> tuple[int, int, int]:
+    """(resolution, total channels, stride-2 stages) of the CNN keys; checks H = W = min_res * 2^k.
+    `who` ('encoder' or 'decoder') is the part whose min_res the error names."""
     shapes = {k: tuple(obs_space[k].shape) for k in keys}
     height, width = shapes[keys[0]][:2]
     for key, shape in shapes.items():
         if shape[:2] != (height, width) or height != width:
+            other = " or select one image key with cnn_keys" if len(shapes) > 1 else ""
             raise ConfigError(
                 f"Image observations must be square and share one size: got {shapes}. Resize the "
-                "images in the env (e.g. env size [64, 64]) or select one image key with cnn_keys.")
+                f"images in the env to one square size (64x64 is the paper's){other}.")
     stages = int(round(math.log2(height / min_res))) if height >= min_res else 0
     if stages < 1 or min_res * 2 ** stages != height:
         raise ConfigError(
-            f"Image '{keys[0]}' has size {height}x{width}, but the CNN needs min_res * 2^k with k >= 1 "
-            f"(min_res={min_res}): e.g. 64x64. Resize the images in the env or change encoder.min_res.")
+            f"Image '{keys[0]}' has size {height}x{width}, but the {who}'s CNN needs height = min_res * 2^k "
+            f"with k >= 1 ({who}.min_res={min_res}). {min_res_fix(height)}")
     return height, sum(s[2] for s in shapes.values()), stages
+
+
+def min_res_fix(height: int) -> str:
+    """How to make images of `height` pixels fit the CNNs: the min_res values that work, for the
+    encoder and the decoder alike (both halve or double the same image), or resizing."""
+    fits = [height // 2 ** k for k in range(1, 8) if height % 2 ** k == 0 and height // 2 ** k >= 2]
+    resize = "resize the images in the env to a power of two (64x64 is the paper's size)"
+    if not fits:
+        return f"No min_res fits {height} pixels: {resize}."
+    value = next((f for f in fits if f <= 8), fits[-1])  # the paper's CNN goes down to 4x4
+    return (f"For {height} pixels use --encoder.min_res {value} --decoder.min_res {value} (any of "
+            f"{', '.join(map(str, fits))} works; the decoder needs it too where it decodes the image), or "
+            f"{resize}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -769,7 +785,7 @@ class MultiDecoder(nn.Module):
         self.image_channels = [int(obs_space[k].shape[-1]) for k in self.cnn_keys]
         self.vector_dims = [int(obs_space[k].shape[0]) for k in self.mlp_keys]
         if self.cnn_keys:
-            _, channels, stages = image_stages(obs_space, self.cnn_keys, min_res)
+            _, channels, stages = image_stages(obs_space, self.cnn_keys, min_res, "decoder")
             self.cnn = ImageDecoder(feat_dim, channels, stages, cnn_depth, kernel, min_res, norm_eps)
         if self.mlp_keys:
             self.mlp = Head(feat_dim, sum(self.vector_dims), mlp_units, mlp_layers, norm_eps)

@@ -1,4 +1,6 @@
 """RSSM, encoders, decoders and heads: key selection, shapes, resets, and the fused computations."""
+import re
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -68,10 +70,25 @@ def test_unused_keys_note_names_what_the_encoder_leaves_out_and_the_flags_that_a
         "(only (n,) float vectors and (H, W, C) uint8 images can be used)")
 
 
-def test_image_size_must_be_min_res_times_power_of_two():
-    space = {"image": gym.spaces.Box(0, 255, (48, 48, 3), np.uint8)}
-    with pytest.raises(ValueError, match=r"Image 'image' has size 48x48, but the CNN needs min_res \* 2\^k"):
+def test_image_size_must_be_min_res_times_power_of_two_and_the_message_gives_a_min_res_that_fits():
+    """84x84 (the common Atari size): the message names both min_res flags with a value that
+    works; following it builds the encoder and the decoder (changing only the encoder's did not,
+    and the decoder's error still named encoder.min_res)."""
+    space = {"image": gym.spaces.Box(0, 255, (84, 84, 3), np.uint8)}
+    fix = "For 84 pixels use --encoder.min_res 21 --decoder.min_res 21 (any of 42, 21 works;"
+    with pytest.raises(ValueError, match=r"Image 'image' has size 84x84, but the encoder's CNN needs height = "
+                                         r"min_res \* 2\^k with k >= 1 \(encoder.min_res=4\)\. " + re.escape(fix)):
         MultiEncoder(space, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=4)
+    MultiEncoder(space, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=21)
+    with pytest.raises(ValueError, match=r"the decoder's CNN needs .*\(decoder.min_res=4\)"):
+        MultiDecoder(16, space, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=4)
+    MultiDecoder(16, space, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=21)
+    odd = {"image": gym.spaces.Box(0, 255, (63, 63, 3), np.uint8)}
+    with pytest.raises(ValueError, match=r"No min_res fits 63 pixels: resize the images in the env to a power of two"):
+        MultiEncoder(odd, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=4)
+    wide = {"image": gym.spaces.Box(0, 255, (48, 96, 3), np.uint8)}
+    with pytest.raises(ValueError, match=r"Resize the images in the env to one square size \(64x64 is the paper's\)\.$"):
+        MultiEncoder(wide, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=4)
 
 
 # -- encoder / decoder -----------------------------------------------------------------------
