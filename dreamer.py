@@ -833,9 +833,12 @@ class Trainer:
         else:
             self.pool = make_env_pool(config, "train", config.envs.amount, self.first_env, self.logger, seed_shift)
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
-        from networks import unused_keys_note
+        from networks import unusable_keys_warning, unused_keys_note
 
+        warning = unusable_keys_warning(self.pool.obs_space, config.encoder)
         note = unused_keys_note(self.pool.obs_space, config.encoder)
+        if warning and dist.main:
+            self.logger.warning(warning)
         if note and dist.main:
             self.logger.info(note)
         if self.sync is not None:  # data-parallel: act as one learner over all ranks' batches

@@ -552,13 +552,52 @@ def matched_keys(obs_space: Mapping[str, gymnasium.spaces.Box], cnn_keys: str, m
     return cnn, mlp
 
 
+def unusable_reason(box: gymnasium.spaces.Box) -> str | None:
+    """Why an observation of this space can feed neither the CNN nor the MLP, with the fix; None
+    for (n,) vectors and (H, W, C) uint8 images."""
+    shape = tuple(box.shape)
+    if len(shape) == 3 and box.dtype != np.uint8:
+        return ("images must be uint8 (0-255): declare Box(0, 255, shape, np.uint8) and return e.g. "
+                "(x * 255).astype(np.uint8)")
+    if len(shape) == 0:
+        return "it is a scalar: declare shape (1,) and return np.array([x], np.float32)"
+    if len(shape) != 1 and len(shape) != 3:
+        return f"vectors must be (n,): declare ({int(np.prod(shape))},) and return x.reshape(-1)"
+    return None
+
+
+def unusable_matches(obs_space: Mapping[str, gymnasium.spaces.Box], keys: Mapping) -> dict[str, str]:
+    """{key: 'why'} of the observation keys that `keys`' regular expressions (cnn_keys, mlp_keys)
+    name but whose shape or dtype neither the CNN nor the MLP can take."""
+    unusable = {}
+    for key, box in usable_keys(obs_space).items():
+        reason = unusable_reason(box)
+        matched = [kind for kind in ("cnn_keys", "mlp_keys") if full_match(keys[kind], key)]
+        if reason and matched:
+            unusable[key] = (f"'{key}' {tuple(box.shape)} {box.dtype} matches {matched[0]}='{keys[matched[0]]}' "
+                             f"but {reason}")
+    return unusable
+
+
+def unusable_keys_warning(obs_space: Mapping[str, gymnasium.spaces.Box], encoder: Mapping) -> str | None:
+    """A warning naming the keys the encoder's regular expressions select that the model cannot
+    take (a float image, a scalar, a 2-D array), each with its fix; None when there are none."""
+    unusable = unusable_matches(obs_space, encoder)
+    if not unusable:
+        return None
+    return (f"observation {'key' if len(unusable) == 1 else 'keys'} the model cannot use, left out: "
+            f"{'; '.join(unusable.values())}")
+
+
 def unused_keys_note(obs_space: Mapping[str, gymnasium.spaces.Box], encoder: Mapping) -> str | None:
     """One line naming the observation keys the encoder's regular expressions (`encoder`: its
     cnn_keys and mlp_keys) leave out, with the flags that add them; None when it uses every key.
     (A run whose env gives an image and a vector under an images-only block such as `custom` would
-    otherwise drop the vector without a word.)"""
+    otherwise drop the vector without a word.) Keys the expressions select but the model cannot
+    take are left to unusable_keys_warning."""
     cnn, mlp = matched_keys(obs_space, encoder["cnn_keys"], encoder["mlp_keys"])
-    left = {k: v for k, v in usable_keys(obs_space).items() if k not in cnn and k not in mlp}
+    unusable = unusable_matches(obs_space, encoder)
+    left = {k: v for k, v in usable_keys(obs_space).items() if k not in cnn and k not in mlp and k not in unusable}
     if not left:
         return None
     described = ", ".join(f"'{k}' {tuple(v.shape)} {v.dtype}" for k, v in left.items())
@@ -589,7 +628,9 @@ def check_key_selections(obs_space: Mapping[str, gymnasium.spaces.Box], selectio
     image = next((k for k, v in usable.items() if len(v.shape) == 3 and v.dtype == np.uint8), None)
     owner = (lambda who: f"the {who}'s ") if len(empty) > 1 else (lambda who: "")
     parts = "; ".join(f"{owner(who)}cnn_keys='{keys['cnn_keys']}' matches no (H, W, C) uint8 image and "
-                      f"mlp_keys='{keys['mlp_keys']}' matches no (n,) vector" for who, keys in empty.items())
+                      f"mlp_keys='{keys['mlp_keys']}' matches no (n,) vector"
+                      + "".join(f" ({why})" for why in unusable_matches(obs_space, keys).values())
+                      for who, keys in empty.items())
     names = " and ".join(f"the {who}" for who in empty)
     fixes = [" ".join(f"--{who}.mlp_keys '.*'" for who in empty) + " for the vector observations"] if has_vector else []
     if image is not None:

@@ -9,7 +9,7 @@ import torch
 from distributions import unimix_log_probs
 from networks import (RSSM, Actor, EnsembleMLP, Head, LayerNormGRU, MultiDecoder, MultiEncoder,
                       check_key_selections, features, maybe_compile, probe_backward, select_keys,
-                      unused_keys_note)
+                      unusable_keys_warning, unused_keys_note)
 
 IMAGE = gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)
 VECTOR = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)
@@ -66,8 +66,28 @@ def test_unused_keys_note_names_what_the_encoder_leaves_out_and_the_flags_that_a
     assert "--encoder.mlp_keys 'vector|joints'" in note and "--encoder.cnn_keys 'image' --decoder.cnn_keys 'image'" in note
     assert unused_keys_note(space, {"cnn_keys": ".*", "mlp_keys": ".*"}) is None
     depth = {"image": IMAGE, "depth": gym.spaces.Box(0, 1, (16, 16, 1), np.float32)}
-    assert unused_keys_note(depth, {"cnn_keys": ".*", "mlp_keys": ".*"}).endswith(
+    assert unused_keys_note(depth, {"cnn_keys": "image", "mlp_keys": "$^"}).endswith(
         "(only (n,) float vectors and (H, W, C) uint8 images can be used)")
+
+
+def test_keys_the_expressions_select_but_the_model_cannot_take_are_a_warning_with_the_fix():
+    """A float image, a scalar and a 2-D array that the key expressions name were left out with an
+    INFO line; now a warning names each with its fix, and a part that selects nothing says why."""
+    space = {"image": gym.spaces.Box(0, 1, (16, 16, 3), np.float32), "vector": VECTOR,
+             "speed": gym.spaces.Box(-1, 1, (), np.float32), "grid": gym.spaces.Box(0, 1, (3, 4), np.float32)}
+    encoder = {"cnn_keys": "image", "mlp_keys": "vector|speed|grid"}
+    assert unusable_keys_warning(space, encoder) == (
+        "observation keys the model cannot use, left out: 'image' (16, 16, 3) float32 matches cnn_keys='image' "
+        "but images must be uint8 (0-255): declare Box(0, 255, shape, np.uint8) and return e.g. "
+        "(x * 255).astype(np.uint8); 'speed' () float32 matches mlp_keys='vector|speed|grid' but it is a scalar: "
+        "declare shape (1,) and return np.array([x], np.float32); 'grid' (3, 4) float32 matches "
+        "mlp_keys='vector|speed|grid' but vectors must be (n,): declare (12,) and return x.reshape(-1)")
+    assert unused_keys_note(space, encoder) is None  # said once, by the warning
+    assert unusable_keys_warning(space, {"cnn_keys": "$^", "mlp_keys": "vector"}) is None
+    with pytest.raises(ValueError, match=r"cnn_keys='image' matches no \(H, W, C\) uint8 image and mlp_keys='\$\^' "
+                                         r"matches no \(n,\) vector \('image' \(16, 16, 3\) float32 matches "
+                                         r"cnn_keys='image' but images must be uint8"):
+        MultiEncoder(space, mlp_keys="$^", cnn_keys="image")
 
 
 def test_image_size_must_be_min_res_times_power_of_two_and_the_message_gives_a_min_res_that_fits():
