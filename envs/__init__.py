@@ -51,11 +51,19 @@ __all__ = ['REGISTRY', 'EnvCheckError', 'EnvError', 'EnvGaveUp', 'EnvRestartFail
 
 def parse_task(task: str) -> tuple[str, str]:
     """'dmc_walker_walk' -> ('dmc', 'walker_walk'); checks that the suite is registered."""
-    suite, _, name = str(task).partition('_')
+    suite, underscore, name = str(task).partition('_')
+    unusable = sorted(key for key in REGISTRY if '_' in key)
+    if unusable:  # task names split at the first underscore: these suites can never be reached
+        raise EnvCheckError(
+            f"REGISTRY in envs/__init__.py names {' and '.join(map(repr, unusable))}, but a suite's name "
+            f"cannot contain '_': a task '<suite>_<name>' is split at its first underscore, so "
+            f"'{unusable[0]}_<name>' would ask for suite '{unusable[0].partition('_')[0]}'. Rename it in "
+            f"REGISTRY (e.g. '{unusable[0].replace('_', '')}') and use that name in --task.")
     registered = ', '.join(sorted(REGISTRY))
     if not name:
+        what = (f"has no name after the suite prefix '{suite}_'" if underscore else "has no suite prefix")
         raise EnvCheckError(
-            f"Task '{task}' has no suite prefix; expected '<suite>_<name>' such as custom_reach, "
+            f"Task '{task}' {what}; expected '<suite>_<name>' such as custom_reach, "
             f"dmc_walker_walk or gym_CartPole-v1. Registered suites: {registered}.")
     if suite not in REGISTRY:
         raise EnvCheckError(
@@ -137,6 +145,20 @@ def spelling_hint(cls: Any, rejected: str) -> str:
     return f": did you mean '{close}'?" if close else ''
 
 
+def call_mismatch(cls: Any, name: str, kwargs: Mapping[str, Any]) -> str | None:
+    """Why a class's constructor signature cannot take (name, **kwargs), or None where it can (or
+    where its signature cannot be read)."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(name, **kwargs)
+    except TypeError as error:
+        return str(error)
+    return None
+
+
 def options_note(cls: Any, name: str, suite: str, kwargs: Mapping[str, Any], error: TypeError) -> str:
     """What a TypeError of a suite's constructor means for its options: where each comes from and the
     fix; names the option the constructor (or an env it passes **kwargs to) did not take."""
@@ -195,7 +217,15 @@ def make_env(config: Mapping[str, Any], mode: str, index: int, seed_shift: int =
                 f"{spelling_hint(cls, rejected)}), or make the constructor, and any env it passes **kwargs "
                 f"to, accept '{rejected}'. It was called with **{dict(kwargs)}: config env.{suite}, plus seed / "
                 "action_repeat where the constructor names them.") from None
-        error.add_note(options_note(cls, name, suite, kwargs, error))
+        unbound = call_mismatch(cls, name, kwargs)
+        if unbound is not None:  # e.g. def __init__(self): the registry's calling convention is not met
+            raise EnvCheckError(
+                f"{cls.__name__}({name!r}{''.join(f', {k}={v!r}' for k, v in kwargs.items())}) cannot be called: "
+                f"{unbound}. make_env calls a suite's class with the task's name after the suite prefix "
+                f"('{name}' for task {config['task']}) as the first argument and its options as keywords: "
+                "give it def __init__(self, name, **kwargs) (or name its options as parameters).") from None
+        if kwargs:
+            error.add_note(options_note(cls, name, suite, kwargs, error))
         raise
     check_env(env, index)
     env.reset()

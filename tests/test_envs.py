@@ -125,9 +125,22 @@ def test_unknown_suite_lists_registered_suites():
         envs.make_env(make_config('--task', 'mujoco_ant'), 'train', 0)
 
 
-def test_task_without_suite_prefix():
+def test_task_without_suite_prefix_or_name():
     with pytest.raises(ValueError, match=r"Task 'pong' has no suite prefix; expected '<suite>_<name>'"):
         envs.parse_task('pong')
+    with pytest.raises(ValueError, match=r"Task 'custom_' has no name after the suite prefix 'custom_'; expected"):
+        envs.parse_task('custom_')
+
+
+def test_a_registry_key_with_an_underscore_is_named_as_unreachable(monkeypatch):
+    """'my_sim': CustomEnv can never be asked for (--task my_sim_x asks for suite 'my'), and the
+    unknown-suite error listed it as registered."""
+    monkeypatch.setitem(envs.REGISTRY, 'my_sim', CustomEnv)
+    with pytest.raises(envs.EnvCheckError, match=(
+            r"^REGISTRY in envs/__init__.py names 'my_sim', but a suite's name cannot contain '_': a task "
+            r"'<suite>_<name>' is split at its first underscore, so 'my_sim_<name>' would ask for suite 'my'\. "
+            r"Rename it in REGISTRY \(e.g. 'mysim'\)")):
+        envs.parse_task('my_sim_x')
 
 
 def test_guide_placeholder_task_lists_the_example_tasks():
@@ -208,8 +221,26 @@ def test_a_constructor_bug_keeps_its_traceback_with_a_note_on_the_options(monkey
 
     monkeypatch.setitem(envs.REGISTRY, 'custom', Buggy)
     with pytest.raises(TypeError, match=r"object of type 'int' has no len\(\)") as info:
-        envs.make_env(make_config('--task', 'custom_reach'), 'train', 0)
+        envs.make_env(make_config('--task', 'custom_reach', '--env.custom.size', '64,64'), 'train', 0)
     assert "the options are config env.custom" in info.value.__notes__[0]
+    with pytest.raises(TypeError, match=r"object of type 'int' has no len\(\)") as info:
+        envs.make_env(make_config('--task', 'custom_reach'), 'train', 0)
+    assert not getattr(info.value, '__notes__', None)  # no options: a note on them would mislead
+
+
+def test_a_constructor_that_cannot_take_the_task_name_says_so(monkeypatch):
+    """def __init__(self): the TypeError said '2 positional arguments were given', and the note
+    blamed options there were none of; now one paragraph with Python's reason and the convention."""
+    class NoName(CustomEnv):
+        def __init__(self):
+            super().__init__('reach')
+
+    monkeypatch.setitem(envs.REGISTRY, 'custom', NoName)
+    with pytest.raises(envs.EnvCheckError, match=(
+            r"^NoName\('reach'\) cannot be called: too many positional arguments\. make_env calls a suite's class "
+            r"with the task's name after the suite prefix \('reach' for task custom_reach\) as the first argument "
+            r"and its options as keywords: give it def __init__\(self, name, \*\*kwargs\)")):
+        envs.make_env(make_config('--task', 'custom_reach'), 'train', 0)
 
 
 def test_an_option_the_users_constructor_does_not_take_names_the_key_and_the_fix(monkeypatch, tmp_path, capsys):
