@@ -353,6 +353,7 @@ class EvalResult:
     abandoned: int = 0  # > 0: the length of the episode that reached the length cap (nothing to log)
 
 
+STOP_CHECK_UPDATES = 8  # updates between stop-request checks within one step's updates
 EVAL_LENGTH_FACTOR = 10  # an eval episode this many times the longest train episode has got stuck
 EVAL_LENGTH_MIN = 1000  # agent steps: never cap eval episodes below this
 EVAL_NOTE_EVERY_S = 300.0  # a long evaluation says how far it got this often (train.log)
@@ -918,8 +919,10 @@ class Trainer:
                 self.counters.longest_episode = max(self.counters.longest_episode, int(summary["length"]))
         return finished
 
-    def train(self) -> int:
-        """Do the updates owed by train_ratio; returns how many were done."""
+    def train(self, stop: Callable[[], bool] = lambda: False) -> int:
+        """Do the updates owed by train_ratio; returns how many were done. A stop request (`stop()`
+        on any rank, checked every STOP_CHECK_UPDATES updates) leaves the rest owed, so a large
+        train_ratio cannot hold a Ctrl-C back for the many updates of one step."""
         if self.counters.train_start < 0:
             if self.counters.step < self.config.prefill:
                 return 0
@@ -928,6 +931,8 @@ class Trainer:
             return 0
         done = 0
         while self.counters.updates < updates_due(self.counters, self.config, self.dist.world):
+            if done and done % STOP_CHECK_UPDATES == 0 and not self.all_ranks(not stop()):
+                break  # every rank at the same count: the same check, the same break
             if self.prefetch is None:
                 self.prefetch = Prefetcher(self.replay, self.config.batch_size, self.device)
             self.metrics.add(self.agent.train_step(self.prefetch.next()))
@@ -1059,7 +1064,7 @@ class Trainer:
             episode_stats.extend(finished)
             counters.step += steps_per_iter
             prefill = counters.step < config.prefill
-            self.train()
+            self.train(stop=lambda: interrupt.requested)
             actions, state = self.act(observations, state, prefill)
             if self.should_log():
                 self.write_log(episode_stats, interval)

@@ -259,6 +259,29 @@ def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
     assert last["step"] == state["counters"]["step"] and last["perf/updates"] == state["counters"]["updates"]
 
 
+def test_a_stop_request_is_heard_between_the_updates_of_one_step(tmp_path):
+    """train_ratio 1e6 owes ~15,600 updates per agent step (minutes here): SIGTERM used to wait for
+    all of them; now the run stops within a few updates, saves, and leaves the rest owed."""
+    import signal
+    import time
+
+    import checkpoint
+
+    logdir = tmp_path / "many_updates"
+    process = start_debug_run_until_logged(logdir, 5, "--steps", "1000", "--prefill", "10", "--log_every", "5",
+                                           "--eval_every", "0", "--train_ratio", "1e6")
+    time.sleep(3)  # step 10 began its updates
+    process.send_signal(signal.SIGTERM)
+    start = time.time()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    assert time.time() - start < 30
+    state = checkpoint.load_checkpoint(logdir / "latest.pt")
+    counters, config = state["counters"], state["config"]
+    owed = 1 + (counters["step"] - 10) * 10**6 // (config["batch_size"] * config["batch_length"])
+    assert counters["step"] > 10 and counters["updates"] < owed, (counters, owed)  # stopped among them
+
+
 def test_ctrl_c_while_starting_ends_at_once_without_a_traceback(tmp_path):
     """Ctrl-C while torch is still loading (before the loop's handler exists): exit 130 with one
     line, no KeyboardInterrupt traceback, and no run folder made."""
