@@ -41,10 +41,30 @@ POSITIVE = (
     "batch_length", "replay_size", "replay_chunk", "imag_horizon", "parallel", "action_repeat",
     "envs.amount", "model_lr", "actor_lr", "critic_lr", "slow_target_update", "video_length",
     "rssm.deter", "rssm.hidden", "rssm.stoch", "rssm.classes",
+    "model_eps", "ac_eps", "model_grad_clip", "ac_grad_clip", "plan2explore.lr", "return_norm.max", "actor.max_std",
+    "encoder.cnn_depth", "decoder.cnn_depth", "encoder.min_res", "decoder.min_res", "encoder.mlp_units",
+    "decoder.mlp_units", "reward_head.units", "cont_head.units", "actor.units", "critic.units", "plan2explore.units",
 )
 NON_NEGATIVE = ("prefill", "eval_every", "time_limit", "threads", "save_every_minutes", "reward_clip", "seed",
-                "envs.max_restarts")
-UNIT_INTERVAL = ("discount", "discount_lambda", "slow_target_fraction", "rssm.unimix", "actor.unimix")
+                "envs.max_restarts", "encoder.mlp_layers", "decoder.mlp_layers", "reward_head.layers",
+                "cont_head.layers", "actor.layers", "critic.layers", "plan2explore.layers", "actor.min_std")
+UNIT_INTERVAL = ("discount", "discount_lambda", "slow_target_fraction", "rssm.unimix", "actor.unimix",
+                 "return_norm.decay")
+AT_LEAST_TWO = {  # key: why
+    "reward_head.bins": "a two-hot target needs two bins; the paper's are 255",
+    "critic.bins": "a two-hot target needs two bins; the paper's are 255",
+    "plan2explore.ensemble": "the intrinsic reward is the members' disagreement; the paper's ensemble has 8",
+}
+# Why a key must be positive, where 0 or less would not fail at once but silently break training.
+POSITIVE_WHY = {
+    "model_grad_clip": "0 would zero every gradient and a negative value reverse them; the paper clips at 1000, "
+                       "and a large value such as 1e9 leaves the norm unclipped",
+    "ac_grad_clip": "0 would zero every gradient and a negative value reverse them; the paper clips at 100, and "
+                    "a large value such as 1e9 leaves the norm unclipped",
+    "model_eps": "Adam divides by sqrt(v) + eps, so 0 gives NaN wherever a gradient is 0; the paper's is 1e-8",
+    "ac_eps": "Adam divides by sqrt(v) + eps, so 0 gives NaN wherever a gradient is 0; the paper's is 1e-5",
+    "return_norm.max": "the returns are divided by max(max, p95 - p5); the paper's is 1",
+}
 
 
 EXIT_USER_ERROR = 2  # exit status of a run stopped by an error the user fixes (config, env, checkpoint)
@@ -631,7 +651,11 @@ def validate(tree: dict[str, Any]) -> dict[str, Any]:
             )
     for key in POSITIVE:
         if lookup(tree, key) is not None and not lookup(tree, key) > 0:
-            raise ConfigError(f"--{key} must be greater than 0, but it is {lookup(tree, key)}.")
+            why = f" ({POSITIVE_WHY[key]})" if key in POSITIVE_WHY else ""
+            raise ConfigError(f"--{key} must be greater than 0, but it is {lookup(tree, key)}{why}.")
+    for key, why in AT_LEAST_TWO.items():
+        if lookup(tree, key) is not None and lookup(tree, key) < 2:
+            raise ConfigError(f"--{key} must be at least 2, but it is {lookup(tree, key)} ({why}).")
     for key in NON_NEGATIVE:
         if lookup(tree, key) is not None and lookup(tree, key) < 0:
             raise ConfigError(f"--{key} must be 0 or greater, but it is {lookup(tree, key)}.")
@@ -639,6 +663,7 @@ def validate(tree: dict[str, Any]) -> dict[str, Any]:
         value = lookup(tree, key)
         if value is not None and not 0 <= value <= 1:
             raise ConfigError(f"--{key} must lie in [0, 1], but it is {value}.")
+    check_related_values(tree)
     if "_" not in tree["task"]:
         raise ConfigError(
             f"--task '{tree['task']}' must be <suite>_<name>, e.g. dmc_walker_walk, atari_pong, "
@@ -658,6 +683,32 @@ def validate(tree: dict[str, Any]) -> dict[str, Any]:
     if tree["eval_only"] and not tree["from_checkpoint"]:
         raise ConfigError("--eval_only True needs --from_checkpoint PATH (the agent to evaluate).")
     return tree
+
+
+def check_related_values(tree: dict[str, Any]) -> None:
+    """Values that are fine alone but not together, or need more than a sign: the discount, the
+    conv kernels, the return percentiles, the actor's std range and the reward scale."""
+    discount = lookup(tree, "discount")
+    if discount is not None and discount == 0:
+        raise ConfigError("--discount must lie in (0, 1], but it is 0 (the imagined steps' weights divide by it; "
+                          "the paper's is 0.997).")
+    for side in ("encoder", "decoder"):
+        kernel = lookup(tree, f"{side}.kernel")
+        if kernel is not None and (kernel < 2 or kernel % 2):
+            raise ConfigError(f"--{side}.kernel must be an even number of at least 2, but it is {kernel}: its "
+                              "stride-2 convolutions halve (and the decoder's double) the image exactly only with "
+                              "even kernels; the paper's is 4.")
+    low, high = lookup(tree, "return_norm.low"), lookup(tree, "return_norm.high")
+    if low is not None and high is not None and not 0 <= low < high <= 100:
+        raise ConfigError(f"--return_norm.low and --return_norm.high are percentiles with 0 <= low < high <= 100, "
+                          f"but they are {low} and {high} (the paper's are 5 and 95).")
+    low, high = lookup(tree, "actor.min_std"), lookup(tree, "actor.max_std")
+    if low is not None and high is not None and low > high:
+        raise ConfigError(f"--actor.min_std ({low}) must not exceed --actor.max_std ({high}) (the paper's are 0.1 "
+                          "and 1).")
+    if lookup(tree, "reward_scale") == 0:
+        raise ConfigError("--reward_scale must not be 0: it multiplies every reward, so the model would learn "
+                          "from none (1 keeps them; below 1 shrinks large rewards, above 1 grows tiny ones).")
 
 
 def lookup(tree: Mapping[str, Any], dotted: str, default: Any = None) -> Any:

@@ -164,6 +164,24 @@ def test_wrong_types_name_key_type_and_value(tmp_path, argv, message):
         (["--device", "gpu"], r"--device 'gpu' must be auto, cpu, cuda or cuda:N"),
         (["--encoder.cnn_keys", "("], r"--encoder.cnn_keys '\(' is not a valid regular expression"),
         (["--eval_only", "True"], r"--eval_only True needs --from_checkpoint PATH"),
+        # values that trained silently into nothing or crashed deep inside (the config-edge audit)
+        (["--model_grad_clip", "0"], r"--model_grad_clip must be greater than 0, but it is 0.0 \(0 would zero every "
+                                     r"gradient and a negative value reverse them; the paper clips at 1000"),
+        (["--ac_grad_clip", "-1"], r"--ac_grad_clip must be greater than 0, but it is -1.0 \(0 would zero"),
+        (["--model_eps", "0"], r"--model_eps must be greater than 0, but it is 0.0 \(Adam divides by sqrt\(v\) \+ eps"),
+        (["--discount", "0"], r"--discount must lie in \(0, 1\], but it is 0 \(the imagined steps' weights divide"),
+        (["--plan2explore.ensemble", "1"], r"--plan2explore.ensemble must be at least 2, but it is 1 \(the intrinsic "
+                                           r"reward is the members' disagreement"),
+        (["--critic.bins", "1"], r"--critic.bins must be at least 2, but it is 1 \(a two-hot target needs two bins"),
+        (["--reward_head.bins", "0"], r"--reward_head.bins must be at least 2"),
+        (["--encoder.cnn_depth", "0"], r"--encoder.cnn_depth must be greater than 0, but it is 0\.$"),
+        (["--decoder.kernel", "3"], r"--decoder.kernel must be an even number of at least 2, but it is 3"),
+        (["--encoder.kernel", "0"], r"--encoder.kernel must be an even number of at least 2, but it is 0"),
+        (["--return_norm.low", "95", "--return_norm.high", "5"], r"percentiles with 0 <= low < high <= 100, but "
+                                                                 r"they are 95.0 and 5.0"),
+        (["--return_norm.max", "0"], r"--return_norm.max must be greater than 0"),
+        (["--actor.min_std", "2"], r"--actor.min_std \(2.0\) must not exceed --actor.max_std \(1.0\)"),
+        (["--reward_scale", "0"], r"--reward_scale must not be 0: it multiplies every reward"),
     ],
 )
 def test_bad_values_are_rejected(argv, message):
