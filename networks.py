@@ -678,7 +678,7 @@ def min_res_fix(height: int) -> str:
     resize = "resize the images in the env to a power of two (64x64 is the paper's size)"
     if not fits:
         return f"No min_res fits {height} pixels: {resize}."
-    value = next((f for f in fits if f <= 8), fits[-1])  # the paper's CNN goes down to 4x4
+    value = 4 if 4 in fits else next((f for f in fits if f <= 8), fits[-1])  # the paper's CNN ends at 4x4
     return (f"For {height} pixels use --encoder.min_res {value} --decoder.min_res {value} (any of "
             f"{', '.join(map(str, fits))} works; the decoder needs it too where it decodes the image), or "
             f"{resize}.")

@@ -103,9 +103,13 @@ def test_image_size_must_be_min_res_times_power_of_two_and_the_message_gives_a_m
     with pytest.raises(ValueError, match=r"the decoder's CNN needs .*\(decoder.min_res=4\)"):
         MultiDecoder(16, space, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=4)
     MultiDecoder(16, space, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=21)
+    IMAGE64 = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
     odd = {"image": gym.spaces.Box(0, 255, (63, 63, 3), np.uint8)}
     with pytest.raises(ValueError, match=r"No min_res fits 63 pixels: resize the images in the env to a power of two"):
         MultiEncoder(odd, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=4)
+    with pytest.raises(ValueError, match=r"For 64 pixels use --encoder.min_res 4 --decoder.min_res 4 \(any of "
+                                         r"32, 16, 8, 4, 2 works"):  # it suggested the failing 64x64 itself
+        MultiEncoder({"image": IMAGE64}, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=128)
     wide = {"image": gym.spaces.Box(0, 255, (48, 96, 3), np.uint8)}
     with pytest.raises(ValueError, match=r"Resize the images in the env to one square size \(64x64 is the paper's\)\.$"):
         MultiEncoder(wide, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=4)
