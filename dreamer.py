@@ -547,8 +547,7 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
         ckpt.check_shapes({k: state["agent"].get(k) or {} for k in modules},
                           {k: agent.state_dict().get(k) or {} for k in modules}, hints=shape_hints(config))
     except ckpt.CheckpointMismatch as error:  # e.g. other encoder keys: name the settings that changed
-        changes = [c for c in changed_settings(state["config"], config.to_dict())
-                   if c.split(" ", 1)[0] not in NOT_MODEL_SHAPING]
+        changes = [c for c in changed_settings(state["config"], config.to_dict()) if shapes_model(c.split(" ", 1)[0])]
         if not changes:
             raise
         raise ckpt.CheckpointMismatch(
@@ -646,6 +645,16 @@ def check_same_task(saved: dict, config: Config, source: Path) -> None:
 NOT_MODEL_SHAPING = {"steps", "seed", "device", "threads", "parallel", "eval_every", "eval_episode_num",
                      "log_every", "save_every", "save_every_minutes", "train_ratio", "video", "video_length",
                      "eval_only", "compile", "cuda_graphs", "precision", "prefill", "replay_size", "replay_chunk"}
+
+
+MODEL_PARTS = ("rssm.", "encoder.", "decoder.", "reward_head.", "cont_head.", "actor.", "critic.", "plan2explore.",
+               f"{config_lib.ENV_OPTIONS}.")  # an env option can change the observations' shapes
+
+
+def shapes_model(key: str) -> bool:
+    """Whether config key `key` can change the shapes of the agent's parameters (a mismatch on resume
+    names only these): the model's parts, the suite's options, the actor's distribution, the behaviour."""
+    return key.startswith(MODEL_PARTS) or key in ("actor_dist", "behavior", "slow_value_target")
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:

@@ -389,7 +389,8 @@ def test_other_encoder_keys_stop_naming_the_changed_setting(killed_run, tmp_path
     mismatched parameter and the setting that made it, both values."""
     logdir = copy_run(killed_run["logdir"], tmp_path / "run")
     checkpoint_bytes = (logdir / "latest.pt").read_bytes()
-    result = run_cli(run_args(logdir, "--encoder.mlp_keys", "vector", "--steps", "700"))
+    result = run_cli(run_args(logdir, "--encoder.mlp_keys", "vector", "--steps", "700", "--action_repeat", "1",
+                              "--model_lr", "1e-3"))
     assert result.returncode == 2, result.stderr[-3000:]
     line = last_line(result.stderr)
     assert line.startswith(
@@ -398,7 +399,7 @@ def test_other_encoder_keys_stop_naming_the_changed_setting(killed_run, tmp_path
         "Resume with the checkpoint's values (its config.yaml), or start a fresh run in a new --logdir. (The "
         "first parameter that differs: 'wm."), line
     assert "model size" not in line  # the sizes did not change
-    assert "steps 600 -> 700" not in line  # settings that shape no parameter are not blamed
+    assert "steps 600 -> 700" not in line and "action_repeat" not in line and "model_lr" not in line  # shape nothing
     assert (logdir / "latest.pt").read_bytes() == checkpoint_bytes
 
 
