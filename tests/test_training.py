@@ -129,6 +129,8 @@ def test_placeholder_task_is_one_paragraph_without_traceback(tmp_path):
      "error: The action space is Discrete(5) but actor_dist is 'normal'"),
     (("--task", "custom_reach", "--encoder.mlp_keys", "$^", "--encoder.cnn_keys", "$^"),
      "error: The encoder selects no observation key: cnn_keys='$^'"),
+    (("--task", "custom_reach", "--precision", "16", "--device", "cpu"),
+     "error: --precision 16 (float16 autocast with a loss scaler) is for CUDA"),
 ])
 def test_user_errors_exit_2_with_their_paragraph_only(tmp_path, args, message):
     """Errors found in the task name (before the config is printed), the agent's construction
@@ -137,7 +139,7 @@ def test_user_errors_exit_2_with_their_paragraph_only(tmp_path, args, message):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count(message) == 1, result.stderr
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    if args[1] == "mine_reach" or args[2].startswith("--env."):  # checked before anything is printed or written
+    if args[1] == "mine_reach" or args[2].startswith(("--env.", "--precision")):  # before anything is written
         assert result.stdout == "" and not (tmp_path / "run").exists()
 
 
