@@ -2,6 +2,7 @@
 shipped custom env, and the gymnasium adapter."""
 import functools
 import inspect
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -15,6 +16,8 @@ from helpers import guide_env
 from envs.custom_env import CustomEnv
 from envs.gym import GymEnv
 from envs.parallel import EnvPool
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_config(*argv):
@@ -488,3 +491,55 @@ def test_gym_unknown_id_suggests_close_matches():
             r"Unknown gymnasium environment 'CartPol-v1' \(task gym_CartPol-v1\).*Close matches: "
             r"CartPole-v1")):
         envs.make_env(make_config('--task', 'gym_CartPol-v1'), 'train', 0)
+
+
+class YourRobotEnvironment(gym.Env):
+    """What README's MyRobot wraps: a gymnasium env with a camera image and float64 joints (numpy's
+    default dtype), a 2-d Box action, 30-step episodes."""
+    action_space = gym.spaces.Box(-2.0, 2.0, (2,), np.float32)
+
+    speeds: list = []  # the speed option of every one made
+
+    def __init__(self, name, speed=1.0):
+        self.name, self._t = name, 0
+        YourRobotEnvironment.speeds.append(speed)
+
+    def _obs(self):
+        return {'camera': np.full((64, 64, 3), 8 * self._t, np.uint8), 'joints': np.random.randn(7)}
+
+    def reset(self, *, seed=None, options=None):
+        self._t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self._t += 1
+        return self._obs(), float(-np.abs(action).sum()), False, self._t >= 30, {}
+
+    def render(self):
+        return np.zeros((64, 64, 3), np.uint8)
+
+
+def readme_my_robot() -> type:
+    """The MyRobot class of README's 'Your own environment' section, as written there."""
+    readme = (ROOT / 'README.md').read_text()
+    code = readme.split('```python\n# envs/my_robot.py\n', 1)[1].split('```', 1)[0]
+    namespace = {'YourRobotEnvironment': YourRobotEnvironment}
+    exec(code.replace('from . import wrappers', 'from envs import wrappers'), namespace)
+    return namespace['MyRobot']
+
+
+def test_the_readmes_own_env_example_trains_as_written(monkeypatch, tmp_path):
+    """README's MyRobot around a gymnasium env whose joints are float64: registered as the README
+    says, it trains with the flags README gives for the vector, and its option reaches the inner env."""
+    monkeypatch.setitem(envs.REGISTRY, 'myrobot', readme_my_robot())
+    config = config_module.load_config([
+        '--configs', 'debug', 'custom', '--task', 'myrobot_reach', '--encoder.mlp_keys', 'vector',
+        '--decoder.mlp_keys', 'vector', '--env.myrobot.speed', '0.5', '--steps', '150', '--prefill', '100',
+        '--eval_every', '0', '--envs.parallel', 'none', '--device', 'cpu', '--logdir', str(tmp_path)])
+    YourRobotEnvironment.speeds.clear()
+    counters = dreamer.train(config)
+    assert counters.step == 150 and counters.updates > 0
+    assert YourRobotEnvironment.speeds and set(YourRobotEnvironment.speeds) == {0.5}
+    assert 'WARNING' not in (tmp_path / 'train.log').read_text()
+    records = [line for line in (tmp_path / 'metrics.jsonl').read_text().splitlines() if 'loss/vector' in line]
+    assert records
