@@ -232,7 +232,8 @@ def test_running_steps_must_be_finite_and_name_where():
     obs = {**good_obs(), 'reward': np.float32(1.0), 'is_first': False, 'is_last': True, 'log_x': np.float32(2)}
     check_running_step(obs, 'env 0 at step 10')
     with pytest.raises(EnvCheckError, match=r"^env 2 at step 7: observation 'vector' contains inf at 1 of 3 "
-                                            r"entries: \[0\.0, inf, 0\.0\]; every observation and reward "
+                                            r"entries: \[0\.0, inf, 0\.0\]; every float observation \(also one "
+                                            r"the model does not read: the replay stores it\) and every reward "
                                             r"must be finite"):
         check_running_step({**obs, 'vector': np.array([0, np.inf, 0], np.float32)}, 'env 2 at step 7')
     with pytest.raises(EnvCheckError, match=r"^eval env 0: returned a reward of nan; .*the same command resumes"):

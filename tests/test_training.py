@@ -409,7 +409,8 @@ def test_frames_that_are_not_rgb_cost_the_video_not_the_run(tmp_path, task, warn
 
 @pytest.mark.parametrize("task, message", [
     ("NanLater-v0", "error: env 0 at step 265: observation 'vector' contains NaN at 3 of 3 entries: [nan, nan, nan]; "
-                    "every observation and reward must be finite"),
+                    "every float observation (also one the model does not read: the replay stores it) and every "
+                    "reward must be finite"),
     ("GrowsLater-v0", "error: env 0 at step 265: the step has 'vector' of shape (4,) but the first step stored "
                       "in replay had (3,)."),
 ])
