@@ -100,6 +100,11 @@ def _check_act_space(space: Any, where: str) -> gymnasium.spaces.Space:
         if space.n < 1:
             raise EnvCheckError(f"{where}: act_space Discrete must have n >= 1, got n={space.n}.")
         return space
+    if not isinstance(space, gymnasium.spaces.Space):
+        raise EnvCheckError(
+            f"{where}: act_space must be a gymnasium space, got {space!r} of type {type_name(space)}. Return "
+            "e.g. gymnasium.spaces.Discrete(4) for 4 discrete actions or gymnasium.spaces.Box(-1, 1, (2,), "
+            "np.float32) for 2 continuous ones from the act_space property.")
     if not isinstance(space, gymnasium.spaces.Box):
         raise EnvCheckError(
             f"{where}: unsupported action space {space!r} of type {type_name(space)}; expected "

@@ -138,6 +138,13 @@ def test_unsupported_action_space(space):
         check_env(ToyEnv(act_space=space))
 
 
+@pytest.mark.parametrize('space', [4, 'discrete', (2,)])
+def test_an_action_space_that_is_no_space_at_all(space):
+    with pytest.raises(EnvCheckError, match=r"act_space must be a gymnasium space, got .* Return e.g. "
+                                            r"gymnasium.spaces.Discrete\(4\) for 4 discrete actions"):
+        check_env(ToyEnv(act_space=space))
+
+
 def test_action_box_with_infinite_bounds():
     with pytest.raises(EnvCheckError, match=r"act_space Box needs finite bounds, got low=\[-inf -inf\]"):
         check_env(ToyEnv(act_space=gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float32)))
