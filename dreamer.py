@@ -197,6 +197,9 @@ def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str
     # a run never stores more than its --steps (over all ranks): a short run reserves no more
     capacity = max(min(config.replay_size, config.steps + config.envs.amount * dist.world) // dist.world,
                    config.batch_length)
+    if config.replay_size // dist.world < config.batch_length and dist.main:
+        warn(f"replay_size {config.replay_size} holds less than one sequence of batch_length {config.batch_length} "
+             f"per process: each process's replay holds {config.batch_length} steps instead")
     return Replay(capacity, config.batch_length, paths.replay_dir, chunk=config.replay_chunk,
                   seed=config.seed + dist.rank, warn=warn)
 

@@ -459,3 +459,15 @@ def test_a_run_reserves_no_more_replay_than_its_steps(tmp_path) -> None:
     extra_dist = (1, 2)  # rank 1 of 2 holds half
     assert capacity("--steps", "400", "--replay_size", "1000000") == 201
     assert capacity("--steps", "400", "--replay_size", "100", "--batch_length", "8") == 50
+
+
+def test_a_replay_smaller_than_one_sequence_is_raised_to_one_with_a_warning(tmp_path) -> None:
+    import config as config_lib
+    import dreamer
+
+    cfg = config_lib.load_config(["--configs", "debug", "custom", "--task", "custom_reach", "--logdir",
+                                  str(tmp_path / "run"), "--replay_size", "10", "--batch_length", "16"])
+    said: list[str] = []
+    assert dreamer.make_replay(cfg, dreamer.resolve_paths(cfg), dreamer.Dist(0, 1), said.append).capacity == 16
+    assert said == ["replay_size 10 holds less than one sequence of batch_length 16 per process: each process's "
+                    "replay holds 16 steps instead"]
