@@ -200,7 +200,8 @@ def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str
     if config.replay_size // dist.world < config.batch_length and dist.main:
         warn(f"replay_size {config.replay_size} holds less than one sequence of batch_length {config.batch_length} "
              f"per process: each process's replay holds {config.batch_length} steps instead")
-    return Replay(capacity, config.batch_length, paths.replay_dir, chunk=config.replay_chunk,
+    directory = None if config.eval_only else paths.replay_dir  # an evaluation stores nothing (and makes no folder)
+    return Replay(capacity, config.batch_length, directory, chunk=config.replay_chunk,
                   seed=config.seed + dist.rank, warn=warn)
 
 

@@ -218,6 +218,15 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
     eval_log = (logdir / "eval_only" / "train.log").read_text()
     assert "for 1 episode\n" in eval_log and ") over 1 episode, mean length" in eval_log, eval_log
     assert "updates per agent step" not in eval_log and "train_ratio 32 -> 64" not in eval_log, eval_log
+    # logged into another folder: no replay folder is made there, and the run's replay is as it was
+    chunks = sorted((path.name, path.stat().st_size) for path in (logdir / "replay").iterdir())
+    elsewhere = run_cli("--configs", "debug", "custom", "--task", "custom_reach", "--eval_only", "True",
+                        "--from_checkpoint", str(logdir / "latest.pt"), "--eval_episode_num", "1",
+                        "--logdir", str(tmp_path / "evaluations"))
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    assert (tmp_path / "evaluations" / "eval_only" / "metrics.jsonl").exists()
+    assert not (tmp_path / "evaluations" / "replay").exists()
+    assert sorted((path.name, path.stat().st_size) for path in (logdir / "replay").iterdir()) == chunks
 
 
 def start_debug_run_until_logged(logdir: Path, step: int, *args: str) -> subprocess.Popen:
