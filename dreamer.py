@@ -130,7 +130,7 @@ class Counters:
     # replay steps no checkpoint counted: collected after one by a run that then stopped without
     # saving (kill -9, a crash, a power cut); kept as training data, counted once (see count_unsaved_replay)
     replay_unsaved: int = 0
-    longest_episode: int = 0  # agent steps of the longest finished train episode (this rank's): caps evaluations
+    longest_episode: int = 0  # agent steps of the longest finished train episode (rank 0's when saved): caps evaluations
 
 
 # ------------------------------------------------------------------------------------------- factories
@@ -358,8 +358,8 @@ class EvalResult:
 
 
 STOP_CHECK_UPDATES = 8  # updates between stop-request checks within one step's updates
-EVAL_LENGTH_FACTOR = 10  # an eval episode this many times the longest train episode has got stuck
-EVAL_LENGTH_MIN = 1000  # agent steps: never cap eval episodes below this
+EVAL_LENGTH_FACTOR = 100  # an eval episode this many times the longest train episode has got stuck
+EVAL_LENGTH_MIN = 10_000  # agent steps: never cap eval episodes below this (Crafter's own limit: 10,000)
 EVAL_NOTE_EVERY_S = 300.0  # a long evaluation says how far it got this often (train.log)
 
 
@@ -393,11 +393,12 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
     actions = agent.random_actions(len(pool))  # ignored: the first step resets every env
     state = None
     last_note = time.time()
+    ended = np.ones(len(pool), bool)  # envs whose last observation ended an episode (none started yet)
     while len(result.returns) < episodes:
         if stop():
             result.completed = False
             return result
-        running = int(tracker.lengths.max())  # agent steps of the longest episode still running
+        running = int(np.where(ended, 0, tracker.lengths).max())  # agent steps of the longest running episode
         if max_length is not None and running >= max_length:
             result.abandoned = running
             return result
@@ -406,6 +407,7 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
             note(f"{len(result.returns)} of {tools.plural(episodes, 'episode')} done, one running for "
                  f"{running} agent steps")
         observations = pool.step(actions)
+        ended = np.array([bool(obs["is_last"]) for obs in observations])
         for index, obs in enumerate(observations):
             envs.check_running_step(obs, f"eval env {pool.first_index + index}")
             summary = tracker.add(index, obs)
@@ -433,17 +435,23 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
     return result
 
 
-def eval_abandoned(config: Config, counters: Counters, length: int) -> str:
-    """The warning of an evaluation whose episode reached the length cap."""
+def eval_abandoned(config: Config, step: int, longest: int, length: int) -> str:
+    """What an evaluation at `step` whose episode reached the length cap (from `longest`, the
+    longest training episode) says: the warning of a training run, the error of --eval_only."""
     policy = ("sampled actions" if config.eval_sample else
               "the actor's most likely action, which can repeat one action all episode")
     fix = "" if config.eval_sample else ", or evaluate with sampled actions (--eval_sample True)"
-    return (f"evaluation at step {counters.step} abandoned, nothing logged: an eval episode ran {length} "
-            f"agent steps without ending ({EVAL_LENGTH_FACTOR} times the longest training episode so far, "
-            f"{counters.longest_episode}, and at least {EVAL_LENGTH_MIN}). Its policy ({policy}) may never end it, e.g. by standing still "
-            "where only reaching a goal ends an episode. Give episodes a limit (--time_limit N agent steps, "
-            f"or truncated=True from the env){fix}. Training goes on; the next evaluation is due "
-            f"{config.eval_every} steps later.")
+    if config.eval_only:
+        then = " Nothing was evaluated."
+    elif step >= config.steps:
+        then = ""
+    else:
+        then = f" Training goes on; the next evaluation is due {config.eval_every} steps later."
+    return (f"evaluation at step {step} abandoned, nothing logged: an eval episode ran {length} agent steps "
+            f"without ending ({EVAL_LENGTH_FACTOR} times the longest training episode so far, {longest}, and at "
+            f"least {EVAL_LENGTH_MIN}). Its policy ({policy}) may never end it, e.g. by standing still where "
+            "only reaching a goal ends an episode. Give episodes a limit (--time_limit N agent steps, or "
+            f"truncated=True from the env){fix}.{then}")
 
 
 def log_eval(config: Config, returns: list[float], lengths: list[int], logs: list[dict[str, float]],
@@ -1005,13 +1013,14 @@ class Trainer:
         config, dist = self.config, self.dist
         share = eval_share(config.eval_episode_num, dist.rank, dist.world)
         result = EvalResult()
+        longest = int(self._reduce_over_ranks(self.counters.longest_episode, "MAX"))  # one cap for all ranks
         if share:
             step, on_rank = self.counters.step, f" on rank {dist.rank}" if dist.world > 1 else ""
+            say = self.logger.info if dist.main else self.logger.warning  # other ranks log warnings only
             with self.make_eval_pool(min(config.envs.amount, share)) as pool:
                 result = evaluate(self.agent, pool, share, config.video_length, self.warn_once,
-                                  self.wants_video and dist.main, stop,
-                                  eval_length_cap(config.time_limit, self.counters.longest_episode),
-                                  lambda text: self.logger.info(
+                                  self.wants_video and dist.main, stop, eval_length_cap(config.time_limit, longest),
+                                  lambda text: say(
                                       f"evaluation at step {step} still running{on_rank}: {text}; "
                                       "an episode that never ends keeps it running (--time_limit caps "
                                       "episodes; Ctrl-C stops the run and saves)"))
@@ -1021,8 +1030,11 @@ class Trainer:
                              f"{config.eval_episode_num} episodes (not logged)")
             return
         if gathered.abandoned:
+            message = eval_abandoned(config, self.counters.step, longest, gathered.abandoned)
+            if config.eval_only:  # the evaluation was the whole run
+                raise RunError(message)
             if dist.main:
-                self.logger.warning(eval_abandoned(config, self.counters, gathered.abandoned))
+                self.logger.warning(message)
             self.counters.last_eval = self.counters.step  # tried: the next one is due eval_every later
             return
         log_eval(config, gathered.returns, gathered.lengths, gathered.logs, result.frames, self.logger)

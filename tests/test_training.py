@@ -441,54 +441,83 @@ def test_an_env_that_breaks_mid_run_stops_with_its_paragraph_and_keeps_the_check
     assert vectors and all(np.isfinite(v).all() for v in vectors)
 
 
-def test_an_evaluation_whose_episode_never_ends_is_abandoned_and_training_goes_on(tmp_path):
-    """Training episodes end after 20 steps, evaluation episodes never (as where an eval policy
-    never reaches the goal that ends them): the evaluation gives up at 10x the longest training episode (at least 1,000 agent steps)
-    with one warning naming --time_limit and --eval_sample, logs nothing, and the run finishes
-    (it hung for ever, and its step-200 checkpoint waited behind the evaluation)."""
-    import checkpoint
-
-    logdir = tmp_path / "stuck"
-    result = run_faulty_env("NeverEndsInEval-v0", "--logdir", str(logdir), "--steps", "300", "--eval_every", "200")
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = (logdir / "train.log").read_text()
-    state = checkpoint.load_checkpoint(logdir / "latest.pt")
-    longest = state["counters"]["longest_episode"]
-    assert longest == 20, state["counters"]
-    abandoned = re.findall(r"evaluation at step (\d+) abandoned, nothing logged: an eval episode ran (\d+) agent "
-                           r"steps without ending \(10 times the longest training episode so far, (\d+), and at "
-                           r"least 1000\)", log)
-    assert [step for step, _, _ in abandoned] == ["200", "300"], log[-3000:]  # and the final one at step 300
-    assert all(int(ran) == max(1000, 10 * int(seen)) for _, ran, seen in abandoned), abandoned
-    assert log.count("--time_limit N agent steps") == 2 and "--eval_sample True" in log
-    assert not [r for r in read_metrics(logdir) if "eval/return" in r]
-    assert "finished: 300 steps" in log and state["counters"]["step"] == 300
-    assert dreamer_eval_length_cap(100, 50) is None and dreamer_eval_length_cap(0, 0) is None
-    assert dreamer_eval_length_cap(0, 50) == 1000 and dreamer_eval_length_cap(0, 500) == 5000
-
-
-def test_a_long_evaluation_says_how_far_it_got(tmp_path, monkeypatch):
-    """An evaluation that runs for minutes says in train.log how far it got and what keeps it
-    running (here every step: the interval set to 0 s)."""
+def faulty_env_config(env_id: str, logdir: Path, *args: str):
+    """The config of a debug run of tests/helpers/faulty_env.py's gym env `env_id`, in-process."""
     import config as config_lib
+
+    return config_lib.load_config(["--configs", "debug", "gym", "--task", f"gym_faulty_env:{env_id}", "--logdir",
+                                   str(logdir), "--envs.parallel", "none", "--device", "cpu", *args])
+
+
+@pytest.fixture
+def short_eval_cap(monkeypatch):
+    """Eval episodes capped at 10x the longest training episode, at least 1,000 agent steps (the
+    run's are 100x and 10,000: too slow for a test), and faulty_env importable."""
     import dreamer
 
     monkeypatch.syspath_prepend(str(ROOT / "tests" / "helpers"))
+    monkeypatch.setattr(dreamer, "EVAL_LENGTH_FACTOR", 10)
+    monkeypatch.setattr(dreamer, "EVAL_LENGTH_MIN", 1000)
+
+
+def test_an_evaluation_whose_episode_never_ends_is_abandoned_and_training_goes_on(tmp_path, short_eval_cap):
+    """Training episodes end after 20 steps, evaluation episodes never (as where an eval policy
+    never reaches the goal that ends them): the evaluation gives up at the cap with one warning
+    naming --time_limit and --eval_sample, logs nothing, and the run finishes (it hung for ever,
+    and its step-200 checkpoint waited behind the evaluation); the final one says nothing of a
+    next evaluation. An --eval_only run of it stops with the paragraph (exit 2), having evaluated
+    nothing."""
+    import checkpoint
+    import dreamer
+
+    logdir = tmp_path / "stuck"
+    counters = dreamer.train(faulty_env_config("NeverEndsInEval-v0", logdir, "--steps", "300", "--eval_every", "200"))
+    assert counters.step == 300 and counters.longest_episode == 20
+    log = (logdir / "train.log").read_text()
+    abandoned = re.findall(r"evaluation at step (\d+) abandoned, nothing logged: an eval episode ran (\d+) agent "
+                           r"steps without ending \(10 times the longest training episode so far, 20, and at "
+                           r"least 1000\)\. .*", log)
+    assert [step for step, _ in abandoned] == ["200", "300"], log[-3000:]  # and the final one at step 300
+    assert [int(ran) for _, ran in abandoned] == [1000, 1000]
+    assert log.count("--time_limit N agent steps") == 2 and "--eval_sample True" in log
+    assert log.count("Training goes on; the next evaluation is due 200 steps later.") == 1  # not at the end
+    assert not [r for r in read_metrics(logdir) if "eval/return" in r]
+    assert "finished: 300 steps" in log and checkpoint.load_checkpoint(logdir / "latest.pt")["counters"]["step"] == 300
+    with pytest.raises(dreamer.RunError, match=r"^evaluation at step 300 abandoned, .* Nothing was evaluated\.$"):
+        dreamer.train(faulty_env_config("NeverEndsInEval-v0", logdir, "--eval_only", "True", "--from_checkpoint",
+                                        str(logdir / "latest.pt")))
+
+
+def test_an_eval_episode_that_ends_at_the_cap_is_logged(tmp_path, short_eval_cap):
+    """Eval episodes of exactly the cap's 1,000 steps end there: logged, not abandoned (the ended
+    episode's length counted as running until the next one began)."""
+    import dreamer
+
+    dreamer.train(faulty_env_config("EndsAt1000InEval-v0", tmp_path, "--steps", "200", "--eval_every", "200",
+                                    "--eval_episode_num", "2"))
+    assert "abandoned" not in (tmp_path / "train.log").read_text()
+    (record,) = [r for r in read_metrics(tmp_path) if "eval/return" in r]
+    assert record["eval/episodes"] == 2 and record["eval/length"] == 1000
+
+
+def test_a_long_evaluation_says_how_far_it_got(tmp_path, short_eval_cap, monkeypatch):
+    """An evaluation that runs for minutes says in train.log how far it got and what keeps it
+    running (here every step: the interval set to 0 s)."""
+    import dreamer
+
     monkeypatch.setattr(dreamer, "EVAL_NOTE_EVERY_S", 0.0)
-    config = config_lib.load_config(["--configs", "debug", "gym", "--task", "gym_faulty_env:NeverEndsInEval-v0",
-                                     "--logdir", str(tmp_path), "--steps", "200", "--eval_every", "200",
-                                     "--envs.parallel", "none", "--device", "cpu"])
-    dreamer.train(config)
+    dreamer.train(faulty_env_config("NeverEndsInEval-v0", tmp_path, "--steps", "200", "--eval_every", "200"))
     notes = re.findall(r"evaluation at step 200 still running: 0 of 1 episode done, one running for (\d+) agent "
                        r"steps; an episode that never ends keeps it running \(--time_limit caps episodes; "
                        r"Ctrl-C stops the run and saves\)", (tmp_path / "train.log").read_text())
     assert notes and [int(n) for n in notes] == sorted(int(n) for n in notes) and int(notes[-1]) == 999
 
 
-def dreamer_eval_length_cap(time_limit: int, longest: int):
+def test_eval_episodes_are_capped_only_without_a_time_limit_and_after_a_training_episode():
     import dreamer
 
-    return dreamer.eval_length_cap(time_limit, longest)
+    assert dreamer.eval_length_cap(100, 50) is None and dreamer.eval_length_cap(0, 0) is None
+    assert dreamer.eval_length_cap(0, 50) == 10_000 and dreamer.eval_length_cap(0, 500) == 50_000
 
 
 def test_an_env_that_keeps_failing_stops_the_run_with_its_progress_saved(tmp_path):

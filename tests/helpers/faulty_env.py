@@ -135,8 +135,11 @@ gymnasium.register(id="NeverBuilds-v0", entry_point=BuildsOnce, kwargs={"builds"
 class NeverEndsInEval(TinyTask):
     """20-step training episodes; episodes of an env seeded as an eval env (seed 10000 and up,
     envs.env_seed) never end: a stand-in for an eval policy that never reaches the end
-    (`NeverEndsInEval-v0`)."""
+    (`NeverEndsInEval-v0`); with `eval_length`, they end after that many steps (`EndsAt1000InEval-v0`)."""
     _eval = False
+
+    def __init__(self, eval_length: int = 0):
+        self._eval_length = eval_length
 
     def reset(self, *, seed=None, options=None):
         if seed is not None:
@@ -145,7 +148,9 @@ class NeverEndsInEval(TinyTask):
 
     def step(self, action):
         self._t += 1
-        return np.full(3, 0.0, np.float32), 0.0, False, self._t >= 20 and not self._eval, {}
+        ends = self._t >= self._eval_length > 0 if self._eval else self._t >= 20
+        return np.full(3, 0.0, np.float32), 0.0, False, ends, {}
 
 
 gymnasium.register(id="NeverEndsInEval-v0", entry_point=NeverEndsInEval)
+gymnasium.register(id="EndsAt1000InEval-v0", entry_point=NeverEndsInEval, kwargs={"eval_length": 1000})
