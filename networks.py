@@ -552,10 +552,13 @@ def matched_keys(obs_space: Mapping[str, gymnasium.spaces.Box], cnn_keys: str, m
     return cnn, mlp
 
 
-def unusable_reason(box: gymnasium.spaces.Box) -> str | None:
+def unusable_reason(box: gymnasium.spaces.Box, as_image: bool = False) -> str | None:
     """Why an observation of this space can feed neither the CNN nor the MLP, with the fix; None
-    for (n,) vectors and (H, W, C) uint8 images."""
+    for (n,) vectors and (H, W, C) uint8 images. `as_image`: cnn_keys named it."""
     shape = tuple(box.shape)
+    if as_image and len(shape) == 2:
+        return (f"images must be (H, W, C): declare {shape + (1,)} and return x[..., None] (a grey image), "
+                "or repeat it to 3 channels")
     if len(shape) == 3 and box.dtype != np.uint8:
         return ("images must be uint8 (0-255): declare Box(0, 255, shape, np.uint8) and return e.g. "
                 "(x * 255).astype(np.uint8)")
@@ -571,8 +574,8 @@ def unusable_matches(obs_space: Mapping[str, gymnasium.spaces.Box], keys: Mappin
     name but whose shape or dtype neither the CNN nor the MLP can take."""
     unusable = {}
     for key, box in usable_keys(obs_space).items():
-        reason = unusable_reason(box)
         matched = [kind for kind in ("cnn_keys", "mlp_keys") if full_match(keys[kind], key)]
+        reason = unusable_reason(box, as_image="cnn_keys" in matched)
         if reason and matched:
             unusable[key] = (f"'{key}' {tuple(box.shape)} {box.dtype} matches {matched[0]}='{keys[matched[0]]}' "
                              f"but {reason}")
@@ -672,16 +675,22 @@ def image_stages(obs_space: Mapping[str, gymnasium.spaces.Box], keys: list[str],
 
 
 def min_res_fix(height: int) -> str:
-    """How to make images of `height` pixels fit the CNNs: the min_res values that work, for the
-    encoder and the decoder alike (both halve or double the same image), or resizing."""
+    """How to make images of `height` pixels fit the CNNs: the paper's min_res 4 where it fits, else
+    resizing or the min_res values that work, with their cost (the encoder and the decoder alike:
+    both halve or double the same image)."""
     fits = [height // 2 ** k for k in range(1, 8) if height % 2 ** k == 0 and height // 2 ** k >= 2]
-    resize = "resize the images in the env to a power of two (64x64 is the paper's size)"
+    flags = "--encoder.min_res {0} --decoder.min_res {0}"
+    listed = f"any of {', '.join(map(str, fits))} works; the decoder needs it too where it decodes the image"
+    if 4 in fits:
+        return f"Use {flags.format(4)} (the paper's; {listed})."
+    resize = "resize the images in the env to 64x64 (the paper's size) or another power of two"
     if not fits:
         return f"No min_res fits {height} pixels: {resize}."
-    value = 4 if 4 in fits else next((f for f in fits if f <= 8), fits[-1])  # the paper's CNN ends at 4x4
-    return (f"For {height} pixels use --encoder.min_res {value} --decoder.min_res {value} (any of "
-            f"{', '.join(map(str, fits))} works; the decoder needs it too where it decodes the image), or "
-            f"{resize}.")
+    value = next((f for f in fits if f <= 8), fits[-1])
+    stages = int(round(math.log2(height / value)))
+    growth = 2 ** (stages - 1) * value ** 2 / (2 ** 3 * 4 ** 2)  # the flattened CNN output against 64x64's
+    cost = f"; the image embedding is then {growth:.2g}x as large as at 64x64" if growth > 1.05 else ""
+    return f"{resize[0].upper()}{resize[1:]}, or keep {height} pixels with {flags.format(value)} ({listed}{cost})."
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,6 +84,10 @@ def test_keys_the_expressions_select_but_the_model_cannot_take_are_a_warning_wit
         "mlp_keys='vector|speed|grid' but vectors must be (n,): declare (12,) and return x.reshape(-1)")
     assert unused_keys_note(space, encoder) is None  # said once, by the warning
     assert unusable_keys_warning(space, {"cnn_keys": "$^", "mlp_keys": "vector"}) is None
+    grey = {"image": gym.spaces.Box(0, 255, (16, 16), np.uint8)}  # named by cnn_keys: an image, not a vector
+    assert unusable_keys_warning(grey, {"cnn_keys": "image", "mlp_keys": "$^"}).endswith(
+        "but images must be (H, W, C): declare (16, 16, 1) and return x[..., None] (a grey image), or repeat "
+        "it to 3 channels")
     with pytest.raises(ValueError, match=r"cnn_keys='image' matches no \(H, W, C\) uint8 image and mlp_keys='\$\^' "
                                          r"matches no \(n,\) vector \('image' \(16, 16, 3\) float32 matches "
                                          r"cnn_keys='image' but images must be uint8"):
@@ -95,7 +99,9 @@ def test_image_size_must_be_min_res_times_power_of_two_and_the_message_gives_a_m
     works; following it builds the encoder and the decoder (changing only the encoder's did not,
     and the decoder's error still named encoder.min_res)."""
     space = {"image": gym.spaces.Box(0, 255, (84, 84, 3), np.uint8)}
-    fix = "For 84 pixels use --encoder.min_res 21 --decoder.min_res 21 (any of 42, 21 works;"
+    fix = ("Resize the images in the env to 64x64 (the paper's size) or another power of two, or keep 84 pixels "
+           "with --encoder.min_res 21 --decoder.min_res 21 (any of 42, 21 works; the decoder needs it too where "
+           "it decodes the image; the image embedding is then 6.9x as large as at 64x64).")
     with pytest.raises(ValueError, match=r"Image 'image' has size 84x84, but the encoder's CNN needs height = "
                                          r"min_res \* 2\^k with k >= 1 \(encoder.min_res=4\)\. " + re.escape(fix)):
         MultiEncoder(space, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=4)
@@ -105,9 +111,9 @@ def test_image_size_must_be_min_res_times_power_of_two_and_the_message_gives_a_m
     MultiDecoder(16, space, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=21)
     IMAGE64 = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
     odd = {"image": gym.spaces.Box(0, 255, (63, 63, 3), np.uint8)}
-    with pytest.raises(ValueError, match=r"No min_res fits 63 pixels: resize the images in the env to a power of two"):
+    with pytest.raises(ValueError, match=r"No min_res fits 63 pixels: resize the images in the env to 64x64"):
         MultiEncoder(odd, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=4)
-    with pytest.raises(ValueError, match=r"For 64 pixels use --encoder.min_res 4 --decoder.min_res 4 \(any of "
+    with pytest.raises(ValueError, match=r"Use --encoder.min_res 4 --decoder.min_res 4 \(the paper's; any of "
                                          r"32, 16, 8, 4, 2 works"):  # it suggested the failing 64x64 itself
         MultiEncoder({"image": IMAGE64}, mlp_keys="$^", cnn_keys="image", cnn_depth=4, min_res=128)
     wide = {"image": gym.spaces.Box(0, 255, (48, 96, 3), np.uint8)}
