@@ -56,13 +56,12 @@ AT_LEAST_TWO = {  # key: why
     "plan2explore.ensemble": "the intrinsic reward is the members' disagreement; the paper's ensemble has 8",
 }
 # Why a key must be positive, where 0 or less would not fail at once but silently break training.
+CLIP_WHY = ("0 would zero every gradient and a negative value reverse them; the paper clips at {}, and a large "
+            "value such as 1e9 leaves the norm unclipped")
+EPS_WHY = "Adam divides by sqrt(v) + eps, so 0 gives NaN wherever a gradient is 0; the paper's is {}"
 POSITIVE_WHY = {
-    "model_grad_clip": "0 would zero every gradient and a negative value reverse them; the paper clips at 1000, "
-                       "and a large value such as 1e9 leaves the norm unclipped",
-    "ac_grad_clip": "0 would zero every gradient and a negative value reverse them; the paper clips at 100, and "
-                    "a large value such as 1e9 leaves the norm unclipped",
-    "model_eps": "Adam divides by sqrt(v) + eps, so 0 gives NaN wherever a gradient is 0; the paper's is 1e-8",
-    "ac_eps": "Adam divides by sqrt(v) + eps, so 0 gives NaN wherever a gradient is 0; the paper's is 1e-5",
+    "model_grad_clip": CLIP_WHY.format(1000), "ac_grad_clip": CLIP_WHY.format(100),
+    "model_eps": EPS_WHY.format("1e-8"), "ac_eps": EPS_WHY.format("1e-5"),
     "return_norm.max": "the returns are divided by max(max, p95 - p5); the paper's is 1",
 }
 

@@ -197,9 +197,10 @@ def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str
     # a run never stores more than its --steps (over all ranks): a short run reserves no more
     capacity = max(min(config.replay_size, config.steps + config.envs.amount * dist.world) // dist.world,
                    config.batch_length)
-    if config.replay_size // dist.world < config.batch_length and dist.main:
-        warn(f"replay_size {config.replay_size} holds less than one sequence of batch_length {config.batch_length} "
-             f"per process: each process's replay holds {config.batch_length} steps instead")
+    if config.replay_size // dist.world < config.batch_length and dist.main and not config.eval_only:
+        each = " per process: each process's replay" if dist.world > 1 else ": the replay"
+        warn(f"replay_size {config.replay_size} holds less than one sequence of batch_length {config.batch_length}"
+             f"{each} holds {config.batch_length} steps instead")
     directory = None if config.eval_only else paths.replay_dir  # an evaluation stores nothing (and makes no folder)
     return Replay(capacity, config.batch_length, directory, chunk=config.replay_chunk,
                   seed=config.seed + dist.rank, warn=warn)
@@ -279,14 +280,23 @@ class EpisodeTracker:
 
     def _count_achievements(self, logs: dict[str, float]) -> None:
         self.episodes_seen += 1
-        for key, value in logs.items():
-            if key.startswith("achievement_"):
-                name = key[len("achievement_"):]
-                self.achievement_episodes[name] = self.achievement_episodes.get(name, 0) + int(value > 0)
+        for name, count in unlocked_achievements([logs]).items():
+            self.achievement_episodes[name] = self.achievement_episodes.get(name, 0) + count
 
     def achievement_metrics(self) -> dict[str, float]:
         """Success rate (%) of every achievement over all episodes so far, and the Crafter score."""
         return achievement_metrics(self.achievement_episodes, self.episodes_seen, "achievement/")
+
+
+def unlocked_achievements(episodes: list[dict[str, float]]) -> dict[str, int]:
+    """{name: in how many of `episodes` (each its log_ values) achievement_<name> was unlocked}."""
+    counts: dict[str, int] = {}
+    for logs in episodes:
+        for key, value in logs.items():
+            if key.startswith("achievement_"):
+                name = key[len("achievement_"):]
+                counts[name] = counts.get(name, 0) + int(value > 0)
+    return counts
 
 
 def achievement_metrics(unlocked: dict[str, int], episodes: int, prefix: str) -> dict[str, float]:
@@ -461,14 +471,9 @@ def log_eval(config: Config, returns: list[float], lengths: list[int], logs: lis
     rate (%) over the evaluation's episodes, as training's achievement/<name>) and env 0's video."""
     metrics = {"eval/return": float(np.mean(returns)), "eval/length": float(np.mean(lengths)),
                "eval/episodes": float(len(returns))}
-    unlocked: dict[str, int] = {}
-    for key in sorted({key for episode in logs for key in episode}):
-        values = [episode[key] for episode in logs if key in episode]
-        if key.startswith("achievement_"):
-            unlocked[key[len("achievement_"):]] = sum(value > 0 for value in values)
-        else:
-            metrics[f"eval/{key}"] = float(np.mean(values))
-    metrics.update(achievement_metrics(unlocked, len(logs), "eval/achievement/"))
+    for key in sorted({key for episode in logs for key in episode if not key.startswith("achievement_")}):
+        metrics[f"eval/{key}"] = float(np.mean([episode[key] for episode in logs if key in episode]))
+    metrics.update(achievement_metrics(unlocked_achievements(logs), len(logs), "eval/achievement/"))
     logger.scalars(metrics)
     if config.eval_only:  # the result itself, where the user looks
         logger.info(f"eval_only: return {metrics['eval/return']:.2f} (min {min(returns):.2f}, max "
@@ -573,8 +578,8 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     replay.set_rng_state(state["replay_rng"])
     logger.info(f"resumed from {source} at step {counters.step} ({counters.updates} updates)")
     changes = changed_settings(state["config"], config.to_dict())
-    if config.eval_only:  # steps, train_ratio, eval_only itself...: nothing an evaluation uses
-        changes = [c for c in changes if c.split(" ", 1)[0] not in NOT_MODEL_SHAPING]
+    if config.eval_only:  # only what changes an evaluation (not steps, train_ratio, eval_only itself...)
+        changes = [c for c in changes if changes_evaluation(c.split(" ", 1)[0])]
     if changes:
         logger.info("settings changed since the checkpoint: " + ", ".join(changes))
     saved_world = int(state.get("world", state["config"].get("parallel", 1)))
@@ -653,12 +658,6 @@ def check_same_task(saved: dict, config: Config, source: Path) -> None:
             f"new --logdir (this folder's replay holds {saved['task']}'s episodes).")
 
 
-# settings a resume may change freely: they never shape the model's parameters
-NOT_MODEL_SHAPING = {"steps", "seed", "device", "threads", "parallel", "eval_every", "eval_episode_num",
-                     "log_every", "save_every", "save_every_minutes", "train_ratio", "video", "video_length",
-                     "eval_only", "compile", "cuda_graphs", "precision", "prefill", "replay_size", "replay_chunk"}
-
-
 MODEL_PARTS = ("rssm.", "encoder.", "decoder.", "reward_head.", "cont_head.", "actor.", "critic.", "plan2explore.",
                f"{config_lib.ENV_OPTIONS}.")  # an env option can change the observations' shapes
 
@@ -667,6 +666,12 @@ def shapes_model(key: str) -> bool:
     """Whether config key `key` can change the shapes of the agent's parameters (a mismatch on resume
     names only these): the model's parts, the suite's options, the actor's distribution, the behaviour."""
     return key.startswith(MODEL_PARTS) or key in ("actor_dist", "behavior", "slow_value_target")
+
+
+def changes_evaluation(key: str) -> bool:
+    """Whether config key `key` can make an evaluation of a checkpoint differ from one under the
+    config it was trained with (what --eval_only lists as changed)."""
+    return shapes_model(key) or key in ("action_repeat", "time_limit", "reward_clip", "eval_sample", "precision")
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:

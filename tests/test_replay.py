@@ -469,5 +469,5 @@ def test_a_replay_smaller_than_one_sequence_is_raised_to_one_with_a_warning(tmp_
                                   str(tmp_path / "run"), "--replay_size", "10", "--batch_length", "16"])
     said: list[str] = []
     assert dreamer.make_replay(cfg, dreamer.resolve_paths(cfg), dreamer.Dist(0, 1), said.append).capacity == 16
-    assert said == ["replay_size 10 holds less than one sequence of batch_length 16 per process: each process's "
-                    "replay holds 16 steps instead"]
+    assert said == ["replay_size 10 holds less than one sequence of batch_length 16: the replay holds 16 steps "
+                    "instead"]
