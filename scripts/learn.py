@@ -240,6 +240,27 @@ def parse_extra(tokens: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def run_settings(logdir: Path) -> dict:
+    """The run's own config.yaml (what dreamer.py wrote when it started), or {} if there is none."""
+    path = Path(logdir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    from ruamel.yaml import YAML
+
+    return dict(YAML(typ="safe").load(path.read_text()) or {})
+
+
+def report_only_problem(check: "Check", logdir: Path, settings: dict) -> Optional[str]:
+    """Why --report-only cannot judge `logdir` as `check`: no metrics, or another task's run."""
+    if not (Path(logdir) / "metrics.jsonl").is_file():
+        return (f"no metrics.jsonl in {logdir}: --report-only judges a run that has logged; pass the --logdir "
+                f"of a {check.name} run (default ./logdir/learn/{check.name}), or drop --report-only to run it.")
+    if settings.get("task") not in (None, check.task):
+        return (f"the run in {logdir} trained task {settings['task']}, but check {check.name} is about "
+                f"{check.task}: pass the folder of a {check.task} run, or name the check of this run.")
+    return None
+
+
 def read_records(logdir: Path) -> list[dict]:
     """Records of <logdir>/metrics.jsonl in step order; none while the run has not logged yet."""
     try:
@@ -288,7 +309,7 @@ def report(check: Check, result: Outcome) -> str:
     ]
     if check.needs_achievements:
         score = result.achievements.get("achievement/crafter_score")
-        lines.append(f"achievements logged: {len(result.achievements)} keys, crafter score {fmt(score)}")
+        lines.append(f"achievements logged: {len(result.achievements)} keys, crafter score {fmt(score)}%")
     if check.paper:
         lines.append(f"paper: {check.paper}")
     lines.append("PASS" if passed(check, result) else "FAIL")
@@ -348,7 +369,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     steps = int(args.steps) if args.steps is not None else budget.steps
     logdir = args.logdir or str(ROOT / "logdir" / "learn" / check.name)
     argv_run = command(check, budget, steps, logdir, extra)
-    print("$ " + shlex.join(argv_run), flush=True)
+    if args.report_only:
+        problem = report_only_problem(check, Path(logdir), run_settings(Path(logdir)))
+        if problem:
+            print(f"learn.py: {problem}", file=sys.stderr)
+            return 2
+        print(f"judging {Path(logdir) / 'metrics.jsonl'} as check {check.name} (nothing is run)")
+    else:
+        print("$ " + shlex.join(argv_run), flush=True)
     if args.dry_run:
         return 0
     if not args.report_only:
@@ -358,9 +386,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"judging what {logdir}/metrics.jsonl holds (rerun this command to resume).")
         elif code != 0:
             print(f"dreamer.py exited with code {code}; judging what {logdir}/metrics.jsonl holds.")
-    prefill = int(float(dict(merged_overrides(budget.overrides, extra)).get("prefill", 2500)))
-    result = outcome(read_records(Path(logdir)), check.bar, prefill)
+    settings = run_settings(Path(logdir))  # the run's own prefill: the random-policy episodes are its
+    prefill = int(float(settings.get("prefill", dict(merged_overrides(budget.overrides, extra)).get("prefill", 2500))))
+    records = read_records(Path(logdir))
+    result = outcome(records, check.bar, prefill)
     print(report(check, result))
+    last_step = max((int(r["step"]) for r in records), default=0)
+    if last_step < steps:
+        print(f"(a partial run: its metrics end at step {last_step} of the check's {steps}; run the check "
+              "again to resume it to the end)")
     return 0 if passed(check, result) else 1
 
 

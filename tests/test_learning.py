@@ -87,6 +87,31 @@ def test_outcome_reads_final_best_first_at_bar_and_random_return():
     assert not learn.passed(learn.CHECKS["dmc_cartpole_balance"], result)  # 48 < 800
 
 
+def test_report_only_judges_the_runs_own_prefill_task_and_length(tmp_path, capsys):
+    """--report-only on a folder: the random-policy return comes from the episodes of the run's own
+    prefill (config.yaml: 100 steps; it used the check's 500, so trained episodes counted as random),
+    a partial run is called partial, another task's run or a folder without metrics is refused
+    (exit 2), and no command is printed as if it ran."""
+    import json
+
+    learn = load_learn()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("task: custom_reach\nprefill: 100\n")
+    records = [{"step": 100, "episode/return": -4.0}, {"step": 300, "episode/return": 70.0},
+               {"step": 500, "episode/return": 80.0, "eval/return": 75.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert learn.main(["custom_reach", "--report-only", "--logdir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "random-policy return (prefill episodes of this run): -4.0" in out and "$ " not in out
+    assert "(a partial run: its metrics end at step 500 of the check's 3000;" in out
+    assert learn.main(["crafter", "--report-only", "--logdir", str(run)]) == 2
+    assert ("the run in " + str(run) + " trained task custom_reach, but check crafter is about crafter_reward"
+            in capsys.readouterr().err)
+    assert learn.main(["custom_reach", "--report-only", "--logdir", str(tmp_path / "none")]) == 2
+    assert "no metrics.jsonl in" in capsys.readouterr().err
+
+
 def test_unknown_check_names_the_choices(capsys):
     learn = load_learn()
     with pytest.raises(SystemExit):
