@@ -45,7 +45,7 @@ import checkpoint as ckpt
 import config as config_lib
 import tools
 from config import EXIT_USER_ERROR, Config, ConfigError
-from logger import Logger, video_frame
+from logger import Logger, Pace, video_frame
 from replay import Prefetcher, Replay
 
 if __name__ == "__main__":  # the imports are done; until the loop's own handler (Interrupt) takes over
@@ -1085,17 +1085,23 @@ class Trainer:
         episode_stats: list = []
         interval = (time.time(), counters.step, counters.updates)
         last_save_time = time.time()
-        last_return = float("nan")
+        last_return: Optional[float] = None  # of the last finished training episode
+        pace = Pace(counters.step)  # the progress line's rate: stepping only
         while counters.step < config.steps and not self.stop_requested(interrupt):
             observations = self.pool.step(actions)
             finished = self.store(observations, actions)
             if finished:
                 last_return = finished[-1]["return"]
             episode_stats.extend(finished)
+            was_prefill = counters.step < config.prefill
             counters.step += steps_per_iter
             prefill = counters.step < config.prefill
+            if was_prefill and not prefill:
+                pace.restart(counters.step)  # the random steps' pace says nothing of the training's
             self.train(stop=lambda: interrupt.requested)
             actions, state = self.act(observations, state, prefill)
+            pace.add(counters.step)
+            paused = time.time()
             if self.should_log():
                 self.write_log(episode_stats, interval)
                 interval = (time.time(), counters.step, counters.updates)
@@ -1106,9 +1112,9 @@ class Trainer:
                 counters.last_save = counters.step
                 save(config, self.agent, counters, self.replay, self.paths, self.dist, logger, self.prefetch)
                 last_save_time = time.time()
-            if self.dist.main and counters.step > interval[1]:  # not at a log step: its interval just began
-                elapsed = max(time.time() - interval[0], 1e-9)
-                logger.progress(counters.step, config.steps, (counters.step - interval[1]) / elapsed, last_return)
+            pace.pause(time.time() - paused)
+            if self.dist.main:
+                logger.progress(counters.step, config.steps, pace.rate(), last_return, estimate=not prefill)
         if counters.step > max(counters.last_log, interval[1]):  # the same on every rank
             self.write_log(episode_stats, interval)  # the last, partial interval (a stop request)
             counters.last_log = counters.step

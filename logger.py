@@ -102,6 +102,33 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
+class Pace:
+    """Agent steps per second over the last `window` seconds of stepping, for the live progress line:
+    pauses (an evaluation, a checkpoint) are left out, so the rate after one is the stepping rate."""
+
+    def __init__(self, step: int, window: float = 60.0):
+        self.window = window
+        self.points: list[tuple[float, int]] = [(time.time(), step)]  # (time, step), oldest first
+
+    def restart(self, step: int) -> None:
+        """Forget the rate so far (e.g. the fast random steps of the prefill once training begins)."""
+        self.points = [(time.time(), step)]
+
+    def pause(self, seconds: float) -> None:
+        """`seconds` spent without stepping: moved out of the window."""
+        self.points = [(t + seconds, s) for t, s in self.points]
+
+    def add(self, step: int) -> None:
+        now = time.time()
+        self.points.append((now, step))
+        while len(self.points) > 2 and now - self.points[1][0] >= self.window:
+            self.points.pop(0)
+
+    def rate(self) -> float:
+        (t0, s0), (t1, s1) = self.points[0], self.points[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else float("nan")
+
+
 class Logger:
     """Collects scalars and videos between write() calls and writes them to every sink."""
 
@@ -217,13 +244,17 @@ class Logger:
             self._clear_progress()
             print(line, file=sys.stderr, flush=True)
 
-    def progress(self, step: int, total: int, fps: float, last_return: float | None = None) -> None:
-        """A live one-line status (steps done/total, fps, last return, time left) on an interactive
-        terminal; nothing when stderr is not a tty or the CI environment variable is set."""
+    def progress(self, step: int, total: int, fps: float, last_return: float | None = None,
+                 estimate: bool = True) -> None:
+        """A live one-line status (agent steps done/total, agent steps per second, the last training
+        episode's return, time left: '?' without `estimate`, e.g. during the prefill, whose random
+        steps say nothing of the training's pace) on an interactive terminal; nothing when stderr is
+        not a tty or the CI environment variable is set."""
         if not self.enabled or not live_terminal():
             return
-        left = (total - step) / fps if fps > 0 else float("nan")
-        text = f"step {int(step)}/{int(total)} ({100 * step / max(total, 1):.1f}%) | fps {fps:.1f}"
+        left = (total - step) / fps if fps > 0 and estimate else float("nan")
+        shown = f"{fps:.1f}" if math.isfinite(fps) else "?"
+        text = f"step {int(step)}/{int(total)} ({100 * step / max(total, 1):.1f}%) | fps {shown}"
         if last_return is not None:
             text += f" | return {format_number(to_float(last_return))}"
         text += f" | left {format_duration(left) if math.isfinite(left) else '?'}"

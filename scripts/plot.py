@@ -6,7 +6,8 @@
 One panel per key, the key against agent steps, one line per run, each smoothed with a trailing mean
 over `--smooth` logged points. Runs that share a label are drawn as their mean with a min-max band;
 a run's label is its folder name without a trailing `_seed<N>` or `-seed<N>` (`walker_seed0` and
-`walker_seed1` form one group), or the matching `--label` entry when given.
+`walker_seed1` form one group; folders of one name in different places are labelled with their
+parent's name too, `run_a/custom`), or the matching `--label` entry when given.
 """
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ SEED_SUFFIX = re.compile(r"[_-]seed\d+$")
 def run_label(logdir: Path) -> str:
     """Folder name without a trailing `_seed<N>` / `-seed<N>`."""
     return SEED_SUFFIX.sub("", Path(logdir).resolve().name)
+
+
+def run_labels(logdirs: list[Path]) -> list[str]:
+    """Each run's label (run_label); folders of one name in different places (run_a/custom and
+    run_b/custom, two experiments) are told apart by their parent's name instead of merged."""
+    paths = [Path(logdir).resolve() for logdir in logdirs]
+    names = [path.name for path in paths]
+    return [f"{path.parent.name}/{run_label(path)}" if names.count(path.name) > 1
+            and len({p.parent for p in paths if p.name == path.name}) > 1 else run_label(path) for path in paths]
 
 
 def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +98,7 @@ def plot_runs(
             f"--label needs one name per logdir: got {len(labels)} labels for {len(logdirs)} "
             "logdirs. Give as many labels as logdirs, or leave --label out."
         )
-    labels = labels or [run_label(Path(logdir)) for logdir in logdirs]
+    labels = labels or run_labels(logdirs)
     runs = [(label, read_metrics(Path(logdir))) for label, logdir in zip(labels, logdirs)]
     logged = logged_keys(runs)
     missing = [missing_key_note(key, logged) for key in keys if key not in logged]
@@ -129,8 +139,8 @@ def draw_key(axis, runs: list[tuple[str, list[dict]]], key: str, smooth: int) ->
         grid, mean, low, high = group_band(curves)
         line = axis.plot(grid, mean, label=f"{label} ({len(curves)} runs)")[0]
         axis.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    axis.set_title(key)
-    axis.set_xlabel("agent steps (env steps after action repeat)")
+    axis.set_title(key if smooth <= 1 else f"{key} (trailing mean of {smooth} points)")
+    axis.set_xlabel("agent steps (env frames / action_repeat)")
     axis.grid(alpha=0.3)
     if groups:
         axis.legend(fontsize="small")
@@ -144,8 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("logdirs", nargs="+", type=Path, help="run folders holding metrics.jsonl")
     parser.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG file to write")
     parser.add_argument("--keys", nargs="+", default=list(DEFAULT_KEYS), help="metrics to plot")
-    parser.add_argument("--smooth", type=int, default=10, help="trailing mean over N logged points")
-    parser.add_argument("--label", nargs="+", default=None, help="one group name per logdir")
+    parser.add_argument("--smooth", type=int, default=10,
+                        help="trailing mean over N logged points (default 10; 1 draws the points as logged)")
+    parser.add_argument("--label", nargs="+", default=None,
+                        help="one group name per logdir (default: the folder's name without _seed<N>; runs "
+                             "with one name are drawn as their mean and min-max band)")
     args = parser.parse_args(argv)
     try:
         out = plot_runs(args.logdirs, args.out, args.keys, args.smooth, args.label)

@@ -51,6 +51,9 @@ def test_labels_group_seeds_and_bands_are_min_max() -> None:
     assert plot.run_label(Path("/x/walker_walk_seed12")) == "walker_walk"
     assert plot.run_label(Path("/x/cheetah-seed0")) == "cheetah"
     assert plot.run_label(Path("/x/seedless")) == "seedless"
+    # one folder name in two places: two experiments, not seeds of one (they were merged into one band)
+    assert plot.run_labels([Path("/a/run_a/custom"), Path("/a/run_b/custom"), Path("/a/w_seed0"), Path("/a/w_seed1")]) == [
+        "run_a/custom", "run_b/custom", "w", "w"]
     curves = [(np.array([0.0, 10.0, 20.0]), np.array([0.0, 1.0, 2.0])),
               (np.array([5.0, 15.0, 25.0]), np.array([2.0, 3.0, 4.0]))]
     grid, mean, low, high = plot.group_band(curves)

@@ -747,6 +747,32 @@ def test_an_evaluations_achievements_are_success_rates_as_in_training():
     assert not [key for key in logged if key.startswith("eval/achievement_")]
 
 
+def test_the_progress_lines_pace_leaves_out_evaluations_and_saves(monkeypatch):
+    """After an evaluation or a checkpoint the line showed 'fps 0.2 | left 0:07:44' for a run that
+    ended 16 s later: the pause counted as stepping time. Pace leaves pauses out and forgets old
+    points after its window."""
+    import logger as logger_lib
+
+    now = [1000.0]
+    monkeypatch.setattr(logger_lib.time, "time", lambda: now[0])
+    pace = logger_lib.Pace(0, window=60.0)
+    for step in range(1, 11):  # 10 steps per second
+        now[0] += 0.1
+        pace.add(step)
+    assert pace.rate() == pytest.approx(10.0)
+    now[0] += 30.0  # a 30 s evaluation
+    pace.pause(30.0)
+    now[0] += 0.1
+    pace.add(11)
+    assert pace.rate() == pytest.approx(10.0)
+    pace.restart(11)
+    assert pace.rate() != pace.rate()  # NaN: nothing measured since the restart
+    for step in range(12, 1000):
+        now[0] += 0.5  # slower now: the window of 60 s holds only the slow steps
+        pace.add(step)
+    assert pace.rate() == pytest.approx(2.0, rel=0.02)
+
+
 def test_the_live_progress_line_keeps_its_speed_at_a_log_step(tmp_path, monkeypatch, capsys):
     """On a terminal the progress line is redrawn every step; at a log step the interval restarts,
     and the line showed 'fps 0.0 | ... | left ?' there (the last one of a run among them)."""
@@ -761,4 +787,7 @@ def test_the_live_progress_line_keeps_its_speed_at_a_log_step(tmp_path, monkeypa
     dreamer.train(config)
     lines = [part for part in capsys.readouterr().err.split("\r") if part.startswith("step ")]
     assert len(lines) > 100 and any(line.startswith("step 199/200 ") for line in lines), lines[-3:]
-    assert not [line for line in lines if "fps 0.0 " in line or "left ?" in line], lines[-3:]
+    training = [line for line in lines if int(line.split()[1].split("/")[0]) > 100]  # from the 2nd training step
+    assert training and not [line for line in training if "fps 0.0 " in line or "left ?" in line], training[-3:]
+    assert all("left ?" in line for line in lines if int(line.split()[1].split("/")[0]) < 100)  # random steps
+    assert not [line for line in lines if "nan" in line], lines[:3]  # no 'return nan' before an episode ends
