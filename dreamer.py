@@ -576,7 +576,11 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     counters = Counters(**state["counters"])
     ckpt.restore_rng_states(state["rng"])
     replay.set_rng_state(state["replay_rng"])
-    logger.info(f"resumed from {source} at step {counters.step} ({counters.updates} updates)")
+    if config.eval_only:
+        logger.info(f"loaded {source} (step {counters.step}, {counters.updates} updates) to evaluate it; logs in "
+                    f"{paths.logdir / 'eval_only'}")
+    else:
+        logger.info(f"resumed from {source} at step {counters.step} ({counters.updates} updates)")
     changes = changed_settings(state["config"], config.to_dict())
     if config.eval_only:  # only what changes an evaluation (not steps, train_ratio, eval_only itself...)
         changes = [c for c in changes if changes_evaluation(c.split(" ", 1)[0])]

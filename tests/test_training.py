@@ -206,6 +206,8 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
     (record,) = read_metrics(logdir / "eval_only")
     assert record["eval/episodes"] == 2 and math.isfinite(record["eval/return"]) and record["step"] == 300
     assert "replay: loaded" not in (logdir / "eval_only" / "train.log").read_text()
+    assert f"loaded {logdir / 'latest.pt'} (step 300, " in evaluated.stderr and "resumed from" not in evaluated.stderr
+    assert f"to evaluate it; logs in {logdir / 'eval_only'}" in evaluated.stderr
     shown = re.search(r"INFO eval_only: return (-?[\d.]+) \(min (-?[\d.]+), max (-?[\d.]+)\) over 2 episodes",
                       evaluated.stderr)  # the result on the console, not only in the logs
     assert shown and float(shown[1]) == pytest.approx(record["eval/return"], abs=0.01), evaluated.stderr[-2000:]
