@@ -102,6 +102,11 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
+def is_achievement_rate(name: str) -> bool:
+    """achievement/<name> or eval/achievement/<name>, but not the crafter_score beside them."""
+    return "achievement/" in name and not name.endswith("/crafter_score")
+
+
 class Pace:
     """Agent steps per second over the last `window` seconds of stepping, for the live progress line:
     pauses (an evaluation, a checkpoint) are left out, so the rate after one is the stepping rate."""
@@ -191,7 +196,10 @@ class Logger:
         self._scalars, self._videos = {}, {}
 
     def _write_text(self, step: int, values: dict[str, float]) -> None:
-        parts = [f"{name} {format_number(values[name])}" for name in ordered_names(list(values))]
+        """One line per write: every scalar but the per-achievement rates (22 of them for Crafter,
+        in metrics.jsonl and TensorBoard), of which the line keeps the score."""
+        shown = [name for name in ordered_names(list(values)) if not is_achievement_rate(name)]
+        parts = [f"{name} {format_number(values[name])}" for name in shown]
         self._clear_progress()
         self._text.write(f"[{timestamp()}] step {int(step)} | " + " | ".join(parts) + "\n")
         self._text.flush()

@@ -196,3 +196,9 @@ def assert_crafter_achievements(logdir: Path, records: list[dict]) -> None:
     assert not missing, f"missing in TensorBoard: {missing}"
     step, score = scalars["achievement/crafter_score"][-1]
     assert step == last["step"] and score == pytest.approx(last["achievement/crafter_score"], rel=1e-5)
+    # train.log keeps the score, not 22 rates per line (lines of 1,300+ characters to tail -f)
+    lines = [line for line in (logdir / "train.log").read_text().splitlines() if "achievement/crafter_score" in line]
+    assert lines and not [line for line in lines if "achievement/collect_wood" in line], lines[-1][:300]
+    assert "eval/achievement/crafter_score" in "".join(lines)
+    eval_rates = [r for r in records if "eval/achievement/collect_wood" in r]
+    assert eval_rates and 0.0 <= eval_rates[-1]["eval/achievement/collect_wood"] <= 100.0
