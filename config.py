@@ -771,6 +771,7 @@ def to_yaml(config: Config) -> str:
     """The config as YAML text (what `config.yaml` in the logdir holds)."""
     yaml = YAML(typ="safe")
     yaml.default_flow_style = None
+    yaml.width = 4096  # one line per nested block: a block broken mid-entry is hard to read
     stream = io.StringIO()
     yaml.dump(config.to_dict(), stream)
     return stream.getvalue()
