@@ -1131,6 +1131,9 @@ class Trainer:
             if self.dist.main:
                 self.logger.info("another rank got a stop request (Ctrl-C or SIGTERM): every rank stops after "
                                  "this step, and rank 0 saves")
+        elif stop and interrupt.signal is not None and self.dist.main:  # the console's notice, into train.log
+            self.logger.info(f"{signal.Signals(interrupt.signal).name} at step {self.counters.step}: stopping "
+                             "after this step and saving")
         interrupt.requested = interrupt.requested or stop
         return stop
 

@@ -264,6 +264,7 @@ def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
     assert process.returncode == 130, stderr[-3000:]  # 128 + SIGINT: stopped, not finished
     text = log.read_text()
     assert "saved checkpoint" in text and "to resume, run the same command again" in text
+    assert re.search(r"INFO SIGINT at step \d+: stopping after this step and saving\n", text)  # not only on the console
     import checkpoint
 
     state = checkpoint.load_checkpoint(logdir / "latest.pt")
@@ -326,7 +327,8 @@ def test_a_local_ctrl_c_after_another_ranks_stop_request_is_a_first_request(caps
 
     said: list[str] = []
     trainer = SimpleNamespace(all_ranks=lambda flag: False,  # some rank's flag is False: it got a stop
-                              dist=SimpleNamespace(main=True), logger=SimpleNamespace(info=said.append))
+                              dist=SimpleNamespace(main=True), logger=SimpleNamespace(info=said.append),
+                              counters=SimpleNamespace(step=120))
     interrupt = dreamer.Interrupt()
     assert dreamer.Trainer.stop_requested(trainer, interrupt)
     assert said == ["another rank got a stop request (Ctrl-C or SIGTERM): every rank stops after this "
@@ -339,7 +341,8 @@ def test_a_local_ctrl_c_after_another_ranks_stop_request_is_a_first_request(caps
         interrupt._handle(signal.SIGINT, None)
     trainer.all_ranks = lambda flag: flag  # this rank's own request: no word about another rank
     said.clear()
-    assert dreamer.Trainer.stop_requested(trainer, interrupt) and said == []
+    assert dreamer.Trainer.stop_requested(trainer, interrupt)
+    assert said == ["SIGINT at step 120: stopping after this step and saving"]  # train.log gets the notice too
 
 
 def test_ctrl_c_during_an_evaluation_cuts_it_short_and_saves(tmp_path):
