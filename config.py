@@ -48,8 +48,9 @@ POSITIVE = (
 NON_NEGATIVE = ("prefill", "eval_every", "time_limit", "threads", "save_every_minutes", "reward_clip", "seed",
                 "envs.max_restarts", "encoder.mlp_layers", "decoder.mlp_layers", "reward_head.layers",
                 "cont_head.layers", "actor.layers", "critic.layers", "plan2explore.layers", "actor.min_std")
-UNIT_INTERVAL = ("discount", "discount_lambda", "slow_target_fraction", "rssm.unimix", "actor.unimix",
-                 "return_norm.decay")
+UNIT_INTERVAL = ("discount_lambda", "slow_target_fraction", "rssm.unimix", "actor.unimix", "return_norm.decay")
+# Keys in (0, 1], and why 0 is out.
+ABOVE_ZERO_TO_ONE = {"discount": "the imagined steps' weights divide by it; the paper's is 0.997"}
 AT_LEAST_TWO = {  # key: why
     "reward_head.bins": "a two-hot target needs two bins; the paper's are 255",
     "critic.bins": "a two-hot target needs two bins; the paper's are 255",
@@ -662,6 +663,10 @@ def validate(tree: dict[str, Any]) -> dict[str, Any]:
         value = lookup(tree, key)
         if value is not None and not 0 <= value <= 1:
             raise ConfigError(f"--{key} must lie in [0, 1], but it is {value}.")
+    for key, why in ABOVE_ZERO_TO_ONE.items():
+        value = lookup(tree, key)
+        if value is not None and not 0 < value <= 1:
+            raise ConfigError(f"--{key} must lie in (0, 1], but it is {value} ({why}).")
     check_related_values(tree)
     if "_" not in tree["task"]:
         raise ConfigError(
@@ -685,12 +690,8 @@ def validate(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_related_values(tree: dict[str, Any]) -> None:
-    """Values that are fine alone but not together, or need more than a sign: the discount, the
-    conv kernels, the return percentiles, the actor's std range and the reward scale."""
-    discount = lookup(tree, "discount")
-    if discount is not None and discount == 0:
-        raise ConfigError("--discount must lie in (0, 1], but it is 0 (the imagined steps' weights divide by it; "
-                          "the paper's is 0.997).")
+    """Values that are fine alone but not together, or need more than a sign: the conv kernels,
+    the return percentiles, the actor's std range and the reward scale."""
     for side in ("encoder", "decoder"):
         kernel = lookup(tree, f"{side}.kernel")
         if kernel is not None and (kernel < 2 or kernel % 2):

@@ -6,6 +6,7 @@ made with enabled=False (non-zero ranks of a parallel run) writes nothing and pr
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -109,25 +110,30 @@ def is_achievement_rate(name: str) -> bool:
 
 class Pace:
     """Agent steps per second over the last `window` seconds of stepping, for the live progress line:
-    pauses (an evaluation, a checkpoint) are left out, so the rate after one is the stepping rate."""
+    pauses (an evaluation, a checkpoint) are left out, so the rate after one is the stepping rate.
+    Times are read on a clock that stops during pauses, so a pause costs nothing per point."""
 
     def __init__(self, step: int, window: float = 60.0):
         self.window = window
-        self.points: list[tuple[float, int]] = [(time.time(), step)]  # (time, step), oldest first
+        self.paused = 0.0  # seconds of pauses so far: the stepping clock is time.time() - paused
+        self.points: collections.deque[tuple[float, int]] = collections.deque([(self._clock(), step)])
+
+    def _clock(self) -> float:
+        return time.time() - self.paused
 
     def restart(self, step: int) -> None:
         """Forget the rate so far (e.g. the fast random steps of the prefill once training begins)."""
-        self.points = [(time.time(), step)]
+        self.points = collections.deque([(self._clock(), step)])
 
     def pause(self, seconds: float) -> None:
-        """`seconds` spent without stepping: moved out of the window."""
-        self.points = [(t + seconds, s) for t, s in self.points]
+        """`seconds` spent without stepping: left out of the window."""
+        self.paused += seconds
 
     def add(self, step: int) -> None:
-        now = time.time()
+        now = self._clock()
         self.points.append((now, step))
         while len(self.points) > 2 and now - self.points[1][0] >= self.window:
-            self.points.pop(0)
+            self.points.popleft()
 
     def rate(self) -> float:
         (t0, s0), (t1, s1) = self.points[0], self.points[-1]

@@ -58,9 +58,10 @@ def check_running_step(obs: Mapping, where: str) -> None:
                 what = ('returned a reward of' if key == 'reward' else
                         f"observation '{key}' contains {bad} at {count} of {array.size} entries:")
                 raise EnvCheckError(
-                    f"{where}: {what} {array.tolist() if array.size <= 8 else bad}; every float observation (also "
-                    "one the model does not read: the replay stores it) and every reward must be finite. Find where the env divides by "
-                    "zero or overflows, or replace the values (np.nan_to_num) in the env or a wrapper. "
+                    f"{where}: {what} {array.tolist() if array.size <= 8 else bad}; every float observation "
+                    "(also one the model does not read: the replay stores it) and every reward must be finite. "
+                    "Find where the env divides by zero or overflows, or replace the values (np.nan_to_num) "
+                    "in the env or a wrapper. "
                     "The run stopped before storing the step, and nothing on disk changed: once the env is "
                     "fixed, the same command resumes from the last checkpoint with its replay (or starts "
                     "afresh if none was saved yet).")

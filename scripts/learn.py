@@ -370,7 +370,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logdir = args.logdir or str(ROOT / "logdir" / "learn" / check.name)
     argv_run = command(check, budget, steps, logdir, extra)
     if args.report_only:
-        problem = report_only_problem(check, Path(logdir), run_settings(Path(logdir)))
+        problem = report_only_problem(check, Path(logdir), run_settings(Path(logdir)))  # read again after a run
         if problem:
             print(f"learn.py: {problem}", file=sys.stderr)
             return 2

@@ -159,7 +159,7 @@ def test_wrong_types_name_key_type_and_value(tmp_path, argv, message):
         (["--precision", "8"], r"--precision is '8', which is not one of 32, 16, bf16"),
         (["--envs.parallel", "fork"], r"--envs.parallel is 'fork', which is not one of process, thread, none"),
         (["--batch_size", "0"], r"--batch_size must be greater than 0"),
-        (["--discount", "1.5"], r"--discount must lie in \[0, 1\]"),
+        (["--discount", "1.5"], r"--discount must lie in \(0, 1\], but it is 1.5"),
         (["--task", "pong"], r"--task 'pong' must be <suite>_<name>"),
         (["--device", "gpu"], r"--device 'gpu' must be auto, cpu, cuda or cuda:N"),
         (["--encoder.cnn_keys", "("], r"--encoder.cnn_keys '\(' is not a valid regular expression"),
@@ -169,7 +169,7 @@ def test_wrong_types_name_key_type_and_value(tmp_path, argv, message):
                                      r"gradient and a negative value reverse them; the paper clips at 1000"),
         (["--ac_grad_clip", "-1"], r"--ac_grad_clip must be greater than 0, but it is -1.0 \(0 would zero"),
         (["--model_eps", "0"], r"--model_eps must be greater than 0, but it is 0.0 \(Adam divides by sqrt\(v\) \+ eps"),
-        (["--discount", "0"], r"--discount must lie in \(0, 1\], but it is 0 \(the imagined steps' weights divide"),
+        (["--discount", "0"], r"--discount must lie in \(0, 1\], but it is 0.0 \(the imagined steps' weights divide"),
         (["--plan2explore.ensemble", "1"], r"--plan2explore.ensemble must be at least 2, but it is 1 \(the intrinsic "
                                            r"reward is the members' disagreement"),
         (["--critic.bins", "1"], r"--critic.bins must be at least 2, but it is 1 \(a two-hot target needs two bins"),
