@@ -36,6 +36,12 @@ RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.
 # Small pieces of maths
 
 
+def squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(pred - target)^2 elementwise, in one pass forward and one backward (mse_loss unreduced;
+    a subtraction and a square were two passes each way over the decoded images)."""
+    return nn.functional.mse_loss(pred, target, reduction="none")
+
+
 def summed_reward(terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The reward: the sum of a RewardFn's terms, float32 (...)."""
     first, *rest = terms.values()  # a reward function returns at least one term
@@ -261,9 +267,11 @@ class WorldModel(nn.Module):
         cfg = self.config
         terms: dict[str, torch.Tensor] = {}
         recon = self.decoder(feat)
-        image = [(recon[k].float() - targets[k].float() / 255.0).square().sum((-3, -2, -1))
+        # squared errors summed over each observation (uint8 images / 255 convert in the division)
+        image = [squared_error(recon[k].float(), targets[k] / 255.0).sum((-3, -2, -1))
                  for k in self.decoder.cnn_keys]
-        vector = [(recon[k].float() - symlog(targets[k].float())).square().sum(-1) for k in self.decoder.mlp_keys]
+        vector = [squared_error(recon[k].float(), symlog(targets[k].float())).sum(-1)
+                  for k in self.decoder.mlp_keys]
         if image:
             terms["image"] = sum(image)
         if vector:

@@ -847,7 +847,9 @@ class MultiDecoder(nn.Module):
         if self.cnn_keys:
             images = self.cnn(feat.reshape(-1, feat.shape[-1]))
             images = images.reshape(*batch_shape, *images.shape[1:])
-            out.update(zip(self.cnn_keys, images.split(self.image_channels, -1)))
+            # one key: no split, whose backward is a slow concatenation along the 3 channels
+            parts = [images] if len(self.cnn_keys) == 1 else images.split(self.image_channels, -1)
+            out.update(zip(self.cnn_keys, parts))
         if self.mlp_keys:
             out.update(zip(self.mlp_keys, self.mlp(feat).split(self.vector_dims, -1)))
         return out

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
 import exploration
-from models import ReturnNormalizer, action_size, kl_losses, lambda_returns
+from models import ReturnNormalizer, action_size, kl_losses, lambda_returns, squared_error
 from tools import set_seed
 
 IMAGE = gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)
@@ -184,6 +184,28 @@ def test_public_output_shapes(obs, dist):
 
 
 # -- learning and isolation ---------------------------------------------------------------------
+
+def test_reconstruction_terms_are_squared_errors_summed_per_observation():
+    agent, batch, cfg = make("mixed")
+    wm = agent.wm
+    states = wm.observe(batch)
+    feat = torch.cat([states["stoch"], states["deter"]], -1)  # (B, T, F)
+    targets = {k: batch[k] for k in ("image", "vector", "reward", "is_terminal")}
+    terms = wm._heads_loss_eager(feat, states["post"], states["prior"], targets)
+    recon = {k: v.detach().double().numpy() for k, v in wm.decoder(feat).items()}
+    image = batch["image"].numpy().astype(np.float64) / 255.0  # uint8 (B, T, 16, 16, 3)
+    vector = batch["vector"].numpy().astype(np.float64)
+    symlog = np.sign(vector) * np.log1p(np.abs(vector))
+    expected_image = ((recon["image"] - image) ** 2).sum((-3, -2, -1))  # (B, T)
+    expected_vector = ((recon["vector"] - symlog) ** 2).sum(-1)
+    assert terms["image"].shape == (cfg.batch_size, cfg.batch_length)
+    np.testing.assert_allclose(terms["image"].detach().numpy(), expected_image, rtol=1e-5)
+    np.testing.assert_allclose(terms["vector"].detach().numpy(), expected_vector, rtol=1e-5)
+    # and the gradient of a squared error is 2 (prediction - target)
+    pred, target = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+    squared_error(pred, target).sum().backward()
+    torch.testing.assert_close(pred.grad, 2 * (pred - target).detach())
+
 
 def test_world_model_loss_drops_on_a_fixed_batch():
     """100 updates on one batch: the loss must fall below 75% of its start (it reaches about 65%)."""
