@@ -182,7 +182,8 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
                    "a few hours on 2 CPU cores"),
         gpu=Budget(("crafter", "size_s"), 1000000, (
             ("train_ratio", "512"), ("eval_every", "50000"),
-        ), "days on one GPU (the paper's train_ratio and learning rates, size S, 1M steps)"),
+        ), "days on one GPU (the paper's train_ratio and learning rates, 1M steps; size S, where "
+           "the paper's code trains Crafter at XL)"),
         needs_achievements=True,
         over_random=1.0,
         paper="Crafter 1M steps: reward 11.7 +- 1.9",

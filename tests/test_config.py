@@ -222,6 +222,24 @@ def test_size_presets_follow_the_paper():
         assert (cfg.rssm.deter, cfg.encoder.cnn_depth, cfg.actor.units, cfg.critic.layers) == (deter, depth, units, layers)
 
 
+def test_suites_build_the_paper_codes_model_size():
+    """v1's configs shrink DMC and Atari100k to S; Atari 200M, Crafter and Minecraft keep its
+    default XL. Every model-size setting of the XL suites equals size_xl's, and a size block after
+    the suite shrinks it."""
+    def sizes(*blocks):
+        cfg = load_config(["--configs", *blocks])
+        return {"deter": cfg.rssm.deter, "hidden": cfg.rssm.hidden, "encoder": cfg.encoder.cnn_depth,
+                "decoder": cfg.decoder.cnn_depth, **{part: (cfg[part].units, cfg[part].layers) for part in
+                ("reward_head", "cont_head", "actor", "critic", "plan2explore")}}
+    for suite in ("dmc_proprio", "dmc_vision", "atari100k"):
+        assert sizes(suite) == sizes(suite, "size_s"), suite
+    for suite in ("atari", "crafter", "minecraft"):
+        assert sizes(suite) == sizes(suite, "size_xl"), suite
+        assert sizes(suite)["deter"] == 4096 and sizes(suite)["actor"] == (1024, 5)
+        assert sizes(suite, "size_s") == sizes("dmc_vision"), suite
+        assert load_config(["--configs", suite])["encoder"].cnn_keys == "image"
+
+
 def test_help_lists_blocks_and_keys_with_comments():
     text = config_lib.help_text()
     assert "blocks: dmc_proprio" in text and "debug" in text
