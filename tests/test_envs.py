@@ -477,6 +477,64 @@ def test_gym_image_observations_resized_and_discrete_observation_one_hot(monkeyp
     assert env.render().shape == (100, 150, 3)
 
 
+class OffsetDiscreteEnv(gym.Env):
+    """Registered below as TestOffsetDiscrete-v0: Discrete(3, start=5) observations 5, 6, 7, ..."""
+
+    metadata = {'render_modes': ['rgb_array'], 'render_fps': 30}
+
+    def __init__(self, render_mode=None):
+        self.observation_space = gym.spaces.Discrete(3, start=5)
+        self.action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.state = 5
+        return self.state, {}
+
+    def step(self, action):
+        self.state = 5 + (self.state - 4) % 3
+        return self.state, 0.0, False, False, {}
+
+
+class Float64BoxEnv(gym.Env):
+    """Registered below as TestFloat64Box-v0: (2, 2) float64 observations."""
+
+    metadata = {'render_modes': ['rgb_array'], 'render_fps': 30}
+
+    def __init__(self, render_mode=None):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (2, 2), np.float64)
+        self.action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.array([[0.1, 0.2], [0.3, 0.4]]), {}
+
+    def step(self, action):
+        return np.full((2, 2), 0.5), 0.0, False, False, {}
+
+
+def test_gym_discrete_observations_one_hot_from_the_spaces_start():
+    if 'TestOffsetDiscrete-v0' not in gym.registry:
+        gym.register('TestOffsetDiscrete-v0', entry_point=OffsetDiscreteEnv)
+    env = envs.make_env(make_config('--task', 'gym_TestOffsetDiscrete-v0', '--action_repeat', '1'), 'train', 0)
+    assert env.obs_space['vector'] == gym.spaces.Box(0, 1, (3,), np.float32)
+    obs, _ = env.reset()
+    np.testing.assert_array_equal(obs['vector'], [1, 0, 0])  # 5 is the first class
+    obs, *_ = env.step(0)
+    np.testing.assert_array_equal(obs['vector'], [0, 1, 0])
+    assert obs['vector'].dtype == np.float32
+
+
+def test_gym_box_observations_arrive_flat_and_float32():
+    if 'TestFloat64Box-v0' not in gym.registry:
+        gym.register('TestFloat64Box-v0', entry_point=Float64BoxEnv)
+    env = envs.make_env(make_config('--task', 'gym_TestFloat64Box-v0', '--action_repeat', '1'), 'train', 0)
+    assert env.obs_space['vector'] == gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    obs, _ = env.reset()
+    assert obs['vector'].dtype == np.float32
+    np.testing.assert_allclose(obs['vector'], [0.1, 0.2, 0.3, 0.4], rtol=1e-6)
+
+
 def test_gym_pendulum_image():
     pytest.importorskip('pygame', reason='gymnasium classic-control rendering needs pygame')
     config = make_config('--task', 'gym_Pendulum-v1', '--env.gym.image', 'True')

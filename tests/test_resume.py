@@ -568,6 +568,17 @@ def test_fresh_run_in_a_folder_left_without_a_checkpoint_sets_the_old_curves_asi
     assert aside == old
 
 
+def test_updates_owed_count_the_replayed_steps_of_every_process():
+    """train_ratio is replayed steps per agent step over the whole run: with `world` processes each
+    update of each process replays one batch, so each process owes 1/world of the updates."""
+    cfg = debug_config("--train_ratio", "8")  # batch 4 x 16 = 64 replayed steps per update
+    counters = dreamer.Counters(step=100 + 64 * 10, updates=0, train_start=100)
+    assert dreamer.updates_due(counters, cfg, world=1) == 8 * 10 // 1 + 1
+    assert dreamer.updates_due(counters, cfg, world=2) == 8 * 10 // 2 + 1
+    assert dreamer.updates_due(counters, cfg, world=4) == 8 * 10 // 4 + 1
+    assert dreamer.updates_per_step(8, 4, 16, 2) == 8 / (4 * 16 * 2)
+
+
 def test_lowered_train_ratio_keeps_training_after_a_resume():
     """A lower rate counted from the start of training would owe fewer updates than were done, so
     training would pause for thousands of steps; restarted at the resume step, it goes on at once."""

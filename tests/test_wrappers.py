@@ -73,6 +73,13 @@ def test_action_repeat_sums_rewards_and_stops_at_done():
     assert len(inner.actions) == 5  # the third agent step stopped after one env step
 
 
+def test_action_repeat_stops_at_a_truncation_too():
+    inner = wrappers.TimeLimit(TinyEnv(end=100), duration=3)
+    env = wrappers.ActionRepeat(inner, repeat=2)
+    assert run_episode(env, np.zeros(2)) == [(1 + 2, False, False), (3, False, True)]
+    assert len(inner.env.actions) == 3  # not stepped again after the truncation
+
+
 def test_time_limit_truncates_without_terminating_and_resets_its_counter():
     env = wrappers.TimeLimit(TinyEnv(end=100), duration=3)
     assert run_episode(env, np.zeros(2)) == [(1, False, False), (2, False, False), (3, False, True)]
