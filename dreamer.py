@@ -203,7 +203,7 @@ def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str
              f"{each} holds {config.batch_length} steps instead")
     directory = None if config.eval_only else paths.replay_dir  # an evaluation stores nothing (and makes no folder)
     return Replay(capacity, config.batch_length, directory, chunk=config.replay_chunk,
-                  seed=config.seed + dist.rank, warn=warn)
+                  seed=config.seed + dist.rank, warn=warn, keep_evicted=config.replay_keep_evicted)
 
 
 def lock_run_folder(paths: RunPaths, dist: Dist, eval_only: bool) -> Optional[tools.FolderLock]:

@@ -20,11 +20,16 @@ Layout on disk (when `directory` is given)
     `flush()` writes the unfinished chunks under the same names; a later flush or the full chunk
     overwrites that file, so a step is never on disk twice. Each chunk also stores `_order`, the
     global insertion counter of its steps, so `load()` rebuilds the FIFO order across workers and
-    keeps only the most recent `capacity` steps. Chunks older than that stay on disk (nothing here
-    deletes data): disk use grows with the whole run, about the in-memory size per `capacity` steps.
+    keeps only the most recent `capacity` steps. With `keep_evicted=False` a chunk file is deleted
+    once every one of its steps has been evicted from memory, so the folder holds about `capacity`
+    steps (plus one chunk per worker) however long the run; with True every step of the run stays
+    on disk (for offline use) and disk use grows with the run. Chunks a resume does not load (older
+    than its newest `capacity` steps) are never deleted: a resume with a smaller replay_size loses
+    nothing on disk.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import os
 import queue
@@ -167,27 +172,34 @@ class _WorkerIds:
 
 class _ChunkWriter:
     """Buffers one worker's steps and writes them as chunk files (see module docstring). A failed
-    write (e.g. a full disk) warns, keeps the steps and tries again at the next chunk boundary."""
+    write (e.g. a full disk) warns, keeps the steps and tries again at the next chunk boundary.
+    `closed(path, newest order)` hears of every chunk written in full (its name is final)."""
 
     def __init__(
-        self, directory: Path, worker: int, first: int, chunk: int, warn: Callable[[str], None]
+        self, directory: Path, worker: int, first: int, chunk: int, warn: Callable[[str], None],
+        closed: Callable[[Path, int], None],
     ) -> None:
         self.directory, self.worker, self.first, self.chunk = directory, worker, first, chunk
-        self.warn = warn
+        self.warn, self.closed = warn, closed
         self.pending: list[dict[str, np.ndarray]] = []
+
+    def path(self) -> Path:
+        return self.directory / f"w{self.worker:03d}-{self.first:012d}.npz"
 
     def add(self, step: dict[str, np.ndarray]) -> None:
         self.pending.append({key: np.array(value, copy=True) for key, value in step.items()})
         if len(self.pending) % self.chunk == 0 and self.write():
+            path, newest = self.path(), int(self.pending[-1][ORDER_KEY])
             self.first += len(self.pending)
             self.pending = []
+            self.closed(path, newest)
 
     def write(self) -> bool:
         """Write the buffered steps under this chunk's name; False when the write failed."""
         if not self.pending:
             return True
         arrays = {key: np.stack([step[key] for step in self.pending]) for key in self.pending[0]}
-        path = self.directory / f"w{self.worker:03d}-{self.first:012d}.npz"
+        path = self.path()
         try:
             write_npz_atomic(path, arrays)
         except OSError as error:
@@ -263,6 +275,7 @@ class Replay:
         chunk: int = 1024,
         seed: int = 0,
         warn: Callable[[str], None] | None = None,
+        keep_evicted: bool = True,
     ) -> None:
         if batch_length < 1 or capacity < batch_length:
             raise ValueError(
@@ -281,6 +294,11 @@ class Replay:
         self._arrays: dict[str, np.ndarray] = {}
         self._slot_worker = np.zeros(self.capacity, np.int32)  # worker of the step in each slot
         self._slot_position = np.zeros(self.capacity, np.int64)  # its running index in that worker
+        self._slot_order = np.zeros(self.capacity, np.int64)  # its insertion counter (as on disk)
+        self.keep_evicted = bool(keep_evicted)
+        self._closed: dict[int, collections.deque] = {}  # per worker: (newest order, path) of full chunks
+        self._evicted_order: dict[int, int] = {}  # per worker: order of its newest evicted step
+        self._delete_warned = False
         self._workers: dict[int, _WorkerIds] = {}
         self._disk_next: dict[int, int] = {}  # next on-disk step index per worker (from load)
         self._writers: dict[int, _ChunkWriter] = {}
@@ -288,7 +306,9 @@ class Replay:
         self._next_id = 0  # global id of the next step (in-memory)
         self._next_order = 0  # global insertion counter written to disk (continues on resume)
         self._counts = {"inserts": 0, "samples": 0, "evictions": 0, "loaded": 0}
-        self.steps_on_disk = 0  # steps in the folder's readable chunks, every worker's (set by load)
+        # steps the folder's chunks have held, every worker's (set by load): each worker's running
+        # index past its newest readable chunk, so chunks deleted after eviction still count
+        self.steps_on_disk = 0
 
     # --- adding ---------------------------------------------------------------------------------
 
@@ -301,7 +321,7 @@ class Replay:
         order = self._next_order
         self._next_order += 1
         with self._lock:
-            self._insert(stored, worker)
+            self._insert(stored, worker, order)
         if self.directory is not None:
             self._writer(worker).add({**stored, ORDER_KEY: np.asarray(order, np.int64)})
         self._counts["inserts"] += 1
@@ -346,7 +366,7 @@ class Replay:
             raise ReplayMemoryError(replay_memory_message(self.capacity, step_bytes, layout,
                                                           "the operating system refused to reserve it")) from None
 
-    def _insert(self, stored: dict[str, np.ndarray], worker: int) -> None:
+    def _insert(self, stored: dict[str, np.ndarray], worker: int, order: int) -> None:
         gid = self._next_id
         if gid >= self.capacity:
             self._evict(gid - self.capacity)
@@ -356,6 +376,7 @@ class Replay:
         ids = self._workers.setdefault(worker, _WorkerIds())
         position = ids.dropped + ids.count  # running index of this step in its worker's memory
         self._slot_worker[slot], self._slot_position[slot] = worker, position
+        self._slot_order[slot] = order
         ids.append(gid)
         if ids.count >= self.batch_length:
             self._starts.add(ids.at(ids.count - self.batch_length))
@@ -367,12 +388,37 @@ class Replay:
         assert oldest == gid, (oldest, gid)
         self._starts.discard(gid)
         self._counts["evictions"] += 1
+        self._evicted_order[worker] = int(self._slot_order[gid % self.capacity])
+        self._delete_evicted_chunks(worker)
+
+    def _chunk_closed(self, worker: int, path: Path, newest: int) -> None:
+        """A chunk file of `worker` holds its final steps, the newest with insertion counter `newest`."""
+        self._closed.setdefault(worker, collections.deque()).append((newest, path))
+        self._delete_evicted_chunks(worker)
+
+    def _delete_evicted_chunks(self, worker: int) -> None:
+        """Without keep_evicted, delete `worker`'s full chunk files whose steps are all evicted
+        (the worker's steps are evicted oldest first, so those are the front of its queue)."""
+        chunks = self._closed.get(worker)
+        if self.keep_evicted or not chunks:
+            return
+        evicted = self._evicted_order.get(worker, -1)
+        while chunks and chunks[0][0] <= evicted:
+            _, path = chunks.popleft()
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                if not self._delete_warned:
+                    self._delete_warned = True
+                    self._warn(f"could not delete replay chunk {path} ({error}), whose steps have all left the "
+                               "replay; such chunks stay on disk (this is said once)")
 
     def _writer(self, worker: int) -> _ChunkWriter:
         if worker not in self._writers:
             first = self._disk_next.get(worker, 0)
             self._writers[worker] = _ChunkWriter(
-                self.directory, worker, first, self.chunk, self._warn
+                self.directory, worker, first, self.chunk, self._warn,
+                lambda path, newest: self._chunk_closed(worker, path, newest),
             )
         return self._writers[worker]
 
@@ -461,7 +507,7 @@ class Replay:
             )
         headers = self._chunk_headers()
         self._resume_counters(headers)
-        self.steps_on_disk = sum(len(order) for order, *_ in headers)
+        self.steps_on_disk = sum(self._disk_next.values())
         if keep_worker is not None:
             headers = [header for header in headers if keep_worker(header[1])]
         if not headers:
@@ -469,13 +515,16 @@ class Replay:
         orders = np.concatenate([order for order, *_ in headers])  # (steps on disk,)
         newest = min(self.capacity, len(orders))
         threshold = int(np.partition(orders, -newest)[-newest])  # oldest order id to keep
+        for order, worker, first, path in sorted(headers, key=lambda header: (header[1], header[2])):
+            if int(order.max()) >= threshold:  # loaded: deleted once its steps are evicted again
+                self._closed.setdefault(worker, collections.deque()).append((int(order.max()), path))
         loaded = 0
         for order, worker, arrays, index in self._steps_in_order(headers, threshold):
             if order < threshold:
                 continue
             step = self._prepare({key: value[index] for key, value in arrays.items()})
             with self._lock:
-                self._insert(step, worker)
+                self._insert(step, worker, order)
             loaded += 1
         self._counts["loaded"] = loaded
         return loaded

@@ -188,6 +188,50 @@ def test_resumed_run_continues_on_disk_without_overwriting(tmp_path: Path) -> No
     assert "w000-000000000011.npz" in {p.name for p in tmp_path.iterdir()}
 
 
+def orders_on_disk(directory: Path) -> list[int]:
+    orders = []
+    for path in sorted(directory.glob("*.npz")):
+        with np.load(path) as data:
+            orders += data["_order"].tolist()
+    return sorted(orders)
+
+
+def test_evicted_chunks_are_deleted_so_the_folder_holds_about_capacity_steps(tmp_path: Path) -> None:
+    replay = Replay(capacity=20, batch_length=2, directory=tmp_path, chunk=5, keep_evicted=False)
+    for counter in range(103):  # two workers, interleaved unevenly
+        worker = 0 if counter % 3 else 1
+        replay.add(make_step(counter, worker), worker=worker)
+        on_disk = orders_on_disk(tmp_path)
+        assert len(on_disk) <= 20 + 2 * 5  # the replay's steps, at most a chunk more per worker
+    replay.flush()
+    in_memory = sorted(replay._slot_order[: len(replay)].tolist())
+    assert in_memory == list(range(83, 103))
+    assert set(in_memory) <= set(orders_on_disk(tmp_path))  # every step of the replay is on disk
+    resumed = Replay(capacity=20, batch_length=2, directory=tmp_path, chunk=5, keep_evicted=False)
+    assert resumed.load() == 20
+    assert resumed.steps_on_disk == 103  # deleted chunks still count as steps the run stored
+    assert stored_counters(resumed) == stored_counters(replay)
+
+
+def test_kept_evicted_chunks_hold_the_whole_run(tmp_path: Path) -> None:
+    replay = Replay(capacity=20, batch_length=2, directory=tmp_path, chunk=5, keep_evicted=True)
+    fill(replay, 100)
+    assert orders_on_disk(tmp_path) == list(range(100))
+
+
+def test_a_resume_deletes_only_the_chunks_it_loaded_and_evicted(tmp_path: Path) -> None:
+    """Chunks older than what a resume loads stay (a resume with a smaller replay_size loses
+    nothing on disk); the loaded ones go once their steps leave the replay again."""
+    first = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=5, keep_evicted=False)
+    fill(first, 50)
+    first.flush()
+    resumed = Replay(capacity=20, batch_length=2, directory=tmp_path, chunk=5, keep_evicted=False)
+    assert resumed.load() == 20  # steps 30..49 of chunks 30..49
+    assert orders_on_disk(tmp_path) == list(range(50))
+    fill(resumed, 12, offset=50)  # evicts 30..41: chunks 30-34 and 35-39 go, 40-44 keeps 42..44
+    assert orders_on_disk(tmp_path) == list(range(30)) + list(range(40, 60))
+
+
 def test_load_keeps_only_the_most_recent_capacity_steps(tmp_path: Path) -> None:
     writer = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
     for counter in range(60):
@@ -459,6 +503,19 @@ def test_a_run_reserves_no_more_replay_than_its_steps(tmp_path) -> None:
     extra_dist = (1, 2)  # rank 1 of 2 holds half
     assert capacity("--steps", "400", "--replay_size", "1000000") == 201
     assert capacity("--steps", "400", "--replay_size", "100", "--batch_length", "8") == 50
+
+
+def test_a_runs_replay_folder_holds_about_replay_size_steps_unless_told_to_keep_all(tmp_path) -> None:
+    import config as config_lib
+    import dreamer
+
+    for keep, expected in (("False", list(range(300 - 60, 300))), ("True", list(range(300)))):
+        cfg = config_lib.load_config(["--configs", "debug", "custom", "--task", "custom_reach", "--logdir",
+                                      str(tmp_path / keep), "--replay_size", "60", "--replay_chunk", "20",
+                                      "--replay_keep_evicted", keep])
+        replay = dreamer.make_replay(cfg, dreamer.resolve_paths(cfg), dreamer.Dist(0, 1), print)
+        fill(replay, 300)
+        assert orders_on_disk(tmp_path / keep / "replay") == expected
 
 
 def test_a_replay_smaller_than_one_sequence_is_raised_to_one_with_a_warning(tmp_path) -> None:

@@ -115,12 +115,15 @@ def wait_for_logged_step(process: subprocess.Popen, train_log: Path, step: int,
     raise AssertionError(f"step {step} was not logged within {timeout} s")
 
 
+KILLED_RUN_EXTRA = ("--replay_keep_evicted", "True")  # the whole run stays on disk, so every step can be counted
+
+
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory) -> dict:
     """A run killed with SIGKILL at a random moment after its first checkpoint, then resumed with
     the very same command (no --from_checkpoint: the logdir's latest.pt is found by itself)."""
     logdir = tmp_path_factory.mktemp("kill") / "run"
-    args = run_args(logdir)
+    args = run_args(logdir, *KILLED_RUN_EXTRA)
     out = open(logdir.parent / "first.out", "w")
     process = subprocess.Popen(cli_command(args), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                env=cli_env())
@@ -466,7 +469,7 @@ def test_resume_with_a_new_train_ratio_applies_it_from_the_resume_step(killed_ru
     train_ratio 32 makes 100 x 32 / (4 x 16) = 50 more updates, not the 301 - 63 = 238 that the new
     ratio counted from the start of training would owe before the next env step."""
     logdir = copy_run(killed_run["logdir"], tmp_path / "run")
-    args = run_args(logdir, steps=STEPS + 100)
+    args = run_args(logdir, *KILLED_RUN_EXTRA, steps=STEPS + 100)
     args[args.index("--train_ratio") + 1] = "32"
     result = run_cli(args)
     assert result.returncode == 0, result.stderr[-3000:]
