@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import dreamer
 from config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -796,3 +797,20 @@ def test_the_live_progress_line_keeps_its_speed_at_a_log_step(tmp_path, monkeypa
     assert training and not [line for line in training if "fps 0.0 " in line or "left ?" in line], training[-3:]
     assert all("left ?" in line for line in lines if int(line.split()[1].split("/")[0]) < 100)  # random steps
     assert not [line for line in lines if "nan" in line], lines[:3]  # no 'return nan' before an episode ends
+
+
+def test_episode_returns_and_lengths_restart_at_each_episode():
+    tracker = dreamer.EpisodeTracker(2)
+    steps = [(True, 0.0, False), (False, 1.0, False), (False, 2.0, True),  # episode 1: return 3, length 2
+             (True, 0.0, False), (False, 5.0, True)]  # episode 2: return 5, length 1
+    summaries = [tracker.add(0, {"is_first": f, "reward": r, "is_last": last}) for f, r, last in steps]
+    assert [s for s in summaries if s] == [{"return": 3.0, "length": 2}, {"return": 5.0, "length": 1}]
+    assert tracker.add(1, {"is_first": True, "reward": 0.0, "is_last": False}) is None
+
+
+def test_logged_train_metrics_are_means_over_the_interval():
+    sums = dreamer.MetricSums()
+    for value in (1.0, 2.0, 6.0):
+        sums.add({"loss/model": torch.tensor(value), "grad/model_norm": torch.tensor(2 * value)})
+    assert sums.means() == {"loss/model": 3.0, "grad/model_norm": 6.0}
+    assert sums.means() == {}  # reset for the next interval
