@@ -392,7 +392,10 @@ class Replay:
         self._delete_evicted_chunks(worker)
 
     def _chunk_closed(self, worker: int, path: Path, newest: int) -> None:
-        """A chunk file of `worker` holds its final steps, the newest with insertion counter `newest`."""
+        """A chunk file of `worker` holds its final steps, the newest with insertion counter `newest`
+        (kept in the worker's queue for deletion; nothing is kept with keep_evicted)."""
+        if self.keep_evicted:
+            return
         self._closed.setdefault(worker, collections.deque()).append((newest, path))
         self._delete_evicted_chunks(worker)
 
@@ -400,7 +403,7 @@ class Replay:
         """Without keep_evicted, delete `worker`'s full chunk files whose steps are all evicted
         (the worker's steps are evicted oldest first, so those are the front of its queue)."""
         chunks = self._closed.get(worker)
-        if self.keep_evicted or not chunks:
+        if not chunks:
             return
         evicted = self._evicted_order.get(worker, -1)
         while chunks and chunks[0][0] <= evicted:
@@ -517,7 +520,7 @@ class Replay:
         threshold = int(np.partition(orders, -newest)[-newest])  # oldest order id to keep
         for order, worker, first, path in sorted(headers, key=lambda header: (header[1], header[2])):
             if int(order.max()) >= threshold:  # loaded: deleted once its steps are evicted again
-                self._closed.setdefault(worker, collections.deque()).append((int(order.max()), path))
+                self._chunk_closed(worker, path, int(order.max()))
         loaded = 0
         for order, worker, arrays, index in self._steps_in_order(headers, threshold):
             if order < threshold:
