@@ -185,10 +185,27 @@ def env_start_failure(error: Exception, mode: str, first_index: int, logger: Log
         "it drives: fix it and run the command again.")
 
 
-def make_agent(config: Config, obs_space: dict, act_space: Any, device: torch.device) -> Agent:
+def make_agent(config: Config, obs_space: dict, act_space: Any, device: torch.device, seed: Optional[int] = None) -> Agent:
     import exploration
 
-    return exploration.make_agent(obs_space, act_space, config, device)
+    return exploration.make_agent(obs_space, act_space, config, device, seed)
+
+
+def rank_seed(config: Config, rank: int, step: int = 0) -> int:
+    """The seed of one rank's generators (python, numpy, torch, the replay sampler, the random
+    actions): config.seed on rank 0 of a fresh run, 1000 apart per rank; `step` (a resumed rank other
+    than 0) moves it by 100,003 per agent step, as the train envs' seeds move."""
+    return int(config.seed) + 1000 * rank + 100_003 * step
+
+
+def reseed_resumed_rank(config: Config, agent: Agent, replay: Replay, rank: int, step: int) -> None:
+    """A checkpoint holds rank 0's generator states, and restoring them on every rank would have all
+    ranks draw the same policy noise, random actions and batch positions: a resumed rank other than 0
+    takes generators of its own instead."""
+    seed = rank_seed(config, rank, step)
+    tools.set_seed(seed, config.deterministic)
+    agent.reseed_random_actions(seed)
+    replay.set_rng_state(np.random.default_rng(seed).bit_generator.state)
 
 
 def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str], None]) -> Replay:
@@ -203,7 +220,7 @@ def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str
              f"{each} holds {config.batch_length} steps instead")
     directory = None if config.eval_only else paths.replay_dir  # an evaluation stores nothing (and makes no folder)
     return Replay(capacity, config.batch_length, directory, chunk=config.replay_chunk,
-                  seed=config.seed + dist.rank, warn=warn, keep_evicted=config.replay_keep_evicted)
+                  seed=rank_seed(config, dist.rank), warn=warn, keep_evicted=config.replay_keep_evicted)
 
 
 def lock_run_folder(paths: RunPaths, dist: Dist, eval_only: bool) -> Optional[tools.FolderLock]:
@@ -838,7 +855,7 @@ class Trainer:
         self.threads = tools.set_threads(config.threads, processes=dist.world)
         self.keeps_freed_memory = tools.keep_freed_cpu_memory()
         tools.use_tf32_on_cuda(self.device, config.deterministic)
-        tools.set_seed(config.seed + 1000 * dist.rank, config.deterministic)
+        tools.set_seed(rank_seed(config, dist.rank), config.deterministic)
         self.pool = None
         self.wants_video = bool(config.video)  # False once render() has raised or given no frame
         self.warned: set[str] = set()  # warnings given (each evaluation would repeat them)
@@ -863,7 +880,8 @@ class Trainer:
             self.pool = make_env_pool(config, "eval", 1, 0, self.logger)
         else:
             self.pool = make_env_pool(config, "train", config.envs.amount, self.first_env, self.logger, seed_shift)
-        self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device)
+        self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device,
+                                rank_seed(config, dist.rank))
         from networks import unusable_keys_warning, unused_keys_note
 
         warning = unusable_keys_warning(self.pool.obs_space, config.encoder)
@@ -882,6 +900,8 @@ class Trainer:
         if resumed is not None:
             self.counters = restore(config, self.agent, self.replay, self.paths, self.device, self.logger,
                                     dist.world, resumed)
+            if dist.rank > 0:
+                reseed_resumed_rank(config, self.agent, self.replay, dist.rank, self.counters.step)
         # an --eval_only run trains nothing: its replay stays on disk, unread
         loaded = 0 if config.eval_only else self.replay.load(keep_worker=lambda worker: worker % dist.world == dist.rank)
         loaded = self.sum_over_ranks(loaded)  # every rank's share

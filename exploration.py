@@ -135,7 +135,7 @@ class Agent:
     """World model + task actor-critic (+ exploration behaviour), their optimisers and counters."""
 
     def __init__(self, obs_space: Mapping[str, gymnasium.spaces.Box], act_space: gymnasium.Space, config,
-                 device: torch.device):
+                 device: torch.device, seed: int | None = None):
         self.config, self.device = config, torch.device(device)
         self.obs_space, self.act_space = dict(obs_space), act_space
         self.discrete = isinstance(act_space, gymnasium.spaces.Discrete)
@@ -159,7 +159,7 @@ class Agent:
         self.optimizers = self._make_optimizers()
         self.updates = 0
         self.grad_sync: GradSync | None = None
-        self.rng = np.random.default_rng(int(config.seed))
+        self.rng = np.random.default_rng(int(config.seed) if seed is None else int(seed))  # random actions
 
     def _make_optimizers(self) -> dict[str, Optimizer]:
         cfg, scaler = self.config, self.precision == "16"
@@ -315,6 +315,9 @@ class Agent:
             action = action.clamp(-1.0, 1.0)
         return action.cpu().numpy(), (stoch, deter, action)
 
+    def reseed_random_actions(self, seed: int) -> None:
+        self.rng = np.random.default_rng(int(seed))
+
     def random_actions(self, n: int) -> np.ndarray:
         """Uniform random actions (N, A) float32: one-hot for Discrete, uniform in [-1, 1] for Box."""
         if self.discrete:
@@ -391,9 +394,10 @@ def use_cuda_graphs(config: Config, device: torch.device) -> bool:
 
 
 def make_agent(obs_space: Mapping[str, gymnasium.spaces.Box], act_space: gymnasium.Space, config: Config,
-               device: torch.device | str) -> Agent:
-    """The agent for these spaces and config, on `device`, with the behaviour `config.behavior`."""
-    return Agent(obs_space, act_space, config, torch.device(device))
+               device: torch.device | str, seed: int | None = None) -> Agent:
+    """The agent for these spaces and config, on `device`, with the behaviour `config.behavior`;
+    `seed` (config.seed when not given) seeds its random actions."""
+    return Agent(obs_space, act_space, config, torch.device(device), seed)
 
 
 def synthetic_batch(obs_space: Mapping[str, gymnasium.spaces.Box], act_space: gymnasium.Space,

@@ -50,8 +50,44 @@ def test_two_rank_gloo_debug_run_writes_one_set_of_logs(tmp_path):
     assert two.returncode == 0, two.stderr[-4000:]
     log = (logdir / "train.log").read_text()
     assert "at step 400" in log and "finished: 500 steps" in log
+    # each rank loads its own envs' chunks (w000: 150 + the 1-rank run's 100 steps, w001: 150), once
+    assert log.count("replay: loaded 400 steps") == 1, log
     steps = [json.loads(line)["step"] for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 500
+
+    # the ranks of a resumed run: rank 0's weights everywhere, but generators of their own
+    ranks = set_up_two_ranks(tmp_path / "resumed", common[1:])
+    assert ranks[0]["step"] == ranks[1]["step"] == 500
+    assert_ranks_start_alike_and_draw_apart(ranks)
+
+
+def set_up_two_ranks(out: Path, argv: list[str]) -> list[dict]:
+    """What each rank of a 2-rank run starts with, after the trainer's set-up (tests/helpers/dist_ranks.py)."""
+    out.mkdir()
+    result = run([str(HELPERS / "dist_ranks.py"), "--out", str(out), *argv])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+def assert_ranks_start_alike_and_draw_apart(ranks: list[dict]) -> None:
+    first, second = ranks
+    torch.testing.assert_close(second["params"], first["params"], rtol=0, atol=0)  # rank 0's, broadcast
+    for key in ("actions", "torch"):
+        assert not torch.equal(first[key], second[key]), key
+    assert first["python"] != second["python"] and first["numpy"] != second["numpy"]
+    assert first["replay_rng"] != second["replay_rng"]
+    # the return normaliser's gather: every rank's values, in rank order, on every rank
+    for rank in ranks:
+        assert rank["gathered"].tolist() == [0.0, 10.0, 1.0, 11.0]
+
+
+def test_the_ranks_of_a_fresh_run_start_from_rank_0s_weights_with_generators_of_their_own(tmp_path):
+    """Each rank seeds its generators apart (or every rank would take the same random prefill
+    actions and policy noise), and so builds other initial weights: rank 0's are broadcast."""
+    ranks = set_up_two_ranks(tmp_path / "fresh", ["--configs", "debug", "custom", "--task", "custom_reach",
+                                                  "--device", "cpu", "--logdir", str(tmp_path / "run")])
+    assert ranks[0]["step"] == ranks[1]["step"] == 0
+    assert_ranks_start_alike_and_draw_apart(ranks)
 
 
 def test_one_update_on_two_ranks_equals_one_on_the_whole_batch(tmp_path):
