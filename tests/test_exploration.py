@@ -153,3 +153,48 @@ def test_synthetic_batch_follows_the_data_conventions():
     assert batch["action"].shape == (2, 6, 3) and batch["reward"].shape == (2, 6)
     assert batch["is_first"][:, 0].all() and (batch["action"][batch["is_first"]] == 0).all()
     assert not (batch["is_terminal"] & ~batch["is_last"]).any()
+
+
+def test_plan2explore_evaluates_with_the_task_actor_and_explores_with_its_own():
+    agent, _ = make("plan2explore")
+    first = obs(3, [True] * 3)
+
+    def act(mode):  # the same posterior sample (obs_step samples the latent) and action noise each time
+        torch.manual_seed(1)
+        return agent.policy(first, None, mode)[0]
+
+    evaluated, explored = act("eval"), act("train")
+    with torch.no_grad():  # an exploration actor that always asks for -1: train mode follows it, eval does not
+        last = [m for m in agent.expl.ac.actor.modules() if isinstance(m, torch.nn.Linear)][-1]
+        for p in agent.expl.ac.actor.parameters():
+            p.zero_()
+        last.bias.fill_(-20.0)
+    np.testing.assert_array_equal(act("eval"), evaluated)
+    pushed = act("train")
+    assert not np.allclose(pushed, explored) and pushed.mean() < -0.9, pushed
+    with torch.no_grad():  # and a changed task actor changes the evaluation
+        for p in agent.task.actor.parameters():
+            p.add_(0.5)
+    assert not np.allclose(act("eval"), evaluated)
+
+
+def test_plan2explore_ensemble_loss_skips_pairs_across_an_episode_start():
+    agent, batch = make("plan2explore")
+    expl = agent.expl
+    with torch.no_grad():
+        states = agent.wm.observe(batch)
+    is_first = batch["is_first"].clone()
+    is_first[:, 1:] = False
+    is_first[0, 5] = True  # one episode start inside the sequences: the pair (4, 5) crosses it
+    batch = {**batch, "is_first": is_first}
+    with torch.no_grad():
+        loss = expl.ensemble_loss(states, batch)
+        feat = torch.cat([states["stoch"], states["deter"]], -1)[:, :-1]  # (B, T-1, F)
+        inputs = torch.cat([feat, batch["action"][:, 1:]], -1)
+        preds = expl.ensemble(inputs.reshape(-1, inputs.shape[-1]))  # (M, B*(T-1), S*C)
+        error = (preds - states["stoch"][:, 1:].reshape(1, -1, states["stoch"].shape[-1])).square().sum(-1)
+        keep = torch.ones(error.shape[1], dtype=torch.bool)
+        keep[4] = False  # batch row 0, pair index 4 (t=4 -> t=5)
+        expected = error[:, keep].mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    assert not torch.isclose(error.mean(), expected, rtol=1e-4)  # the skipped pair weighs
