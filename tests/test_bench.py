@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,9 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path: Path) -> None:
     assert len(saved["all_seconds"]["total"]) == 2  # --iters timed updates
     assert saved["argv"][-6:-4] == ["--json", str(out)]
     ops = (tmp_path / "ops.txt").read_text()
-    assert "time inside aten ops" in ops and " mm\n" in ops and "backward of " in ops and "models.py:" in ops
+    assert "time inside aten ops" in ops and " mm\n" in ops and "backward of " in ops
+    # forward ops name their project line (which file's lines reach the 50 slowest rows varies with load)
+    assert re.search(r" (models|networks|distributions|exploration)\.py:\d+\n", ops), ops
     launches = (tmp_path / "launches.txt").read_text().splitlines()
     total = int(launches[0].removeprefix("launch-like calls per update: "))
     assert f"# launches_per_update: {total}" in run.stdout
