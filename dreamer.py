@@ -843,6 +843,15 @@ def restart_update_schedule(counters: Counters, saved: dict, saved_world: int, c
                 f"{counters.step} on ({counters.updates} updates so far)")
 
 
+def passed_a_multiple(step: int, last: int, every: int) -> bool:
+    """Whether a log, save or evaluation every `every` steps is due at `step`, the last one made at
+    `last`: the count has reached a multiple of `every` that it had not reached then. So they keep to
+    the multiples of `every` (the first step at or after each, when several steps pass per
+    iteration), also after an extra one made off the grid: the final log and save of a run stopped
+    by Ctrl-C, a save after save_every_minutes. `every` 0: never."""
+    return every > 0 and step // every > last // every
+
+
 class Trainer:
     """Owns the run's objects and runs the act / store / train loop."""
 
@@ -929,19 +938,18 @@ class Trainer:
 
     # -- schedule
     def should_eval(self) -> bool:
-        c = self.config
-        return c.eval_every > 0 and self.counters.step - self.counters.last_eval >= c.eval_every
+        return passed_a_multiple(self.counters.step, self.counters.last_eval, self.config.eval_every)
 
     def should_eval_at_end(self) -> bool:
         c = self.config
         return c.eval_every > 0 and self.counters.last_eval < self.counters.step >= c.steps
 
     def should_log(self) -> bool:
-        return self.counters.step - self.counters.last_log >= self.config.log_every
+        return passed_a_multiple(self.counters.step, self.counters.last_log, self.config.log_every)
 
     def should_save(self, last_save_time: float) -> bool:
         c = self.config
-        by_steps = self.counters.step - self.counters.last_save >= c.save_every
+        by_steps = passed_a_multiple(self.counters.step, self.counters.last_save, c.save_every)
         by_time = c.save_every_minutes > 0 and time.time() - last_save_time >= 60 * c.save_every_minutes
         return by_steps or by_time
 

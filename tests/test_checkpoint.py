@@ -165,6 +165,16 @@ def test_a_complete_tmp_file_is_the_newest_checkpoint_when_latest_is_missing(tmp
                                 "(the steps after it are trained again).")
 
 
+def test_a_complete_tmp_file_alone_is_a_run_to_resume_and_a_partial_one_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"step": 100})
+    path.rename(tmp_path / "latest.pt.tmp")  # a first save stopped between its renames: no .prev yet
+    assert checkpoint.has_checkpoint(path)
+    tmp = tmp_path / "latest.pt.tmp"
+    tmp.write_bytes(tmp.read_bytes()[:100])
+    assert not checkpoint.has_checkpoint(path)
+
+
 def test_a_full_disk_reported_by_torchs_zip_writer_is_a_write_error(tmp_path: Path, monkeypatch) -> None:
     """torch.save reports a full disk from its zip writer as a RuntimeError, not an OSError."""
     path = tmp_path / "latest.pt"

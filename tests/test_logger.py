@@ -47,6 +47,16 @@ def test_write_fills_train_log_metrics_and_tensorboard(tmp_path: Path) -> None:
     assert len(videos) == 1 and videos[0].step == 100 and videos[0].encoded_image_string[:3] == b"GIF"
 
 
+def test_tensorboard_shows_each_write_while_the_run_goes_on(tmp_path: Path) -> None:
+    log = Logger(tmp_path)
+    try:
+        log.scalar("episode/return", 2.5)
+        log.write(10)  # flushed: not only after 30 s (flush_secs) or at close
+        assert [(e.step, e.value) for e in read_events(tmp_path).Scalars("episode/return")] == [(10, 2.5)]
+    finally:
+        log.close()
+
+
 def test_batched_video_and_bad_video_shape(tmp_path: Path) -> None:
     log = Logger(tmp_path, tensorboard=True)
     log.video("openloop", np.full((2, 4, 8, 8, 3), 200, np.uint8))

@@ -486,6 +486,15 @@ def test_a_replay_that_fits_but_takes_most_of_memory_warns_once_with_what_fits(t
     quiet: list[str] = []
     Replay(capacity=40, batch_length=4, directory=tmp_path / "other", chunk=2, warn=quiet.append).add(step)
     assert quiet == []  # 400 KiB: under half
+    # the bound between a warning and the error is the memory itself: 102 steps (1,044,276 bytes)
+    # still start, 103 (1,054,514 bytes > 1 MiB) stop with the paragraph
+    near: list[str] = []
+    Replay(capacity=102, batch_length=4, directory=tmp_path / "near", chunk=2, warn=near.append).add(step)
+    assert len(near) == 1 and "lower --replay_size to about 51 steps" in near[0]
+    from replay import ReplayMemoryError
+
+    with pytest.raises(ReplayMemoryError, match=r"holding 103 steps of 10,2\d\d bytes each"):
+        Replay(capacity=103, batch_length=4, directory=tmp_path / "over", chunk=2).add(step)
 
 
 def test_a_run_reserves_no_more_replay_than_its_steps(tmp_path) -> None:

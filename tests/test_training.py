@@ -273,6 +273,37 @@ def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
     last = read_metrics(logdir)[-1]  # the partial interval before the stop is logged too
     assert last["step"] == state["counters"]["step"] and last["perf/updates"] == state["counters"]["updates"]
 
+    # the resumed run logs (every 100 steps) and saves (every 200) at the multiples again, not
+    # 100 / 200 steps after the stop's extra log and save
+    stopped = state["counters"]["step"]
+    assert stopped % 100, stopped  # a stop between two logs (a log every 100 steps, ~30 s of Ctrl-C delay)
+    end = stopped - stopped % 100 + 300
+    import os
+
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "dreamer.py"), "--configs", "debug", "custom", "--task", "custom_reach",
+         "--steps", str(end), "--save_every", "200", "--eval_every", "0", "--logdir", str(logdir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "CI": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    later = [r["step"] for r in read_metrics(logdir) if r["step"] > stopped]
+    assert later == [end - 200, end - 100, end], later
+    saves = [int(s) for s in re.findall(r"saved checkpoint .* at step (\d+)", log.read_text())]
+    due = [x for x in range(stopped + 1, end + 1) if x % 200 == 0]
+    assert [s for s in saves if s > stopped] == due + ([end] if end not in due else []), saves
+
+
+def test_logs_saves_and_evaluations_keep_to_the_multiples_of_their_interval():
+    passed = []
+    last = 0
+    for step in range(0, 1001, 7):  # 7 steps per iteration: the first step at or after each multiple
+        if dreamer.passed_a_multiple(step, last, 300):
+            passed.append(step)
+            last = step
+    assert passed == [301, 602, 903]
+    assert dreamer.passed_a_multiple(1000, 937, 1000) and not dreamer.passed_a_multiple(1999, 1000, 1000)
+    assert not dreamer.passed_a_multiple(1999, 1234, 1000) and dreamer.passed_a_multiple(2000, 1234, 1000)
+    assert not dreamer.passed_a_multiple(10**6, 0, 0)  # every 0: never
+
 
 def test_a_stop_request_is_heard_between_the_updates_of_one_step(tmp_path):
     """train_ratio 1e6 owes ~15,600 updates per agent step (minutes here): SIGTERM used to wait for
