@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from config import lookup
+from tools import fsync_directory, write_synced
 
 
 class CheckpointError(RuntimeError):
@@ -56,20 +57,6 @@ def has_checkpoint(path: Path) -> bool:
     return path.is_file() or previous_path(path).is_file() or is_intact(tmp_path(path))
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make renames inside `directory` durable (no-op where directories cannot be opened)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def tmp_path(path: Path) -> Path:
     """`latest.pt` -> `latest.pt.tmp` (where save_checkpoint writes before renaming)."""
     path = Path(path)
@@ -98,12 +85,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
-        with open(tmp, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
+        write_synced(tmp, lambda file: torch.save(state, file))
     except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as RuntimeError
-        tmp.unlink(missing_ok=True)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else describe(error)
         raise CheckpointWriteError(
             f"could not write checkpoint {path} ({reason}). The previous checkpoint, if any, is "

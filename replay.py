@@ -16,7 +16,8 @@ the world model starts its state fresh there. Unfinished episodes are sampled li
 Layout on disk (when `directory` is given)
     Every added step is also buffered per worker and written to
     `directory/w{worker:03d}-{first:012d}.npz` (`first` = that worker's running step index of the
-    chunk's first step) once `chunk` steps are buffered, atomically (tmp file, fsync, rename).
+    chunk's first step) once `chunk` steps are buffered, atomically (tmp file, fsync, rename, then
+    fsync of the folder, so the rename itself survives a power cut).
     `flush()` writes the unfinished chunks under the same names; a later flush or the full chunk
     overwrites that file, so a step is never on disk twice. Each chunk also stores `_order`, the
     global insertion counter of its steps, so `load()` rebuilds the FIFO order across workers and
@@ -42,6 +43,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+
+from tools import fsync_directory, write_synced
+
 
 class ReplayMemoryError(MemoryError):
     """The replay's capacity cannot be held in this machine's memory (message names the fix)."""
@@ -219,17 +223,11 @@ def same_kind_of_values(dtype: np.dtype, stored: np.dtype) -> bool:
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an uncompressed npz to `path` via a tmp file, fsync and rename."""
+    """Write an uncompressed npz to `path` via a tmp file: fsync, rename, fsync of the folder."""
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_synced(tmp, lambda file: np.savez(file, **arrays))
     os.replace(tmp, path)
+    fsync_directory(path.parent)
 
 
 def read_chunk(path: Path, warn: Callable[[str], None]) -> dict[str, np.ndarray] | None:

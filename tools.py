@@ -1,4 +1,4 @@
-"""Small shared helpers only: symlog/symexp, seeding, device and thread set-up.
+"""Small shared helpers only: symlog/symexp, seeding, device and thread set-up, durable file writes.
 
 Anything larger (replay, logging, checkpoints, distributions) has its own module; see LAYOUT in the
 README's developer section.
@@ -10,6 +10,8 @@ import ctypes.util
 import os
 import random
 import sys
+from pathlib import Path
+from typing import IO, Callable
 
 import numpy as np
 import torch
@@ -158,3 +160,31 @@ class FolderLock:
 def plural(count: int, noun: str) -> str:
     """'1 episode', '3 episodes'."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make renames inside `directory` durable (no-op where directories cannot be opened)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def write_synced(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """`write(file)` into `path`, flushed and fsynced before returning; on any error (or Ctrl-C)
+    the partial file is removed and the error raised. The caller renames it into place and then
+    calls fsync_directory, so that a crash leaves either the old file or the complete new one."""
+    try:
+        with open(path, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise

@@ -197,9 +197,7 @@ class Atari:
         terminated = over or (life_loss and self._lives_mode == 'reset')
         self._continue_game = life_loss and self._lives_mode == 'reset' and not over
         discount_terminal = life_loss and self._lives_mode == 'discount'
-        truncated = not terminated and 0 < self._length <= self._frames
-        if truncated:
-            self._continue_game = False  # the next reset() starts a new game
+        truncated = not terminated and 0 < self._length <= self._frames  # reset() then starts a new game
         info = {'life_loss': bool(life_loss), 'lives': lives,
                 'is_terminal': bool(terminated or discount_terminal)}
         return self._observation(frames), reward, bool(terminated), bool(truncated), info

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import checkpoint
+from helpers.disk_events import record_disk_events
 from checkpoint import (
     capture_rng_states, check_config_sizes, check_shapes, load_checkpoint, restore_rng_states,
     save_checkpoint,
@@ -264,3 +265,32 @@ def test_nested_state_dicts_are_compared_by_dotted_names() -> None:
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"parameter 'model\.rssm\.w' has shape \(4,\)"):
         check_shapes(saved, expected)
     check_shapes(saved, {"model": {"rssm.w": torch.zeros(4)}})
+
+
+def test_a_save_reaches_the_disk_before_it_replaces_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """The new file is fsynced before any rename, the old one becomes latest.prev.pt, the new one
+    latest.pt, and then the folder is fsynced so the renames survive a power loss."""
+    path = (tmp_path / "latest.pt").resolve()
+    save_checkpoint(path, make_state(1))
+    events = record_disk_events(monkeypatch)
+    save_checkpoint(path, make_state(2))
+    tmp, prev = f"{path}.tmp", str(tmp_path.resolve() / "latest.prev.pt")
+    assert events == [("fsync", tmp), ("replace", f"{path} -> {prev}"), ("replace", f"{tmp} -> {path}"),
+                      ("fsync", str(tmp_path.resolve()))]
+    assert load_checkpoint(path)["step"] == 2 and torch.load(prev, weights_only=False)["step"] == 1
+
+
+def test_ctrl_c_during_a_save_leaves_the_checkpoint_and_no_partial_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"step": 5})
+
+    def interrupted(obj, file, *args, **kwargs):
+        file.write(b"partial bytes")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 6})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
+    assert load_checkpoint(path)["step"] == 5

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.disk_events import record_disk_events
 from replay import Prefetcher, Replay
 
 
@@ -537,3 +538,13 @@ def test_a_replay_smaller_than_one_sequence_is_raised_to_one_with_a_warning(tmp_
     assert dreamer.make_replay(cfg, dreamer.resolve_paths(cfg), dreamer.Dist(0, 1), said.append).capacity == 16
     assert said == ["replay_size 10 holds less than one sequence of batch_length 16: the replay holds 16 steps "
                     "instead"]
+
+
+def test_a_chunk_reaches_the_disk_before_its_rename_and_the_rename_is_synced(tmp_path: Path, monkeypatch) -> None:
+    directory = tmp_path.resolve()
+    replay = Replay(capacity=100, batch_length=2, directory=directory, chunk=4)
+    events = record_disk_events(monkeypatch)
+    fill(replay, 4)
+    chunk = directory / "w000-000000000000.npz"
+    assert events == [("fsync", f"{chunk}.tmp"), ("replace", f"{chunk}.tmp -> {chunk}"), ("fsync", str(directory))]
+    assert sorted(p.name for p in directory.iterdir()) == [chunk.name]

@@ -37,6 +37,42 @@ def test_gray_keeps_a_channel_axis():
     assert env.step(0)[0]['image'].shape == (64, 64, 1)
 
 
+def test_gray_frames_are_the_emulators_luminance_screen():
+    env, ale = pong(gray=True), make_emulator('pong', 3)
+    env.reset()
+    ale.reset_game()
+    for _ in range(4):
+        ale.act(ale.getMinimalActionSet()[NOOP])
+    screen = ale.getScreenGrayscale()  # (210, 160): ALE's palette luminance, not one RGB channel
+    assert np.any(screen != ale.getScreenRGB()[..., 0])
+    np.testing.assert_array_equal(env.step(0)[0]['image'][..., 0], screen)
+
+
+def test_the_seed_reaches_the_emulator_and_reset_seed_restarts_the_draws():
+    assert pong(seed=5).ale.getInt('random_seed') == 5
+    one, other = pong(seed=1, noops=30, sticky=True), pong(seed=2, noops=30, sticky=True)
+    starts = []
+    for env in (one, other):
+        env.reset(seed=9)  # the same no-op count and the same sticky draws, whatever the first seed
+        starts.append(env.ale.getEpisodeFrameNumber())
+        for index in [2, 3, 2, 3, 1, 0] * 5:
+            env.step(index)
+    assert starts[0] == starts[1]
+    np.testing.assert_array_equal(one.ale.getRAM(), other.ale.getRAM())
+    np.testing.assert_array_equal(one.render(), other.render())
+
+
+def test_no_op_starts_longer_than_a_game_begin_a_fresh_one():
+    env = pong(noops=5000)  # a NOOP-only Pong game is lost 21:0 after about 3,000 frames
+    env._rng = np.random.default_rng(0)
+    count = int(copy.deepcopy(env._rng).integers(0, 5001))
+    assert count > 3500, count  # seed 0 draws a count past the end of the first game
+    env.reset()
+    assert not env.ale.game_over() and env.ale.getEpisodeFrameNumber() < count
+    _, _, terminated, truncated, _ = env.step(0)
+    assert terminated is False and truncated is False
+
+
 def test_max_pool_of_last_two_frames_matches_a_hand_stepped_emulator():
     env = pong(seed=3)
     ale = make_emulator('pong', 3)
@@ -77,26 +113,34 @@ def test_noop_starts_play_up_to_noops_noop_frames():
 
 
 def test_sticky_actions_repeat_the_previous_action_per_frame():
-    env = pong(sticky=True, seed=11)
+    env = pong(sticky=True, seed=12)
     env.reset()
     rng = copy.deepcopy(env._rng)  # the env's seeded generator: one uniform draw per emulator frame
-    ale = make_emulator('pong', 11)
+    ale = make_emulator('pong', 12)
     ale.reset_game()
     actions = ale.getMinimalActionSet()
-    previous, repeats = actions[NOOP], 0
-    requests = np.random.default_rng(0).integers(0, 6, size=40)
-    for index in requests:
-        obs, reward, *_ = env.step(int(index))
-        expected_reward, frames = 0.0, []
-        for _ in range(4):
-            played = sticky_action(actions[index], previous, rng.random(), STICKY_PROBABILITY)
-            repeats += int(played != actions[index])
-            previous = played
-            expected_reward += ale.act(played)
-            frames.append(ale.getScreenRGB())
-        np.testing.assert_array_equal(obs['image'], max_pool(frames[-2:]))
-        assert reward == expected_reward
-    assert repeats > 10  # about a quarter of the 160 frames, minus those where the action did not change
+    repeats, previous = 0, actions[NOOP]
+    for game, requests in enumerate([np.random.default_rng(0).integers(0, 6, size=40), [0] * 8]):
+        if game:  # a new game starts from NOOP as the previous action, whatever the last one played
+            env.reset()
+            ale.reset_game()
+            rng.integers(0, 1)  # reset's no-op count draw (noops=0)
+            # seed 12 makes this case bite: game 1 ended on a non-NOOP, game 2's first frame is sticky
+            assert previous != actions[NOOP] and copy.deepcopy(rng).random() < STICKY_PROBABILITY
+            previous = actions[NOOP]
+        for index in requests:
+            obs, reward, *_ = env.step(int(index))
+            expected_reward, frames = 0.0, []
+            for _ in range(4):
+                played = sticky_action(actions[index], previous, rng.random(), STICKY_PROBABILITY)
+                repeats += int(played != actions[index])
+                previous = played
+                expected_reward += ale.act(played)
+                frames.append(ale.getScreenRGB())
+            np.testing.assert_array_equal(obs['image'], max_pool(frames[-2:]))
+            np.testing.assert_array_equal(env.ale.getRAM(), ale.getRAM())  # the same frames were played
+            assert reward == expected_reward
+    assert repeats > 10  # about a quarter of the 192 frames, minus those where the action did not change
 
 
 def test_sticky_action_rule():
@@ -133,6 +177,22 @@ def test_lives_reset_ends_the_episode_and_resumes_the_game():
     frame = env.ale.getEpisodeFrameNumber()
     env.reset()
     assert env.ale.getEpisodeFrameNumber() == frame and env.ale.lives() == 4  # same game goes on
+
+
+def test_a_life_loss_on_the_last_frame_of_the_cap_is_terminal_and_then_a_new_game_starts():
+    def breakout(**kwargs):
+        return Atari('breakout', action_repeat=4, size=(64, 64), noops=0, sticky=False, lives='reset', **kwargs)
+
+    env = breakout()
+    env.reset()
+    breakout_until_life_loss(env)
+    frames = env.ale.getEpisodeFrameNumber()  # the life is lost within the step that plays this frame
+    capped = breakout(length=frames)
+    capped.reset()
+    _, _, terminated, truncated, info = breakout_until_life_loss(capped)
+    assert (terminated, truncated, info['lives']) == (True, False, 4)  # an ending, not a cut
+    capped.reset()  # the cap is reached: a new game, not the same one continued
+    assert capped.ale.getEpisodeFrameNumber() == 0 and capped.ale.lives() == 5
 
 
 def test_lives_unused_ignores_life_loss():
@@ -218,7 +278,9 @@ def test_games_are_cut_at_108000_frames_as_truncation():
         assert truncated is (step == 10), step  # 10 agent steps x 4 frames
     assert env.ale.getEpisodeFrameNumber() == 40
     env.reset()
-    assert env.ale.getEpisodeFrameNumber() == 0  # a new game
+    assert env.ale.getEpisodeFrameNumber() == 0  # a new game, whose frames are counted from 0 again
+    truncations = [env.step(0)[3] for _ in range(10)]
+    assert truncations == [False] * 9 + [True]
     _, _, _, truncated, _ = pong(length=0).step(0)
     assert truncated is False
 

@@ -62,6 +62,25 @@ def test_achievement_counts_count_up_and_match_the_reward():
     assert all(0.5 <= reward <= 1.5 for reward in unlocked_rewards), unlocked_rewards
 
 
+def test_achievement_logs_are_crafters_own_counts_and_go_past_one():
+    env = Crafter('reward', seed=0)
+    infos = []
+    crafter_step = env._env.step
+    env._env.step = lambda action: (lambda result: infos.append(result[3]) or result)(crafter_step(action))
+    env.reset()
+    for obs, *_ in run_random(env, 400, seed=0):
+        assert log_keys(obs) == {f'log_achievement_{name}': count
+                                 for name, count in infos.pop(0)['achievements'].items()}
+    assert max(log_keys(obs).values()) >= 2  # counts, not 0/1 flags (wake_up: 6 on this seed)
+
+
+def test_the_seed_picks_the_world():
+    def first_image(seed):
+        return Crafter('reward', seed=seed).reset()[0]['image']
+    np.testing.assert_array_equal(first_image(3), first_image(3))
+    assert np.any(first_image(3) != first_image(4))
+
+
 def test_death_is_terminated():
     env = Crafter('reward', seed=0)
     env.reset()
@@ -98,6 +117,18 @@ def test_crafter_score_rejects_bad_input():
 def test_unknown_task():
     with pytest.raises(ValueError, match="Unknown Crafter task 'crafter_hard'"):
         Crafter('hard')
+
+
+def test_importing_crafter_leaves_the_module_table_as_it_was():
+    """Hiding gym while crafter imports must not leave a None entry behind: with one, any later
+    `importlib.util.find_spec('gym')` raises ValueError, gym installed or not."""
+    code = ("import importlib.util, sys\n"
+            "from envs.crafter import Crafter\n"
+            "Crafter('reward', seed=0)\n"
+            "assert 'gym' not in sys.modules, sys.modules.get('gym', 'missing')\n"
+            "importlib.util.find_spec('gym')\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gym") is None,

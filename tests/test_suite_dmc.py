@@ -191,6 +191,34 @@ def test_default_camera_is_papers_choice():
     assert dmc.default_camera('quadruped', -1) == 2
     assert dmc.default_camera('walker', -1) == 0
     assert dmc.default_camera('quadruped', 1) == 1
+    assert dmc.default_camera('quadruped', 0) == 0  # an explicit camera 0 is kept, not replaced by 2
+
+
+def test_an_action_repeat_that_does_not_divide_the_time_limit_still_ends_the_episode():
+    env = DMC('cartpole_balance', image=False, proprio=True, action_repeat=3, seed=0)
+    env.reset()
+    for step in range(1, 400):
+        _, reward, terminated, truncated, _ = env.step(np.zeros(1))
+        if truncated or terminated:
+            break
+    # 1000 physics steps = 333 full repeats and one of a single step; that last agent step ends the
+    # episode (no step past the end, which would silently restart the task)
+    assert (step, truncated, terminated) == (334, True, False)
+    assert 0.0 < reward <= 1.0  # one physics step's reward, not three
+
+
+def first_observation(env: DMC, seed=None) -> np.ndarray:
+    obs, _ = env.reset() if seed is None else env.reset(seed=seed)
+    return np.concatenate([obs['position'], obs['velocity']])
+
+
+def test_the_seed_picks_the_initial_state_at_construction_and_at_reset():
+    one, again, other = (DMC('cartpole_swingup', image=False, seed=seed) for seed in (1, 1, 2))
+    starts = [first_observation(env) for env in (one, again, other)]  # each env's first episode
+    np.testing.assert_array_equal(starts[0], starts[1])
+    assert np.any(starts[0] != starts[2])  # seed=, not a fixed 0
+    np.testing.assert_array_equal(first_observation(one, seed=7), first_observation(other, seed=7))
+    np.testing.assert_array_equal(first_observation(one, seed=7), first_observation(again, seed=7))
 
 
 def test_user_mujoco_gl_is_respected(monkeypatch):

@@ -167,6 +167,21 @@ def test_normalize_observation_standardises_float_vectors():
     assert all(isinstance(v, np.float32) for v in values)
 
 
+def test_normalize_observation_does_not_blow_up_a_nearly_constant_entry():
+    class Wobbles(TinyEnv):  # 0, 1e-6, 0, 1e-6, ...
+        def step(self, action):
+            obs, *rest = super().step(action)
+            return {'vector': np.array([1e-6 * (self.count % 2)], np.float32)}, *rest
+
+    env = wrappers.NormalizeObservation(Wobbles(end=100))
+    env.reset()
+    values = [env.step(np.zeros(2))[0]['vector'][0] for _ in range(20)]
+    # epsilon inside the square root: a variance of 2.5e-13 gives std ~1e-4, so the 1e-6 wobble
+    # stays near 0.005, not the +-1 it would become if epsilon were added to the std itself
+    assert max(abs(v) for v in values) < 0.01, values
+    assert values[0] == pytest.approx(1e-6 / 2 / np.sqrt(0.25e-12 + 1e-8), rel=1e-3)
+
+
 def test_normalize_observation_leaves_images_alone():
     env = wrappers.NormalizeObservation(GymnasiumEnv())
     obs, _ = env.reset()
@@ -199,7 +214,8 @@ def test_flags_obs_space_drops_flags_and_log_keys():
         @property
         def obs_space(self):
             box = gymnasium.spaces.Box(0, 1, (), bool)
-            return {'vector': super().obs_space['vector'], 'is_first': box, 'reward': box}
+            return {'vector': super().obs_space['vector'], 'is_first': box, 'reward': box,
+                    'log_achievement_collect_wood': gymnasium.spaces.Box(0, np.inf, (), np.int64)}
 
     assert set(wrappers.Flags(Declares()).obs_space) == {'vector'}
 
