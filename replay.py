@@ -501,7 +501,7 @@ class Replay:
         whose chunks to load (a rank of a parallel run loads its share of the workers)."""
         if self.directory is None:
             return 0
-        if self._next_id or self._next_order:
+        if self._next_id:
             raise RuntimeError(
                 f"Replay.load must run on an empty Replay, but {self._next_id} steps were already "
                 "added; loading now would mix the orders. Call load() right after construction."

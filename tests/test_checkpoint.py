@@ -95,6 +95,14 @@ def test_missing_checkpoint_lists_the_folder(tmp_path: Path) -> None:
                r"replay/, train\.log\. Check the --from_checkpoint path")
     with pytest.raises(FileNotFoundError, match=pattern):
         load_checkpoint(tmp_path / "lastest.pt")
+    (tmp_path / ".lock").write_text("")  # the run lock is not the user's business
+    for index in range(31):
+        (tmp_path / f"eval_{index:02d}.txt").write_text("")
+    with pytest.raises(FileNotFoundError) as error:
+        load_checkpoint(tmp_path / "lastest.pt")
+    listing = str(error.value).split(" holds: ")[1].split(". Check")[0]
+    assert listing.endswith(", ... (33 entries)") and ".lock" not in listing
+    assert listing.split(", ")[:2] == ["eval_00.txt", "eval_01.txt"] and len(listing.split(", ")) == 31
     pattern = r"does not exist, and neither does its folder .*nope"
     with pytest.raises(FileNotFoundError, match=pattern):
         load_checkpoint(tmp_path / "nope" / "latest.pt")
@@ -205,6 +213,8 @@ def test_shape_mismatch_names_parameter_shapes_and_config_key() -> None:
     with pytest.raises(ValueError, match=pattern):
         check_shapes(saved, expected)
     check_shapes(expected, expected)
+    with pytest.raises(ValueError, match=r"\(config: rssm\.hidden=64\)"):  # the longest fragment found
+        check_shapes(saved, expected, hints={"rssm": "rssm.deter=1024", "rssm.gru": "rssm.hidden=64"})
     with pytest.raises(ValueError, match=r"parameters missing from the checkpoint: \['extra'\]"):
         check_shapes(expected, {**expected, "extra": torch.zeros(1)})
 
@@ -215,6 +225,8 @@ def test_config_size_mismatch_names_both_values() -> None:
     with pytest.raises(ValueError, match=pattern):
         check_config_sizes({"rssm": {"deter": 512}}, {"rssm": {"deter": 1024}}, keys)
     check_config_sizes({"rssm": {"deter": 512}}, {"rssm": {"deter": 512}}, keys)
+    check_config_sizes({"rssm": {"deter": 512}}, {"rssm": {}}, keys)  # a key on one side only: no verdict
+    check_config_sizes({"rssm": {}}, {"rssm": {"deter": 512}}, keys)
 
 
 def test_config_size_mismatch_names_every_differing_key_at_once() -> None:

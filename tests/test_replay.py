@@ -78,8 +78,23 @@ def test_fifo_capacity_keeps_the_most_recent_steps() -> None:
     assert len(replay) == 50
     counters = replay.sample(2000)["reward"]
     assert counters.min() == 70 and counters.max() == 119
-    assert replay.stats()["evictions"] == 70
-    assert replay.stats()["windows"] == 46
+    assert replay.stats() == {"steps": 50, "capacity": 50, "windows": 46, "workers": 1, "episodes_started": 0,
+                              "inserts": 120, "samples": 2000, "evictions": 70, "loaded": 0}
+    replay.sample(16)
+    assert replay.stats()["samples"] == 2016  # windows drawn, not calls
+
+
+def test_a_workers_steps_stay_in_order_when_its_share_grows_after_evictions() -> None:
+    """Worker 0's id ring grows (past 256) while its oldest entries have been evicted, i.e. when
+    the ring's head is not at 0; the grown ring must keep the stream order."""
+    replay = Replay(capacity=400, batch_length=8, seed=0)
+    for counter in range(400):  # 200 steps each, interleaved
+        worker = counter % 2
+        replay.add(make_step(1000 * worker + counter // 2, worker), worker=worker)
+    fill(replay, 400, worker=0, offset=200)  # evicts both workers' oldest, then worker 0 holds all
+    assert stored_counters(replay) == {0: list(range(200, 600)), 1: []}
+    steps = replay.sample(2000)["reward"].astype(int)
+    assert np.all(np.diff(steps, axis=1) == 1) and steps.min() >= 200 and steps.max() == 599
 
 
 def test_fifo_is_over_all_workers_and_windows_never_mix_workers() -> None:
@@ -233,6 +248,16 @@ def test_a_resume_deletes_only_the_chunks_it_loaded_and_evicted(tmp_path: Path) 
     assert orders_on_disk(tmp_path) == list(range(30)) + list(range(40, 60))
 
 
+def test_a_resume_that_loads_only_the_last_step_of_a_chunk_deletes_that_chunk_later(tmp_path: Path) -> None:
+    first = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=5, keep_evicted=False)
+    fill(first, 50)
+    first.flush()
+    resumed = Replay(capacity=21, batch_length=2, directory=tmp_path, chunk=5, keep_evicted=False)
+    assert resumed.load() == 21  # steps 29..49: of chunk 25-29 only its newest step
+    fill(resumed, 1, offset=50)  # evicts step 29, the last of chunk 25-29 in the replay
+    assert orders_on_disk(tmp_path) == list(range(25)) + list(range(30, 50))  # 50 waits for its chunk
+
+
 def test_load_keeps_only_the_most_recent_capacity_steps(tmp_path: Path) -> None:
     writer = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
     for counter in range(60):
@@ -244,15 +269,21 @@ def test_load_keeps_only_the_most_recent_capacity_steps(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*.npz"))) == 8  # older chunks stay on disk
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncate"])
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "ragged"])
 def test_corrupt_chunk_is_skipped_with_a_warning_and_kept(tmp_path: Path, damage: str) -> None:
     replay = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
     fill(replay, 24)
     bad = tmp_path / "w000-000000000008.npz"
     if damage == "garbage":
         bad.write_bytes(b"not a zip file at all")
-    else:
+    elif damage == "truncate":
         bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    else:  # a readable file whose arrays disagree on the number of steps
+        with np.load(bad) as data:
+            arrays = {key: data[key] for key in data.files}
+        arrays["image"] = arrays["image"][:5]
+        with open(bad, "wb") as file:
+            np.savez(file, **arrays)
     loaded = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
     pattern = r"replay chunk .*w000-000000000008\.npz could not be read .* skipped and left on disk"
     with pytest.warns(UserWarning, match=pattern):
@@ -346,7 +377,8 @@ def test_failed_chunk_write_warns_keeps_steps_and_retries(tmp_path: Path, monkey
     fill(replay, 3, offset=5)  # the 8th step is the next chunk boundary: all 8 written
     assert [p.name for p in tmp_path.iterdir()] == ["w000-000000000000.npz"]
     fill(replay, 1, offset=8)
-    replay.flush()
+    replay.flush()  # named by the running index of its first step: 8, after the 8-step chunk
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w000-000000000000.npz", "w000-000000000008.npz"]
     loaded = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=4)
     assert loaded.load() == 9
     assert stored_counters(loaded) == {0: list(range(9))}
