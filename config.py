@@ -467,7 +467,7 @@ def parse_argv(argv: list[str], path: Path | None = None) -> tuple[list[str], li
             blocks.extend(named)
             continue
         if not eq:
-            if index + 1 >= len(argv) or (argv[index + 1].startswith("--") and not _is_number(argv[index + 1])):
+            if index + 1 >= len(argv) or argv[index + 1].startswith("--"):  # '-3' is a value, '--x' is not
                 raise ConfigError(f"--{key} needs a value, e.g. --{key} VALUE or --{key}=VALUE.")
             value = argv[index + 1]
             index += 1
@@ -485,14 +485,6 @@ def _no_block_named(path: Path | None) -> ConfigError:
         f"configs.yaml are {names}. Name the blocks to merge, or leave out --configs to run on the "
         f"'{DEFAULTS_BLOCK}' block alone. The run did not start."
     )
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _type_error(key: str, expected: str, raw: str) -> ConfigError:
@@ -621,7 +613,7 @@ def _check_types(tree: Mapping[str, Any], defaults: Mapping[str, Any], source: s
     """Block values must have the default's type (ints may stand for floats)."""
     for key, value in tree.items():
         dotted, default = f"{prefix}{key}", defaults.get(key)
-        if isinstance(default, dict) and isinstance(value, Mapping) and default:
+        if isinstance(default, dict) and isinstance(value, Mapping):
             _check_types(value, default, source, dotted + ".")
             continue
         if default is None or value is None or isinstance(default, dict):

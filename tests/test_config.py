@@ -82,6 +82,13 @@ def test_guide_debug_custom_is_a_small_model():
         (["--flag", "1"], "flag", True),
         (["--flag", "False"], "flag", False),
         (["--flag", "0"], "flag", False),
+        (["--flag", "yes"], "flag", True),
+        (["--flag", "no"], "flag", False),
+        (["--a", "-3"], "a", -3),  # a negative number is a value, not the next option
+        (["--b", "-0.5"], "b", -0.5),
+        (["--b", "-1e-3"], "b", -1e-3),
+        (["--size", "(32,48)"], "size", (32, 48)),
+        (["--size", "[32, 48]"], "size", (32, 48)),
         (["--size", "32,48"], "size", (32, 48)),
         (["--name", "hello"], "name", "hello"),
         (["--nest.q", "9"], "nest.q", 9),
@@ -91,6 +98,34 @@ def test_guide_debug_custom_is_a_small_model():
 def test_overrides_are_typed_by_the_default(tmp_path, argv, key, expected):
     value = load_config(argv, write_configs(tmp_path, TOY)).get_path(key)
     assert value == expected and type(value) is type(expected)
+
+
+def test_configs_given_with_an_equals_sign_and_commas(tmp_path):
+    path = write_configs(tmp_path, TOY)
+    assert load_config(["--configs=first,second"], path).a == 3
+    assert load_config(["--configs", "second,first"], path).a == 2
+
+
+def test_an_empty_configs_is_an_error_even_when_a_later_one_names_blocks(tmp_path):
+    with pytest.raises(ConfigError, match=r"--configs needs one or more block names"):
+        load_config(["--configs", "--a", "5", "--configs", "first"], write_configs(tmp_path, TOY))
+
+
+def test_block_values_keep_their_kind_and_precision_is_a_choice(tmp_path):
+    path = write_configs(tmp_path, TOY + "as_bool_b:\n  b: true\nas_bool_a:\n  a: false\nhalf:\n  precision: bf16\n"
+                                         "int_for_float:\n  b: 2\n")
+    with pytest.raises(ConfigError, match=r"block 'as_bool_b' sets 'b' to True \(bool\), but it must be a number"):
+        load_config(["--configs", "as_bool_b"], path)
+    with pytest.raises(ConfigError, match=r"block 'as_bool_a' sets 'a' to False \(bool\), but it must be an integer"):
+        load_config(["--configs", "as_bool_a"], path)
+    assert load_config(["--configs", "half"], path).precision == "bf16"  # the default 32 is an int in YAML
+    assert load_config([], path).precision == "32"  # always a string, whatever YAML made of it
+    assert load_config(["--configs", "int_for_float"], path).b == 2
+
+
+def test_flat_keys_lists_leaves_and_empty_groups():
+    tree = {"a": 1, "env": {"custom": {}, "dmc": {"size": [64, 64]}}}
+    assert config_lib.flat_keys(tree) == ["a", "env.custom", "env.dmc.size"]
 
 
 def test_real_config_dotted_overrides():
@@ -141,6 +176,8 @@ def test_block_with_a_key_defaults_lacks_is_an_error(tmp_path):
     [
         (["--a", "abc"], r"--a expects an integer \(1e6 is accepted\), but got 'abc'"),
         (["--a", "1.5"], r"--a expects an integer"),
+        (["--a", "inf"], r"--a expects an integer \(1e6 is accepted\), but got 'inf'"),
+        (["--a", "nan"], r"--a expects an integer \(1e6 is accepted\), but got 'nan'"),
         (["--b", "fast"], r"--b expects a number, but got 'fast'"),
         (["--flag", "maybe"], r"--flag expects a boolean \(true/false/True/False/1/0\), but got 'maybe'"),
         (["--size", "a,b"], r"--size expects a comma-separated list, but got 'a,b'"),
@@ -182,11 +219,23 @@ def test_wrong_types_name_key_type_and_value(tmp_path, argv, message):
         (["--return_norm.max", "0"], r"--return_norm.max must be greater than 0"),
         (["--actor.min_std", "2"], r"--actor.min_std \(2.0\) must not exceed --actor.max_std \(1.0\)"),
         (["--reward_scale", "0"], r"--reward_scale must not be 0: it multiplies every reward"),
+        (["--discount_lambda", "1.01"], r"--discount_lambda must lie in \[0, 1\], but it is 1.01"),
+        (["--return_norm.low", "5", "--return_norm.high", "5"], r"0 <= low < high <= 100, but they are 5.0 and 5.0"),
+        (["--device", "cuda:x"], r"--device 'cuda:x' must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_values_are_rejected(argv, message):
     with pytest.raises(ConfigError, match=message):
         load_config(argv)
+
+
+def test_values_on_the_edges_of_their_ranges_are_accepted():
+    cfg = load_config(["--discount_lambda", "1", "--rssm.unimix", "0", "--discount", "1", "--actor.min_std", "0.5",
+                       "--actor.max_std", "0.5", "--device", "cuda:1", "--return_norm.low", "0",
+                       "--return_norm.high", "100"])
+    assert (cfg.discount_lambda, cfg.rssm.unimix, cfg.discount) == (1.0, 0.0, 1.0)
+    assert (cfg.actor.min_std, cfg.actor.max_std, cfg.device) == (0.5, 0.5, "cuda:1")
+    assert (cfg.return_norm.low, cfg.return_norm.high) == (0.0, 100.0)
 
 
 def test_config_is_frozen_and_a_mapping():
@@ -424,9 +473,10 @@ def test_a_syntax_error_also_stops_help_and_the_block_list(monkeypatch, tmp_path
 def test_env_options_of_any_suite_are_open_and_typed_like_yaml():
     cfg = load_config(["--env.broken.foo", "1", "--env.broken.rate", "0.5", "--env.broken.name", "abc",
                        "--env.broken.on", "true", "--env.broken.size", "128,128", "--env.broken.ids", "[1, 2]",
-                       "--env.broken.none", "null", "--env.custom.size", "128,128", "--env.dmc.extra", "1e3"])
+                       "--env.broken.none", "null", "--env.broken.color", "#red", "--env.custom.size", "128,128",
+                       "--env.dmc.extra", "1e3"])
     assert cfg.env.broken.to_dict() == {"foo": 1, "rate": 0.5, "name": "abc", "on": True,
-                                        "size": [128, 128], "ids": [1, 2], "none": None}
+                                        "size": [128, 128], "ids": [1, 2], "none": None, "color": "#red"}
     assert cfg.env.custom.size == (128, 128) and cfg.env.dmc.extra == 1000.0
     assert cfg.env.dmc.size == (64, 64)  # the shipped suites keep their options
 
