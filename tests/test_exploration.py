@@ -198,3 +198,66 @@ def test_plan2explore_ensemble_loss_skips_pairs_across_an_episode_start():
         expected = error[:, keep].mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
     assert not torch.isclose(error.mean(), expected, rtol=1e-4)  # the skipped pair weighs
+
+
+def test_plan2explore_rewards_are_the_scaled_ensemble_std_and_reward_head():
+    agent, batch = make("plan2explore", BOX, "normal", "--plan2explore.intr_scale", "2.0",
+                        "--plan2explore.extr_scale", "0.5", "--plan2explore.lr", "3e-4")
+    expl, wm = agent.expl, agent.wm
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in wm.reward_head.parameters():  # a reward head that predicts something (it starts at 0)
+            p.add_(0.3 * torch.randn_like(p))
+        states = wm.observe(batch)
+        feat = torch.cat([states["stoch"], states["deter"]], -1)  # (B, T, F)
+        feat, next_feat, action = feat[:, :-1], feat[:, 1:], batch["action"][:, 1:]
+        terms = expl.reward_terms(wm)(feat, action, next_feat)
+        preds = expl.ensemble(torch.cat([feat, action], -1).reshape(-1, feat.shape[-1] + 2))  # (M, n, S*C)
+        members = preds.shape[0]
+        spread = ((preds - preds.mean(0)).square().sum(0) / (members - 1)).sqrt()  # std over members
+        disagreement = spread.mean(-1).reshape(feat.shape[:-1])  # mean over latent dims: (B, T-1)
+        torch.testing.assert_close(terms["intrinsic"], 2.0 * disagreement, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(terms["extrinsic"], 0.5 * wm.reward(next_feat), rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(wm.reward(feat), wm.reward(next_feat))  # the state arrived in counts
+    assert agent.optimizers["expl_ensemble"].adam.param_groups[0]["lr"] == 3e-4  # plan2explore.lr, not model_lr
+    default, _ = make("plan2explore")
+    assert set(default.expl.reward_terms(default.wm)(feat, action, next_feat)) == {"intrinsic"}  # extr_scale 0
+
+
+def test_a_loaded_agent_continues_the_random_action_draws():
+    agent, _ = make("random")
+    agent.random_actions(5)
+    state = agent.state_dict()
+    expected = agent.random_actions(3)
+    other, _ = make("random", BOX, "normal", "--seed", "7")
+    other.load_state_dict(state)
+    np.testing.assert_array_equal(other.random_actions(3), expected)
+
+
+def test_the_open_loop_report_observes_five_steps_then_imagines_with_the_batchs_actions():
+    space = {"image": gym.spaces.Box(0, 255, (16, 16, 3), np.uint8), "is_first": OBS_SPACE["is_first"]}
+    cfg = config.load_config(["--configs", "debug", "--encoder.mlp_keys", "$^", "--decoder.mlp_keys", "$^",
+                              "--encoder.cnn_keys", "image", "--decoder.cnn_keys", "image"])
+    set_seed(0)
+    agent = exploration.make_agent(space, BOX, cfg, "cpu")
+    batch = exploration.synthetic_batch(space, BOX, 2, 9)
+    batch["is_first"][:, 1:] = False  # one episode per sequence: imagination is the model's alone
+    torch.manual_seed(3)
+    video = agent.report(batch)["openloop/image"]  # (T, 3H, n*W, 3): truth, prediction, error rows
+    assert video.shape == (9, 48, 32, 3)
+    torch.manual_seed(3)  # the same latent samples, drawn in the same order
+    with torch.no_grad():
+        wm = agent.wm
+        states = wm.observe({k: v[:, :5] for k, v in batch.items()})
+        feats = [torch.cat([states["stoch"], states["deter"]], -1)]
+        stoch, deter = states["stoch"][:, -1], states["deter"][:, -1]
+        for t in range(5, 9):  # action t led to step t
+            stoch, deter = wm.rssm.img_step(stoch, deter, batch["action"][:, t])
+            feats.append(torch.cat([stoch, deter], -1)[:, None])
+        prediction = wm.decoder(torch.cat(feats, 1))["image"].clamp(0, 1)  # (n, T, H, W, C)
+    columns = lambda rows: np.concatenate(list(rows), 2)  # (n, T, H, W, C) -> (T, H, n*W, C)
+    np.testing.assert_array_equal(video[:, :16], columns(batch["image"].numpy()))
+    expected = columns((prediction * 255).round().to(torch.uint8).numpy())
+    assert np.abs(video[:, 16:32].astype(int) - expected).max() <= 1
+    truth, predicted = video[:, :16].astype(float), video[:, 16:32].astype(float)
+    assert np.abs(video[:, 32:].astype(float) - ((predicted - truth) / 2 + 127.5)).max() <= 1.5
