@@ -125,6 +125,9 @@ def test_sample_index_draws_each_class_with_its_probability_and_never_a_zero_one
     freq = torch.stack([(index == k).float().mean(1) for k in range(4)], -1)  # (3, 4)
     assert torch.all(freq[probs == 0] == 0)  # impossible classes are never drawn
     torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)  # 4 sigma at 40,000 draws
+    # a given uniform that rounds up to 1 in the probabilities' float32 still names a class
+    last = sample_index(torch.tensor([[0.2, 0.3, 0.5]]), torch.tensor([1.0 - 1e-12], dtype=torch.float64))
+    assert last.tolist() == [2]
     # latents' layout (N, stoch, classes): each (row, stoch) is its own distribution
     logits = torch.randn(2, 3, 5)
     latent_probs = torch.softmax(logits, -1)
@@ -198,4 +201,5 @@ def test_bernoulli_log_prob_and_mode():
     expected = torch.distributions.Bernoulli(logits=logits).log_prob(target)
     torch.testing.assert_close(dist.log_prob(target), expected)
     assert dist.mode().tolist() == [0.0, 1.0, 1.0]
+    assert Bernoulli(torch.tensor([0.0, 1e-4, -1e-4])).mode().tolist() == [0.0, 1.0, 0.0]  # p > 0.5 only
     np.testing.assert_allclose(dist.mean.numpy(), 1 / (1 + np.exp(-logits.numpy())), rtol=1e-6)

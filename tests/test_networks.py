@@ -164,6 +164,18 @@ def test_zero_initialised_head_outputs_zero_and_actor_shapes():
     assert sample.shape == (5, 4) and torch.equal(sample.detach().sum(-1), torch.ones(5))
 
 
+def test_weights_start_truncated_normal_with_variance_over_the_mean_fan():
+    torch.manual_seed(0)
+    head = Head(300, 100, units=300, layers=1)
+    for weight, fan_in, fan_out in ((head.mlp.blocks[0].linear.weight, 300, 300), (head.out.weight, 300, 100)):
+        target = (2.0 / (fan_in + fan_out)) ** 0.5  # the std after truncation at +-2 of the normal's std
+        assert abs(weight.std().item() / target - 1) < 0.03, (weight.std().item(), target)
+        assert weight.abs().max().item() <= 2 * target / 0.8796 + 1e-6
+    actor = Actor(64, 64, "normal", units=64, layers=1)  # each half of the output as its own 64 x 64 layer
+    for half in actor.out.weight.data.split(64):
+        assert abs(half.std().item() / (2.0 / 128) ** 0.5 - 1) < 0.05, half.std().item()
+
+
 def test_ensemble_members_differ_and_have_right_shape():
     torch.manual_seed(0)
     ensemble = EnsembleMLP(3, 6, 4, units=8, layers=2)
@@ -193,9 +205,14 @@ def test_rssm_observe_shapes_and_initial_state():
     assert out["stoch"].shape == (2, 5, 12) and out["deter"].shape == (2, 5, 8)
     assert out["post"].shape == (2, 5, 3, 4) and out["prior"].shape == (2, 5, 3, 4)
     assert torch.equal(out["stoch"].detach().reshape(2, 5, 3, 4).sum(-1), torch.ones(2, 5, 3))
+    with torch.no_grad():
+        rssm.initial_deter.copy_(torch.linspace(-2.0, 2.0, 8))  # a learned value (it starts at 0)
     stoch, deter = rssm.initial(3)
     assert stoch.shape == (3, 12) and deter.shape == (3, 8)
     torch.testing.assert_close(deter[0], torch.tanh(rssm.initial_deter))
+    assert deter.abs().max() < 1.0
+    modes = rssm.prior_log_probs(deter[:1]).argmax(-1)  # (1, S): the initial stoch is the prior's mode
+    torch.testing.assert_close(stoch[:1], torch.nn.functional.one_hot(modes, 4).float().flatten(-2))
 
 
 def test_observe_equals_stepping_obs_step():
