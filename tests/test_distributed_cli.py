@@ -356,6 +356,10 @@ def test_a_broken_collective_is_told_apart_from_a_bug():
         raise RuntimeError("a bug")
     except RuntimeError as error:
         assert not distributed.is_peer_lost(error)
+    with pytest.raises((RuntimeError, ValueError)) as raised:  # a plain exception raised inside
+        torch.distributed.all_reduce(torch.zeros(1))  # torch.distributed, as gloo reports a closed connection
+    assert not isinstance(raised.value, torch.distributed.DistError)
+    assert distributed.is_peer_lost(raised.value)
     assert distributed.short_reason(RuntimeError(
         "[/x/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:20134. This is "
         "typically caused by a remote worker crashing.")) == "Connection closed by peer [127.0.0.1]:20134"
@@ -441,3 +445,12 @@ def crash_or_wait(rank: int, world: int) -> None:
         time.sleep(0.5)
         raise RuntimeError("a bug in rank 1")
     time.sleep(600)  # e.g. waiting in a collective for rank 1
+
+
+def test_a_collective_waits_three_hours_unless_told_otherwise(monkeypatch):
+    """Rank 0 evaluates alone while the others wait in a collective: torch's 30 minutes ended long
+    evaluations, so the default is 3 hours and DREAMER_COLLECTIVE_TIMEOUT_S sets it."""
+    monkeypatch.delenv("DREAMER_COLLECTIVE_TIMEOUT_S", raising=False)
+    assert distributed.collective_timeout().total_seconds() == 3 * 3600
+    monkeypatch.setenv("DREAMER_COLLECTIVE_TIMEOUT_S", "90")
+    assert distributed.collective_timeout().total_seconds() == 90
