@@ -263,6 +263,18 @@ def test_kill_9_of_one_rank_stops_the_others_and_names_it(tmp_path):
 # ------------------------------------------------------------------------------------------ evaluation
 
 
+def test_rank_seeds_are_the_seed_plus_1000_per_rank_as_the_readme_says():
+    import config
+    import dreamer
+
+    cfg = config.load_config(["--seed", "5"])
+    assert [dreamer.rank_seed(cfg, rank) for rank in range(3)] == [5, 1005, 2005]
+    assert dreamer.rank_seed(cfg, 1, step=2) == 1005 + 2 * 100_003  # a resumed rank: moved by its step
+    # a run with --seed 6 shares no rank's seed with this one (seeds one apart would collide)
+    other = config.load_config(["--seed", "6"])
+    assert not {dreamer.rank_seed(cfg, r) for r in range(4)} & {dreamer.rank_seed(other, r) for r in range(4)}
+
+
 def test_eval_shares_split_the_episodes_over_the_ranks():
     import dreamer
 

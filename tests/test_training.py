@@ -839,6 +839,27 @@ def test_episode_returns_and_lengths_restart_at_each_episode():
     assert tracker.add(1, {"is_first": True, "reward": 0.0, "is_last": False}) is None
 
 
+def test_a_replay_record_holds_the_action_that_led_to_its_step():
+    action = np.array([0.5, -1.0], np.float32)
+    obs = {"vector": np.ones(3, np.float32), "reward": 2.0, "is_first": np.bool_(True), "is_last": False,
+           "is_terminal": False, "log_success": 1.0}
+    first = dreamer.to_transition(obs, action)
+    assert set(first) == {"vector", "action", "reward", "is_first", "is_last", "is_terminal"}  # no log_ keys
+    np.testing.assert_array_equal(first["action"], np.zeros(2, np.float32))  # no action led to a first step
+    assert first["reward"].dtype == np.float32 and first["is_first"] is True
+    later = dreamer.to_transition({**obs, "is_first": False}, action)
+    np.testing.assert_array_equal(later["action"], action)
+
+
+def test_an_episodes_log_value_is_the_highest_it_reached():
+    tracker = dreamer.EpisodeTracker(1)
+    steps = [(True, 0.0, False), (False, 1.0, False), (False, 0.5, True),  # README: the highest value
+             (True, 0.0, False), (False, 0.25, True)]  # the next episode starts afresh
+    summaries = [tracker.add(0, {"is_first": f, "reward": 0.0, "is_last": last, "log_success": v})
+                 for f, v, last in steps]
+    assert [s["success"] for s in summaries if s] == [1.0, 0.25]
+
+
 def test_logged_train_metrics_are_means_over_the_interval():
     sums = dreamer.MetricSums()
     for value in (1.0, 2.0, 6.0):
