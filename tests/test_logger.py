@@ -150,3 +150,42 @@ def test_a_later_rank_writes_no_files_but_shows_its_warnings(tmp_path, capsys) -
     err = capsys.readouterr().err
     assert re.fullmatch(r"\[rank 1\] \[[^\]]+\] WARNING env 3 raised; restarted it\n", err), err
     assert not (tmp_path / "run").exists()
+
+
+def test_numbers_in_train_log_are_integers_or_four_significant_digits() -> None:
+    shown = [logger_module.format_number(v) for v in (3.0, 1.23456, 2.5e-5, -7.0, 1e16, float("nan"))]
+    assert shown == ["3", "1.235", "2.5e-05", "-7", "1e+16", "nan"]  # huge floats stay compact
+
+
+def test_train_log_names_main_scalars_first_then_losses_then_the_rest_sorted() -> None:
+    names = ["z/b", "a/c", "loss/x", "episode/return", "perf/fps", "loss/a"]
+    assert logger_module.ordered_names(names) == ["perf/fps", "episode/return", "loss/a", "loss/x", "a/c", "z/b"]
+    assert logger_module.is_achievement_rate("achievement/collect_wood")
+    assert logger_module.is_achievement_rate("eval/achievement/place_table")
+    assert not logger_module.is_achievement_rate("achievement/crafter_score")  # the line keeps the score
+    assert not logger_module.is_achievement_rate("eval/achievement/crafter_score")
+
+
+def test_videos_keep_height_and_width_and_float_frames_above_one_as_they_are() -> None:
+    frames = np.zeros((2, 3, 5, 3), np.uint8)  # (T, H, W, C), H != W
+    frames[:, 0, 4] = 9
+    batch = logger_module.video_batch(frames)
+    assert batch.shape == (1, 2, 3, 3, 5) and batch[0, 0, :, 0, 4].tolist() == [9, 9, 9]  # (B, T, C, H, W)
+    assert (logger_module.video_frame(np.full((2, 2, 3), 100.0)) == 100).all()  # 0..255 floats: not x 255
+
+
+def test_the_pace_reaches_back_to_the_last_point_before_its_window(monkeypatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(logger_module.time, "time", lambda: now[0])
+    pace = logger_module.Pace(0, window=60.0)
+    for seconds, step in ((30.0, 60), (70.0, 70)):  # fast for 30 s, then slow
+        now[0] = seconds
+        pace.add(step)
+    assert pace.rate() == pytest.approx(1.0)  # 70 steps in 70 s: the window spans at least 60 s
+    now[0] = 100.0
+    pace.add(100)
+    assert pace.rate() == pytest.approx(40 / 70)  # from the point at 30 s, the last one 60 s back or more
+    still = logger_module.Pace(5)
+    now[0] = 110.0
+    still.add(5)
+    assert still.rate() != still.rate()  # NaN ('fps ?'): no step taken, not a measured 0
