@@ -56,7 +56,7 @@ part() { [[ $PARTS == *" $1 "* ]]; }
 if part A; then
 note "== A. correctness (side by side)"
 RUN=(python3 dreamer.py --configs debug custom --task custom_reach --device $DEV --eval_every 0 --save_every_minutes 0)
-step pytest_cuda "${GPU_CHECK_A_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+step pytest_cuda "${GPU_CHECK_A_LIMIT:-240}" python3 -m pytest -q -n 0 -p no:cacheprovider tests/test_cuda.py \
   tests/test_resume.py::test_checkpoint_moves_between_cuda_and_cpu &
 step train_bf16_compile_graphs "${GPU_CHECK_A_LIMIT:-240}" bash -c "${RUN[*]} --logdir $LOGS/run --precision bf16 --compile True \
   --cuda_graphs True --steps 600 && ${RUN[*]} --logdir $LOGS/run --precision bf16 --compile True --cuda_graphs True \

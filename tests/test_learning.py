@@ -178,6 +178,7 @@ def failures(records: list[dict], learn, check) -> list[str]:
     return problems
 
 
+@pytest.mark.first
 def test_tiny_dreamer_beats_random_policy_on_custom_reach(tmp_path):
     learn = load_learn()
     check = learn.CHECKS["custom_reach"]
