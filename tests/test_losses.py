@@ -195,6 +195,70 @@ def test_continuation_term_is_the_log_likelihood_of_one_minus_is_terminal():
     torch.testing.assert_close(terms["cont"].detach().double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_reward_term_is_the_two_hot_log_likelihood_of_the_scaled_reward():
+    """-ln p(reward_scale * r | feat): the reward head learns the scaled reward (--reward_scale 2)."""
+    agent, batch, cfg = make("normal", "--reward_scale", "2")
+    assert cfg.reward_scale == 2.0
+    batch["reward"] = torch.linspace(-3.0, 5.0, batch["reward"].numel()).reshape(batch["reward"].shape)
+    randomise_(agent.wm.reward_head)
+    _, feat, terms = world_model_terms(agent, batch)
+    head = TwoHotSymlog(agent.wm.reward_head(feat))
+    torch.testing.assert_close(terms["reward"], -head.log_prob(2.0 * batch["reward"]))
+    assert not torch.allclose(terms["reward"], -head.log_prob(batch["reward"]))
+
+
+def test_world_model_loss_weighs_its_terms_as_the_paper_does():
+    """L = mean over (B, T) of L_pred (vector, reward, continuation: weight 1) + 0.5 L_dyn + 0.1 L_rep,
+    with the KL terms apart from free bits (--kl_free 0), so that every term counts."""
+    agent, batch, cfg = make("normal", "--kl_free", "0")
+    randomise_(agent.wm.reward_head)
+    set_seed(1)  # the same posterior samples in both passes
+    loss, _, metrics = agent.wm.loss(batch)
+    set_seed(1)
+    _, _, terms = world_model_terms(agent, batch)
+    weights = {"vector": 1.0, "reward": 1.0, "cont": 1.0, "kl_dyn": 0.5, "kl_rep": 0.1}
+    expected = sum(weight * terms[name].mean() for name, weight in weights.items())
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(metrics["loss/model"], expected.detach())
+    assert len({round(float(terms[name].detach().mean()), 4) for name in weights}) >= 4  # terms that differ
+
+
+def test_every_prediction_term_trains_the_representation():
+    """The world model learns end to end: the reconstruction, reward and continuation terms each send
+    gradients into the encoder, the posterior and the recurrent model, not only into their heads."""
+    agent, batch, _ = make("normal")
+    randomise_(agent.wm.reward_head)  # zero-initialised output: no gradient into the features yet
+    _, _, terms = world_model_terms(agent, batch)
+    rssm = agent.wm.rssm
+    groups = {"encoder": list(agent.wm.encoder.parameters()), "posterior": list(rssm.obs_out.parameters()),
+              "recurrent model": list(rssm.gru.parameters())}
+    for name in ("vector", "reward", "cont"):
+        for group, params in groups.items():
+            grads = torch.autograd.grad(terms[name].mean(), params, retain_graph=True, allow_unused=True)
+            assert any(g is not None and g.abs().max() > 0 for g in grads), (name, group)
+
+
+def test_reward_head_and_critic_start_at_zero_and_the_continue_head_does_not():
+    """The output layers of the reward head and the critic start at zero weights (predicting 0 for
+    every state: no made-up rewards or values early in training); the continue head's is random."""
+    agent, batch, _ = make("normal")
+    _, feat, _ = world_model_terms(agent, batch)
+    for head in (agent.wm.reward_head, agent.task.critic):
+        logits = head(feat)  # (B, T, bins): all zero, a uniform two-hot distribution
+        assert torch.equal(logits, torch.zeros_like(logits))
+        assert TwoHotSymlog(logits).mean.abs().max() < 1e-6  # symmetric bins: a mean of 0
+    cont_logits = agent.wm.cont_head(feat)
+    assert cont_logits.std() > 1e-3, cont_logits.std()
+
+
+def test_frozen_restores_each_parameters_own_flag():
+    module = torch.nn.Linear(2, 2)
+    module.bias.requires_grad_(False)  # e.g. a slow copy inside the frozen module
+    with frozen(module):
+        assert not module.weight.requires_grad and not module.bias.requires_grad
+    assert module.weight.requires_grad and not module.bias.requires_grad
+
+
 def test_kl_terms_are_kl_of_posterior_from_prior_clipped_at_free_bits():
     agent, batch, cfg = make("normal")
     states, _, terms = world_model_terms(agent, batch)

@@ -448,6 +448,8 @@ def test_stacked_heads_give_the_per_step_losses_and_gradients(dist, behavior):
         agent, batch, _ = make("vector", dist, "--behavior", behavior, "--plan2explore.extr_scale", "0.5")
         torch.nn.init.normal_(agent.wm.reward_head.out.weight, std=0.3)  # zero-initialised: make it count
         ac = agent.task if behavior == "greedy" else agent.expl.ac
+        torch.manual_seed(2)  # a slow critic apart from the critic, so that its target counts
+        torch.nn.init.normal_(ac.slow_critic.out.weight, std=0.3)
         reward_fn = agent.task_reward if behavior == "greedy" else agent.expl.reward_terms(agent.wm)
         ac.stack_steps = stacked
         agent.train_world_model(batch)
