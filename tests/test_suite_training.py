@@ -190,6 +190,9 @@ def assert_crafter_achievements(logdir: Path, records: list[dict]) -> None:
     rates = {tag: last[tag] for tag in expected}
     assert all(0.0 <= rate <= 100.0 for rate in rates.values()), rates
     assert last["achievement/crafter_score"] == pytest.approx(crafter_score(rates), rel=1e-6)
+    # the episodes' counts are success rates only: no mean count per achievement beside them
+    counts = sorted({key for r in records for key in r if key.startswith(("episode/achievement", "eval/achievement_"))})
+    assert not counts, counts
 
     scalars = tensorboard_scalars(logdir)
     missing = [tag for tag in expected + ["achievement/crafter_score"] if tag not in scalars]

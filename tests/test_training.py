@@ -84,10 +84,24 @@ def test_tensorboard_holds_scalars_and_videos(debug_run):
 
 def test_train_ratio_sets_the_number_of_updates(debug_run):
     logdir, _ = debug_run
-    last = [r for r in read_metrics(logdir) if "perf/updates" in r][-1]
-    # debug: 400 steps, prefill 100, train_ratio 32, batch 32 x 16: updates = (400 - 100) * 32 / 512 (+1)
-    expected = (400 - 100) * 32 / (32 * 16)
-    assert abs(last["perf/updates"] - expected) <= 1.0 + 1e-9, last["perf/updates"]
+    logged = [(r["step"], r["perf/updates"]) for r in read_metrics(logdir) if "perf/updates" in r]
+    # debug: prefill 100, train_ratio 32, batch 32 x 16: the first update at the step the prefill
+    # ends (step 100), then one per 512 / 32 = 16 agent steps: 1 + (step - 100) * 32 / 512
+    assert logged == [(100, 1), (200, 7), (300, 13), (400, 19)], logged
+
+
+def test_logged_rates_are_those_of_their_own_interval(debug_run):
+    """perf/fps and perf/train_updates_per_s divide the interval's own steps and updates by the same
+    seconds, so their ratio is exactly the interval's steps per update (16 here, 100 in the first
+    interval, whose only update ends the prefill)."""
+    logdir, _ = debug_run
+    records = [r for r in read_metrics(logdir) if "perf/fps" in r]
+    previous = (0, 0)
+    for record in records:
+        steps, updates = record["step"] - previous[0], record["perf/updates"] - previous[1]
+        assert record["perf/fps"] / record["perf/train_updates_per_s"] == pytest.approx(steps / updates), record
+        previous = (record["step"], record["perf/updates"])
+    assert len(records) == 4
 
 
 def test_checkpoint_and_replay_on_disk(debug_run):
@@ -495,6 +509,22 @@ def short_eval_cap(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "tests" / "helpers"))
     monkeypatch.setattr(dreamer, "EVAL_LENGTH_FACTOR", 10)
     monkeypatch.setattr(dreamer, "EVAL_LENGTH_MIN", 1000)
+
+
+def test_episode_figures_are_the_intervals_means_and_the_run_counts(tmp_path, short_eval_cap):
+    """Training episodes of 60 agent steps, then of 20: episode/length is the mean over the episodes
+    finished in the log interval, perf/episodes counts every episode of the run, and the longest
+    training episode (which caps evaluations) is the first one, not the last."""
+    import dreamer
+
+    logdir = tmp_path / "shrinking"
+    counters = dreamer.train(faulty_env_config("ShrinkingEpisodes-v0", logdir, "--steps", "300", "--eval_every", "0"))
+    assert counters.longest_episode == 60
+    records = [r for r in read_metrics(logdir) if "perf/episodes" in r]
+    lengths = [r.get("episode/length") for r in records]
+    assert lengths == [40.0, 20.0, 20.0], lengths  # steps 1-100: episodes of 60 and 20
+    counts = [r["perf/episodes"] for r in records]
+    assert counts == sorted(set(counts)) and counts[-1] == counters.episodes, counts
 
 
 def test_an_evaluation_whose_episode_never_ends_is_abandoned_and_training_goes_on(tmp_path, short_eval_cap):

@@ -154,3 +154,19 @@ class NeverEndsInEval(TinyTask):
 
 gymnasium.register(id="NeverEndsInEval-v0", entry_point=NeverEndsInEval)
 gymnasium.register(id="EndsAt1000InEval-v0", entry_point=NeverEndsInEval, kwargs={"eval_length": 1000})
+
+
+class ShrinkingEpisodes(TinyTask):
+    """Training episodes of 60 agent steps, then of 20 (`ShrinkingEpisodes-v0`): the longest one is
+    not the last one, and the episodes of one log interval differ in length. (The start-up check's
+    reset and steps do not count: the first episode to reach 60 steps is the long one.)"""
+    _long_done = False
+
+    def step(self, action):
+        self._t += 1
+        ends = self._t >= (20 if self._long_done else 60)
+        self._long_done = self._long_done or ends
+        return np.full(3, 0.0, np.float32), 0.0, False, ends, {}
+
+
+gymnasium.register(id="ShrinkingEpisodes-v0", entry_point=ShrinkingEpisodes)
