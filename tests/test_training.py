@@ -319,6 +319,24 @@ def test_logs_saves_and_evaluations_keep_to_the_multiples_of_their_interval():
     assert not dreamer.passed_a_multiple(10**6, 0, 0)  # every 0: never
 
 
+def test_save_every_minutes_counts_minutes_since_the_last_save(monkeypatch):
+    """--save_every_minutes 2: a save is due 120 s after the last one, between the step multiples too;
+    0 turns the clock off."""
+    from types import SimpleNamespace
+
+    import dreamer
+
+    monkeypatch.setattr(dreamer.time, "time", lambda: 10_000.0)
+    trainer = SimpleNamespace(counters=dreamer.Counters(step=150, last_save=100),
+                              config=SimpleNamespace(save_every=200, save_every_minutes=2))
+    assert not dreamer.Trainer.should_save(trainer, 10_000.0 - 119)
+    assert dreamer.Trainer.should_save(trainer, 10_000.0 - 120)
+    trainer.config.save_every_minutes = 0
+    assert not dreamer.Trainer.should_save(trainer, 0.0)
+    trainer.counters.step = 200  # the step multiple, whatever the clock says
+    assert dreamer.Trainer.should_save(trainer, 10_000.0)
+
+
 def test_a_stop_request_is_heard_between_the_updates_of_one_step(tmp_path):
     """train_ratio 1e6 owes ~15,600 updates per agent step (minutes here): SIGTERM used to wait for
     all of them; now the run stops within a few updates, saves, and leaves the rest owed."""
