@@ -545,6 +545,24 @@ def test_episode_figures_are_the_intervals_means_and_the_run_counts(tmp_path, sh
     assert counts == sorted(set(counts)) and counts[-1] == counters.episodes, counts
 
 
+def test_the_progress_lines_pace_starts_again_when_the_prefill_ends(tmp_path, short_eval_cap, monkeypatch):
+    """The random prefill steps many times faster than training: the progress line's rate (and its
+    time left) restarts at the step the prefill ends, once, and counts only training steps after."""
+    import dreamer
+    from logger import Pace
+
+    restarts: list[int] = []
+
+    class RecordedPace(Pace):
+        def restart(self, step: int) -> None:
+            restarts.append(step)
+            super().restart(step)
+
+    monkeypatch.setattr(dreamer, "Pace", RecordedPace)
+    dreamer.train(faulty_env_config("ShrinkingEpisodes-v0", tmp_path / "run", "--steps", "150", "--eval_every", "0"))
+    assert restarts == [100]  # debug: prefill 100
+
+
 def test_an_evaluation_whose_episode_never_ends_is_abandoned_and_training_goes_on(tmp_path, short_eval_cap):
     """Training episodes end after 20 steps, evaluation episodes never (as where an eval policy
     never reaches the goal that ends them): the evaluation gives up at the cap with one warning
