@@ -92,8 +92,8 @@ def test_train_ratio_sets_the_number_of_updates(debug_run):
 
 def test_logged_rates_are_those_of_their_own_interval(debug_run):
     """perf/fps and perf/train_updates_per_s divide the interval's own steps and updates by the same
-    seconds, so their ratio is exactly the interval's steps per update (16 here, 100 in the first
-    interval, whose only update ends the prefill)."""
+    seconds, so their ratio is exactly the interval's steps per update (100 / 6 here, and 100 in the
+    first interval, whose only update comes at the prefill's end)."""
     logdir, _ = debug_run
     records = [r for r in read_metrics(logdir) if "perf/fps" in r]
     previous = (0, 0)
