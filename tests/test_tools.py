@@ -81,3 +81,49 @@ def test_usable_cores_follow_the_cpu_affinity(monkeypatch):
     assert tools.usable_cores() == 1 and tools.default_threads() == 1
     monkeypatch.delattr(tools.os, "sched_getaffinity")  # platforms without affinity: the machine's count
     assert tools.usable_cores() == 64 and tools.default_threads() == 16
+
+
+def test_set_seed_seeds_python_numpy_and_torch_alike():
+    import random
+
+    import numpy as np
+    import torch
+
+    import tools
+
+    draws = []
+    for _ in range(2):
+        tools.set_seed(3)
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(()))))
+    assert draws[0] == draws[1]
+    tools.set_seed(4)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) != draws[0]
+
+
+def test_threads_zero_shares_the_idle_cores_among_the_processes(monkeypatch):
+    import tools
+
+    monkeypatch.setattr(tools.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(tools.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    before = tools.torch.get_num_threads()
+    try:
+        assert tools.set_threads(0, processes=4) == 2 and tools.torch.get_num_threads() == 2
+        assert tools.set_threads(3, processes=4) == 3  # a number given is taken as it is
+    finally:
+        tools.torch.set_num_threads(before)
+
+
+def test_folder_lock_writes_its_pid_over_what_an_earlier_run_left(tmp_path):
+    import os
+
+    import tools
+
+    (tmp_path / ".lock").write_text("pid 123456789 (a run that ended long ago)\n")
+    lock = tools.FolderLock(tmp_path)
+    assert lock.acquire() is None
+    try:
+        assert (tmp_path / ".lock").read_text() == f"pid {os.getpid()}\n"
+        assert tools.FolderLock(tmp_path).acquire() == f"pid {os.getpid()}"  # held: names the holder
+    finally:
+        lock.release()
+    assert tools.FolderLock(tmp_path).acquire() is None  # released
