@@ -529,11 +529,13 @@ def short_eval_cap(monkeypatch):
     monkeypatch.setattr(dreamer, "EVAL_LENGTH_MIN", 1000)
 
 
-def test_episode_figures_are_the_intervals_means_and_the_run_counts(tmp_path, short_eval_cap):
+def test_episode_figures_are_the_intervals_means_and_the_run_counts(tmp_path, monkeypatch):
     """Training episodes of 60 agent steps, then of 20: episode/length is the mean over the episodes
     finished in the log interval, perf/episodes counts every episode of the run, and the longest
     training episode (which caps evaluations) is the first one, not the last."""
     import dreamer
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "helpers"))  # faulty_env
 
     logdir = tmp_path / "shrinking"
     counters = dreamer.train(faulty_env_config("ShrinkingEpisodes-v0", logdir, "--steps", "300", "--eval_every", "0"))
@@ -545,11 +547,13 @@ def test_episode_figures_are_the_intervals_means_and_the_run_counts(tmp_path, sh
     assert counts == sorted(set(counts)) and counts[-1] == counters.episodes, counts
 
 
-def test_the_progress_lines_pace_starts_again_when_the_prefill_ends(tmp_path, short_eval_cap, monkeypatch):
+def test_the_progress_lines_pace_starts_again_when_the_prefill_ends(tmp_path, monkeypatch):
     """The random prefill steps many times faster than training: the progress line's rate (and its
     time left) restarts at the step the prefill ends, once, and counts only training steps after."""
     import dreamer
     from logger import Pace
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "helpers"))  # faulty_env
 
     restarts: list[int] = []
 
