@@ -97,9 +97,7 @@ def _check_obs_space(space: Any, where: str) -> dict:
 
 
 def _check_act_space(space: Any, where: str) -> gymnasium.spaces.Space:
-    if isinstance(space, gymnasium.spaces.Discrete):
-        if space.n < 1:
-            raise EnvCheckError(f"{where}: act_space Discrete must have n >= 1, got n={space.n}.")
+    if isinstance(space, gymnasium.spaces.Discrete):  # gymnasium itself ensures n >= 1
         return space
     if not isinstance(space, gymnasium.spaces.Space):
         raise EnvCheckError(

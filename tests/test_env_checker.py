@@ -245,3 +245,82 @@ def test_running_steps_must_be_finite_and_name_where():
         check_running_step({**obs, 'vector': np.array([0, np.inf, 0], np.float32)}, 'env 2 at step 7')
     with pytest.raises(EnvCheckError, match=r"^eval env 0: returned a reward of nan; .*the same command resumes"):
         check_running_step({**obs, 'reward': float('nan')}, 'eval env 0')
+
+
+def test_flags_declared_in_obs_space_are_left_alone():
+    """obs_space may declare the flags (in any space type, e.g. a Discrete is_first): the training loop
+    owns them, so the check neither rejects their spaces nor requires them in the observation."""
+    space = {'image': IMAGE, 'vector': VECTOR, 'is_first': gymnasium.spaces.Discrete(2),
+             'reward': gymnasium.spaces.Box(-np.inf, np.inf, (), np.float32)}
+    check_env(ToyEnv(obs_space=space))
+
+
+def test_a_gymnasium_dict_obs_space_is_taken_as_its_boxes():
+    check_env(ToyEnv(obs_space=gymnasium.spaces.Dict({'image': IMAGE, 'vector': VECTOR})))
+    with pytest.raises(EnvCheckError, match=r"reset\(\) observation is missing key\(s\) \['depth'\]"):
+        check_env(ToyEnv(obs_space=gymnasium.spaces.Dict(
+            {'image': IMAGE, 'vector': VECTOR, 'depth': gymnasium.spaces.Box(0, 1, (2,), np.float32)})))
+
+
+def test_a_scalar_observation_may_be_a_numpy_scalar():
+    """A 0-d Box's value may come as np.float32(x) (np.generic), as numpy arithmetic returns it."""
+    space = {'image': IMAGE, 'vector': VECTOR, 'speed': gymnasium.spaces.Box(0, 10, (), np.float32)}
+    check_env(ToyEnv(obs=with_obs(speed=np.float32(3.0)), obs_space=space))
+    with pytest.raises(EnvCheckError, match=r"'speed': expected a numpy array, got float\. Convert it with "
+                                            r"np\.asarray\(value, dtype=np\.float32\)"):
+        check_env(ToyEnv(obs=with_obs(speed=3.0), obs_space=space))
+
+
+def test_action_box_must_be_flat_also_when_it_is_a_scalar():
+    with pytest.raises(EnvCheckError, match=r"act_space Box must be 1-D, got shape \(\)\. Flatten the action "
+                                            r"into a vector of 1 values"):
+        check_env(ToyEnv(act_space=gymnasium.spaces.Box(-1, 1, (), np.float32)))
+
+
+def test_action_box_needs_an_upper_bound_too():
+    space = gymnasium.spaces.Box(np.array([-1, -1], np.float32), np.array([1, np.inf], np.float32))
+    with pytest.raises(EnvCheckError, match=r"act_space Box needs finite bounds, got low=\[-1\. -1\.\], "
+                                            r"high=\[ 1\. inf\]"):
+        check_env(ToyEnv(act_space=space))
+
+
+@pytest.mark.parametrize('reward', [np.array([1.0]), np.zeros((1, 1)), [1.0]])
+def test_reward_must_be_a_scalar_not_an_array_of_one(reward):
+    with pytest.raises(EnvCheckError, match=r"step\(\) reward must be a finite scalar, got .*Return a float"):
+        check_env(ToyEnv(step_result=(good_obs(), reward, False, False, {})))
+    check_env(ToyEnv(step_result=(good_obs(), np.float32(1.0), False, False, {})))  # a numpy scalar is one
+
+
+@pytest.mark.parametrize('position', [2, 3])
+def test_terminated_and_truncated_must_be_single_bools(position):
+    result = [good_obs(), 0.0, False, False, {}]
+    result[position] = np.array([False])
+    name = 'terminated' if position == 2 else 'truncated'
+    with pytest.raises(EnvCheckError, match=rf"step\(\) '{name}' must be a bool, got array\(\[False\]\)"):
+        check_env(ToyEnv(step_result=tuple(result)))
+    result[position] = np.bool_(True)
+    check_env(ToyEnv(step_result=tuple(result)))
+
+
+def test_logging_keys_must_be_finite_scalars():
+    with pytest.raises(EnvCheckError, match=r"observation 'log_score' is a logging key and must be a finite "
+                                            r"scalar, got array\(\[1\., 2\.\], dtype=float32\)"):
+        check_env(ToyEnv(obs=with_obs(log_score=np.array([1, 2], np.float32))))
+    with pytest.raises(EnvCheckError, match=r"'log_score' is a logging key and must be a finite scalar, got nan"):
+        check_env(ToyEnv(obs=with_obs(log_score=float('nan'))))
+
+
+def test_grayscale_hint_only_for_an_image_space():
+    """A 2-d value for a 1-d Box gets the plain shape message, not the image channel-axis hint."""
+    with pytest.raises(EnvCheckError, match=r"'vector': expected shape \(3,\), got \(1, 3\)\.") as error:
+        check_env(ToyEnv(obs=with_obs(vector=np.zeros((1, 3), np.float32))))
+    assert 'grayscale' not in str(error.value)
+
+
+def test_a_uint8_vector_with_the_wrong_dtype_is_not_told_it_is_an_image():
+    space = {'image': IMAGE, 'vector': VECTOR, 'counts': gymnasium.spaces.Box(0, 9, (4,), np.uint8)}
+    with pytest.raises(EnvCheckError, match=r"'counts': expected dtype uint8, got int64\. Convert it in "
+                                            r"_format_obs with \.astype\(np\.uint8\) or declare dtype=np\.int64 "
+                                            r"in obs_space\['counts'\]") as error:
+        check_env(ToyEnv(obs=with_obs(counts=np.zeros(4, np.int64)), obs_space=space))
+    assert 'images are used' not in str(error.value)

@@ -248,3 +248,105 @@ def test_workers_end_at_interpreter_exit_without_close(tmp_path):
     for pid in map(int, result.stdout.split()):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+class Talker(Counter):
+    """Counter with methods for call(): ping() answers, make_lock() returns what does not pickle, and
+    close() records itself in `closed` (a list shared with the test in thread and inline modes)."""
+
+    def __init__(self, closed=None):
+        super().__init__(length=10)
+        self.closed = closed
+
+    def ping(self):
+        return 'pong'
+
+    def make_lock(self):
+        import threading
+        return threading.Lock()
+
+    def close(self):
+        if self.closed is not None:
+            self.closed.append(id(self))
+
+
+def talker_env(closed=None):
+    return wrappers.Flags(Talker(closed))
+
+
+class NeedsTwoArguments(Exception):
+    """Pickles, but unpickling calls NeedsTwoArguments(message) and fails: it can travel only as text."""
+
+    def __init__(self, level, reason):
+        super().__init__(f'level {level}: {reason}')
+
+
+def ctor_raising_an_exception_that_does_not_unpickle():
+    raise NeedsTwoArguments(3, 'the map file is missing')
+
+
+@pytest.mark.parametrize('parallel', MODES)
+def test_call_reports_a_failure_of_any_env_not_only_the_first(parallel):
+    with EnvPool([talker_env, counter_env], parallel) as pool:
+        assert pool.call_one(0, 'ping') == 'pong'
+        with pytest.raises(EnvError, match=r"^env 1: failed in call\('ping'\).*(?s:.*)AttributeError"):
+            pool.call('ping')
+
+
+def test_an_answer_that_does_not_pickle_is_an_error_and_the_worker_lives_on():
+    with EnvPool([talker_env], 'process') as pool:
+        with pytest.raises(EnvError, match=r"(?s)^env 0: failed in call_one\('make_lock'\).*pickle"):
+            pool.call_one(0, 'make_lock')
+        assert pool.call_one(0, 'ping') == 'pong'  # the same worker, not a restarted one
+        assert pool.restarts == 0 and pool._workers[0]._process.is_alive()
+
+
+def test_an_exception_that_does_not_unpickle_reaches_the_parent_as_text():
+    with pytest.raises(EnvError, match=r"(?s)^env 1: failed to start.*Traceback in the worker of env 1.*"
+                                       r"NeedsTwoArguments: level 3: the map file is missing"):
+        EnvPool([counter_env, ctor_raising_an_exception_that_does_not_unpickle], 'process')
+
+
+def test_a_worker_process_ignores_ctrl_c_which_the_parent_handles():
+    """Ctrl-C in a terminal reaches every process of the group; the workers must live on so that the
+    parent can finish its step and save (it closes the pool itself)."""
+    import signal
+    import time
+
+    with EnvPool([talker_env], 'process') as pool:
+        pool.step(np.zeros((1, 1)))
+        process = pool._workers[0]._process
+        os.kill(process.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert process.is_alive()
+        assert float(pool.step(np.zeros((1, 1)))[0]['vector'][0]) == 1.0 and pool.restarts == 0
+
+
+def test_a_start_up_error_of_a_later_rank_carries_the_global_env_index():
+    """dreamer.py reads env_index and worker_traceback off an exception re-raised with its own type."""
+    with pytest.raises(ValueError, match=r'cannot build this env') as info:
+        EnvPool([counter_env, failing_ctor], 'process', first_index=2)
+    assert info.value.env_index == 3 and 'in failing_ctor' in info.value.worker_traceback
+    assert 'env 3 failed to start in its worker' in '\n'.join(info.value.__notes__)
+
+
+def test_a_restart_closes_the_failed_worker_process():
+    ctors = [functools.partial(counter_env, crash_at=2, length=10)]
+    with EnvPool(ctors, 'process', max_restarts=3) as pool:
+        pool.step(np.zeros((1, 1)))
+        failed = pool._workers[0]._process
+        pool.step(np.zeros((1, 1)))
+        pool.step(np.zeros((1, 1)))  # crash -> restart
+        assert pool.restarts == 1 and pool._workers[0]._process is not failed
+        assert not failed.is_alive() and failed.exitcode == 0  # told to close, not left running
+
+
+@pytest.mark.parametrize('parallel', ['none', 'thread'])
+def test_close_closes_each_env_in_its_worker(parallel):
+    closed = []
+    pool = EnvPool([functools.partial(talker_env, closed)] * 2, parallel)
+    pool.step(np.zeros((2, 1)))
+    pool.close()
+    assert len(closed) == 2 and len(set(closed)) == 2
+    if parallel == 'thread':
+        assert not any(worker._thread.is_alive() for worker in pool._workers)
