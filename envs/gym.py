@@ -58,7 +58,6 @@ class GymEnv:
         self._image = bool(image)
         self._size = (int(size[0]), int(size[1]))
         self._obs_kind = self._observation_kind(self._env.observation_space)
-        self._env.action_space.seed(seed)
         self._render_warned = False
 
     def _observation_kind(self, space: gymnasium.spaces.Space) -> str:

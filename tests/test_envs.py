@@ -551,6 +551,93 @@ def test_gym_unknown_id_suggests_close_matches():
         envs.make_env(make_config('--task', 'gym_CartPol-v1'), 'train', 0)
 
 
+
+class ScriptedGymEnv(gym.Env):
+    """Registered below as TestScripted-v0: a (2, 2) Box action recorded as stepped; a seeded random
+    observation; render() as `frame` says: 'rgba' (an RGBA frame), 'none' (returns None) or 'missing'
+    (its rendering package is not installed)."""
+
+    metadata = {'render_modes': ['rgb_array'], 'render_fps': 30}
+    actions: list = []
+
+    def __init__(self, render_mode=None, frame='rgba'):
+        self.render_mode, self.frame = render_mode, frame
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2, 2), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.np_random.uniform(-1, 1, 2).astype(np.float32), {}
+
+    def step(self, action):
+        ScriptedGymEnv.actions.append(action)
+        return np.zeros(2, np.float32), 0.0, False, False, {}
+
+    def render(self):
+        if self.frame == 'missing':
+            raise gym.error.DependencyNotInstalled('pygame is not installed, run `pip install pygame`')
+        if self.frame == 'none':
+            return None
+        frame = np.zeros((20, 30, 4), np.uint8)
+        frame[..., 0], frame[..., 3] = 200, 7
+        return frame
+
+
+def scripted_gym_env(**options):
+    for frame in ('rgba', 'none', 'missing'):
+        if f'TestScripted{frame}-v0' not in gym.registry:
+            gym.register(f'TestScripted{frame}-v0', entry_point=functools.partial(ScriptedGymEnv, frame=frame))
+    return GymEnv(f"TestScripted{options.pop('frame', 'rgba')}-v0", **options)
+
+
+def test_gym_box_actions_are_flat_for_the_agent_and_reshaped_for_the_env():
+    env = scripted_gym_env()
+    assert env.act_space == gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    env.reset()
+    ScriptedGymEnv.actions.clear()
+    env.step(np.arange(4, dtype=np.float32) / 4)
+    (action,) = ScriptedGymEnv.actions
+    assert action.shape == (2, 2) and action.dtype == np.float32
+    np.testing.assert_array_equal(action, [[0, 0.25], [0.5, 0.75]])
+
+
+def test_gym_seed_picks_the_first_episode_only():
+    env = scripted_gym_env(seed=5)
+    episodes = [env.reset()[0]['vector'] for _ in range(3)]
+    assert not np.array_equal(episodes[0], episodes[1]) and not np.array_equal(episodes[1], episodes[2])
+    np.testing.assert_array_equal(scripted_gym_env(seed=5).reset()[0]['vector'], episodes[0])
+    assert not np.array_equal(scripted_gym_env(seed=6).reset()[0]['vector'], episodes[0])
+
+
+@pytest.mark.filterwarnings('ignore:.*RGB-array rendering should return')
+def test_gym_rgba_frames_lose_their_alpha_when_resized_and_when_not():
+    image = scripted_gym_env(image=True, size=(8, 12)).reset()[0]['image']
+    assert image.shape == (8, 12, 3) and (image[..., 0] == 200).all() and (image[..., 1:] == 0).all()
+    image = scripted_gym_env(image=True, size=(20, 30)).reset()[0]['image']
+    assert image.shape == (20, 30, 3) and (image[..., 0] == 200).all()
+
+
+@pytest.mark.filterwarnings('ignore:.*RGB-array rendering should return')
+def test_gym_image_observations_need_a_frame():
+    with pytest.raises(envs.EnvCheckError, match=r"^gym_TestScriptednone-v0: render\(\) returned None, so "
+                                                 r"image=True has no frames\. Use env\.gym\.image False"):
+        scripted_gym_env(frame='none', image=True).reset()
+    with pytest.raises(envs.MissingDependency, match=r"image=True renders frames, which needs a package that "
+                                                     r"is not installed .*pip install"):
+        scripted_gym_env(frame='missing', image=True).reset()
+
+
+def test_gym_videos_without_a_rendering_package_warn_once_and_train_on():
+    env = scripted_gym_env(frame='missing')
+    env.reset()
+    with pytest.warns(UserWarning, match=r"needs a package that is not installed .* No videos for this env"):
+        assert env.render() is None
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert env.render() is None  # said once
+
+
 class YourRobotEnvironment(gym.Env):
     """What README's MyRobot wraps: a gymnasium env with a camera image and float64 joints (numpy's
     default dtype), a 2-d Box action, 30-step episodes."""
