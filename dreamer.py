@@ -442,9 +442,7 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
                 result.returns.append(summary.pop("return"))
                 result.lengths.append(summary.pop("length"))
                 result.logs.append(summary)  # the env's log_<key> values, e.g. success
-                if index == 0:
-                    want_video = False
-        if want_video and len(result.frames) < video_length:
+        if want_video and len(result.frames) < video_length:  # env 0's first episode, its last frame included
             try:
                 frame = render_frame(pool, observations[0])
             except (envs.EnvError, ValueError) as error:
@@ -458,6 +456,7 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
             want_video = frame is not None
             if frame is not None:
                 result.frames.append(frame)
+        want_video = want_video and not ended[0]
         actions, state = agent.policy(stack_obs(observations), state, "eval")
     return result
 

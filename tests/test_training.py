@@ -227,10 +227,11 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
                       evaluated.stderr)  # the result on the console, not only in the logs
     assert shown and float(shown[1]) == pytest.approx(record["eval/return"], abs=0.01), evaluated.stderr[-2000:]
     assert float(shown[2]) <= float(shown[1]) <= float(shown[3])
-    # one episode, with another train_ratio given: said in the singular, and no word of update rates
+    # one episode, with another train_ratio given: said in the singular, and no word of update rates;
+    # one eval env for one episode although envs.amount is 2 (two would end together: two episodes)
     single = run_cli("--configs", "debug", "custom", "--task", "custom_reach", "--eval_only", "True",
                      "--from_checkpoint", str(logdir / "latest.pt"), "--eval_episode_num", "1",
-                     "--train_ratio", "64")
+                     "--train_ratio", "64", "--envs.amount", "2")
     assert single.returncode == 0, single.stderr[-3000:]
     eval_log = (logdir / "eval_only" / "train.log").read_text()
     assert "for 1 episode\n" in eval_log and ") over 1 episode, mean length" in eval_log, eval_log
@@ -483,6 +484,7 @@ def test_frames_that_are_not_rgb_cost_the_video_not_the_run(tmp_path, task, warn
         assert "WARNING" not in log and "no eval video" not in log
     else:
         assert log.count(warning) == 1  # not again at the second evaluation
+        assert "no eval video:" not in log  # the env has a render(): not told it has none
 
 
 @pytest.mark.parametrize("task, message", [
@@ -828,6 +830,23 @@ def test_log_keys_reach_the_training_and_the_evaluation_metrics(tmp_path, monkey
     evals = [r for r in records if "eval/return" in r]
     assert evals and all(r["eval/success"] == 1.0 for r in evals), evals
     assert any(r.get("episode/success") == 1.0 for r in records), records
+
+
+def test_video_false_logs_no_video_at_all(tmp_path):
+    """--video False: neither the eval episode's video nor the world model's open-loop predictions
+    (an image env, evaluated after training started, would log both)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import config as config_lib
+    import dreamer
+
+    config = config_lib.load_config(["--configs", "debug", "--task", "custom_reach", "--logdir", str(tmp_path),
+                                     "--steps", "150", "--prefill", "100", "--eval_every", "150",
+                                     "--envs.parallel", "none", "--device", "cpu", "--video", "False"])
+    assert dreamer.train(config).updates > 0
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert "eval/return" in events.Tags()["scalars"] and events.Tags()["images"] == []
 
 
 def test_an_evaluations_achievements_are_success_rates_as_in_training():
