@@ -691,7 +691,8 @@ def shapes_model(key: str) -> bool:
 def changes_evaluation(key: str) -> bool:
     """Whether config key `key` can make an evaluation of a checkpoint differ from one under the
     config it was trained with (what --eval_only lists as changed)."""
-    return shapes_model(key) or key in ("action_repeat", "time_limit", "reward_clip", "eval_sample", "precision")
+    return shapes_model(key) or key in ("task", "action_repeat", "time_limit", "reward_clip", "eval_sample",
+                                        "precision")
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:

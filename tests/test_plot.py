@@ -98,3 +98,33 @@ def test_a_key_no_run_logged_is_named_with_the_closest_logged_key(tmp_path: Path
         "plot.py: no run logged eval/retrn (closest logged: eval/return): its panel is empty."
     )
     assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_panel_draws_one_line_per_run_and_a_mean_with_its_band_per_seed_group() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def records(values, start=1):
+        return [{"step": 10 * (start + i), "r": v, "other": None} for i, v in enumerate(values)]
+
+    runs = [("walker", records([0.0, 2.0, 4.0, 6.0])), ("walker", records([2.0, 4.0, 6.0, 8.0])),
+            ("cheetah", records([1.0, 1.0, 3.0])), ("empty", [{"step": 10, "r": None}])]
+    figure, axis = plt.subplots()
+    assert plot.draw_key(axis, runs, "r", smooth=2) == 2  # the run without a value draws nothing
+    lines = {line.get_label(): line for line in axis.get_lines()}
+    assert sorted(lines) == ["cheetah", "walker (2 runs)"]
+    np.testing.assert_allclose(lines["walker (2 runs)"].get_xdata(), [10, 20, 30, 40])
+    np.testing.assert_allclose(lines["walker (2 runs)"].get_ydata(), [1.0, 2.0, 4.0, 6.0])  # mean of the smoothed
+    np.testing.assert_allclose(lines["cheetah"].get_ydata(), [1.0, 1.0, 2.0])  # trailing mean of 2 points
+    (band,) = axis.collections  # min-max of the two walker runs
+    np.testing.assert_allclose(band.get_paths()[0].vertices[:, 1].min(), 0.0)
+    np.testing.assert_allclose(band.get_paths()[0].vertices[:, 1].max(), 7.0)
+    assert axis.get_title() == "r (trailing mean of 2 points)"
+    assert axis.get_xlabel() == "agent steps (env frames / action_repeat)"
+    plt.close(figure)
+    figure, axis = plt.subplots()
+    assert plot.draw_key(axis, runs, "other", smooth=1) == 0
+    assert axis.get_title() == "other" and [t.get_text() for t in axis.texts] == ["no other logged"]
+    plt.close(figure)

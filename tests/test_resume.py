@@ -799,3 +799,141 @@ def test_compiled_agent_trains_after_loading_an_eager_checkpoint(tmp_path, deter
     compiled_tensors, eager_tensors = agent_tensors(resumed), agent_tensors(eager)
     for name, value in eager_tensors.items():
         assert torch.allclose(compiled_tensors[name], value, rtol=1e-3, atol=1e-5), name
+
+
+# --- restore's checks and the checkpoint a resume passes over, each on its own
+
+SPACES = {"obs": {"image": "(64, 64, 3) uint8", "vector": "(4,) float32"}, "act": "Box(-1.0, 1.0, (2,), float32)"}
+
+
+def test_other_spaces_are_each_named_observations_on_either_side_and_actions():
+    source = Path("/runs/a/latest.pt")
+    dreamer.check_same_spaces(None, SPACES, source, "custom_reach")  # a checkpoint from before spaces were saved
+    dreamer.check_same_spaces(copy.deepcopy(SPACES), SPACES, source, "custom_reach")
+    current = {"obs": {"depth": "(2,) float32", "image": "(64, 64, 3) uint8"}, "act": "Discrete(5)"}
+    with pytest.raises(checkpoint.CheckpointMismatch) as raised:
+        dreamer.check_same_spaces(SPACES, current, source, "custom_reach")
+    assert str(raised.value).startswith(
+        "the checkpoint /runs/a/latest.pt was trained on other spaces of task custom_reach: observation 'depth' "
+        "absent then, (2,) float32 now; observation 'vector' (4,) float32 then, absent now; actions "
+        "Box(-1.0, 1.0, (2,), float32) then, Discrete(5) now. The env's options")
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"other spaces of task custom_reach: actions Box"):
+        dreamer.check_same_spaces(SPACES, {**SPACES, "act": "Discrete(5)"}, source, "custom_reach")
+
+
+def test_settings_compared_on_resume_leave_out_the_paths_and_keys_an_older_config_lacked():
+    cfg = debug_config("--from_checkpoint", "/runs/b/latest.pt")
+    saved = {**cfg.to_dict(), "logdir": "/runs/a", "from_checkpoint": "/runs/a/latest.pt"}
+    del saved["video_length"]  # a key of a later version
+    assert dreamer.changed_settings(saved, cfg.to_dict()) == []
+    dreamer.check_same_task({k: v for k, v in saved.items() if k != "task"}, cfg, Path("old.pt"))  # no task saved
+
+
+def test_which_settings_shape_the_model_and_which_change_an_evaluation():
+    keys = ["rssm.deter", "env.custom.size", "actor_dist", "behavior", "slow_value_target", "task", "precision",
+            "action_repeat", "time_limit", "reward_clip", "eval_sample", "train_ratio", "model_lr", "steps"]
+    assert [k for k in keys if dreamer.shapes_model(k)] == keys[:5]
+    assert [k for k in keys if dreamer.changes_evaluation(k)] == keys[:11]
+
+
+def saved_agent_state(cfg, tmp_path: Path, world: int = 1, **config_changes) -> tuple[Path, tuple]:
+    """A checkpoint of a fresh agent for `cfg` (its saved config changed as given), and the spaces."""
+    obs_space, act_space = spaces(cfg)
+    agent = exploration.make_agent(obs_space, act_space, cfg, "cpu")
+    state = dreamer.checkpoint_state(cfg, agent, dreamer.Counters(step=300, updates=40, train_start=100),
+                                     filled_replay(cfg, 0), world=world)
+    state["config"].update(config_changes)
+    path = tmp_path / "saved" / "latest.pt"
+    checkpoint.save_checkpoint(path, state)
+    return path, (obs_space, act_space)
+
+
+def restore_log(cfg, path: Path, tmp_path: Path, obs_space, act_space) -> str:
+    restore_into_fresh_agent(cfg, path, tmp_path, obs_space, act_space)
+    return (tmp_path / "resumed" / "train.log").read_text()
+
+
+def test_eval_only_evaluates_a_checkpoint_of_another_task_with_the_same_spaces(tmp_path):
+    """Training on would mix two tasks in one replay; an evaluation on another task of the same spaces
+    (a zero-shot test, e.g. walker_walk's agent on walker_run) is allowed. It lists only settings that
+    change an evaluation (eval_sample here, not train_ratio)."""
+    cfg = debug_config()
+    path, (obs_space, act_space) = saved_agent_state(cfg, tmp_path, task="custom_other", train_ratio=4,
+                                                     eval_sample=True)
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"was trained on task custom_other"):
+        restore_into_fresh_agent(cfg, path, tmp_path, obs_space, act_space)
+    log = restore_log(debug_config("--eval_only", "True", "--from_checkpoint", str(path)), path, tmp_path,
+                      obs_space, act_space)
+    assert "(step 300, 40 updates) to evaluate it" in log
+    assert "settings changed since the checkpoint: task custom_other -> custom_reach, eval_sample True -> False\n" in log
+
+
+def test_a_resume_reads_the_saved_number_of_processes_not_the_configs(tmp_path):
+    """Under torchrun the config says parallel 1; the checkpoint's `world` (2) is what changed."""
+    cfg = debug_config()
+    path, (obs_space, act_space) = saved_agent_state(cfg, tmp_path, world=2)
+    log = restore_log(cfg, path, tmp_path, obs_space, act_space)
+    assert "processes 2 -> 1" in log
+
+
+def test_a_shape_mismatch_with_no_setting_changed_keeps_its_own_message(tmp_path):
+    """A checkpoint whose parameters do not fit though no model setting differs (e.g. edited code):
+    the first differing parameter is named, not an empty list of changed settings."""
+    cfg = debug_config()
+    path, (obs_space, act_space) = saved_agent_state(cfg, tmp_path)
+    state = checkpoint.load_checkpoint(path)
+    name = next(k for k, v in state["agent"]["wm"].items() if torch.is_tensor(v) and v.ndim == 2)
+    state["agent"]["wm"][name] = torch.zeros(3, 3)
+    checkpoint.save_checkpoint(path, state)
+    with pytest.raises(checkpoint.CheckpointMismatch) as raised:
+        restore_into_fresh_agent(cfg, path, tmp_path, obs_space, act_space)
+    assert "settings that shape the model differ" not in str(raised.value)
+    assert name in str(raised.value) and "(3, 3)" in str(raised.value)
+
+
+def passed_over_paths(tmp_path: Path, own_bytes: bytes | None = None) -> dreamer.RunPaths:
+    """This run's folder holding latest.pt at step 300 (or `own_bytes`), resuming from another run's
+    latest.pt: the same file name in another folder."""
+    own, other = tmp_path / "here" / "latest.pt", tmp_path / "other" / "latest.pt"
+    checkpoint.save_checkpoint(other, {"counters": {"step": 100}})
+    if own_bytes is None:
+        checkpoint.save_checkpoint(own, {"counters": {"step": 300}})
+    else:
+        own.parent.mkdir(parents=True)
+        own.write_bytes(own_bytes)
+    return dreamer.RunPaths(own.parent, own, other, own.parent / "replay")
+
+
+class Said:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, text):
+        self.lines.append(text)
+
+    warning = info
+
+
+def test_a_checkpoint_of_the_same_name_elsewhere_keeps_this_folders_own_once(tmp_path):
+    paths, said = passed_over_paths(tmp_path), Said()
+    kept = dreamer.keep_checkpoint_passed_over(paths, said)
+    assert kept == paths.checkpoint.with_name("latest.step300.pt")
+    assert os.path.samefile(kept, paths.checkpoint)  # a hard link, no copy
+    assert len(said.lines) == 1 and f"it is kept as {kept}" in said.lines[0]
+    assert dreamer.keep_checkpoint_passed_over(paths, said) == kept and len(said.lines) == 1  # kept already
+    same = dreamer.RunPaths(paths.logdir, paths.checkpoint, paths.logdir / "." / "latest.pt", paths.replay_dir)
+    assert dreamer.keep_checkpoint_passed_over(same, said) is None  # resuming from it: nothing to keep
+
+
+def test_a_passed_over_checkpoint_is_copied_where_links_fail_and_kept_unreadable(tmp_path, monkeypatch):
+    paths, said = passed_over_paths(tmp_path / "a"), Said()
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    kept = dreamer.keep_checkpoint_passed_over(paths, said)
+    assert kept.read_bytes() == paths.checkpoint.read_bytes() and not os.path.samefile(kept, paths.checkpoint)
+    paths = passed_over_paths(tmp_path / "b", own_bytes=b"not a checkpoint")
+    kept = dreamer.keep_checkpoint_passed_over(paths, said)
+    assert kept.name == "latest.unreadable.pt" and kept.read_bytes() == b"not a checkpoint"
