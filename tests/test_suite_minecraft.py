@@ -323,3 +323,42 @@ def test_without_minerl_the_error_says_how_to_install():
 def test_unknown_task():
     with pytest.raises(ValueError, match=r"Unknown Minecraft task 'minecraft_nether'.*_diamond"):
         Minecraft('nether')
+
+
+def test_health_reward_is_computed_in_float32_as_v1_does():
+    expected = np.float32(0.01) * (np.float32(18.0 / 20.0) - np.float32(1.0))  # float32 arithmetic
+    assert health_reward(20.0, 18.0) == float(np.float32(expected)) != -0.001
+
+
+def test_reset_with_a_seed_reseeds_the_game_and_restarts_the_episodes_state():
+    """reset(seed) seeds MineRL again (reset() alone does not); each episode starts with its step
+    count at 0 (truncation after `length` steps of its own) and no sticky jump held over."""
+    env = scripted_minecraft([(minerl_obs(), False)] * 6, name='wood', length=3)
+    env.reset()
+    env.reset(seed=9)
+    assert env._env.seeds == [4, 9]
+    jump = env.action_names.index('jump')
+    assert [env.step(a)[3] for a in (0, jump)] == [False, False]
+    env.reset()
+    flags = [env.step(0)[3] for _ in range(3)]
+    assert flags == [False, False, True]  # the episode's own 3 steps, not 2 + 3 since construction
+    assert env._env.actions[2]['jump'] == 0  # the jump held in the last episode does not carry over
+
+
+def test_render_shows_the_latest_steps_frame():
+    seen = minerl_obs(log=1)
+    seen['pov'] = np.full((64, 64, 3), 99, np.uint8)
+    env = scripted_minecraft([(seen, False)])
+    env.reset()
+    np.testing.assert_array_equal(env.render(), np.full((64, 64, 3), 7, np.uint8))  # the reset's frame
+    env.step(0)
+    np.testing.assert_array_equal(env.render(), seen['pov'])
+
+
+def test_game_options_match_whole_keys_and_keep_the_files_permissions(tmp_path):
+    assert edit_game_options('aoLevel:3\nao:2\n', {'ao': '1'}).splitlines() == ['aoLevel:3', 'ao:1']
+    path = tmp_path / 'options.txt'
+    path.write_text('gamma:1.0\n')
+    path.chmod(0o600)
+    apply_game_options(path)
+    assert path.read_text().startswith('gamma:5.0\n') and path.stat().st_mode & 0o777 == 0o600
