@@ -23,16 +23,30 @@ TWO_HOT_HIGH = 20.0
 TWO_HOT_LOW = -TWO_HOT_HIGH
 
 
+SHORT_AXIS = 16  # on a CPU, torch's softmax over a last axis shorter than this is 4-10x slower (BENCHMARKS.md)
+
+
+def softmax_last(x: torch.Tensor, log: bool = False) -> torch.Tensor:
+    """softmax (log_softmax with `log`) over the last axis. On a CPU a last axis shorter than 16 (8
+    latent classes, a few discrete actions) is moved to the front first: torch's CPU kernel walks a
+    short last axis row by row, 4-10x slower than the same reduction along a leading axis; same values
+    (to float rounding), the result a view in the input's shape."""
+    function = torch.log_softmax if log else torch.softmax
+    if x.device.type == "cpu" and x.dim() > 1 and x.shape[-1] < SHORT_AXIS:
+        return function(x.movedim(-1, 0), 0).movedim(0, -1)
+    return function(x, -1)
+
+
 def unimix_probs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     """(1 - unimix) * softmax(logits) + unimix / classes, over the last axis (float32)."""
-    probs = torch.softmax(logits.float(), -1)
+    probs = softmax_last(logits.float())
     return probs if unimix <= 0.0 else (1.0 - unimix) * probs + unimix / logits.shape[-1]
 
 
 def unimix_log_probs(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     """Log of unimix_probs(logits, unimix), over the last axis (float32)."""
     if unimix <= 0.0:
-        return torch.log_softmax(logits.float(), -1)
+        return softmax_last(logits.float(), log=True)
     return torch.log(unimix_probs(logits, unimix))
 
 
@@ -40,7 +54,7 @@ def unimix_probs_and_log_probs(logits: torch.Tensor, unimix: float) -> tuple[tor
     """unimix_probs and unimix_log_probs of the same logits, the logarithm taken of the
     probabilities (not the probabilities recovered by exponentiating it)."""
     probs = unimix_probs(logits, unimix)
-    return probs, (torch.log(probs) if unimix > 0.0 else torch.log_softmax(logits.float(), -1))
+    return probs, (torch.log(probs) if unimix > 0.0 else softmax_last(logits.float(), log=True))
 
 
 def one_hot_of(index: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
