@@ -112,6 +112,39 @@ def test_report_only_judges_the_runs_own_prefill_task_and_length(tmp_path, capsy
     assert "no metrics.jsonl in" in capsys.readouterr().err
 
 
+
+def test_extra_arguments_are_key_value_pairs_in_either_form():
+    learn = load_learn()
+    assert learn.parse_extra(["--seed", "1", "--train_ratio=256", "--envs.amount", "2"]) == [
+        ("seed", "1"), ("train_ratio", "256"), ("envs.amount", "2")]
+    assert learn.parse_extra(["--logdir=a=b"]) == [("logdir", "a=b")]  # only the first '=' splits
+    with pytest.raises(SystemExit, match=r"unexpected argument 'seed': extra arguments are dreamer.py overrides"):
+        learn.parse_extra(["seed", "1"])
+    with pytest.raises(SystemExit, match=r"--seed needs a value, e.g. --seed VALUE"):
+        learn.parse_extra(["--batch_size", "8", "--seed"])
+    with pytest.raises(SystemExit, match=r"unexpected argument '--'"):  # no key at all
+        learn.parse_extra(["--", "--seed", "1"])
+
+
+def test_a_check_with_a_margin_over_random_needs_the_runs_random_return():
+    """dmc_cartpole_balance_pixels: final >= 600 and >= this run's random-policy return + 250; NaN
+    evaluations are left out, and only the prefill's episodes count as random."""
+    learn = load_learn()
+    check = learn.CHECKS["dmc_cartpole_balance_pixels"]
+    assert (check.bar, check.over_random) == (600.0, 250.0)
+
+    def result(random_return, final):
+        return learn.outcome([{"step": 100, "episode/return": random_return},
+                              {"step": 2600, "episode/return": 900.0},  # trained: not random
+                              {"step": 5000, "eval/return": final}, {"step": 6000, "eval/return": float("nan")}],
+                             check.bar, prefill=2500)
+
+    assert result(300.0, 650.0).random_return == 300.0 and result(300.0, 650.0).final == 650.0
+    assert learn.passed(check, result(300.0, 650.0))
+    assert not learn.passed(check, result(420.0, 650.0))  # 650 < 420 + 250
+    assert not learn.passed(check, learn.outcome([{"step": 5000, "eval/return": 650.0}], check.bar, 2500))
+    assert not learn.passed(check, result(100.0, 590.0))  # below the bar itself
+
 def test_unknown_check_names_the_choices(capsys):
     learn = load_learn()
     with pytest.raises(SystemExit):
