@@ -1,9 +1,11 @@
 """Any installed gymnasium environment as a suite: `--task gym_<EnvId>` (gym_CartPole-v1, gym_Pendulum-v1).
 
 Observations: a Box observation flattened to float32 under `vector` (a Discrete one as a one-hot
-vector), plus, with `image=True`, the frame of render() resized to `size` under `image`. Actions: the
-env's Discrete space, or its Box flattened to 1-D (reshaped back before each step). The env's own time
-limit arrives as `truncated`.
+vector); a Dict observation (e.g. gymnasium-robotics' observation / achieved_goal / desired_goal)
+keeps its keys, each Box flattened to float32 or, if it is an (H, W, C) uint8 image, kept as it is
+(for the CNN: name it in encoder.cnn_keys), each Discrete one-hot; plus, with `image=True`, the frame
+of render() resized to `size` under `image`. Actions: the env's Discrete space, or its Box flattened
+to 1-D (reshaped back before each step). The env's own time limit arrives as `truncated`.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 import gymnasium
 import numpy as np
-from .checker import EnvCheckError, MissingDependency
+from .checker import FLAG_KEYS, EnvCheckError, MissingDependency
 
 CLASSIC_CONTROL_INSTALL = 'pip install "gymnasium[classic-control]"  (installs pygame)'
 
@@ -27,6 +29,34 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     image = Image.fromarray(frame).resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(image, np.uint8)
+
+
+def is_image_space(space: gymnasium.spaces.Space) -> bool:
+    """An (H, W, C) uint8 Box: passed on as an image, for the CNN."""
+    return isinstance(space, gymnasium.spaces.Box) and len(space.shape) == 3 and space.dtype == np.uint8
+
+
+def model_input_space(space: gymnasium.spaces.Space, images: bool) -> gymnasium.spaces.Box:
+    """The Box the agent sees for one gymnasium observation space: with `images` an image as it is,
+    another Box flattened to float32 (its bounds too), a Discrete as a one-hot float32 vector."""
+    if isinstance(space, gymnasium.spaces.Discrete):
+        return gymnasium.spaces.Box(0, 1, (int(space.n),), np.float32)
+    if images and is_image_space(space):
+        return space
+    low = np.asarray(np.broadcast_to(space.low, space.shape), np.float32).reshape(-1)
+    high = np.asarray(np.broadcast_to(space.high, space.shape), np.float32).reshape(-1)
+    return gymnasium.spaces.Box(low, high, dtype=np.float32)
+
+
+def model_input(space: gymnasium.spaces.Space, value: Any, images: bool) -> np.ndarray:
+    """One observation value as model_input_space(space, images) declares it."""
+    if isinstance(space, gymnasium.spaces.Discrete):
+        one_hot = np.zeros(int(space.n), np.float32)  # (n,)
+        one_hot[int(value) - int(space.start)] = 1.0
+        return one_hot
+    if images and is_image_space(space):
+        return np.asarray(value, np.uint8)
+    return np.asarray(value, np.float32).reshape(-1)
 
 
 def make_gymnasium_env(env_id: str) -> gymnasium.Env:
@@ -61,24 +91,41 @@ class GymEnv:
         self._render_warned = False
 
     def _observation_kind(self, space: gymnasium.spaces.Space) -> str:
-        if isinstance(space, gymnasium.spaces.Box):
-            return 'box'
-        if isinstance(space, gymnasium.spaces.Discrete):
-            return 'discrete'
-        raise EnvCheckError(
-            f"gym_{self._name}: observation space {space!r} is not supported; GymEnv handles Box "
-            "(sent as 'vector') and Discrete (sent one-hot as 'vector'). Wrap the env with "
-            "gymnasium.wrappers.FlattenObservation first, or write a suite class for it in envs/.")
+        if isinstance(space, (gymnasium.spaces.Box, gymnasium.spaces.Discrete)):
+            return 'single'
+        if isinstance(space, gymnasium.spaces.Dict):
+            self._check_dict_keys(space)
+            return 'dict'
+        raise self._unsupported(space)
+
+    def _unsupported(self, space: gymnasium.spaces.Space, key: str | None = None) -> EnvCheckError:
+        where = f"observation space {space!r}" if key is None else f"observation '{key}' of space {space!r}"
+        return EnvCheckError(
+            f"gym_{self._name}: {where} is not supported; GymEnv handles Box (sent as 'vector'), "
+            "Discrete (sent one-hot as 'vector') and a Dict of those (sent under its own keys). Wrap "
+            "the env with gymnasium.wrappers.FlattenObservation first, or write a suite class for it in "
+            "envs/.")
+
+    def _check_dict_keys(self, space: gymnasium.spaces.Dict) -> None:
+        for key, sub in space.spaces.items():
+            if not isinstance(sub, (gymnasium.spaces.Box, gymnasium.spaces.Discrete)):
+                raise self._unsupported(sub, key)
+            reserved = (key in FLAG_KEYS or str(key).startswith('log_') or (self._image and key == 'image'))
+            if reserved:
+                what = ("the frame of image=True" if key == 'image' else
+                        "logging-only values" if str(key).startswith('log_') else "the episode flags")
+                raise EnvCheckError(
+                    f"gym_{self._name}: its Dict observation has key '{key}', which names {what} here. "
+                    "Rename the key with a gymnasium wrapper (e.g. gymnasium.wrappers.TransformObservation), "
+                    "or write a suite class for the env in envs/.")
 
     @property
     def obs_space(self) -> dict[str, gymnasium.spaces.Box]:
         space = self._env.observation_space
-        if self._obs_kind == 'box':
-            low = np.asarray(np.broadcast_to(space.low, space.shape), np.float32).reshape(-1)
-            high = np.asarray(np.broadcast_to(space.high, space.shape), np.float32).reshape(-1)
-            spaces = {'vector': gymnasium.spaces.Box(low, high, dtype=np.float32)}
+        if self._obs_kind == 'single':
+            spaces = {'vector': model_input_space(space, images=False)}  # a lone Box is always flattened
         else:
-            spaces = {'vector': gymnasium.spaces.Box(0, 1, (int(space.n),), np.float32)}
+            spaces = {key: model_input_space(sub, images=True) for key, sub in space.spaces.items()}
         if self._image:
             spaces['image'] = gymnasium.spaces.Box(0, 255, self._size + (3,), np.uint8)
         return spaces
@@ -106,13 +153,11 @@ class GymEnv:
         return self._observation(obs), float(reward), bool(terminated), bool(truncated), info
 
     def _observation(self, raw: Any) -> dict:
-        if self._obs_kind == 'box':
-            vector = np.asarray(raw, np.float32).reshape(-1)
+        space = self._env.observation_space
+        if self._obs_kind == 'single':
+            obs = {'vector': model_input(space, raw, images=False)}
         else:
-            space = self._env.observation_space
-            vector = np.zeros(int(space.n), np.float32)
-            vector[int(raw) - int(space.start)] = 1.0
-        obs = {'vector': vector}
+            obs = {key: model_input(sub, raw[key], images=True) for key, sub in space.spaces.items()}
         if self._image:
             obs['image'] = resize_frame(self._render_or_raise(), self._size)
         return obs

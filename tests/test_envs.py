@@ -1,6 +1,7 @@
 """The env registry, task parsing, make_env's wrapper stack and seeds, the guide's example env, the
 shipped custom env, and the gymnasium adapter."""
 import functools
+import json
 import inspect
 from pathlib import Path
 
@@ -637,6 +638,106 @@ def test_gym_videos_without_a_rendering_package_warn_once_and_train_on():
         warnings.simplefilter('error')
         assert env.render() is None  # said once
 
+
+
+class GoalDictEnv(gym.Env):
+    """Registered below as TestGoalDict-v0: a Dict observation as gymnasium-robotics' goal envs give
+    (a float64 position, a desired goal), plus a Discrete phase and a small camera image; `keys`
+    renames the Dict's keys (to test reserved names). Episodes end after 20 steps (truncated)."""
+
+    metadata = {'render_modes': ['rgb_array'], 'render_fps': 30}
+
+    def __init__(self, render_mode=None, keys=('observation', 'desired_goal', 'phase', 'camera')):
+        self.keys = keys
+        self.observation_space = gym.spaces.Dict(dict(zip(keys, [
+            gym.spaces.Box(-1.0, 1.0, (2, 2), np.float64), gym.spaces.Box(-1.0, 1.0, (3,), np.float64),
+            gym.spaces.Discrete(4, start=1), gym.spaces.Box(0, 255, (8, 8, 3), np.uint8)])))
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def _obs(self):
+        values = [np.full((2, 2), 0.1 * self.t), np.array([0.5, -0.5, 0.25]), 1 + self.t % 4,
+                  np.full((8, 8, 3), 10 * self.t, np.uint8)]
+        return dict(zip(self.keys, values))
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), float(-np.abs(action).sum()), False, self.t >= 20, {}
+
+
+def goal_dict_task(keys=None):
+    name = 'TestGoalDict-v0' if keys is None else f"TestGoalDict{'-'.join(keys)}-v0"
+    if name not in gym.registry:
+        gym.register(name, entry_point=GoalDictEnv if keys is None else functools.partial(GoalDictEnv, keys=keys))
+    return f'gym_{name}'
+
+
+def test_gym_dict_observations_keep_their_keys_vectors_flat_images_as_they_are():
+    env = envs.make_env(make_config('--task', goal_dict_task(), '--action_repeat', '1'), 'train', 0)
+    assert env.obs_space == {
+        'observation': gym.spaces.Box(-1.0, 1.0, (4,), np.float32),
+        'desired_goal': gym.spaces.Box(-1.0, 1.0, (3,), np.float32),
+        'phase': gym.spaces.Box(0, 1, (4,), np.float32),
+        'camera': gym.spaces.Box(0, 255, (8, 8, 3), np.uint8)}
+    env.reset()
+    obs, *_ = env.step(np.zeros(2, np.float32))
+    np.testing.assert_allclose(obs['observation'], [0.1] * 4, rtol=1e-6)
+    assert obs['observation'].dtype == np.float32 and obs['desired_goal'].dtype == np.float32
+    np.testing.assert_array_equal(obs['phase'], [0, 1, 0, 0])  # 1 + 1 % 4 = 2: the second of 1..4
+    assert obs['camera'].dtype == np.uint8 and (obs['camera'] == 10).all()
+
+
+def test_a_dict_observation_env_trains_with_the_gym_block(tmp_path):
+    """The gym block's encoder takes every vector (mlp_keys '.*'); the camera joins with
+    --encoder.cnn_keys camera."""
+    config = make_config('--configs', 'debug', 'gym', '--task', goal_dict_task(), '--steps', '120', '--prefill', '100',
+                         '--eval_every', '0', '--envs.parallel', 'none', '--device', 'cpu', '--logdir', str(tmp_path),
+                         '--encoder.cnn_keys', 'camera', '--decoder.cnn_keys', 'camera', '--video', 'False')
+    from networks import matched_keys
+
+    space = envs.make_env(config, 'train', 0).obs_space
+    assert matched_keys(space, config.encoder.cnn_keys, config.encoder.mlp_keys) == (
+        ['camera'], ['desired_goal', 'observation', 'phase'])  # gymnasium's Dict sorts its keys
+    counters = dreamer.train(config)
+    assert counters.step == 120 and counters.updates > 0
+    records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    losses = {key for record in records for key in record if key.startswith('loss/')}
+    assert {'loss/image', 'loss/vector'} <= losses, losses  # the camera's and the vectors' reconstruction
+
+
+@pytest.mark.parametrize('keys, named', [
+    (('reward', 'desired_goal', 'phase', 'camera'), 'the episode flags'),
+    (('log_x', 'desired_goal', 'phase', 'camera'), 'logging-only values'),
+])
+def test_gym_dict_keys_that_name_flags_or_logging_values_are_refused(keys, named):
+    with pytest.raises(envs.EnvCheckError, match=rf"its Dict observation has key '{keys[0]}', which names {named} "
+                                                 r"here\. Rename the key"):
+        envs.make_env(make_config('--task', goal_dict_task(keys), '--action_repeat', '1'), 'train', 0)
+
+
+def test_gym_dict_observation_beside_image_true_may_not_have_its_own_image_key():
+    task = goal_dict_task(('observation', 'desired_goal', 'phase', 'image'))
+    with pytest.raises(envs.EnvCheckError, match=r"key 'image', which names the frame of image=True here"):
+        envs.make_env(make_config('--task', task, '--env.gym.image', 'True', '--action_repeat', '1'), 'train', 0)
+    env = envs.make_env(make_config('--task', task, '--action_repeat', '1'), 'train', 0)  # without image=True: its own
+    assert env.obs_space['image'].shape == (8, 8, 3)
+
+
+def test_gym_nested_or_text_observation_spaces_are_named_with_the_fix():
+    class Nested(GoalDictEnv):
+        def __init__(self, render_mode=None):
+            super().__init__(render_mode)
+            self.observation_space = gym.spaces.Dict({'outer': gym.spaces.Dict({'inner': gym.spaces.Discrete(2)})})
+
+    if 'TestNestedDict-v0' not in gym.registry:
+        gym.register('TestNestedDict-v0', entry_point=Nested)
+    with pytest.raises(envs.EnvCheckError, match=r"observation 'outer' of space Dict\('inner': Discrete\(2\)\) is "
+                                                 r"not supported; .*a Dict of those .*FlattenObservation"):
+        envs.make_env(make_config('--task', 'gym_TestNestedDict-v0', '--action_repeat', '1'), 'train', 0)
 
 class YourRobotEnvironment(gym.Env):
     """What README's MyRobot wraps: a gymnasium env with a camera image and float64 joints (numpy's
