@@ -194,3 +194,37 @@ def test_a_long_evaluation_notes_its_progress_once_per_interval(monkeypatch):
         result = dreamer.evaluate(SlowAgent(), pool, 1, 0, print, video=False, note=notes.append)
     assert result.returns == [10.0]
     assert notes == [f'0 of 1 episode done, one running for {steps} agent steps' for steps in (2, 5, 8)]
+
+
+@pytest.mark.parametrize('rank', [0, 1])
+def test_each_rank_evaluates_its_share_and_only_rank_0_records_the_video(tmp_path, monkeypatch, capsys, rank):
+    """Rank 1 of 2 (its collectives stood in for: one process here) evaluates its share of the
+    episodes on as many of its own eval envs as it needs, without rendering, and says on stderr when its evaluation runs long
+    (it writes no log); rank 0 records the video."""
+    import config as config_lib
+
+    monkeypatch.setattr(dreamer.Trainer, '_reduce_over_ranks', lambda self, value, op: value)
+    monkeypatch.setattr(dreamer.Trainer, 'gather_eval', lambda self, result: result)
+    calls = []
+    real_evaluate = dreamer.evaluate
+
+    def recording_evaluate(agent, pool, episodes, video_length, warn, video, stop, max_length, note):
+        calls.append({'episodes': episodes, 'envs': len(pool), 'video': video, 'first_index': pool.first_index})
+        note('1 of 2 episodes done, one running for 900 agent steps')
+        return real_evaluate(agent, pool, episodes, video_length, warn, video, stop, max_length, note)
+
+    monkeypatch.setattr(dreamer, 'evaluate', recording_evaluate)
+    config = config_lib.load_config(['--configs', 'debug', '--task', 'custom_reach', '--logdir', str(tmp_path),
+                                     '--eval_episode_num', '3', '--envs.amount', '2', '--envs.parallel', 'none',
+                                     '--device', 'cpu'])
+    trainer = dreamer.Trainer(config, dreamer.Dist(rank, 2))
+    try:
+        trainer.setup()
+        trainer.run_eval()
+    finally:
+        trainer.close()
+    # 3 episodes: 2 on rank 0's two eval envs, 1 on one env of rank 1 (its envs are 2 and 3)
+    assert calls == [{'episodes': 2 - rank, 'envs': 2 - rank, 'video': rank == 0, 'first_index': 2 * rank}]
+    err = capsys.readouterr().err
+    said = 'evaluation at step 0 still running on rank 1: 1 of 2 episodes done, one running for 900 agent steps'
+    assert (said in err) == (rank == 1)  # rank 0 says it in train.log (and on the console as INFO)
