@@ -306,3 +306,19 @@ def test_ctrl_c_during_a_save_leaves_the_checkpoint_and_no_partial_file(tmp_path
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
     assert load_checkpoint(path)["step"] == 5
+
+
+def test_shape_check_names_transposed_and_checkpoint_only_parameters():
+    """A (2, 3) weight where the model has (3, 2) differs though the sizes agree; a parameter only
+    in the checkpoint (e.g. a head the config no longer builds) is named as well."""
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"'wm\.w' has shape \(2, 3\) but the config builds \(3, 2\)"):
+        checkpoint.check_shapes({"wm": {"w": torch.zeros(2, 3)}}, {"wm": {"w": torch.zeros(3, 2)}})
+    with pytest.raises(checkpoint.CheckpointMismatch) as raised:
+        checkpoint.check_shapes({"w": torch.zeros(2), "old_head.b": torch.zeros(1)}, {"w": torch.zeros(2)})
+    assert raised.value.detail == "parameters missing from the checkpoint: none; parameters only in the checkpoint: ['old_head.b']"
+
+
+def test_errors_are_described_by_type_and_first_line():
+    assert checkpoint.describe(ValueError("the zip archive is short\nat offset 1234")) == "ValueError: the zip archive is short"
+    assert checkpoint.describe(RuntimeError()) == "RuntimeError"
+    assert checkpoint.describe(OSError("  disk full  ")) == "OSError: disk full"
