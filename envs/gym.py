@@ -15,7 +15,7 @@ from typing import Any
 
 import gymnasium
 import numpy as np
-from .checker import FLAG_KEYS, EnvCheckError, MissingDependency
+from .checker import EnvCheckError, MissingDependency, is_model_input
 
 CLASSIC_CONTROL_INSTALL = 'pip install "gymnasium[classic-control]"  (installs pygame)'
 
@@ -110,8 +110,7 @@ class GymEnv:
         for key, sub in space.spaces.items():
             if not isinstance(sub, (gymnasium.spaces.Box, gymnasium.spaces.Discrete)):
                 raise self._unsupported(sub, key)
-            reserved = (key in FLAG_KEYS or str(key).startswith('log_') or (self._image and key == 'image'))
-            if reserved:
+            if not is_model_input(key) or (self._image and key == 'image'):
                 what = ("the frame of image=True" if key == 'image' else
                         "logging-only values" if str(key).startswith('log_') else "the episode flags")
                 raise EnvCheckError(
