@@ -161,7 +161,7 @@ class Atari:
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         capped = 0 < self._length <= self._frames
-        if self._continue_game and not self._ale.game_over() and not capped:
+        if self._continue_game and not capped:  # set by step() only while the game is not over
             self._continue_game = False
             return self._observation([self._screen()]), {}
         self._continue_game = False

@@ -359,3 +359,87 @@ def test_area_resize_averages_the_pixels_each_output_pixel_covers():
     stripes = np.zeros((210, 160, 3), np.uint8)
     stripes[::2] = 200
     assert np.abs(resize_frame(stripes, (64, 64), 'area').astype(int) - 100).max() <= 31
+    # a size larger than the screen has no area to average: pillow's bilinear filter enlarges it
+    np.testing.assert_array_equal(resize_frame(frame, (256, 192), 'area'),
+                                  resize_frame(frame, (256, 192), 'pillow'))
+
+
+def test_bad_numbers_are_explained():
+    with pytest.raises(ValueError, match=r'action_repeat must be >= 1; got 0'):
+        Atari('pong', action_repeat=0)
+    with pytest.raises(ValueError, match=r'length must be >= 0 emulator frames \(0 = no cap\); got -1'):
+        Atari('pong', length=-1)
+    assert Atari('pong', action_repeat=1, length=0)._length == 0  # the smallest values are taken
+
+
+def test_an_action_as_a_one_element_array_plays_that_index():
+    played = {}
+    for name, action in [('int', 3), ('array', np.array([3])), ('0-d', np.array(3))]:
+        env = pong(noops=0)
+        env.reset()
+        recorder = RecordingALE(env.ale)
+        env._ale = recorder
+        env.step(action)
+        played[name] = recorder.played
+    assert played['int'] == played['array'] == played['0-d'] == [env._actions[3]] * 4
+
+
+def test_the_cap_stops_within_a_repeat():
+    """A length that is not a multiple of the repeat stops the game at that frame, mid-repeat."""
+    env = pong(length=10)
+    env.reset()
+    assert [env.step(0)[3] for _ in range(3)] == [False, False, True]  # frames 4, 8, then 9 and 10
+    assert env.ale.getEpisodeFrameNumber() == 10
+
+
+def test_game_over_is_terminal_and_the_next_reset_starts_a_new_game():
+    """lives 'reset': every life loss ends an episode and the next reset() continues the game, until
+    the last life: game over, terminated and is_terminal, and reset() then starts a new game."""
+    env = Atari('breakout', action_repeat=4, size=(64, 64), noops=0, sticky=False, lives='reset')
+    env.reset()
+    for lives in [4, 3, 2, 1]:
+        _, _, terminated, _, info = breakout_until_life_loss(env)
+        assert terminated is True and info['lives'] == lives and not env.ale.game_over()
+        env.reset()
+        assert env.ale.lives() == lives and env.ale.getEpisodeFrameNumber() > 0  # the same game
+    _, _, terminated, truncated, info = breakout_until_life_loss(env)
+    assert env.ale.game_over() and (terminated, truncated) == (True, False)
+    assert info['is_terminal'] is True
+    env.reset()
+    assert env.ale.getEpisodeFrameNumber() == 0 and env.ale.lives() == 5
+
+
+def test_after_a_resumed_game_an_episode_without_a_life_loss_restarts_the_game():
+    """lives 'reset': the reset() that resumes a game after a life loss is used up by it; an episode
+    that then ends without one (a time limit outside the env) is followed by a new game."""
+    env = Atari('breakout', action_repeat=4, size=(64, 64), noops=0, sticky=False, lives='reset')
+    env.reset()
+    breakout_until_life_loss(env)
+    env.reset()  # resumes the game with 4 lives
+    env.step(0)
+    env.reset()  # the episode was cut by a time limit: no life lost, so a new game
+    assert env.ale.getEpisodeFrameNumber() == 0 and env.ale.lives() == 5
+
+
+class ScriptedLives(RecordingALE):
+    """The real emulator, but lives() answers from a script (games that award extra lives)."""
+
+    def __init__(self, ale, lives):
+        super().__init__(ale)
+        self.script = list(lives)
+
+    def lives(self):
+        return self.script.pop(0)
+
+
+def test_only_a_drop_in_lives_is_a_life_loss_counted_from_the_games_reset():
+    env = Atari('pong', action_repeat=4, size=(64, 64), noops=0, sticky=False, lives='discount')
+    env._ale = ScriptedLives(env.ale, [3, 4, 4, 3])  # reset: 3; an extra life; steady; a loss
+    env.reset()
+    infos = [env.step(0)[4] for _ in range(3)]
+    assert [info['life_loss'] for info in infos] == [False, False, True]
+    assert [info['is_terminal'] for info in infos] == [False, False, True]
+    env._ale = ScriptedLives(env.ale.ale, [5, 4])  # a new game's lives are counted from its reset
+    env._lives = 0  # as after a game over
+    env.reset()
+    assert env.step(0)[4]['life_loss'] is True
