@@ -230,3 +230,109 @@ def test_user_mujoco_gl_is_respected(monkeypatch):
 def test_a_headless_backend_works_here():
     assert dmc.backend_opens_context('egl') or dmc.backend_opens_context('osmesa')
     assert not dmc.backend_opens_context('no_such_backend')
+
+
+def test_matrix_observations_are_flattened_and_action_bounds_are_the_tasks():
+    """manipulator's arm_pos is an (8, 2) array: a (16,) vector in the space and the observation;
+    quadruped's actuators have their own ranges (not all -1..1), which the action space keeps."""
+    env = DMC('manipulator_bring_ball', image=False, seed=0)
+    obs, _ = env.reset()
+    assert env.obs_space['arm_pos'].shape == (16,) and obs['arm_pos'].shape == (16,)
+    np.testing.assert_array_equal(obs['arm_pos'], env._env.physics.bounded_joint_pos(
+        ['arm_root', 'arm_shoulder', 'arm_elbow', 'arm_wrist', 'finger', 'fingertip', 'thumb',
+         'thumbtip']).astype(np.float32).reshape(-1))
+    check_obs(obs, env.obs_space)
+    quadruped = DMC('quadruped_walk', image=False, seed=0)
+    spec = quadruped._env.action_spec()
+    assert quadruped.act_space.low.min() == -1.0 and quadruped.act_space.high.max() > 1.0  # ranges differ
+    np.testing.assert_array_equal(quadruped.act_space.low, spec.minimum.astype(np.float32))
+    np.testing.assert_array_equal(quadruped.act_space.high, spec.maximum.astype(np.float32))
+
+
+def test_an_action_of_any_shape_with_the_right_size_is_taken():
+    env = DMC('cartpole_balance', image=False, seed=0)
+    env.reset()
+    _, reward, _, _, _ = env.step(np.zeros((1, 1), np.float32))  # e.g. a batch of one
+    assert 0.0 < reward <= 1.0
+    env.step([0.5])
+
+
+def test_a_terminating_task_is_terminated_not_truncated():
+    """No Control Suite task terminates, but dm_env's termination (discount 0) would be terminated
+    and end the repeat there; a last step with discount 1 is a truncation."""
+    import dm_env
+    env = DMC('cartpole_balance', image=False, action_repeat=4, seed=0)
+    env.reset()
+    calls = []
+
+    def step(action):
+        real = type(env._env).step(env._env, action)
+        calls.append(action)
+        return dm_env.termination(0.25, real.observation) if len(calls) == 2 else real
+
+    env._env.step = step
+    _, reward, terminated, truncated, info = env.step(np.zeros(1))
+    assert (terminated, truncated, info['discount'], len(calls)) == (True, False, 0.0, 2)
+    assert 0.25 < reward <= 1.25  # the first physics step's reward and the termination's 0.25
+
+
+def test_bad_action_repeats_are_refused_before_loading():
+    for bad in (0, 1.5, True, -2):
+        with pytest.raises(ValueError, match=rf'action_repeat must be a whole number >= 1; got {bad!r}'):
+            DMC('walker_walk', action_repeat=bad)
+    assert DMC('cartpole_balance', image=False, action_repeat=2.0)._repeat == 2
+
+
+def test_task_name_resolution():
+    tasks = [('ball_in_cup', 'catch'), ('walker', 'walk'), ('a_b', 'c'), ('a', 'b_c')]
+    assert dmc.split_task_name('cup_catch', tasks) == ('ball_in_cup', 'catch')
+    assert dmc.split_task_name('ball_in_cup_catch', tasks) == ('ball_in_cup', 'catch')
+    with pytest.raises(ValueError, match=r"Unknown DeepMind Control task 'dmc_cup'"):
+        dmc.split_task_name('cup', tasks)  # the alias alone is no task, and the error says 'cup'
+    with pytest.raises(ValueError, match=r"'dmc_a_b_c'.*Pick one of: dmc_a_b_c, dmc_a_b_c, "):
+        dmc.split_task_name('a_b_c', tasks)  # two pairs give one name: ambiguous, not the first
+
+
+def test_a_render_failure_names_the_backend_and_the_fix():
+    env = DMC('cartpole_balance', image=False, seed=0)
+
+    def render(*args, **kwargs):
+        raise RuntimeError('gladLoadGL error')
+
+    env._env.physics.render = render
+    with pytest.raises(RuntimeError, match=r'MUJOCO_GL=.*gladLoadGL error.*apt-get install -y libegl1'
+                                           r'.*env.dmc.image False'):
+        env.render()
+
+
+def test_close_closes_the_dm_control_env():
+    env = DMC('cartpole_balance', image=False, seed=0)
+    closed = []
+    env._env.close = lambda: closed.append(True)
+    env.close()
+    assert closed == [True]
+
+
+def test_the_backend_is_left_alone_once_dm_controls_renderer_is_imported(monkeypatch):
+    import sys
+    monkeypatch.delenv('MUJOCO_GL', raising=False)
+    probed = []
+    monkeypatch.setattr(dmc, 'backend_opens_context', lambda backend: probed.append(backend) or True)
+    monkeypatch.setitem(sys.modules, 'dm_control._render', sys.modules.get('dm_control._render', object()))
+    if sys.platform.startswith('linux'):
+        assert dmc.select_mujoco_gl() == '' and probed == [] and 'MUJOCO_GL' not in os.environ
+        monkeypatch.delitem(sys.modules, 'dm_control._render')
+        assert dmc.select_mujoco_gl() == 'egl' and probed == ['egl'] and os.environ['MUJOCO_GL'] == 'egl'
+
+
+def test_the_probe_sets_both_gl_variables(monkeypatch):
+    import subprocess
+    seen = []
+
+    def run(command, env, **kwargs):
+        seen.append((command[-1], env['MUJOCO_GL'], env['PYOPENGL_PLATFORM']))
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(dmc.subprocess, 'run', run)
+    assert dmc.backend_opens_context('osmesa') is False
+    assert seen == [('osmesa', 'osmesa', 'osmesa')]
