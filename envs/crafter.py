@@ -69,7 +69,8 @@ class Crafter:
             raise MissingDependency("Crafter tasks need the crafter package. Install it with "
                               "`pip install crafter opensimplex==0.3`.") from error
         self._size = (int(size[0]), int(size[1]))  # (H, W)
-        self._env = crafter.Env(area=(64, 64), size=self._size, reward=TASKS[name], seed=seed)
+        width_height = (self._size[1], self._size[0])  # crafter's size is (W, H): its frames are (H, W, 3)
+        self._env = crafter.Env(area=(64, 64), size=width_height, reward=TASKS[name], seed=seed)
         self._achievements = list(crafter.constants.achievements)  # 22 names
 
     @property

@@ -398,7 +398,8 @@ def make_minerl_env(size: tuple[int, int], break_speed: float):
             super().__init__(name='DreamerMinecraft-v0')
 
         def create_observables(self):
-            return [handlers.POVObservation(size), handlers.FlatInventoryObservation(mc.ALL_ITEMS),
+            width_height = (size[1], size[0])  # MineRL's video_resolution is (W, H); its frames (H, W, 3)
+            return [handlers.POVObservation(width_height), handlers.FlatInventoryObservation(mc.ALL_ITEMS),
                     handlers.EquippedItemObservation(mc.ALL_ITEMS, _default='air', _other='other'),
                     handlers.ObservationFromCurrentLocation(), handlers.ObservationFromLifeStats()]
 

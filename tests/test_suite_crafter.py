@@ -96,6 +96,9 @@ def test_death_is_terminated():
     results = run_random(env, 10000, seed=0)
     _, _, terminated, truncated, _ = results[-1]
     assert terminated is True and truncated is False and len(results) < 10000
+    # health lost costs -0.1 per point (crafter's reward): negative rewards reach the agent as they are
+    losses = [reward for _, reward, *_ in results if reward < 0]
+    assert losses and all(abs(10 * loss - round(10 * loss)) < 1e-6 for loss in losses), losses
 
 
 def test_noreward_gives_zero_reward_but_still_logs():
@@ -121,6 +124,9 @@ def test_crafter_score_rejects_bad_input():
         crafter_score({})
     with pytest.raises(ValueError, match=r'in percent \(0..100\)'):
         crafter_score({'a': 150.0})
+    with pytest.raises(ValueError, match=r'in percent \(0..100\)'):
+        crafter_score({'a': -1.0, 'b': 50.0})
+    assert crafter_score({'a': 0.0, 'b': 100.0}) == pytest.approx(math.sqrt(101) - 1)  # both ends taken
 
 
 def test_unknown_task():
@@ -180,3 +186,43 @@ def test_crafter_block_builds_the_papers_env():
     assert len(log_keys(obs)) == ACHIEVEMENTS and obs['is_first'] is True
     obs, reward, *_ = env.step(0)
     assert obs['reward'] == np.float32(reward) and obs['is_terminal'] is False
+
+
+def test_other_image_sizes_and_actions_as_arrays():
+    env = Crafter('reward', size=(96, 80), seed=0)
+    obs, _ = env.reset()
+    assert env.obs_space['image'].shape == (96, 80, 3) and obs['image'].shape == (96, 80, 3)
+    played = []
+    crafter_step = env._env.step
+    env._env.step = lambda action: played.append(action) or crafter_step(action)
+    obs, *_ = env.step(np.array([5]))
+    env.step(np.array(7))
+    env.step(np.int64(3))
+    assert played == [5, 7, 3] and all(type(action) is int for action in played)
+    assert obs['image'].shape == (96, 80, 3)
+
+
+def test_the_achievement_list_is_a_copy():
+    env = Crafter('reward', seed=0)
+    names = env.achievements
+    names.clear()
+    assert len(env.achievements) == ACHIEVEMENTS
+    obs, _ = env.reset()
+    assert len(log_keys(obs)) == ACHIEVEMENTS
+
+
+def test_a_gym_module_imported_before_crafter_stays_in_the_module_table():
+    """With a `gym` module already imported (a user's other code), crafter takes it as it is and
+    the wrapper neither hides nor removes it."""
+    code = ("import sys, types\n"
+            "import gymnasium\n"
+            "stand_in = types.ModuleType('gym')\n"
+            "stand_in.spaces, stand_in.Env = gymnasium.spaces, gymnasium.Env  # what crafter takes\n"
+            "stand_in.register = lambda **kwargs: None\n"
+            "sys.modules['gym'] = stand_in\n"
+            "from envs.crafter import import_crafter\n"
+            "crafter = import_crafter()\n"
+            "assert sys.modules['gym'] is stand_in\n"
+            "assert crafter.env.DiscreteSpace is gymnasium.spaces.Discrete\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

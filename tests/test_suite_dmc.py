@@ -336,3 +336,10 @@ def test_the_probe_sets_both_gl_variables(monkeypatch):
     monkeypatch.setattr(dmc.subprocess, 'run', run)
     assert dmc.backend_opens_context('osmesa') is False
     assert seen == [('osmesa', 'osmesa', 'osmesa')]
+
+
+@needs_headless_gl
+def test_a_non_square_size_is_height_by_width():
+    env = DMC('walker_walk', size=(48, 80), proprio=False, seed=0)
+    obs, _ = env.reset()
+    assert env.obs_space['image'].shape == obs['image'].shape == env.render().shape == (48, 80, 3)
