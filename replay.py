@@ -51,10 +51,10 @@ class ReplayMemoryError(MemoryError):
     """The replay's capacity cannot be held in this machine's memory (message names the fix)."""
 
 
-def machine_memory_bytes() -> int | None:
+def machine_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """MemTotal + SwapTotal from /proc/meminfo (what Linux lets one process reserve), None elsewhere."""
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
         return 1024 * (int(fields["MemTotal"].split()[0]) + int(fields.get("SwapTotal", "0 kB").split()[0]))
     except (OSError, KeyError, ValueError):
         return None
@@ -607,12 +607,15 @@ class Prefetcher:
         self._thread.start()
 
     def next(self) -> dict[str, torch.Tensor]:
+        closed = "the replay prefetcher was closed (close() was called): make a new Prefetcher"
         while True:
+            if self._stop.is_set():  # a batch the thread queued before it stopped is not handed out
+                raise RuntimeError(closed)
             try:
                 item = self._queue.get(timeout=1.0)
             except queue.Empty:
                 if not self._thread.is_alive():
-                    raise RuntimeError("the replay prefetch thread stopped; was close() called?")
+                    raise RuntimeError(closed)
                 continue
             if isinstance(item, BaseException):
                 raise RuntimeError(f"replay prefetch thread failed: {item!r}") from item

@@ -580,3 +580,185 @@ def test_a_chunk_reaches_the_disk_before_its_rename_and_the_rename_is_synced(tmp
     chunk = directory / "w000-000000000000.npz"
     assert events == [("fsync", f"{chunk}.tmp"), ("replace", f"{chunk}.tmp -> {chunk}"), ("fsync", str(directory))]
     assert sorted(p.name for p in directory.iterdir()) == [chunk.name]
+
+
+def test_machine_memory_is_memory_and_swap_from_meminfo(tmp_path: Path) -> None:
+    from replay import machine_memory_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nSwapTotal:       1000000 kB\n")
+    assert machine_memory_bytes(meminfo) == 1024 * 25_000_000
+    meminfo.write_text("MemTotal:       24000000 kB\n")  # no swap line: memory alone
+    assert machine_memory_bytes(meminfo) == 1024 * 24_000_000
+    meminfo.write_text("nothing useful\n")
+    assert machine_memory_bytes(meminfo) is None and machine_memory_bytes(tmp_path / "absent") is None
+
+
+def test_the_memory_message_names_the_largest_key_by_bytes_and_at_least_one_step(monkeypatch) -> None:
+    import replay as replay_module
+
+    monkeypatch.setattr(replay_module, "machine_memory_bytes", lambda: 2 ** 12)
+    layout = {"vector": ((1000,), np.float32), "mask": ((2000,), np.uint8)}  # 4,000 bytes against 2,000
+    message = replay_module.replay_memory_message(10, 6000, layout, "why")
+    assert "'vector' (1000,) float32 is the largest" in message
+    assert "(about 1 steps fit in half" in message  # 2 KiB holds no 6,000-byte step: said as one
+    assert replay_module.steps_in_half(2 ** 12, 6000) == 1 and replay_module.steps_in_half(2 ** 12, 100) == 20
+
+
+def test_indexed_set_add_discard_draw_and_growth() -> None:
+    from replay import _IndexedSet
+
+    starts = _IndexedSet(capacity=4096)
+    for item in range(1025):
+        starts.add(item)
+    assert len(starts) == 1025 and len(starts._items) == 2048  # doubled: amortised O(1) adds
+    starts.discard(1024)  # the last item
+    starts.discard(1024)  # twice: the second is a no-op
+    assert len(starts) == 1024
+    starts.discard(5 + 4096)  # another id of item 5's ring slot: not stored, nothing removed
+    assert len(starts) == 1024
+    starts.discard(5)  # swap-remove: the last item moves into its place
+    assert len(starts) == 1023 and sorted(starts._items[:1023].tolist()) == [i for i in range(1024) if i != 5]
+    drawn = starts.draw(np.random.default_rng(0), 20000)
+    assert set(drawn.tolist()) == set(range(1024)) - {5}
+
+
+def test_same_kind_of_values() -> None:
+    from replay import same_kind_of_values
+
+    assert same_kind_of_values(np.dtype(np.uint8), np.dtype(np.uint8))
+    assert same_kind_of_values(np.dtype(np.float64), np.dtype(np.float32))  # python floats
+    assert not same_kind_of_values(np.dtype(np.int64), np.dtype(np.float32))
+    assert not same_kind_of_values(np.dtype(np.float32), np.dtype(np.uint8))
+    assert not same_kind_of_values(np.dtype(np.bool_), np.dtype(np.float32))
+
+
+def test_a_chunk_of_zero_steps_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"Replay chunk must be >= 1 step, got 0; set replay_chunk >= 1"):
+        Replay(capacity=10, batch_length=2, chunk=0)
+    assert Replay(capacity=10, batch_length=2, chunk=1).chunk == 1
+
+
+def test_a_refused_reservation_leaves_no_half_allocated_arrays(monkeypatch) -> None:
+    import replay as replay_module
+    from replay import ReplayMemoryError
+
+    calls = []
+    real_empty = np.empty
+
+    class RefusingNumpy:  # replay's numpy, whose second np.empty fails as the OS refused it
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 2:
+                raise MemoryError
+            return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(replay_module, "np", RefusingNumpy())
+    replay = Replay(capacity=10, batch_length=2)
+    with pytest.raises(ReplayMemoryError, match=r"the operating system refused to reserve it"):
+        replay.add(make_step(0))
+    assert replay.step_shapes() == {}  # a later add allocates all keys again
+    monkeypatch.setattr(replay_module, "np", np)
+    replay.add(make_step(0))
+    assert set(replay.step_shapes()) == set(make_step(0)) - {"log_debug"}
+
+
+def test_an_undeletable_evicted_chunk_is_warned_about_once(tmp_path: Path, monkeypatch) -> None:
+    warned: list[str] = []
+    replay = Replay(capacity=8, batch_length=2, directory=tmp_path, chunk=4, warn=warned.append,
+                    keep_evicted=False)
+
+    def refuse(self, missing_ok=False):
+        raise PermissionError("read-only folder")
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    fill(replay, 40)  # 10 chunks, 8 of them evicted in full
+    assert len(warned) == 1 and "could not delete replay chunk" in warned[0] and "said once" in warned[0]
+    assert len(list(tmp_path.glob("w000-*.npz"))) == 10
+
+
+def test_contiguous_chunks_mark_no_extra_episode_starts(tmp_path: Path) -> None:
+    replay = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=8)
+    fill(replay, 40, episode=10)
+    replay.flush()
+    loaded = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=8)
+    assert loaded.load() == 40
+    slots = loaded._workers[0].ordered() % loaded.capacity
+    assert loaded._arrays["is_first"][slots].nonzero()[0].tolist() == [0, 10, 20, 30]  # not 8, 16, ...
+
+
+def test_a_chunk_with_no_steps_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    replay = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=8)
+    fill(replay, 16)
+    with np.load(tmp_path / "w000-000000000008.npz") as data:
+        empty = {key: data[key][:0] for key in data.files}
+    with open(tmp_path / "w000-000000000016.npz", "wb") as file:
+        np.savez(file, **empty)
+    loaded = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=8)
+    with pytest.warns(UserWarning, match=r"w000-000000000016\.npz could not be read .*_order has shape \(0,\)"):
+        assert loaded.load() == 16
+
+
+def test_new_steps_after_a_resume_are_newer_than_every_workers_old_ones(tmp_path: Path) -> None:
+    """Worker 1 wrote first and worker 0 last: steps added after a resume are ordered after both,
+    so a later resume of a small replay keeps the new steps, not worker 0's old ones."""
+    replay = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=4)
+    fill(replay, 8, worker=1)
+    fill(replay, 8, worker=0, offset=100)
+    replay.flush()
+    resumed = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=4)
+    assert resumed.load() == 16
+    fill(resumed, 4, worker=1, offset=200)
+    resumed.flush()
+    newest = Replay(capacity=4, batch_length=2, directory=tmp_path, chunk=4)
+    assert newest.load() == 4
+    assert stored_counters(newest) == {1: [200, 201, 202, 203]}
+
+
+def test_episode_starts_are_counted_over_stored_steps_only() -> None:
+    replay = Replay(capacity=100, batch_length=2)
+    fill(replay, 30, episode=10)
+    replay._arrays["is_first"][30:] = True  # what unwritten (np.empty) slots may hold
+    assert replay.stats()["episodes_started"] == 3
+
+
+def test_a_closed_prefetcher_says_so_instead_of_waiting() -> None:
+    replay = Replay(capacity=100, batch_length=2)
+    fill(replay, 10)
+    prefetcher = Prefetcher(replay, batch_size=2)
+    prefetcher.close()
+    for _ in range(2):  # also when the thread queued a batch before it stopped
+        with pytest.raises(RuntimeError, match=r"the replay prefetcher was closed \(close\(\) was called\)"):
+            prefetcher.next()
+
+
+def test_the_prefetcher_samples_at_most_depth_batches_ahead() -> None:
+    replay = Replay(capacity=100, batch_length=2)
+    fill(replay, 10)
+    prefetcher = Prefetcher(replay, batch_size=3, depth=2)
+    try:
+        time.sleep(0.5)
+        assert prefetcher._queue.qsize() == 2
+        assert replay.stats()["samples"] <= 3 * 3  # two queued and one waiting for room
+        prefetcher.next()
+        time.sleep(0.3)
+        assert replay.stats()["samples"] <= 4 * 3
+    finally:
+        prefetcher.close()
+
+
+def test_load_takes_only_the_workers_it_is_asked_for(tmp_path: Path) -> None:
+    """A rank of a parallel run loads its own envs' chunks (worker % world == rank); the counters
+    still continue past every worker's chunks."""
+    replay = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=4)
+    for worker in range(3):
+        fill(replay, 8, worker=worker, offset=100 * worker)
+    replay.flush()
+    rank_1 = Replay(capacity=100, batch_length=2, directory=tmp_path, chunk=4)
+    assert rank_1.load(keep_worker=lambda worker: worker % 2 == 1) == 8
+    assert stored_counters(rank_1) == {1: list(range(100, 108))}
+    assert rank_1.steps_on_disk == 24 and rank_1._next_order == 24
