@@ -134,6 +134,11 @@ def test_unknown_task():
         Crafter('hard')
 
 
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    """`code` run by a new Python process in the project root (its own module table)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def test_importing_crafter_leaves_the_module_table_as_it_was():
     """Hiding gym while crafter imports must not leave a None entry behind: with one, any later
     `importlib.util.find_spec('gym')` raises ValueError, gym installed or not."""
@@ -142,7 +147,7 @@ def test_importing_crafter_leaves_the_module_table_as_it_was():
             "Crafter('reward', seed=0)\n"
             "assert 'gym' not in sys.modules, sys.modules.get('gym', 'missing')\n"
             "importlib.util.find_spec('gym')\n")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = fresh_python(code)
     assert run.returncode == 0, run.stderr
 
 
@@ -158,7 +163,7 @@ def test_no_legacy_gym_banner_and_gym_still_importable():
             "assert env.act_space.n == 17 and obs['image'].shape == (64, 64, 3)\n"
             "assert 'gym' not in sys.modules\n"
             "importlib.util.find_spec('gym')\n")  # raises ValueError if sys.modules['gym'] were left None
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = fresh_python(code)
     assert run.returncode == 0, run.stderr
     assert "unmaintained" not in run.stderr + run.stdout
 
@@ -224,5 +229,5 @@ def test_a_gym_module_imported_before_crafter_stays_in_the_module_table():
             "crafter = import_crafter()\n"
             "assert sys.modules['gym'] is stand_in\n"
             "assert crafter.env.DiscreteSpace is gymnasium.spaces.Discrete\n")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = fresh_python(code)
     assert run.returncode == 0, run.stderr
