@@ -1,6 +1,7 @@
 """DeepMind Control suite: real dm_control envs, rendering, proprio-only, truncation, names."""
 import ctypes.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -313,16 +314,15 @@ def test_close_closes_the_dm_control_env():
     assert closed == [True]
 
 
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='the backend is chosen on Linux only')
 def test_the_backend_is_left_alone_once_dm_controls_renderer_is_imported(monkeypatch):
-    import sys
     monkeypatch.delenv('MUJOCO_GL', raising=False)
     probed = []
     monkeypatch.setattr(dmc, 'backend_opens_context', lambda backend: probed.append(backend) or True)
     monkeypatch.setitem(sys.modules, 'dm_control._render', sys.modules.get('dm_control._render', object()))
-    if sys.platform.startswith('linux'):
-        assert dmc.select_mujoco_gl() == '' and probed == [] and 'MUJOCO_GL' not in os.environ
-        monkeypatch.delitem(sys.modules, 'dm_control._render')
-        assert dmc.select_mujoco_gl() == 'egl' and probed == ['egl'] and os.environ['MUJOCO_GL'] == 'egl'
+    assert dmc.select_mujoco_gl() == '' and probed == [] and 'MUJOCO_GL' not in os.environ
+    monkeypatch.delitem(sys.modules, 'dm_control._render')
+    assert dmc.select_mujoco_gl() == 'egl' and probed == ['egl'] and os.environ['MUJOCO_GL'] == 'egl'
 
 
 def test_the_probe_sets_both_gl_variables(monkeypatch):
