@@ -111,3 +111,44 @@ def test_bench_help_prints_usage_and_measures_nothing(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     assert "--iters N" in run.stdout and "seconds_per_update" in run.stdout
     assert not any(line.startswith("seconds_per_update: ") for line in run.stdout.splitlines())
+
+
+def import_bench():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    return bench
+
+
+def test_the_benchmarks_own_options_are_taken_out_of_the_command_line() -> None:
+    import pytest
+
+    bench = import_bench()
+    rest, options = bench.split_argv(["--configs", "dmc_proprio", "--iters", "5", "--batch_size", "16",
+                                      "--json", "out.json"])
+    assert rest == ["--configs", "dmc_proprio", "--batch_size", "16"]
+    assert options == {"--iters": "5", "--json": "out.json", "--profile": None, "--op-times": None,
+                       "--launches": None}
+    assert bench.split_argv([])[1]["--iters"] == "3"  # the default
+    with pytest.raises(SystemExit, match=r"--iters needs a value, e.g. --iters 3"):
+        bench.split_argv(["--configs", "dmc_proprio", "--iters"])
+
+
+def test_a_task_that_cannot_be_made_here_is_benchmarked_on_stand_in_spaces(capsys) -> None:
+    import gymnasium
+    import config as config_lib
+
+    bench = import_bench()
+    cases = [(["--configs", "custom", "--task", "custom_task_name"], {"image": (64, 64, 3)}, gymnasium.spaces.Box),
+             (["--configs", "dmc_proprio", "--task", "dmc_walker_fly"], {"vector": (24,)}, gymnasium.spaces.Box),
+             (["--configs", "atari100k", "--task", "atari_no_such_game"], {"image": (64, 64, 3)},
+              gymnasium.spaces.Discrete)]
+    for argv, shapes, action_type in cases:
+        obs_space, act_space = bench.task_spaces(config_lib.load_config(argv))
+        assert {key: space.shape for key, space in obs_space.items()} == shapes, argv
+        assert isinstance(act_space, action_type) and (getattr(act_space, "n", 6) == 6)
+        assert act_space.shape in ((), (6,))
+        assert "using stand-in spaces" in capsys.readouterr().out
+    obs_space, act_space = bench.task_spaces(config_lib.load_config(["--configs", "custom", "--task",
+                                                                    "custom_reach"]))
+    assert obs_space["image"].shape == (64, 64, 3) and "vector" in obs_space  # the real env's spaces
