@@ -8,9 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 CPU_FIGURES = ["seconds_per_update", "world_model_seconds", "behavior_seconds", "policy_steps_per_second",
                "replay_samples_per_second", "gflops_per_second", "matmul_peak_gflops", "peak_rss_mib"]
+
+
+def import_bench():
+    """scripts/bench.py as a module (scripts/ is no package)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    return bench
 
 
 def test_bench_prints_every_figure_and_writes_json(tmp_path: Path) -> None:
@@ -46,8 +56,7 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path: Path) -> None:
 
 
 def test_op_timer_times_each_op_with_its_matmul_flops_and_calling_line() -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench
+    bench = import_bench()
     import torch
 
     a, w = torch.randn(64, 32), torch.randn(32, 16, requires_grad=True)
@@ -68,8 +77,7 @@ def test_op_timer_times_each_op_with_its_matmul_flops_and_calling_line() -> None
 def test_launch_count_counts_eager_ops_and_compiled_kernels(monkeypatch) -> None:
     """count_launches: one per eager op (views and allocations launch nothing), one per gradient
     sum autograd makes, and one per kernel of compiled code, which fuses the three ops into one."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench
+    bench = import_bench()
     import torch
     import torch._inductor.config as inductor_config
 
@@ -93,8 +101,7 @@ def test_launch_count_counts_eager_ops_and_compiled_kernels(monkeypatch) -> None
 def test_unmeasured_figures_are_written_as_null() -> None:
     """A CUDA-graph update has no world-model/behaviour split (NaN): --json writes null for it, also
     inside the per-update lists (a NaN there made the H200 benchmarks exit 1 after printing)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench
+    bench = import_bench()
 
     nan = float("nan")
     times = {"total": [0.02, 0.03], "world_model": [nan, nan]}
@@ -113,16 +120,8 @@ def test_bench_help_prints_usage_and_measures_nothing(tmp_path: Path) -> None:
     assert not any(line.startswith("seconds_per_update: ") for line in run.stdout.splitlines())
 
 
-def import_bench():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench
-
-    return bench
-
 
 def test_the_benchmarks_own_options_are_taken_out_of_the_command_line() -> None:
-    import pytest
-
     bench = import_bench()
     rest, options = bench.split_argv(["--configs", "dmc_proprio", "--iters", "5", "--batch_size", "16",
                                       "--json", "out.json"])
@@ -139,15 +138,17 @@ def test_a_task_that_cannot_be_made_here_is_benchmarked_on_stand_in_spaces(capsy
     import config as config_lib
 
     bench = import_bench()
-    cases = [(["--configs", "custom", "--task", "custom_task_name"], {"image": (64, 64, 3)}, gymnasium.spaces.Box),
-             (["--configs", "dmc_proprio", "--task", "dmc_walker_fly"], {"vector": (24,)}, gymnasium.spaces.Box),
-             (["--configs", "atari100k", "--task", "atari_no_such_game"], {"image": (64, 64, 3)},
-              gymnasium.spaces.Discrete)]
-    for argv, shapes, action_type in cases:
+    cases = [(["--configs", "custom", "--task", "custom_task_name"], {"image": (64, 64, 3)}, (6,)),
+             (["--configs", "dmc_proprio", "--task", "dmc_walker_fly"], {"vector": (24,)}, (6,)),
+             (["--configs", "atari100k", "--task", "atari_no_such_game"], {"image": (64, 64, 3)}, 6)]
+    for argv, shapes, actions in cases:  # actions: a Box's shape, or a Discrete's n
         obs_space, act_space = bench.task_spaces(config_lib.load_config(argv))
         assert {key: space.shape for key, space in obs_space.items()} == shapes, argv
-        assert isinstance(act_space, action_type) and (getattr(act_space, "n", 6) == 6)
-        assert act_space.shape in ((), (6,))
+        if isinstance(actions, int):
+            assert isinstance(act_space, gymnasium.spaces.Discrete) and act_space.n == actions
+        else:
+            assert isinstance(act_space, gymnasium.spaces.Box) and act_space.shape == actions
+            assert (act_space.low == -1).all() and (act_space.high == 1).all()
         assert "using stand-in spaces" in capsys.readouterr().out
     obs_space, act_space = bench.task_spaces(config_lib.load_config(["--configs", "custom", "--task",
                                                                     "custom_reach"]))

@@ -741,11 +741,14 @@ def test_the_prefetcher_samples_at_most_depth_batches_ahead() -> None:
     fill(replay, 10)
     prefetcher = Prefetcher(replay, batch_size=3, depth=2)
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while prefetcher._queue.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # room for a thread that would run further ahead
         assert prefetcher._queue.qsize() == 2
         assert replay.stats()["samples"] <= 3 * 3  # two queued and one waiting for room
         prefetcher.next()
-        time.sleep(0.3)
+        time.sleep(0.2)
         assert replay.stats()["samples"] <= 4 * 3
     finally:
         prefetcher.close()
