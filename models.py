@@ -246,7 +246,9 @@ class WorldModel(nn.Module):
         rh, ch = config.reward_head, config.cont_head
         self.reward_head = Head(feat, rh.bins, rh.units, rh.layers, eps, out_scale=0.0)
         self.cont_head = Head(feat, 1, ch.units, ch.layers, eps, out_scale=1.0)
-        self._heads_loss = maybe_compile(self._heads_loss_eager, bool(config.compile), "world model heads")
+        self._loss = maybe_compile(self._loss_eager, bool(config.compile), "world model heads and loss")
+        # the training batch's encoding (the policy's few rows per env step stay eager: one graph)
+        self._encode = maybe_compile(self.encoder.forward, bool(config.compile), "encoder")
 
     def reward(self, feat: torch.Tensor) -> torch.Tensor:
         """Predicted reward (mean of the two-hot head), (...)."""
@@ -258,7 +260,7 @@ class WorldModel(nn.Module):
 
     def observe(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Encode the whole sequence at once and filter it: see RSSM.observe."""
-        embed = self.encoder({k: batch[k] for k in self.encoder.cnn_keys + self.encoder.mlp_keys})
+        embed = self._encode({k: batch[k] for k in self.encoder.cnn_keys + self.encoder.mlp_keys})
         return self.rssm.observe(embed, batch["action"], batch["is_first"])
 
     def _heads_loss_eager(self, feat: torch.Tensor, post: torch.Tensor, prior: torch.Tensor,
@@ -283,25 +285,37 @@ class WorldModel(nn.Module):
         terms["kl_dyn"], terms["kl_rep"], terms["kl"] = kl_losses(post, prior, float(cfg.kl_free))
         return terms
 
+    def loss_scales(self) -> dict[str, float]:
+        """The weight of each loss term of _heads_loss_eager in the world-model loss ("kl", the raw
+        KL, is a metric only)."""
+        cfg = self.config
+        return {"image": float(cfg.image_loss_scale), "vector": float(cfg.vector_loss_scale),
+                "reward": float(cfg.reward_head.loss_scale), "cont": float(cfg.cont_head.loss_scale),
+                "kl_dyn": float(cfg.kl_dyn_scale), "kl_rep": float(cfg.kl_rep_scale)}
+
+    def _loss_eager(self, feat: torch.Tensor, post: torch.Tensor, prior: torch.Tensor,
+                    targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The world-model loss (the mean over B and T of the terms' weighted sum) and the means
+        (detached) of each term of _heads_loss_eager and of the posterior's and prior's entropies."""
+        terms = self._heads_loss_eager(feat, post, prior, targets)
+        scales = self.loss_scales()
+        total = sum(scales[k] * v for k, v in terms.items() if k in scales)  # (B, T)
+        means = {k: v.detach().mean() for k, v in terms.items()}
+        with torch.no_grad():
+            means["post_entropy"] = OneHotCategorical.from_log_probs(post, 1).entropy().mean()
+            means["prior_entropy"] = OneHotCategorical.from_log_probs(prior, 1).entropy().mean()
+        return total.mean(), means
+
     def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
         """World-model loss (mean over B and T of the weighted sum of terms), the filtered states and
         the metrics."""
-        cfg = self.config
         states = self.observe(batch)
         feat = features(states["stoch"], states["deter"])  # (B, T, F)
         targets = {k: batch[k] for k in self.decoder.cnn_keys + self.decoder.mlp_keys + ["reward", "is_terminal"]}
-        terms = self._heads_loss(feat, states["post"], states["prior"], targets)
-        scales = {"image": cfg.image_loss_scale, "vector": cfg.vector_loss_scale,
-                  "reward": cfg.reward_head.loss_scale, "cont": cfg.cont_head.loss_scale,
-                  "kl_dyn": cfg.kl_dyn_scale, "kl_rep": cfg.kl_rep_scale}
-        total = sum(float(scales[k]) * v for k, v in terms.items() if k in scales)  # (B, T)
-        loss = total.mean()
-        metrics = {f"loss/{k}": v.detach().mean() for k, v in terms.items() if k in scales}
+        loss, means = self._loss(feat, states["post"], states["prior"], targets)
+        metrics = {f"loss/{k}": v for k, v in means.items() if k in self.loss_scales()}
         metrics["loss/model"] = loss.detach()
-        metrics["model/kl"] = terms["kl"].mean()
-        with torch.no_grad():
-            metrics["model/post_entropy"] = OneHotCategorical.from_log_probs(states["post"], 1).entropy().mean()
-            metrics["model/prior_entropy"] = OneHotCategorical.from_log_probs(states["prior"], 1).entropy().mean()
+        metrics.update({f"model/{k}": means[k] for k in ("kl", "post_entropy", "prior_entropy")})
         return loss, states, metrics
 
 
@@ -334,6 +348,11 @@ class ActorCritic(nn.Module):
         # One imagined step (features, actor, dynamics), compiled when asked (eager fallback with
         # one warning).
         self._imagine_step = maybe_compile(self._imagine_step_eager, bool(config.compile), "imagined step")
+        # The heads on the stacked steps, the returns and the losses from them: compiled when asked,
+        # a few fused kernels each way where eager code launches a couple of hundred.
+        self._stacked_heads = maybe_compile(self._stacked_heads_eager, bool(config.compile), "imagination heads")
+        self._returns = maybe_compile(self._returns_eager, bool(config.compile), "lambda-returns")
+        self._loss_terms = maybe_compile(self._loss_terms_eager, bool(config.compile), "actor-critic losses")
 
     def _act_eager(self, feat: torch.Tensor, noise: torch.Tensor, *scan_step: tuple
                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple, tuple]:
@@ -416,8 +435,7 @@ class ActorCritic(nn.Module):
         action = torch.stack(actions)  # (H, N, A)
         if self.stack_steps:
             feat = torch.stack(feats)  # (H+1, N, F)
-            out = self._stacked_heads(wm, feat, start["cont"])
-            out["reward"] = summed_reward(reward_fn(feat[:-1], action, feat[1:]))  # (H, N)
+            out = self._stacked_heads(wm, feat, action, start["cont"], reward_fn)
         else:
             out = {k: torch.stack(v) for k, v in heads.items()}
             out["reward"] = torch.stack(rewards)  # (H, N)
@@ -440,16 +458,57 @@ class ActorCritic(nn.Module):
             heads.setdefault("cont", []).append(start_cont.float() if start_cont is not None
                                                 else wm.cont(feat.detach()))
 
-    def _stacked_heads(self, wm: WorldModel, feat: torch.Tensor, start_cont: torch.Tensor
-                       ) -> dict[str, torch.Tensor]:
-        """The heads on all imagined steps at once; feat (H+1, N, F). Same outputs as _append_heads."""
+    def _stacked_heads_eager(self, wm: WorldModel, feat: torch.Tensor, action: torch.Tensor,
+                             start_cont: torch.Tensor, reward_fn: RewardFn) -> dict[str, torch.Tensor]:
+        """The heads and the reward on all imagined steps at once; feat (H+1, N, F), action (H, N, A).
+        Same outputs as _append_heads and the per-transition rewards."""
         critic = TwoHotSymlog(self.critic(feat))  # (H+1, N, bins)
         out = {"value": critic.mean, "critic_log_probs": critic.log_probs[:-1]}
         with torch.no_grad():
             if self.config.slow_value_target:
                 out["slow"] = TwoHotSymlog(self.slow_critic(feat[:-1].detach())).mean  # (H, N)
             out["cont"] = torch.cat([start_cont.float()[None], wm.cont(feat[1:].detach())])  # (H+1, N)
+        out["reward"] = summed_reward(reward_fn(feat[:-1], action, feat[1:]))  # (H, N)
         return out
+
+    def _returns_eager(self, reward: torch.Tensor, value: torch.Tensor, cont: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss weights (H+1, N) (the discounted continuation up to each step) and the
+        lambda-returns (H, N) from the reward (H, N), value (H+1, N) and continuation (H+1, N)."""
+        discount = float(self.config.discount)
+        weight = torch.cumprod(discount * cont, 0) / discount  # (H+1, N)
+        # Bootstrapped from the critic itself, as in the paper's v1 code; the slow critic only
+        # regularises the critic's predictions (_loss_terms_eager).
+        returns = lambda_returns(reward, value, discount * cont[1:], float(self.config.discount_lambda))
+        return weight, returns
+
+    def _loss_terms_eager(self, returns: torch.Tensor, value: torch.Tensor, scale: torch.Tensor,
+                          weight: torch.Tensor, action: torch.Tensor, policy: tuple[torch.Tensor, ...],
+                          critic_log_probs: torch.Tensor, slow: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The actor and critic losses and the policy's mean entropy from the returns (H, N), the
+        values (H+1, N), the return scale, the weights (H+1, N), the actions (H, N, A), the policy's
+        stacked tensors (see the distributions' tensors(): tensors only, so that a compiled
+        backward is probed on copies, see maybe_compile), the critic's log-probabilities
+        (H, N, bins) and the slow critic's values (H, N) (None without slow_value_target)."""
+        cfg = self.config
+        policy = self.actor.policy_from_tensors(*policy)  # over (H, N)
+        advantage = (returns - value[:-1]) / scale  # (H, N), normalised on both gradient paths
+        if self.backprop:
+            actor_loss = -advantage
+        else:
+            actor_loss = -policy.log_prob(action.detach()) * advantage.detach()
+        entropy = policy.entropy()  # (H, N)
+        actor_loss = actor_loss - float(cfg.actor.entropy) * entropy
+        actor_loss = (actor_loss * weight[:-1]).mean()
+        critic_dist = TwoHotSymlog.from_log_probs(critic_log_probs)  # (H, N, bins)
+        targets, scales = [returns.detach()], [1.0]
+        if slow is not None:  # the regulariser toward the slow critic's prediction
+            targets.append(slow)
+            scales.append(float(cfg.slow_reg_scale))
+        critic_loss = -critic_dist.weighted_log_prob(targets, scales)  # (H, N)
+        critic_loss = (critic_loss * weight[:-1]).mean()
+        return actor_loss, critic_loss, entropy.detach().mean()
 
     def losses(self, wm: WorldModel, start: Mapping[str, torch.Tensor], reward_fn: RewardFn
                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -459,35 +518,17 @@ class ActorCritic(nn.Module):
         reward_fn(feat, action, next_feat) -> {name: reward term} per imagined transition; the
         reward is the terms' sum (see RewardFn).
         """
-        cfg = self.config
-        discount = float(cfg.discount)
         traj = self.rollout(wm, start, reward_fn)
-        action, policy, reward, cont = traj["action"], traj["policy"], traj["reward"], traj["cont"]
-        weight = torch.cumprod(discount * cont, 0) / discount  # (H+1, N)
-        value = traj["value"]  # (H+1, N)
-        # Bootstrapped from the critic itself, as in the paper's v1 code; the slow critic only
-        # regularises the critic's predictions (below).
-        returns = lambda_returns(reward, value, discount * cont[1:], float(cfg.discount_lambda))  # (H, N)
-        self.return_norm.update(returns, self.return_gather)
+        reward, value = traj["reward"], traj["value"]
+        weight, returns = self._returns(reward, value, traj["cont"])
+        self.return_norm.update(returns, self.return_gather)  # eager: a quantile, and the gather across processes
         scale = self.return_norm.scale()
-        advantage = (returns - value[:-1]) / scale  # (H, N), normalised on both gradient paths
-        if self.backprop:
-            actor_loss = -advantage
-        else:
-            actor_loss = -policy.log_prob(action.detach()) * advantage.detach()
-        entropy = policy.entropy()  # (H, N)
-        actor_loss = actor_loss - float(cfg.actor.entropy) * entropy
-        actor_loss = (actor_loss * weight[:-1]).mean()
-        critic_dist = TwoHotSymlog.from_log_probs(traj["critic_log_probs"])  # (H, N, bins)
-        targets, scales = [returns.detach()], [1.0]
-        if cfg.slow_value_target:  # the regulariser toward the slow critic's prediction
-            targets.append(traj["slow"])
-            scales.append(float(cfg.slow_reg_scale))
-        critic_loss = -critic_dist.weighted_log_prob(targets, scales)  # (H, N)
-        critic_loss = (critic_loss * weight[:-1]).mean()
+        actor_loss, critic_loss, entropy = self._loss_terms(
+            returns, value, scale, weight, traj["action"], traj["policy"].tensors(), traj["critic_log_probs"],
+            traj["slow"] if self.config.slow_value_target else None)
         metrics = {
             "loss/actor": actor_loss.detach(), "loss/critic": critic_loss.detach(),
-            "actor/entropy": entropy.detach().mean(), "return/p5": self.return_norm.low.clone(),
+            "actor/entropy": entropy, "return/p5": self.return_norm.low.clone(),
             "return/p95": self.return_norm.high.clone(), "return/scale": scale.detach(),
             "return/mean": returns.detach().mean(), "critic/value": value.detach()[:-1].mean(),
             "imagine/reward": reward.detach().mean(), "imagine/weight": weight[:-1].mean(),

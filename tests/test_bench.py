@@ -9,18 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.bench_script import import_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_FIGURES = ["seconds_per_update", "world_model_seconds", "behavior_seconds", "policy_steps_per_second",
                "replay_samples_per_second", "gflops_per_second", "matmul_peak_gflops", "peak_rss_mib"]
-
-
-def import_bench():
-    """scripts/bench.py as a module (scripts/ is no package)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench
-
-    return bench
 
 
 def test_bench_prints_every_figure_and_writes_json(tmp_path: Path) -> None:

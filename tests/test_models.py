@@ -313,10 +313,63 @@ def test_compiled_update_equals_the_eager_update(monkeypatch, dist, stacked):
             metrics = [agent.train_step(batch) for _ in range(3)]
         fallbacks = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
         assert not fallbacks, fallbacks
-        losses[compiled] = torch.tensor([[m[k] for k in ("loss/model", "loss/actor", "loss/critic", "model/kl")]
-                                         for m in metrics])
+        keys = ("loss/model", "loss/actor", "loss/critic", "model/kl", "model/post_entropy", "actor/entropy",
+                "return/p95", "imagine/reward")
+        losses[compiled] = torch.tensor([[m[k] for k in keys] for m in metrics])
     torch.testing.assert_close(losses["True"], losses["False"], rtol=1e-4, atol=1e-5)
     assert losses["True"][-1, 0] < losses["True"][0, 0]  # and it learns
+
+
+def test_compile_fuses_the_encoder_heads_returns_and_losses(monkeypatch):
+    """Besides the RSSM and imagined steps, compile: True compiles the training batch's encoding, the
+    world model's heads and loss, imagination's stacked heads and reward, the lambda-returns and the
+    actor-critic losses: forward and backward, each launches fewer calls than its eager code, and
+    all of them together at most half (counted as scripts/bench.py --launches counts them); the
+    same values."""
+    from helpers.bench_script import import_bench
+    from networks import detached_leaves, features
+
+    count_launches = import_bench().count_launches
+    monkeypatch.setattr(torch._inductor.config.cpp, "enable_kernel_profile", True)  # before compiling
+    agents = {compiled: make("vector", "normal", "--compile", compiled)[0] for compiled in ("False", "True")}
+    agent, batch, _ = make("vector", "normal")  # the same parameters (same seed): makes the inputs
+    agent.set_stack_steps(True)
+    obs = {k: batch[k] for k in agent.wm.encoder.mlp_keys}
+    states = agent.wm.observe(batch)
+    feat, post, prior = (x.detach() for x in (features(states["stoch"], states["deter"]), states["post"],
+                                              states["prior"]))
+    targets = {k: batch[k] for k in agent.wm.decoder.mlp_keys + ["reward", "is_terminal"]}
+    start = imagination_starts(agent, batch)
+    traj = agent.task.rollout(agent.wm, start, agent.task_reward)
+    img_feat = torch.randn(traj["value"].shape + (feat.shape[-1],))  # (H+1, N, F)
+    reward, value, cont, action, log_probs, slow = detached_leaves(
+        (traj["reward"], traj["value"], traj["cont"], traj["action"], traj["critic_log_probs"], traj["slow"]))
+    weight, returns = (x.detach() for x in agent.task._returns(reward, value, cont))
+    policy, scale = detached_leaves(traj["policy"].tensors()), torch.tensor(2.0)
+    launches, values = {}, {}
+    for compiled, agent in agents.items():
+        wm, ac = agent.wm, agent.task
+        ac.stack_steps = True
+        pieces = {
+            "encoder": lambda: wm._encode(obs).sum().backward(),
+            "world model heads and loss": lambda: wm._loss(feat, post, prior, targets)[0].backward(),
+            "stacked heads and reward": lambda: sum(v.sum() for v in ac._stacked_heads(
+                wm, img_feat, action, start["cont"], agent.task_reward).values()).backward(),
+            "lambda-returns": lambda: sum(x.sum() for x in ac._returns(reward, value, cont)).backward(),
+            "actor-critic losses": lambda: sum(ac._loss_terms(
+                returns, value, scale, weight, action, policy, log_probs, slow)[:2]).backward(),
+        }
+        for name, run in pieces.items():
+            run()  # the first call compiles
+            launches[compiled, name] = sum(count_launches(run).values())
+        values[compiled] = torch.stack([wm._loss(feat, post, prior, targets)[0],
+                                        *ac._loss_terms(returns, value, scale, weight, action, policy, log_probs, slow),
+                                        *(x.sum() for x in ac._returns(reward, value, cont))])
+    for name in pieces:  # the products stay library calls; the elementwise work around them fuses
+        assert launches["True", name] < launches["False", name], (name, launches)
+    total = {c: sum(n for (c_, _), n in launches.items() if c_ == c) for c in agents}
+    assert total["True"] <= total["False"] / 2, launches  # (debug sizes: 363 eager calls -> 127)
+    torch.testing.assert_close(values["True"], values["False"], rtol=1e-4, atol=1e-5)
 
 
 def test_gradients_take_their_parameters_layout_for_fused_adam():
