@@ -247,7 +247,8 @@ class WorldModel(nn.Module):
         self.reward_head = Head(feat, rh.bins, rh.units, rh.layers, eps, out_scale=0.0)
         self.cont_head = Head(feat, 1, ch.units, ch.layers, eps, out_scale=1.0)
         self._loss = maybe_compile(self._loss_eager, bool(config.compile), "world model heads and loss")
-        # the training batch's encoding (the policy's few rows per env step stay eager: one graph)
+        # the training batch's encoding; the policy's calls (a few rows per env step) stay eager, so
+        # one batch shape compiles
         self._encode = maybe_compile(self.encoder.forward, bool(config.compile), "encoder")
 
     def reward(self, feat: torch.Tensor) -> torch.Tensor:
@@ -348,8 +349,8 @@ class ActorCritic(nn.Module):
         # One imagined step (features, actor, dynamics), compiled when asked (eager fallback with
         # one warning).
         self._imagine_step = maybe_compile(self._imagine_step_eager, bool(config.compile), "imagined step")
-        # The heads on the stacked steps, the returns and the losses from them: compiled when asked,
-        # a few fused kernels each way where eager code launches a couple of hundred.
+        # The heads and rewards on the stacked steps, the returns and the losses: compiled when
+        # asked, fused kernels around the products where eager code makes a couple of hundred calls.
         self._stacked_heads = maybe_compile(self._stacked_heads_eager, bool(config.compile), "imagination heads")
         self._returns = maybe_compile(self._returns_eager, bool(config.compile), "lambda-returns")
         self._loss_terms = maybe_compile(self._loss_terms_eager, bool(config.compile), "actor-critic losses")
