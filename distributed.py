@@ -32,7 +32,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Iterable, Optional, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, TextIO
 
 import torch
 import torch.distributed as torch_dist
@@ -40,16 +40,25 @@ import torch.multiprocessing as mp
 
 from config import EXIT_USER_ERROR, Config, ConfigError, LoadedConfig
 
+if TYPE_CHECKING:
+    from models import RunCollective
 
-def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """All-reduce (mean) the gradients of `params` in one flat buffer; missing grads count as zero."""
+
+def run_now(collective: Callable[[], object]) -> None:
+    """Run a collective at once (what an eager update does; see CudaGraphUpdate.between)."""
+    collective()
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], run: RunCollective = run_now) -> None:
+    """All-reduce (mean) the gradients of `params` in one flat buffer; missing grads count as zero.
+    `run` runs the all-reduce: at once, or between two CUDA graphs of a captured update."""
     params = list(params)
     if not params:
         return
     world = torch_dist.get_world_size()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])  # (total_params,)
-    torch_dist.all_reduce(flat)
+    run(lambda: torch_dist.all_reduce(flat))
     flat /= world
     offset = 0
     for param, grad in zip(params, grads):
@@ -58,11 +67,20 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
         offset += count
 
 
-def gather_values(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate a flat tensor of equal size on every rank: (world * n,)."""
+def gather_values(values: torch.Tensor, run: RunCollective = run_now) -> torch.Tensor:
+    """Concatenate a flat tensor of equal size on every rank: (world * n,). `run` runs the
+    all-gather (see average_gradients)."""
     parts = [torch.empty_like(values) for _ in range(torch_dist.get_world_size())]
-    torch_dist.all_gather(parts, values.contiguous())
+    values = values.contiguous()
+    run(lambda: torch_dist.all_gather(parts, values))
     return torch.cat(parts)
+
+
+def all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """Whether `ok` holds on every rank (a MIN all-reduce; every rank must call it)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def broadcast_module_state(modules: Iterable[torch.nn.Module]) -> None:
@@ -134,13 +152,18 @@ def run_rank(rank: int, world: int, local_rank: int, config_dict: dict, loaded_b
 
 
 class DistSync:
-    """The hooks the agent calls to behave like one learner across ranks."""
+    """The hooks the agent calls to behave like one learner across ranks. Their collectives go
+    through `run`, so that a CUDA-graph update can run them between its graphs (see
+    exploration.CudaGraphUpdate.between); `agree` tells whether every rank's capture succeeded."""
 
-    def grads(self, params: Iterable[torch.nn.Parameter]) -> None:
-        average_gradients(params)
+    def grads(self, params: Iterable[torch.nn.Parameter], run: RunCollective = run_now) -> None:
+        average_gradients(params, run)
 
-    def gather(self, values: torch.Tensor) -> torch.Tensor:
-        return gather_values(values)
+    def gather(self, values: torch.Tensor, run: RunCollective = run_now) -> torch.Tensor:
+        return gather_values(values, run)
+
+    def agree(self, ok: bool, device: torch.device) -> bool:
+        return all_ranks_agree(ok, device)
 
     def broadcast(self, modules: Iterable[torch.nn.Module]) -> None:
         broadcast_module_state(modules)

@@ -900,10 +900,12 @@ class Trainer:
         if note and dist.main:
             self.logger.info(note)
         if self.sync is not None:  # data-parallel: act as one learner over all ranks' batches
-            self.agent.set_grad_sync(self.sync.grads)
-            self.agent.set_return_gather(self.sync.gather)
+            # its collectives run between the CUDA graphs of a captured update (or at once, eagerly)
+            self.agent.set_grad_sync(self.sync.grads, graph_safe=True)
+            self.agent.set_return_gather(self.sync.gather, graph_safe=True)
+            self.agent.set_capture_agreement(lambda ok: self.sync.agree(ok, self.device))
             self.sync.broadcast([m for m in (self.agent.wm, self.agent.task, self.agent.expl) if m is not None])
-        self.logger.info(self.compute_summary())  # after set_grad_sync: data-parallel runs are eager
+        self.logger.info(self.compute_summary())
         self.replay = make_replay(config, self.paths, dist, self.logger.warning)
         self.counters = Counters()
         if resumed is not None:

@@ -76,59 +76,124 @@ class CudaGraphUpdate:
     side stream (they are real updates: Adam state, compiled kernels and cuDNN plans get made), the
     next call captures the update once and every call from then on copies its batch into the
     graph's input tensors and replays it. One update's thousands of small kernels then cost one
-    launch. If capturing fails, one warning, and every later update runs eagerly."""
+    launch. If capturing fails, one warning, and every later update runs eagerly.
+
+    `segmented` (data-parallel training): the update's collectives (the gradient all-reduces, the
+    returns' all-gather) stay outside the graphs. They are handed to `between`, which runs them at
+    once in an eager update; while the update is captured, each call ends the graph being recorded
+    there, so that a replay runs graph, collective, graph, ... in the update's order, the
+    collectives eagerly on the graphs' buffers. `agree(ok)` (every rank calls it after capturing)
+    tells whether every rank's capture succeeded; if one failed, every rank trains eagerly, so the
+    ranks' collectives keep matching. `cuda` is torch.cuda (a stand-in in tests without a GPU)."""
 
     def __init__(self, update: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
-                 warmup: int = 3):
-        self.update, self.warmup = update, warmup
-        self.stream = torch.cuda.Stream()
+                 warmup: int = 3, cuda=torch.cuda):
+        self.update, self.warmup, self.cuda = update, warmup, cuda
+        self.stream = cuda.Stream()
+        self.segmented = False
+        self.agree: Callable[[bool], bool] | None = None
+        self._open = None  # the graph a segmented capture is recording
+        self._pool = None  # the memory pool its graphs share
         self.reset()
         self.failed = False
 
     def reset(self) -> None:
-        """Forget the graph (after parameters or optimizer state were replaced, e.g. by a load)."""
-        self.graph: torch.cuda.CUDAGraph | None = None
+        """Forget the graphs (after parameters or optimizer state were replaced, e.g. by a load)."""
+        self.segments: list[tuple[object, Callable[[], object] | None]] = []  # (graph, collective after it)
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.calls = 0
 
+    @property
+    def graph(self):
+        """The (first) captured graph; None before a capture."""
+        return self.segments[0][0] if self.segments else None
+
+    def between(self, collective: Callable[[], object]) -> None:
+        """Run `collective` where the update reaches it: at once, or, while a segmented capture
+        records, after the graph recorded so far (a new one records what follows)."""
+        if self._open is None:
+            collective()
+            return
+        self._close_segment(collective)
+        self._open_segment()
+
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.failed:
             return self.update(batch)
-        if self.graph is None and self.calls < self.warmup:
+        if not self.segments and self.calls < self.warmup:
             self.calls += 1
             return self._on_side_stream(batch)
-        if self.graph is None and not self._capture(batch):
+        if not self.segments and not self._capture(batch):
             return self.update(batch)
         for key, value in batch.items():
             self.inputs[key].copy_(value, non_blocking=True)
-        self.graph.replay()
+        for graph, collective in self.segments:
+            graph.replay()
+            if collective is not None:
+                collective()
         return {k: v.clone() if torch.is_tensor(v) else v for k, v in self.outputs.items()}
 
     def _on_side_stream(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        self.stream.wait_stream(self.cuda.current_stream())
+        with self.cuda.stream(self.stream):
             metrics = self.update(batch)
-        torch.cuda.current_stream().wait_stream(self.stream)
+        self.cuda.current_stream().wait_stream(self.stream)
         return metrics
 
     def _capture(self, batch: Mapping[str, torch.Tensor]) -> bool:
-        """Record one update (nothing runs while recording); False, with a warning, if it fails."""
+        """Record one update (nothing runs while recording); False, with a warning, if it fails
+        here or, with `agree`, on another rank."""
         self.inputs = {k: v.detach().clone() for k, v in batch.items()}  # (B, T, ...) graph inputs
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
+        self.cuda.synchronize()
+        error = None
         try:
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            if self.segmented:
+                self._record_segments()
+            else:
+                graph = self.cuda.CUDAGraph()
+                with self.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                    self.outputs = self.update(self.inputs)
+                self.segments = [(graph, None)]
+        except Exception as caught:  # noqa: BLE001 - any capture failure: keep training eagerly
+            error = caught
+        captured = error is None if self.agree is None else self.agree(error is None)
+        if captured:
+            return True
+        self.failed = True
+        self.reset()
+        self.cuda.synchronize()
+        reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
+        warnings.warn(f"cuda_graphs: capturing the update failed ({reason}); training goes on without "
+                      "CUDA graphs (use --cuda_graphs False to skip the try).")
+        return False
+
+    def _record_segments(self) -> None:
+        """Record the update as graphs that end where it hands a collective to `between`."""
+        self._pool = self.cuda.graph_pool_handle()
+        with self.cuda.stream(self.stream):
+            self._open_segment()
+            try:
                 self.outputs = self.update(self.inputs)
-        except Exception as error:  # noqa: BLE001 - any capture failure: keep training eagerly
-            self.failed = True
-            self.reset()
-            torch.cuda.synchronize()
-            warnings.warn(f"cuda_graphs: capturing the update failed ({type(error).__name__}: {error}); "
-                          "training goes on without CUDA graphs (use --cuda_graphs False to skip the try).")
-            return False
-        self.graph = graph
-        return True
+                self._close_segment(None)
+            except BaseException:
+                if self._open is not None:  # end the capture the failure interrupted
+                    try:
+                        self._open.capture_end()
+                    except Exception:  # noqa: BLE001 - the first error is the one to report
+                        pass
+                    self._open = None
+                raise
+
+    def _open_segment(self) -> None:
+        graph = self.cuda.CUDAGraph()
+        graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+        self._open = graph
+
+    def _close_segment(self, collective: Callable[[], object] | None) -> None:
+        graph, self._open = self._open, None
+        graph.capture_end()
+        self.segments.append((graph, collective))
 
 
 class Agent:
@@ -182,12 +247,37 @@ class Agent:
         """Whether updates replay as a CUDA graph (autocast then keeps no weight cache)."""
         return self.graph_update is not None
 
-    def set_grad_sync(self, fn: GradSync | None) -> None:
+    def set_grad_sync(self, fn: Callable | None, graph_safe: bool = False) -> None:
         """Hook called with each parameter group after backward and before clipping (e.g. all-reduce).
-        Data-parallel updates run eagerly (collectives stay outside CUDA graphs)."""
-        self.grad_sync = fn
-        if fn is not None:
+        A `graph_safe` hook also takes `run=` and runs its collectives through it (as
+        distributed.DistSync.grads does): CUDA-graph updates then run them between their graphs
+        (CudaGraphUpdate.between); with any other hook, updates run eagerly."""
+        self.grad_sync = self._collective_hook(fn, graph_safe)
+
+    def set_return_gather(self, fn: Callable[..., torch.Tensor] | None, graph_safe: bool = False) -> None:
+        """Function that concatenates a flat tensor over all processes (e.g. all_gather); the return
+        normalisers then take their percentiles over the imagined returns of every process.
+        `graph_safe` as for set_grad_sync."""
+        gather = self._collective_hook(fn, graph_safe)
+        for ac in self.actor_critics:
+            ac.return_gather = gather
+
+    def set_capture_agreement(self, agree: Callable[[bool], bool]) -> None:
+        """agree(ok) -> whether every rank captured its CUDA-graph update (see CudaGraphUpdate)."""
+        if self.graph_update is not None:
+            self.graph_update.agree = agree
+
+    def _collective_hook(self, fn: Callable | None, graph_safe: bool) -> Callable | None:
+        """`fn` as the update calls it: a graph-safe hook with CudaGraphUpdate.between as its `run`;
+        any other hook makes updates run eagerly (its collectives must not be captured)."""
+        if fn is None:
+            return None
+        if not graph_safe or self.graph_update is None:
             self.graph_update = None
+            return fn
+        self.graph_update.segmented = True
+        between = self.graph_update.between
+        return lambda x: fn(x, run=between)
 
     @property
     def actor_critics(self) -> list[ActorCritic]:
@@ -198,12 +288,6 @@ class Agent:
         """Whether imagination runs on the stacked steps (see ActorCritic.stack_steps)."""
         for ac in self.actor_critics:
             ac.stack_steps = on
-
-    def set_return_gather(self, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-        """Function that concatenates a flat tensor over all processes (e.g. all_gather); the return
-        normalisers then take their percentiles over the imagined returns of every process."""
-        for ac in self.actor_critics:
-            ac.return_gather = fn
 
     # -- training ----------------------------------------------------------------------------
 

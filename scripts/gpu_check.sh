@@ -67,7 +67,7 @@ step parallel2_one_gpu 120 "${RUN[@]}" --logdir "$LOGS/p2" --parallel 2 &
 wait
 grep -h "passed\|failed\|error" "$LOGS/pytest_cuda.log" | tail -3 | sed 's/^/  pytest: /' | tee -a "$OUT/summary.txt"
 grep -h "resumed from\|Error\|error\|cuda_graphs: capturing" "$LOGS/train_bf16_compile_graphs.log" | tail -3 | sed 's/^/  train: /' | tee -a "$OUT/summary.txt"
-grep -h "parallel:\|Error\|error" "$LOGS/torchrun_nccl.log" | tail -3 | sed 's/^/  torchrun: /' | tee -a "$OUT/summary.txt"
+grep -h "parallel:\|training on\|capturing\|Error\|error" "$LOGS/torchrun_nccl.log" | tail -4 | sed 's/^/  torchrun: /' | tee -a "$OUT/summary.txt"
 grep -h "GPUs\|rror" "$LOGS/parallel2_one_gpu.log" | tail -2 | sed 's/^/  parallel 2: /' | tee -a "$OUT/summary.txt"
 fi
 

@@ -177,6 +177,48 @@ def test_cuda_graph_updates_learn_like_eager_updates(precision, cpu_reference):
     assert torch.isfinite(agent.train_step(batch)["loss/model"])
 
 
+def test_segmented_cuda_graph_updates_run_their_collectives_between_graphs():
+    """Data-parallel CUDA-graph updates (collectives between the graphs, CudaGraphUpdate.between),
+    in one process with a graph-safe gradient hook whose "collective" is an in-place op on the
+    flat gradients: zeroing the actor's (so its parameters must never move: the op ran on the
+    graphs' buffers between their replays) and leaving the others as they are (the world model
+    must learn as eagerly). 3 warm-ups, a capture, replays; the hook's op runs once per group and
+    update."""
+    final = {}
+    for graphs in ("False", "True"):
+        agent, batch, _ = make("cuda", "--cuda_graphs", graphs, obs="vector")
+        actor_ids = {id(p) for p in agent.task.actor.parameters()}
+        calls = []
+
+        def grads(params, run):
+            flat = torch.cat([p.grad.reshape(-1) for p in params])  # (total,)
+            actor = id(params[0]) in actor_ids
+
+            def collective():
+                calls.append(actor)
+                if actor:
+                    flat.zero_()
+
+            run(collective)
+            offset = 0
+            for p in params:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+
+        agent.set_grad_sync(grads, graph_safe=True)
+        agent.set_capture_agreement(lambda ok: ok)
+        actor_before = [p.detach().clone() for p in agent.task.actor.parameters()]
+        batch = to(batch, "cuda")
+        losses = [agent.train_step(batch)["loss/model"].item() for _ in range(12)]
+        assert len(calls) == 3 * 12 and sum(calls) == 12
+        assert all(torch.equal(a, b) for a, b in zip(actor_before, agent.task.actor.parameters()))
+        assert losses[-1] < 0.9 * losses[0], losses
+        final[graphs] = losses[-1]
+        if graphs == "True":
+            assert not agent.graph_update.failed and len(agent.graph_update.segments) == 4
+    assert final["True"] == pytest.approx(final["False"], rel=0.1)
+
+
 def test_imagination_heads_run_stacked_on_cuda():
     """The critic, slow critic and continue heads run once on the stacked imagined steps on a GPU
     (tests/test_models.py checks that this gives the per-step numbers)."""

@@ -79,6 +79,7 @@ def assert_ranks_start_alike_and_draw_apart(ranks: list[dict]) -> None:
     # the return normaliser's gather: every rank's values, in rank order, on every rank
     for rank in ranks:
         assert rank["gathered"].tolist() == [0.0, 10.0, 1.0, 11.0]
+        assert rank["agreed"] == [False, True]  # one rank's failed CUDA-graph capture is every rank's
 
 
 def test_the_ranks_of_a_fresh_run_start_from_rank_0s_weights_with_generators_of_their_own(tmp_path):

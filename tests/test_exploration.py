@@ -134,6 +134,187 @@ def test_grad_sync_hook_sees_every_group_before_the_step():
     assert len(seen) == 3
 
 
+class FakeGraph:
+    """A CUDA graph stand-in that logs its capture and replays (nothing is recorded: between
+    capture_begin and capture_end the update simply runs on the CPU)."""
+
+    def __init__(self, log: list, index: int):
+        self.log, self.index = log, index
+
+    def capture_begin(self, pool=None, capture_error_mode=None):
+        assert pool == "pool" and capture_error_mode == "thread_local"  # the segments share one pool
+        self.log.append(f"begin {self.index}")
+
+    def capture_end(self):
+        self.log.append(f"end {self.index}")
+
+    def replay(self):
+        self.log.append(f"replay {self.index}")
+
+
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class FakeCuda:
+    """The torch.cuda calls CudaGraphUpdate makes, on a machine without a GPU (tests/test_cuda.py
+    runs the real ones)."""
+
+    def __init__(self):
+        self.log: list[str] = []
+        self.graphs: list[FakeGraph] = []
+
+    def CUDAGraph(self):  # noqa: N802 - torch.cuda's name
+        self.graphs.append(FakeGraph(self.log, len(self.graphs)))
+        return self.graphs[-1]
+
+    def graph(self, graph, stream=None, capture_error_mode=None):
+        import contextlib
+
+        @contextlib.contextmanager
+        def capture():
+            graph.capture_begin("pool", capture_error_mode)
+            yield
+            graph.capture_end()
+        return capture()
+
+    def Stream(self):  # noqa: N802
+        return FakeStream()
+
+    current_stream = Stream
+
+    def stream(self, stream):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def synchronize(self):
+        pass
+
+    def graph_pool_handle(self):
+        return "pool"
+
+
+def segmented_update(cuda, fail_after_first=False):
+    """A CudaGraphUpdate (segmented, one warm-up) of an update that hands two collectives to
+    `between`; the collectives log their names."""
+    def update(batch):
+        x = batch["x"] * 2
+        graph_update.between(lambda: cuda.log.append("all-reduce"))
+        if fail_after_first:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        graph_update.between(lambda: cuda.log.append("all-gather"))
+        return {"y": x + 1}
+
+    graph_update = exploration.CudaGraphUpdate(update, warmup=1, cuda=cuda)
+    graph_update.segmented = True
+    return graph_update
+
+
+def test_a_segmented_cuda_graph_update_runs_its_collectives_between_its_graphs():
+    """Data-parallel CUDA-graph updates: warm-ups run the collectives in place; the capture ends a
+    graph at each collective (none runs while recording) and every replay runs graph, collective,
+    graph, collective, graph, with the batch copied into the captured inputs; every rank is asked
+    whether its capture succeeded."""
+    cuda = FakeCuda()
+    graph_update = segmented_update(cuda)
+    asked = []
+    graph_update.agree = lambda ok: asked.append(ok) or ok
+    graph_update({"x": torch.ones(2)})  # the warm-up
+    assert cuda.log == ["all-reduce", "all-gather"]
+    cuda.log.clear()
+    graph_update({"x": torch.ones(2)})  # captures, then replays
+    assert cuda.log == ["begin 0", "end 0", "begin 1", "end 1", "begin 2", "end 2",
+                        "replay 0", "all-reduce", "replay 1", "all-gather", "replay 2"]
+    assert asked == [True] and graph_update.graph is cuda.graphs[0] and len(graph_update.segments) == 3
+    cuda.log.clear()
+    graph_update({"x": torch.full((2,), 5.0)})
+    assert cuda.log == ["replay 0", "all-reduce", "replay 1", "all-gather", "replay 2"]
+    assert torch.equal(graph_update.inputs["x"], torch.full((2,), 5.0))
+    graph_update.reset()  # e.g. after a checkpoint load: warm-up and capture again
+    assert graph_update.graph is None
+
+
+def test_a_single_process_cuda_graph_update_is_one_graph():
+    """Without collectives (one process) the capture records the whole update as one graph, which
+    every later call replays, the batch copied into its inputs; outputs are copies."""
+    cuda = FakeCuda()
+    graph_update = exploration.CudaGraphUpdate(lambda batch: {"y": batch["x"] + 1}, warmup=2, cuda=cuda)
+    for _ in range(2):  # warm-ups
+        assert graph_update({"x": torch.ones(2)})["y"].tolist() == [2.0, 2.0]
+    assert cuda.log == [] and graph_update.graph is None
+    out = graph_update({"x": torch.ones(2)})
+    assert cuda.log == ["begin 0", "end 0", "replay 0"] and len(graph_update.segments) == 1
+    assert out["y"] is not graph_update.outputs["y"]
+    graph_update({"x": torch.zeros(2)})
+    assert cuda.log[-1] == "replay 0" and torch.equal(graph_update.inputs["x"], torch.zeros(2))
+
+
+@pytest.mark.parametrize("where", ["here", "another rank"])
+def test_a_failed_capture_on_any_rank_makes_every_rank_train_eagerly(where):
+    """A capture that fails (here: the open graph's capture is ended, the error named) or succeeds
+    here but failed on another rank (agree says so) gives one warning, and every later update runs
+    eagerly with its collectives in place, on every rank alike."""
+    cuda = FakeCuda()
+    graph_update = segmented_update(cuda, fail_after_first=where == "here")
+    graph_update.agree = lambda ok: False
+    if where == "here":
+        graph_update.warmup = 0
+    else:
+        graph_update({"x": torch.ones(2)})  # the warm-up
+    cuda.log.clear()
+    with pytest.warns(UserWarning, match="capturing the update failed") as caught:
+        result = None
+        try:
+            result = graph_update({"x": torch.ones(2)})
+        except RuntimeError:
+            assert where == "here"  # its eager retry meets the same error
+    message = str(caught[0].message)
+    assert ("operation not permitted" in message) if where == "here" else ("another rank" in message)
+    if where == "here":
+        assert cuda.log[:4] == ["begin 0", "end 0", "begin 1", "end 1"]  # the interrupted capture ended
+    else:
+        assert result is not None and cuda.log[-2:] == ["all-reduce", "all-gather"]  # the eager retry
+    assert graph_update.failed and graph_update.graph is None
+    cuda.log.clear()
+    if where == "another rank":
+        graph_update({"x": torch.ones(2)})
+        assert cuda.log == ["all-reduce", "all-gather"]  # eager: no capture, no replay
+
+
+def test_graph_safe_hooks_run_their_collectives_through_the_graph_update():
+    """set_grad_sync / set_return_gather with graph_safe=True hand the hooks CudaGraphUpdate.between
+    as `run` (a CUDA-graph update then runs their collectives between its graphs, in the update's
+    order: the model's, the actor's and critic's gradients, the returns' gather before them); a hook
+    that is not graph-safe makes updates eager, as before."""
+    agent, batch = make()
+    cuda = FakeCuda()
+    agent.graph_update = exploration.CudaGraphUpdate(agent._update, warmup=1, cuda=cuda)
+    names = {id(p): name for name, module in (("model", agent.wm), ("actor", agent.task.actor),
+                                              ("critic", agent.task.critic))
+             for p in module.parameters()}
+
+    def grads(params, run):
+        run(lambda: cuda.log.append(names[id(params[0])]))
+
+    def gather(values, run):
+        run(lambda: cuda.log.append("returns"))
+        return values
+
+    agent.set_grad_sync(grads, graph_safe=True)
+    agent.set_return_gather(gather, graph_safe=True)
+    agent.set_capture_agreement(lambda ok: ok)
+    assert agent.graph_update.segmented and agent.graph_update.agree is not None
+    agent.train_step(batch)  # the warm-up: in place
+    assert cuda.log == ["model", "returns", "actor", "critic"]
+    cuda.log.clear()
+    agent.train_step(batch)  # capture and replay
+    assert [e for e in cuda.log if not e.startswith(("begin", "end"))] == [
+        "replay 0", "model", "replay 1", "returns", "replay 2", "actor", "replay 3", "critic", "replay 4"]
+    agent.set_return_gather(lambda values: values)  # not graph-safe
+    assert agent.graph_update is None
+
+
 def test_make_agent_errors_name_the_fix():
     cfg = config.load_config(["--configs", "debug", "--actor_dist", "normal"])
     with pytest.raises(ValueError, match=r"Discrete\(2\) but actor_dist is 'normal'.*use --actor_dist onehot"):

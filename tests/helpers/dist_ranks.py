@@ -1,7 +1,7 @@
 """Set up the trainer of a `--parallel 2` run on two gloo ranks (fresh, or resumed from what the
 logdir holds) and write what each rank starts with to `<out>/rank<r>.pt`: its parameters, the
-random actions, python/numpy/torch draws and replay-sampler state it would use next, and the return
-gather of a rank-specific tensor. The test compares the ranks' files.
+random actions, python/numpy/torch draws and replay-sampler state it would use next, the return
+gather of a rank-specific tensor and two capture agreements. The test compares the ranks' files.
 """
 import argparse
 import os
@@ -42,6 +42,8 @@ def set_up_rank(rank: int, world: int, argv: list[str], out: str, port: int) -> 
                 "replay_rng": trainer.replay.rng_state(),
                 "step": trainer.counters.step,
                 "gathered": trainer.sync.gather(torch.tensor([float(rank), rank + 10.0])),
+                # whether every rank captured its CUDA-graph update: rank 1 alone failing, then none
+                "agreed": [trainer.sync.agree(rank == 0, trainer.device), trainer.sync.agree(True, trainer.device)],
             }, Path(out) / f"rank{rank}.pt")
         finally:
             trainer.close()
