@@ -71,6 +71,11 @@ class Plan2Explore(nn.Module):
         return (error * valid).sum() / (valid.sum() * error.shape[0]).clamp(min=1.0)
 
 
+def run_at_once(collective: Callable[[], object]) -> None:
+    """A graph-safe hook's `run` in eager updates: the collective runs where the update reaches it."""
+    collective()
+
+
 class CudaGraphUpdate:
     """Runs `update(batch) -> metrics` as one CUDA graph: the first `warmup` calls run eagerly on a
     side stream (they are real updates: Adam state, compiled kernels and cuDNN plans get made), the
@@ -152,7 +157,10 @@ class CudaGraphUpdate:
                 self._record_segments()
             else:
                 graph = self.cuda.CUDAGraph()
-                with self.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                # the outer stream context restores the current stream even where capture_end
+                # raises inside graph's exit, which then skips its own stream context's exit
+                with self.cuda.stream(self.stream), self.cuda.graph(graph, stream=self.stream,
+                                                                    capture_error_mode="thread_local"):
                     self.outputs = self.update(self.inputs)
                 self.segments = [(graph, None)]
         except Exception as caught:  # noqa: BLE001 - any capture failure: keep training eagerly
@@ -160,13 +168,29 @@ class CudaGraphUpdate:
         captured = error is None if self.agree is None else self.agree(error is None)
         if captured:
             return True
+        device = next(iter(self.inputs.values())).device
         self.failed = True
         self.reset()
+        if error is not None:
+            self._leave_capture_state(device)
         self.cuda.synchronize()
         reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
         warnings.warn(f"cuda_graphs: capturing the update failed ({reason}); training goes on without "
                       "CUDA graphs (use --cuda_graphs False to skip the try).")
         return False
+
+    def _leave_capture_state(self, device: torch.device) -> None:
+        """After a failed capture, record one trivial graph: its capture_end resets what a failed
+        capture_end can leave set (the CUDA generator's capture flag, with which the next eager
+        random op would raise). Best effort: the eager updates that follow show what is left."""
+        try:
+            scratch = torch.zeros(1, device=device)
+            graph = self.cuda.CUDAGraph()
+            with self.cuda.stream(self.stream), self.cuda.graph(graph, stream=self.stream,
+                                                                capture_error_mode="thread_local"):
+                scratch.add_(1.0)
+        except Exception:  # noqa: BLE001 - the capture's own error has been reported
+            pass
 
     def _record_segments(self) -> None:
         """Record the update as graphs that end where it hands a collective to `between`."""
@@ -272,9 +296,11 @@ class Agent:
         any other hook makes updates run eagerly (its collectives must not be captured)."""
         if fn is None:
             return None
-        if not graph_safe or self.graph_update is None:
+        if not graph_safe:
             self.graph_update = None
             return fn
+        if self.graph_update is None:  # eager updates: the collectives run where they come
+            return lambda x: fn(x, run=run_at_once)
         self.graph_update.segmented = True
         between = self.graph_update.between
         return lambda x: fn(x, run=between)

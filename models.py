@@ -174,10 +174,10 @@ class Optimizer:
         grads = torch.autograd.grad(scaled, self.params, retain_graph=retain_graph, allow_unused=True)
         for param, grad in zip(self.params, grads):
             param.grad = as_param_layout(param, grad)
+        if grad_sync is not None:  # before unscaling: an overflow on any rank, which the average
+            grad_sync(self.params)  # carries to all, then makes every rank's scaler skip the step
         if self.scaler:
             self.scaler.unscale_(self.adam)
-        if grad_sync is not None:
-            grad_sync(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         if self.scaler:
             self.scaler.step(self.adam)
@@ -250,8 +250,8 @@ class WorldModel(nn.Module):
         self.reward_head = Head(feat, rh.bins, rh.units, rh.layers, eps, out_scale=0.0)
         self.cont_head = Head(feat, 1, ch.units, ch.layers, eps, out_scale=1.0)
         self._loss = maybe_compile(self._loss_eager, bool(config.compile), "world model heads and loss")
-        # the training batch's encoding; the policy's calls (a few rows per env step) stay eager, so
-        # one batch shape compiles
+        # the training batch's encoding (and report()'s, a second shape); the policy's calls (a few
+        # rows per env step, a new shape at every batch of envs) stay eager
         self._encode = maybe_compile(self.encoder.forward, bool(config.compile), "encoder")
 
     def reward(self, feat: torch.Tensor) -> torch.Tensor:

@@ -219,6 +219,33 @@ def test_segmented_cuda_graph_updates_run_their_collectives_between_graphs():
     assert final["True"] == pytest.approx(final["False"], rel=0.1)
 
 
+@pytest.mark.parametrize("segmented", [False, True])
+def test_a_failed_capture_falls_back_to_eager_updates_that_train(segmented):
+    """A capture that the update breaks (a host read while capturing, which invalidates the
+    capture) gives one warning, and the eager updates after it run and learn: the failed capture
+    must leave no capture state behind (the random generator's, the allocator's pool)."""
+    import warnings
+
+    agent, batch, _ = make("cuda", "--cuda_graphs", "True", obs="vector")
+    if segmented:
+        agent.set_grad_sync(lambda params, run: run(lambda: None), graph_safe=True)
+    update = agent.graph_update.update
+
+    def read_while_capturing(b):
+        if torch.cuda.is_current_stream_capturing():
+            torch.zeros((), device="cuda").item()  # not permitted while capturing
+        return update(b)
+
+    agent.graph_update.update = read_while_capturing
+    batch = to(batch, "cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = [agent.train_step(batch)["loss/model"].item() for _ in range(12)]
+    assert agent.graph_update.failed and agent.graph_update.graph is None
+    assert sum("capturing the update failed" in str(w.message) for w in caught) == 1
+    assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
+
+
 def test_imagination_heads_run_stacked_on_cuda():
     """The critic, slow critic and continue heads run once on the stacked imagined steps on a GPU
     (tests/test_models.py checks that this gives the per-step numbers)."""

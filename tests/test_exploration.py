@@ -252,12 +252,14 @@ def test_a_single_process_cuda_graph_update_is_one_graph():
 
 @pytest.mark.parametrize("where", ["here", "another rank"])
 def test_a_failed_capture_on_any_rank_makes_every_rank_train_eagerly(where):
-    """A capture that fails (here: the open graph's capture is ended, the error named) or succeeds
-    here but failed on another rank (agree says so) gives one warning, and every later update runs
-    eagerly with its collectives in place, on every rank alike."""
+    """A capture that fails (here: the open graph's capture is ended, the error named, and one
+    trivial graph is recorded to leave capture state) or succeeds here but failed on another rank
+    (agree says so) gives one warning, and every later update runs eagerly with its collectives in
+    place, on every rank alike."""
     cuda = FakeCuda()
     graph_update = segmented_update(cuda, fail_after_first=where == "here")
-    graph_update.agree = lambda ok: False
+    asked = []
+    graph_update.agree = lambda ok: asked.append(ok) or False  # the other rank's answer: failed
     if where == "here":
         graph_update.warmup = 0
     else:
@@ -269,12 +271,14 @@ def test_a_failed_capture_on_any_rank_makes_every_rank_train_eagerly(where):
             result = graph_update({"x": torch.ones(2)})
         except RuntimeError:
             assert where == "here"  # its eager retry meets the same error
+    assert asked == [where != "here"]  # each rank tells the others how its own capture went
     message = str(caught[0].message)
     assert ("operation not permitted" in message) if where == "here" else ("another rank" in message)
-    if where == "here":
-        assert cuda.log[:4] == ["begin 0", "end 0", "begin 1", "end 1"]  # the interrupted capture ended
-    else:
-        assert result is not None and cuda.log[-2:] == ["all-reduce", "all-gather"]  # the eager retry
+    if where == "here":  # the interrupted capture ended, then one trivial graph resets capture state
+        assert cuda.log[:6] == ["begin 0", "end 0", "begin 1", "end 1", "begin 2", "end 2"]
+    else:  # nothing failed here: no trivial graph; the eager retry
+        assert result is not None and cuda.log[-2:] == ["all-reduce", "all-gather"]
+        assert len(cuda.graphs) == 3
     assert graph_update.failed and graph_update.graph is None
     cuda.log.clear()
     if where == "another rank":
@@ -313,6 +317,23 @@ def test_graph_safe_hooks_run_their_collectives_through_the_graph_update():
         "replay 0", "model", "replay 1", "returns", "replay 2", "actor", "replay 3", "critic", "replay 4"]
     agent.set_return_gather(lambda values: values)  # not graph-safe
     assert agent.graph_update is None
+
+
+def test_graph_safe_hooks_run_their_collectives_in_place_in_eager_updates():
+    """Without CUDA graphs (a CPU, float16, --cuda_graphs False) a graph-safe hook is still handed
+    a `run`, which runs each collective where the update reaches it."""
+    agent, batch = make()
+    assert agent.graph_update is None
+    ran = []
+
+    def grads(params, run):
+        run(lambda: ran.append(len(params)))
+
+    agent.set_grad_sync(grads, graph_safe=True)
+    agent.set_return_gather(lambda values, run: run(lambda: ran.append("returns")) or values, graph_safe=True)
+    agent.train_step(batch)
+    assert ran == [len(list(agent.wm.parameters())), "returns", len(list(agent.task.actor.parameters())),
+                   len(list(agent.task.critic.parameters()))]
 
 
 def test_make_agent_errors_name_the_fix():

@@ -292,7 +292,7 @@ def test_reduced_precision_updates_are_finite(precision):
     assert (agent.optimizers["model"].scaler is not None) == (precision == "16")
 
 
-@pytest.mark.parametrize("dist,stacked", [("normal", False), ("onehot", False), ("normal", True)])
+@pytest.mark.parametrize("dist,stacked", [("normal", False), ("onehot", False), ("normal", True), ("onehot", True)])
 def test_compiled_update_equals_the_eager_update(monkeypatch, dist, stacked):
     """compile: True compiles the RSSM steps, the world-model heads and the actor's imagined step,
     forward and backward (the first call probes the backward), without an eager fallback, and
@@ -370,6 +370,28 @@ def test_compile_fuses_the_encoder_heads_returns_and_losses(monkeypatch):
     total = {c: sum(n for (c_, _), n in launches.items() if c_ == c) for c in agents}
     assert total["True"] <= total["False"] / 2, launches  # (debug sizes: 363 eager calls -> 127)
     torch.testing.assert_close(values["True"], values["False"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_float16_step_is_skipped_alike_when_another_ranks_gradients_overflowed():
+    """With float16's gradient scaler the gradient hook (the ranks' all-reduce) runs before the
+    scaler unscales and looks for inf/NaN: an overflow on one rank, which the average carries to
+    every rank, makes every rank skip the step and lower its scale alike (checked first, only the
+    overflowing rank skipped; the others stepped with inf gradients into NaN weights)."""
+    from models import Optimizer
+
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = Optimizer([param], lr=1e-3, eps=1e-8, clip=100.0, device=torch.device("cpu"), use_scaler=True)
+    scale = opt.scaler.get_scale()
+
+    def average_with_an_overflowed_rank(params):
+        for p in params:
+            p.grad.add_(float("inf"))
+
+    opt.step((param * 2.0).sum(), average_with_an_overflowed_rank)
+    assert torch.equal(param.detach(), torch.ones(3))  # skipped, not NaN
+    assert opt.scaler.get_scale() < scale
+    opt.step((param * 2.0).sum())  # a step without overflow moves the weights
+    assert torch.all(param.detach() < 1.0)
 
 
 def test_gradients_take_their_parameters_layout_for_fused_adam():
