@@ -32,24 +32,17 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, TextIO
+from typing import Callable, Iterable, Optional, TextIO
 
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from config import EXIT_USER_ERROR, Config, ConfigError, LoadedConfig
-
-if TYPE_CHECKING:
-    from models import RunCollective
+from models import RunCollective, run_at_once
 
 
-def run_now(collective: Callable[[], object]) -> None:
-    """Run a collective at once (what an eager update does; see CudaGraphUpdate.between)."""
-    collective()
-
-
-def average_gradients(params: Iterable[torch.nn.Parameter], run: RunCollective = run_now) -> None:
+def average_gradients(params: Iterable[torch.nn.Parameter], run: RunCollective = run_at_once) -> None:
     """All-reduce (mean) the gradients of `params` in one flat buffer; missing grads count as zero.
     `run` runs the all-reduce: at once, or between two CUDA graphs of a captured update."""
     params = list(params)
@@ -67,7 +60,7 @@ def average_gradients(params: Iterable[torch.nn.Parameter], run: RunCollective =
         offset += count
 
 
-def gather_values(values: torch.Tensor, run: RunCollective = run_now) -> torch.Tensor:
+def gather_values(values: torch.Tensor, run: RunCollective = run_at_once) -> torch.Tensor:
     """Concatenate a flat tensor of equal size on every rank: (world * n,). `run` runs the
     all-gather (see average_gradients)."""
     parts = [torch.empty_like(values) for _ in range(torch_dist.get_world_size())]
@@ -156,10 +149,10 @@ class DistSync:
     through `run`, so that a CUDA-graph update can run them between its graphs (see
     exploration.CudaGraphUpdate.between); `agree` tells whether every rank's capture succeeded."""
 
-    def grads(self, params: Iterable[torch.nn.Parameter], run: RunCollective = run_now) -> None:
+    def grads(self, params: Iterable[torch.nn.Parameter], run: RunCollective = run_at_once) -> None:
         average_gradients(params, run)
 
-    def gather(self, values: torch.Tensor, run: RunCollective = run_now) -> torch.Tensor:
+    def gather(self, values: torch.Tensor, run: RunCollective = run_at_once) -> torch.Tensor:
         return gather_values(values, run)
 
     def agree(self, ok: bool, device: torch.device) -> bool:

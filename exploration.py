@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import (ActorCritic, GradSync, Optimizer, RewardFn, WorldModel, action_size, autocast, frozen,
-                    resolve_actor_dist)
+                    resolve_actor_dist, run_at_once)
 from networks import EnsembleMLP, features
 
 if TYPE_CHECKING:
@@ -69,11 +69,6 @@ class Plan2Explore(nn.Module):
         error = (preds - target.reshape(1, -1, target.shape[-1])).square().sum(-1)  # (M, n)
         valid = (~batch["is_first"][:, 1:]).reshape(1, -1).float()  # (1, n)
         return (error * valid).sum() / (valid.sum() * error.shape[0]).clamp(min=1.0)
-
-
-def run_at_once(collective: Callable[[], object]) -> None:
-    """A graph-safe hook's `run` in eager updates: the collective runs where the update reaches it."""
-    collective()
 
 
 class CudaGraphUpdate:

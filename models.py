@@ -28,6 +28,11 @@ GradSync = Callable[[list[nn.Parameter]], None]
 # run(collective): runs a collective (e.g. an all-reduce of a gradient buffer) at once, or, while a
 # CUDA-graph update is captured, between two of its graphs (exploration.CudaGraphUpdate.between)
 RunCollective = Callable[[Callable[[], object]], None]
+
+
+def run_at_once(collective: Callable[[], object]) -> None:
+    """The RunCollective of eager updates: the collective runs where the update reaches it."""
+    collective()
 # reward_fn(feat (..., F), action (..., A), next_feat (..., F)) -> {name: (...) reward term}: the
 # reward terms of imagined transitions feat --action--> next_feat (e.g. the reward head on next_feat,
 # or a prediction from (feat, action)); the terms are summed. It is called per imagined step with
