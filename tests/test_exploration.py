@@ -1,4 +1,6 @@
 """The agent object the loop drives: behaviours, the policy state, the gradient hook, errors."""
+import contextlib
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -138,18 +140,20 @@ class FakeGraph:
     """A CUDA graph stand-in that logs its capture and replays (nothing is recorded: between
     capture_begin and capture_end the update simply runs on the CPU)."""
 
-    def __init__(self, log: list, index: int):
-        self.log, self.index = log, index
+    def __init__(self, cuda: "FakeCuda", index: int):
+        self.cuda, self.log, self.index = cuda, cuda.log, index
 
     def capture_begin(self, pool=None, capture_error_mode=None):
         assert pool == "pool" and capture_error_mode == "thread_local"  # the segments share one pool
+        assert self.cuda.current is not self.cuda.default  # CUDA captures on a side stream only
         self.log.append(f"begin {self.index}")
+
+    def replay(self):
+        assert self.cuda.current is self.cuda.default  # replays (and the collectives) on the caller's
+        self.log.append(f"replay {self.index}")
 
     def capture_end(self):
         self.log.append(f"end {self.index}")
-
-    def replay(self):
-        self.log.append(f"replay {self.index}")
 
 
 class FakeStream:
@@ -164,29 +168,34 @@ class FakeCuda:
     def __init__(self):
         self.log: list[str] = []
         self.graphs: list[FakeGraph] = []
+        self.default = self.current = FakeStream()
 
     def CUDAGraph(self):  # noqa: N802 - torch.cuda's name
-        self.graphs.append(FakeGraph(self.log, len(self.graphs)))
+        self.graphs.append(FakeGraph(self, len(self.graphs)))
         return self.graphs[-1]
 
     def graph(self, graph, stream=None, capture_error_mode=None):
-        import contextlib
-
         @contextlib.contextmanager
         def capture():
-            graph.capture_begin("pool", capture_error_mode)
-            yield
-            graph.capture_end()
+            with self.stream(stream):
+                graph.capture_begin("pool", capture_error_mode)
+                yield
+                graph.capture_end()
         return capture()
 
     def Stream(self):  # noqa: N802
         return FakeStream()
 
-    current_stream = Stream
+    def current_stream(self):
+        return self.current
 
+    @contextlib.contextmanager
     def stream(self, stream):
-        import contextlib
-        return contextlib.nullcontext()
+        previous, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = previous
 
     def synchronize(self):
         pass
