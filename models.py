@@ -29,15 +29,16 @@ GradSync = Callable[[list[nn.Parameter]], None]
 # CUDA-graph update is captured, between two of its graphs (exploration.CudaGraphUpdate.between)
 RunCollective = Callable[[Callable[[], object]], None]
 
-
-def run_at_once(collective: Callable[[], object]) -> None:
-    """The RunCollective of eager updates: the collective runs where the update reaches it."""
-    collective()
 # reward_fn(feat (..., F), action (..., A), next_feat (..., F)) -> {name: (...) reward term}: the
 # reward terms of imagined transitions feat --action--> next_feat (e.g. the reward head on next_feat,
 # or a prediction from (feat, action)); the terms are summed. It is called per imagined step with
 # (N, .) tensors, or once with the (H, N, .) steps stacked, so it must treat leading axes alike.
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def run_at_once(collective: Callable[[], object]) -> None:
+    """The RunCollective of eager updates: the collective runs where the update reaches it."""
+    collective()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +323,8 @@ class WorldModel(nn.Module):
         feat = features(states["stoch"], states["deter"])  # (B, T, F)
         targets = {k: batch[k] for k in self.decoder.cnn_keys + self.decoder.mlp_keys + ["reward", "is_terminal"]}
         loss, means = self._loss(feat, states["post"], states["prior"], targets)
-        metrics = {f"loss/{k}": v for k, v in means.items() if k in self.loss_scales()}
+        scaled = self.loss_scales()
+        metrics = {f"loss/{k}": v for k, v in means.items() if k in scaled}
         metrics["loss/model"] = loss.detach()
         metrics.update({f"model/{k}": means[k] for k in ("kl", "post_entropy", "prior_entropy")})
         return loss, states, metrics
