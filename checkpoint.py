@@ -72,11 +72,33 @@ def is_intact(path: Path) -> bool:
         return False
 
 
+class NotACheckpoint(CheckpointError, ValueError):
+    """A complete torch file that is not a checkpoint this program wrote."""
+
+
+CHECKPOINT_KEYS = ("agent", "counters", "config")  # what every checkpoint of this program holds
+
+
 def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     """torch.load of `path` after checking its members' CRCs (ValueError naming the damage)."""
     if not is_intact(path):
         raise ValueError("not a complete checkpoint: a truncated file, or a member whose CRC check fails")
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def check_run_checkpoint(state: Any, path: Path) -> None:
+    """NotACheckpoint unless `state` (read from `path`) holds what every checkpoint of a run does:
+    a complete torch file of something else (a bare state_dict, another program's checkpoint)
+    would otherwise fail as a KeyError."""
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, Mapping) or key not in state]
+    if missing:
+        found = (f"a dict with the keys {', '.join(map(str, list(state)[:8]))}{', ...' if len(state) > 8 else ''}"
+                 if isinstance(state, Mapping) else f"a {type(state).__name__}")
+        raise NotACheckpoint(
+            f"{path} is a complete torch file but not a checkpoint of this program: it holds {found}, without "
+            f"{', '.join(repr(key) for key in missing)}. --from_checkpoint takes the latest.pt (or latest.prev.pt) "
+            "that a run of dreamer.py wrote in its --logdir; model weights of other DreamerV3 ports or bare "
+            "state_dicts do not load. Point it at such a file, or leave it out to start a fresh run.")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -113,9 +135,10 @@ def load_checkpoint_and_source(
     path: Path,
     map_location: Any = "cpu",
     warn: Callable[[str], None] | None = None,
+    evaluating: bool = False,
 ) -> tuple[dict, Path]:
     """load_checkpoint, and the file the state came from: `path`, or `<stem>.prev.pt` after a
-    fallback."""
+    fallback (whose warning says the agent is evaluated, not resumed, when `evaluating`)."""
     path = Path(path)
     if not path.exists():
         # A stop between the two renames of save_checkpoint: the newest checkpoint is the complete
@@ -127,11 +150,11 @@ def load_checkpoint_and_source(
                 pass
             else:
                 note = (f"checkpoint {path} is missing but {tmp_path(path).name} beside it is complete (a "
-                        "stop between the two renames of a save); resuming from it.")
+                        f"stop between the two renames of a save); {'evaluating' if evaluating else 'resuming from'} it.")
                 _warn(warn, note)
                 return state, tmp_path(path)
         if previous_path(path).is_file():
-            return load_fallback(path, map_location, warn, "is missing"), previous_path(path)
+            return load_fallback(path, map_location, warn, "is missing", evaluating), previous_path(path)
         raise CheckpointMissing(missing_message(path))
     try:
         return read_checkpoint(path, map_location), path
@@ -145,13 +168,14 @@ def load_checkpoint_and_source(
             "--logdir, or restore the file from a backup."
         ) from first_error
     problem = f"is truncated or corrupt ({describe(first_error)})"
-    return load_fallback(path, map_location, warn, problem), fallback
+    return load_fallback(path, map_location, warn, problem, evaluating), fallback
 
 
 def load_fallback(
-    path: Path, map_location: Any, warn: Callable[[str], None] | None, problem: str
+    path: Path, map_location: Any, warn: Callable[[str], None] | None, problem: str, evaluating: bool = False
 ) -> dict:
-    """Load `<stem>.prev.pt` because `path` has `problem`; warn about it."""
+    """Load `<stem>.prev.pt` because `path` has `problem`; warn about it (what a resume or an
+    evaluation, if `evaluating`, does instead)."""
     fallback = previous_path(path)
     try:
         state = read_checkpoint(fallback, map_location)
@@ -161,10 +185,10 @@ def load_fallback(
             f"unreadable too ({describe(error)}). Start a fresh run in a new --logdir, or restore "
             "one of the files from a backup."
         ) from error
-    message = (
-        f"checkpoint {path} {problem}; resuming from the previous checkpoint {fallback.name} "
-        "instead (the steps after it are trained again)."
-    )
+    instead = (f"evaluating the previous checkpoint {fallback.name} instead (the agent of an earlier step)"
+               if evaluating else
+               f"resuming from the previous checkpoint {fallback.name} instead (the steps after it are trained again)")
+    message = f"checkpoint {path} {problem}; {instead}."
     _warn(warn, message)
     return state
 

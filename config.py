@@ -492,12 +492,27 @@ def _type_error(key: str, expected: str, raw: str) -> ConfigError:
 
 
 _EXAMPLES = {
-    "a boolean (true/false/True/False/1/0)": "True",
+    "a boolean (true/false/True/False/yes/no/1/0)": "True",
     "an integer (1e6 is accepted)": "1000",
     "a number": "3e-4",
     "a comma-separated list": "64,64",
     "a string": "value",
 }
+
+
+# Integers are read through a float (1e6 is accepted), which holds every integer exactly up to 2^53.
+LARGEST_INTEGER = 2 ** 53
+
+
+def too_large_message(where: str, raw: Any) -> str:
+    return (f"{where} is {raw}, beyond the largest integer a setting takes (2^53 = {LARGEST_INTEGER:,}). "
+            "Give a realistic value (the paper's sizes and budgets are all below 1e9).")
+
+
+def not_finite_message(where: str, raw: Any) -> str:
+    return (f"{where} is {raw}, but every number setting must be finite: nan and inf only break training "
+            "(a learning rate or scale of inf turns the weights into NaN at the first update). Give a finite "
+            "value, e.g. 1e9 for a gradient clip that never bites.")
 
 
 def parse_value(key: str, raw: str, default: Any) -> Any:
@@ -510,7 +525,7 @@ def parse_value(key: str, raw: str, default: Any) -> Any:
             return True
         if lowered in ("false", "0", "no"):
             return False
-        raise _type_error(key, "a boolean (true/false/True/False/1/0)", raw)
+        raise _type_error(key, "a boolean (true/false/True/False/yes/no/1/0)", raw)
     if isinstance(default, int):
         try:
             number = float(raw)
@@ -518,12 +533,17 @@ def parse_value(key: str, raw: str, default: Any) -> Any:
             raise _type_error(key, "an integer (1e6 is accepted)", raw) from None
         if not math.isfinite(number) or number != int(number):
             raise _type_error(key, "an integer (1e6 is accepted)", raw)
+        if abs(number) > LARGEST_INTEGER:
+            raise ConfigError(too_large_message(f"--{key}", raw))
         return int(number)
     if isinstance(default, float):
         try:
-            return float(raw)
+            number = float(raw)
         except ValueError:
             raise _type_error(key, "a number", raw) from None
+        if not math.isfinite(number):
+            raise ConfigError(not_finite_message(f"--{key}", raw))
+        return number
     if isinstance(default, list):
         items = [item.strip() for item in raw.strip("[]()").split(",") if item.strip()]
         element = default[0] if default else ""
@@ -616,8 +636,16 @@ def _check_types(tree: Mapping[str, Any], defaults: Mapping[str, Any], source: s
         if isinstance(default, dict) and isinstance(value, Mapping):
             _check_types(value, default, source, dotted + ".")
             continue
-        if default is None or value is None or isinstance(default, dict):
+        if default is None or isinstance(default, dict):
             continue
+        if value is None:
+            raise BlockKeyError(f"{source} gives '{dotted}' no value (a key written with nothing after its colon, "
+                                f"or null), but it must be {_type_name(default)} like its default {default!r}. "
+                                "Give it a value, or delete the line to keep the default.", dotted)
+        if isinstance(value, float) and isinstance(default, float) and not math.isfinite(value):
+            raise BlockKeyError(not_finite_message(f"{source} sets '{dotted}', which", value), dotted)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST_INTEGER:
+            raise BlockKeyError(too_large_message(f"{source} sets '{dotted}', which", value), dotted)
         ok = (
             isinstance(value, bool) if isinstance(default, bool)
             else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
@@ -627,9 +655,12 @@ def _check_types(tree: Mapping[str, Any], defaults: Mapping[str, Any], source: s
         if dotted == "precision":
             ok = True  # 32, 16 or bf16: checked as a choice
         if not ok:
-            kind = TYPE_NAMES.get(type(default), type(default).__name__)
             raise BlockKeyError(f"{source} sets '{dotted}' to {value!r} ({type(value).__name__}), but it must "
-                                f"be {kind} like its default {default!r}. Fix the value.", dotted)
+                                f"be {_type_name(default)} like its default {default!r}. Fix the value.", dotted)
+
+
+def _type_name(default: Any) -> str:
+    return TYPE_NAMES.get(type(default), type(default).__name__)
 
 
 def validate(tree: dict[str, Any]) -> dict[str, Any]:

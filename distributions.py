@@ -77,9 +77,12 @@ def two_hot_index_weight(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torc
     bin above it (the bin below gets 1 - weight). Values outside [-20, 20] go to the end bins."""
     step = (TWO_HOT_HIGH - TWO_HOT_LOW) / (bins - 1)
     position = ((x.float() - TWO_HOT_LOW) / step).clamp(0.0, bins - 1.0)
-    below = position.floor().clamp(max=bins - 2)  # so that `below + 1` is always a bin
+    # clamped as an integer, so that `below + 1` is always a bin, also for a NaN x (a diverged
+    # model): its index is a bin, its weight NaN, and so is its loss, where a NaN index would
+    # fail the gather (a device-side assert on a GPU)
+    below = position.floor().long().clamp(0, bins - 2)
     weight_above = position - below
-    return below.long(), weight_above
+    return below, weight_above
 
 
 def two_hot(x: torch.Tensor, bins: int) -> torch.Tensor:

@@ -46,7 +46,7 @@ import config as config_lib
 import tools
 from config import EXIT_USER_ERROR, Config, ConfigError
 from logger import Logger, Pace, video_frame
-from replay import Prefetcher, Replay
+from replay import Prefetcher, Replay, check_batch_memory, steps_stored_in
 
 if __name__ == "__main__":  # the imports are done; until the loop's own handler (Interrupt) takes over
     signal.signal(signal.SIGINT, stop_while_starting)
@@ -186,9 +186,32 @@ def env_start_failure(error: Exception, mode: str, first_index: int, logger: Log
 
 
 def make_agent(config: Config, obs_space: dict, act_space: Any, device: torch.device, seed: Optional[int] = None) -> Agent:
+    """The agent; a model too large for the device's memory stops with a paragraph naming its sizes."""
     import exploration
 
-    return exploration.make_agent(obs_space, act_space, config, device, seed)
+    try:
+        return exploration.make_agent(obs_space, act_space, config, device, seed)
+    except (MemoryError, OverflowError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        sizes = ", ".join(f"{key} {config.get_path(key)}" for key in MODEL_SIZE_KEYS)
+        raise RunError(
+            f"building the model on {device} failed for want of memory ({ckpt.describe(error)}): its sizes "
+            f"({sizes}) are too large for this machine. Use a smaller size block (--configs ... size_xs, size_s or "
+            "size_m) or lower the sizes above, e.g. --rssm.deter 512 --rssm.hidden 512.") from None
+
+
+MODEL_SIZE_KEYS = ("rssm.deter", "rssm.hidden", "rssm.stoch", "rssm.classes", "encoder.mlp_units",
+                   "encoder.cnn_depth", "actor.units", "critic.units")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says an allocation failed (torch's CPU allocator raises a RuntimeError, CUDA
+    an OutOfMemoryError; a size past what a shape holds, an OverflowError)."""
+    if isinstance(error, (MemoryError, OverflowError)) or isinstance(error.__cause__, MemoryError):
+        return True  # (the replay's prefetch thread hands its MemoryError over as the cause)
+    text = str(error)
+    return "can't allocate memory" in text or "out of memory" in text.lower() or "Overflow when unpacking" in text
 
 
 def rank_seed(config: Config, rank: int, step: int = 0) -> int:
@@ -208,11 +231,12 @@ def reseed_resumed_rank(config: Config, agent: Agent, replay: Replay, rank: int,
     replay.set_rng_state(np.random.default_rng(seed).bit_generator.state)
 
 
-def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str], None]) -> Replay:
+def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str], None],
+                resumed_step: int = 0) -> Replay:
     """This rank's replay shard. Every rank writes into the one replay folder under worker ids that
-    are global env indices, so a resume with another number of ranks finds every chunk."""
-    # a run never stores more than its --steps (over all ranks): a short run reserves no more
-    capacity = max(min(config.replay_size, config.steps + config.envs.amount * dist.world) // dist.world,
+    are global env indices, so a resume with another number of ranks finds every chunk.
+    `resumed_step`: the step of the checkpoint the run resumes from."""
+    capacity = max(min(config.replay_size, run_replay_steps(config, paths, dist, resumed_step)) // dist.world,
                    config.batch_length)
     if config.replay_size // dist.world < config.batch_length and dist.main and not config.eval_only:
         each = " per process: each process's replay" if dist.world > 1 else ": the replay"
@@ -221,6 +245,15 @@ def make_replay(config: Config, paths: RunPaths, dist: Dist, warn: Callable[[str
     directory = None if config.eval_only else paths.replay_dir  # an evaluation stores nothing (and makes no folder)
     return Replay(capacity, config.batch_length, directory, chunk=config.replay_chunk,
                   seed=rank_seed(config, dist.rank), warn=warn, keep_evicted=config.replay_keep_evicted)
+
+
+def run_replay_steps(config: Config, paths: RunPaths, dist: Dist, resumed_step: int) -> int:
+    """How many steps the run's replay holds at most (over all ranks), so that a short run reserves
+    no more than it stores: those its folder already holds (a run that stopped without saving stored
+    more than its checkpoint's step, and those steps stay as training data) and those to come up to
+    --steps, one iteration of every env past it."""
+    stored = 0 if config.eval_only else steps_stored_in(paths.replay_dir)
+    return stored + max(config.steps - resumed_step, 0) + config.envs.amount * dist.world
 
 
 def lock_run_folder(paths: RunPaths, dist: Dist, eval_only: bool) -> Optional[tools.FolderLock]:
@@ -525,11 +558,12 @@ def describe_spaces(obs_space: dict, act_space: Any) -> dict[str, Any]:
             "act": repr(act_space)}
 
 
-def check_same_spaces(saved: dict | None, current: dict, source: Path, task: str) -> None:
+def check_same_spaces(saved: dict | None, current: dict, source: Path, saved_task: str, task: str,
+                      evaluating: bool = False) -> None:
     """A checkpoint's model fits only the observation and action spaces it was trained on: the same
-    task name whose env options changed (an image size, an action set) would otherwise surface as a
-    parameter shape blamed on the model size. (Checkpoints from before the spaces were recorded
-    are not checked here.)"""
+    task name whose env options changed (an image size, an action set), or another task to evaluate
+    on, would otherwise surface as a parameter shape blamed on the model size. (Checkpoints from
+    before the spaces were recorded are not checked here.)"""
     if saved is None or saved == current:
         return
     differences = [f"observation '{k}' {saved['obs'].get(k, 'absent')} then, {current['obs'].get(k, 'absent')} now"
@@ -537,17 +571,68 @@ def check_same_spaces(saved: dict | None, current: dict, source: Path, task: str
                    if saved["obs"].get(k) != current["obs"].get(k)]
     if saved["act"] != current["act"]:
         differences.append(f"actions {saved['act']} then, {current['act']} now")
+    if saved_task != task:  # an evaluation on another task (a training run's task was checked before)
+        raise ckpt.CheckpointMismatch(
+            f"the checkpoint {source} was trained on task {saved_task}, whose spaces differ from those of task "
+            f"{task}: {'; '.join(differences)}. A model acts only on the spaces it was trained on: evaluate it on "
+            f"{saved_task}, or on another task of the same observations and actions.")
+    fix = ("Evaluate it with the options it was trained with" if evaluating else
+           "Resume with the options it was trained with")
     raise ckpt.CheckpointMismatch(
         f"the checkpoint {source} was trained on other spaces of task {task}: {'; '.join(differences)}. "
         f"The env's options (env.<suite> in the config, e.g. an image size) or its code changed since, and "
-        "the model fits only the spaces it was trained on. Resume with the options it was trained with "
-        "(its config.yaml), or start a fresh run in a new --logdir.")
+        f"the model fits only the spaces it was trained on. {fix} (its config.yaml), or start a fresh run in "
+        "a new --logdir.")
+
+
+class UpdateOutOfMemory(RunError):
+    """A batch or an update did not fit in memory: nothing more is trained or saved."""
+
+
+def last_checkpoint_kept(paths: RunPaths) -> str:
+    """The sentence of a stop that saves no model: the last checkpoint stays, and so does the replay."""
+    kept = (f"Nothing was saved over the last checkpoint {paths.checkpoint}" if ckpt.has_checkpoint(paths.checkpoint)
+            else "No checkpoint had been saved yet")
+    return f"{kept}, and the replay on disk is kept"
+
+
+def update_out_of_memory_message(config: Config, device: torch.device, paths: RunPaths, error: BaseException) -> str:
+    return (f"an update ran out of memory on {device} ({ckpt.describe(error.__cause__ or error)}): a batch of "
+            f"batch_size {config.batch_size} sequences of batch_length {config.batch_length} steps and the model's "
+            f"activations over it do not fit. {last_checkpoint_kept(paths)}. Lower --batch_size or "
+            "--batch_length (the paper's are 16 and 64), use a smaller model (size_xs, size_s), or on a GPU "
+            "--precision bf16; then run the same command again: it resumes from the last checkpoint.")
+
+
+class TrainingDiverged(RunError):
+    """The agent's parameters hold NaN or inf: nothing more is trained or saved."""
+
+
+def check_not_diverged(config: Config, agent: Agent, counters: Counters, paths: RunPaths,
+                       nonfinite_actions: bool = False) -> None:
+    """Stop with TrainingDiverged where an update left NaN or inf in the agent's parameters (or the
+    policy gave such actions): a diverged model can neither learn nor act, and saving it would
+    replace the last good checkpoint."""
+    parts = agent.nonfinite_parts()
+    if not parts and not nonfinite_actions:
+        return
+    what = (f"the {' and the '.join(parts)} parameters hold NaN or inf" if parts else
+            "the policy gave NaN or inf actions")
+    raise TrainingDiverged(
+        f"training diverged by step {counters.step} ({counters.updates} updates): {what}, so the agent can "
+        f"neither learn nor act any more. {last_checkpoint_kept(paths)}. Usual causes: learning rates "
+        f"too high for the task (model_lr {config.model_lr}, actor_lr {config.actor_lr}, critic_lr "
+        f"{config.critic_lr}; the paper's are 1e-4, 3e-5 and 3e-5), a large reward_scale ({config.reward_scale}), "
+        "or rewards or observations of huge magnitude (reward_clip, or scale them in the env). Lower those and "
+        "run the same command again: it resumes from the last checkpoint (or starts afresh without one).")
 
 
 def save(config: Config, agent: Agent, counters: Counters, replay: Replay, paths: RunPaths, dist: Dist,
          logger: Logger, prefetch: Optional[Prefetcher] = None) -> None:
-    """Flush replay chunks (every rank), then rank 0 writes latest.pt atomically."""
+    """Flush replay chunks (every rank), then rank 0 writes latest.pt atomically (never a diverged
+    agent: TrainingDiverged instead)."""
     replay.flush()
+    check_not_diverged(config, agent, counters, paths)
     if dist.main:
         replay_rng = prefetch.consumed_rng_state() if prefetch is not None else None
         ckpt.save_checkpoint(paths.checkpoint, checkpoint_state(config, agent, counters, replay, replay_rng, dist.world))
@@ -561,19 +646,24 @@ SIZE_KEYS = ["rssm.deter", "rssm.hidden", "rssm.stoch", "rssm.classes", "encoder
              "critic.layers", "critic.bins"]  # actor_dist: fixed by the action space, which restore checks
 
 
-def load_resume_state(paths: RunPaths, device: torch.device, logger: Logger) -> tuple[dict, Path]:
+def load_resume_state(paths: RunPaths, device: torch.device, logger: Logger, evaluating: bool = False
+                      ) -> tuple[dict, Path]:
     """The checkpoint named by paths.resume_from (or its .prev fallback) and the file it came from."""
-    return ckpt.load_checkpoint_and_source(paths.resume_from, map_location=device, warn=logger.warning)
+    state, source = ckpt.load_checkpoint_and_source(paths.resume_from, map_location=device, warn=logger.warning,
+                                                    evaluating=evaluating)
+    ckpt.check_run_checkpoint(state, source)
+    return state, source
 
 
 def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, device: torch.device,
             logger: Logger, world: int = 1, loaded: tuple[dict, Path] | None = None) -> Counters:
     """Load the checkpoint named by paths.resume_from (or the already `loaded` state) into the
     agent; return its counters. `world`: this run's number of data-parallel processes."""
-    state, source = loaded if loaded is not None else load_resume_state(paths, device, logger)
+    state, source = loaded if loaded is not None else load_resume_state(paths, device, logger, config.eval_only)
     if not config.eval_only:
         check_same_task(state["config"], config, source)
-    check_same_spaces(state.get("spaces"), describe_spaces(agent.obs_space, agent.act_space), source, config.task)
+    check_same_spaces(state.get("spaces"), describe_spaces(agent.obs_space, agent.act_space), source,
+                      state["config"].get("task", config.task), config.task, config.eval_only)
     ckpt.check_config_sizes(state["config"], config.to_dict(), SIZE_KEYS, evaluating=config.eval_only)
     modules = ("wm", "task", "expl")  # optimizer state is shaped by these; a fresh agent has none yet
     try:
@@ -654,19 +744,35 @@ def count_unsaved_replay(counters: Counters, steps_on_disk: int, logger: Optiona
     return unsaved
 
 
-def check_replay_fits(replay: Replay, obs_space: dict) -> None:
-    """The replay loaded from the run folder must hold the observations the env gives now: an
-    earlier run in the folder with other env options (and no checkpoint left to say so) would
-    otherwise fail at the first step stored, after the folder's curves were already moved aside."""
+def stored_step_bytes(obs_space: dict, action_dim: int) -> int:
+    """Bytes of one step as the replay stores it: the observations (float64 as float32), the float32
+    action and reward, the three flags."""
+    def stored_bytes(space: Any) -> int:
+        dtype = np.dtype(np.float32 if space.dtype == np.float64 else space.dtype)
+        return int(np.prod(space.shape)) * dtype.itemsize
+
+    observations = sum(stored_bytes(space) for key, space in obs_space.items() if not key.startswith("log_"))
+    return observations + 4 * action_dim + 4 + 3
+
+
+def check_replay_fits(replay: Replay, obs_space: dict, action_dim: int) -> None:
+    """The replay loaded from the run folder must hold the steps this run stores: the env's
+    observations and this agent's actions. An earlier run in the folder with other env options or
+    another task (and no checkpoint left to say so) would otherwise fail at the first step stored,
+    after the folder's curves were already moved aside."""
     stored = replay.step_shapes()
-    differ = [f"'{key}' {stored[key]} in the replay, {tuple(space.shape)} from the env"
-              for key, space in sorted(obs_space.items()) if key in stored and stored[key] != tuple(space.shape)]
+    if not stored:
+        return
+    expected = {key: tuple(space.shape) for key, space in obs_space.items() if not key.startswith("log_")}
+    expected.update({"action": (action_dim,), "reward": (), "is_first": (), "is_last": (), "is_terminal": ()})
+    differ = [f"'{key}' {stored.get(key, 'absent')} in the replay, {expected.get(key, 'absent')} in this run"
+              for key in sorted(set(stored) | set(expected)) if stored.get(key) != expected.get(key)]
     if differ:
         raise RunError(
-            f"the replay in {replay.directory} was recorded with other observations than this run's env "
-            f"gives: {'; '.join(differ)}. It comes from an earlier run in this folder (other env options "
-            "or env code). Train in a new --logdir, or move that replay folder aside to start afresh here; "
-            "nothing in the folder was changed.")
+            f"the replay in {replay.directory} was recorded with other observations or actions than this run's "
+            f"env and agent give: {'; '.join(differ)}. It comes from an earlier run in this folder (another task, "
+            "other env options or env code). Train in a new --logdir, or move that replay folder aside to start "
+            "afresh here; nothing in the folder was changed.")
 
 
 def check_same_task(saved: dict, config: Config, source: Path) -> None:
@@ -882,15 +988,21 @@ class Trainer:
     def setup(self) -> None:
         config, dist = self.config, self.dist
         self.first_env = dist.rank * config.envs.amount  # global index of this rank's first env
-        resumed = None if self.paths.resume_from is None else load_resume_state(self.paths, self.device, self.logger)
+        resumed = (None if self.paths.resume_from is None else
+                   load_resume_state(self.paths, self.device, self.logger, config.eval_only))
+        self.loaded_from = None if resumed is None else resumed[1]  # the file read (a .prev after a fallback)
+        resumed_step = 0 if resumed is None else int(resumed[0]["counters"]["step"])
         # a resumed run's train envs get new seeds, or they would replay the first run's episodes
-        seed_shift = 0 if resumed is None else 100_003 * int(resumed[0]["counters"]["step"])
+        seed_shift = 100_003 * resumed_step
         if config.eval_only:  # one env for the spaces; each evaluation makes its own eval envs
             self.pool = make_env_pool(config, "eval", 1, 0, self.logger)
         else:
             self.pool = make_env_pool(config, "train", config.envs.amount, self.first_env, self.logger, seed_shift)
         self.agent = make_agent(config, self.pool.obs_space, self.pool.act_space, self.device,
                                 rank_seed(config, dist.rank))
+        if not config.eval_only:
+            check_batch_memory(config.batch_size, config.batch_length,
+                               stored_step_bytes(self.pool.obs_space, self.agent.action_dim))
         from networks import unusable_keys_warning, unused_keys_note
 
         warning = unusable_keys_warning(self.pool.obs_space, config.encoder)
@@ -906,7 +1018,7 @@ class Trainer:
             self.agent.set_capture_agreement(lambda ok: self.sync.agree(ok, self.device))
             self.sync.broadcast([m for m in (self.agent.wm, self.agent.task, self.agent.expl) if m is not None])
         self.logger.info(self.compute_summary())
-        self.replay = make_replay(config, self.paths, dist, self.logger.warning)
+        self.replay = make_replay(config, self.paths, dist, self.logger.warning, resumed_step)
         self.counters = Counters()
         if resumed is not None:
             self.counters = restore(config, self.agent, self.replay, self.paths, self.device, self.logger,
@@ -916,7 +1028,7 @@ class Trainer:
         # an --eval_only run trains nothing: its replay stays on disk, unread
         loaded = 0 if config.eval_only else self.replay.load(keep_worker=lambda worker: worker % dist.world == dist.rank)
         loaded = self.sum_over_ranks(loaded)  # every rank's share
-        check_replay_fits(self.replay, self.pool.obs_space)
+        check_replay_fits(self.replay, self.pool.obs_space, self.agent.action_dim)
         if resumed is None and not config.eval_only:  # a fresh run in a folder an earlier one left
             dropped = self.logger.rewind(0)  # without a checkpoint: its curves are not this run's
             if dropped:
@@ -960,7 +1072,10 @@ class Trainer:
             ) -> tuple[np.ndarray, Optional[PolicyState]]:
         if prefill:
             return self.agent.random_actions(len(self.pool)), state
-        return self.agent.policy(stack_obs(observations), state, "train")
+        actions, state = self.agent.policy(stack_obs(observations), state, "train")
+        if not np.all(np.isfinite(actions)):  # on the host already: no sync of its own
+            check_not_diverged(self.config, self.agent, self.counters, self.paths, nonfinite_actions=True)
+        return actions, state
 
     def store(self, observations: list[dict], actions: np.ndarray) -> list[dict[str, float]]:
         import envs
@@ -988,6 +1103,12 @@ class Trainer:
                 return 0
             self.counters.train_start = self.counters.step
         if not self.all_ranks(bool(self.replay.windows())):  # e.g. a resume whose replay was lost
+            if self.dist.main and "waiting for a sequence" not in self.warned:
+                self.warned.add("waiting for a sequence")
+                self.logger.info(
+                    f"training waits at step {self.counters.step}: no env has stored a sequence of batch_length "
+                    f"{self.config.batch_length} steps yet (updates start once one has, and catch up on the "
+                    "train_ratio owed since)")
             return 0
         done = 0
         while self.counters.updates < updates_due(self.counters, self.config, self.dist.world):
@@ -995,7 +1116,12 @@ class Trainer:
                 break  # every rank at the same count: the same check, the same break
             if self.prefetch is None:
                 self.prefetch = Prefetcher(self.replay, self.config.batch_size, self.device)
-            self.metrics.add(self.agent.train_step(self.prefetch.next()))
+            try:
+                self.metrics.add(self.agent.train_step(self.prefetch.next()))
+            except (MemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                raise UpdateOutOfMemory(update_out_of_memory_message(self.config, self.device, self.paths, error)) from None
             self.counters.updates += 1
             done += 1
         return done
@@ -1137,7 +1263,8 @@ class Trainer:
             pace.add(counters.step)
             paused = time.time()
             if self.should_log():
-                self.write_log(episode_stats, interval)
+                self.write_log(episode_stats, interval)  # the NaN losses, if any, reach the curves first
+                check_not_diverged(config, self.agent, counters, self.paths)
                 interval = (time.time(), counters.step, counters.updates)
                 counters.last_log = counters.step
             if self.should_eval():
@@ -1226,7 +1353,7 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
                     f"{trainer.paths.logdir / 'train.log'}` or `tensorboard --logdir {trainer.paths.logdir}`")
     if config.eval_only:
         episodes = tools.plural(config.eval_episode_num, "episode")
-        logger.info(f"eval_only: evaluating {trainer.paths.resume_from} for {episodes}")
+        logger.info(f"eval_only: evaluating {trainer.loaded_from} for {episodes}")
         try:
             trainer.run_eval(stop=lambda: interrupt.requested)
         except EnvGaveUp as error:  # an --eval_only run saves nothing: only the paragraph
@@ -1246,6 +1373,10 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
     except EnvGaveUp as error:  # an env that keeps failing: keep the progress, then say so
         interrupt.shielded = True
         raise env_gave_up(trainer, error) from None
+    except (TrainingDiverged, UpdateOutOfMemory):  # the env's steps are good data: on disk, the model unsaved
+        interrupt.shielded = True
+        trainer.replay.flush()
+        raise
     except EnvStartError as error:  # e.g. an evaluation's env that fails to start: keep the progress too
         interrupt.shielded = True
         raise RunError(f"{error} {save_progress(trainer)}, and the same command resumes from it.") from None

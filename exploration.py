@@ -465,6 +465,15 @@ class Agent:
             videos[f"openloop/{key}"] = (video * 255).round().to(torch.uint8).cpu().numpy()
         return videos
 
+    def nonfinite_parts(self) -> list[str]:
+        """The agent's parts whose parameters hold a NaN or inf (a diverged update); one host sync."""
+        parts = {"world model": self.wm, "task actor and critic": self.task, "exploration": self.expl}
+        parts = {name: list(module.parameters()) for name, module in parts.items() if module is not None}
+        with torch.no_grad():
+            finite = torch.stack([torch.stack([p.isfinite().all() for p in params]).all()
+                                  for params in parts.values()]).tolist()
+        return [name for name, ok in zip(parts, finite) if not ok]
+
     # -- checkpoints -------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

@@ -100,6 +100,24 @@ def check_replay_memory(capacity: int, step_bytes: int, layout: dict,
              "and all of them count).")
 
 
+BATCHES_HELD = 4  # a prefetcher's 2 queued batches, the one it builds and the one the update reads
+
+
+def check_batch_memory(batch_size: int, batch_length: int, step_bytes: int) -> None:
+    """Raises ReplayMemoryError when the batches a run holds at once (BATCHES_HELD of batch_size x
+    batch_length steps of `step_bytes` each, plus their 8-byte indices) cannot fit in memory and
+    swap: such a run would thrash or be killed at its first update instead of stopping with the fix."""
+    memory = machine_memory_bytes()
+    need = BATCHES_HELD * batch_size * batch_length * (step_bytes + 8)
+    if memory is None or need <= memory:
+        return
+    raise ReplayMemoryError(
+        f"a batch of batch_size {batch_size:,} x batch_length {batch_length:,} steps of {step_bytes:,} bytes each "
+        f"takes {need / BATCHES_HELD / 2 ** 30:.1f} GiB, and a run holds {BATCHES_HELD} at once "
+        f"({need / 2 ** 30:.1f} GiB) where this machine has {memory / 2 ** 30:.1f} GiB of memory and swap. Lower "
+        "--batch_size or --batch_length (the paper's are 16 and 64).")
+
+
 LOG_PREFIX = "log_"
 ORDER_KEY = "_order"
 CHUNK_NAME = re.compile(r"^w(\d+)-(\d+)\.npz$")
@@ -531,30 +549,14 @@ class Replay:
         return loaded
 
     def _chunk_headers(self) -> list[tuple[np.ndarray, int, int, Path]]:
-        """(order ids, worker, first index, path) of every readable chunk file; only the small
-        `_order` array is read here."""
-        headers = []
-        for path in sorted(self.directory.iterdir()):
-            match = CHUNK_NAME.match(path.name)
-            if not match:
-                continue
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    order = data[ORDER_KEY]  # (chunk,)
-                if order.ndim != 1 or len(order) == 0:
-                    raise ValueError(f"{ORDER_KEY} has shape {order.shape}")
-            except Exception as error:  # noqa: BLE001 -- a bad chunk must never stop a resume
-                self._warn(bad_chunk_message(path, error))
-                continue
-            headers.append((order, int(match.group(1)), int(match.group(2)), path))
-        return headers
+        return chunk_headers(self.directory, self._warn)
 
     def _resume_counters(self, headers: list) -> None:
         """New steps continue the insertion counter and each worker's running index on disk, so
         they never overwrite a chunk of the earlier run."""
         for order, worker, first, _ in headers:
             self._next_order = max(self._next_order, int(order.max()) + 1)
-            self._disk_next[worker] = max(self._disk_next.get(worker, 0), first + len(order))
+        self._disk_next.update(workers_next_index(headers))
 
     def _steps_in_order(self, headers: list, threshold: int) -> Iterator[tuple]:
         """(order id, worker, chunk arrays, index) of every stored step in chunks that hold any
@@ -583,6 +585,43 @@ class Replay:
             expected = first + len(order)
             for index in range(len(order)):
                 yield int(order[index]), worker, arrays, index
+
+
+def chunk_headers(directory: Path, warn: Callable[[str], None]) -> list[tuple[np.ndarray, int, int, Path]]:
+    """(order ids, worker, first index, path) of every readable chunk file in `directory`; only
+    the small `_order` array is read here. Unreadable chunks are passed to `warn`."""
+    headers = []
+    for path in sorted(directory.iterdir()):
+        match = CHUNK_NAME.match(path.name)
+        if not match:
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                order = data[ORDER_KEY]  # (chunk,)
+            if order.ndim != 1 or len(order) == 0:
+                raise ValueError(f"{ORDER_KEY} has shape {order.shape}")
+        except Exception as error:  # noqa: BLE001 -- a bad chunk must never stop a resume
+            warn(bad_chunk_message(path, error))
+            continue
+        headers.append((order, int(match.group(1)), int(match.group(2)), path))
+    return headers
+
+
+def workers_next_index(headers: list) -> dict[int, int]:
+    """Each worker's running index past its newest chunk among `headers`: how many steps it has
+    stored in the folder's lifetime (chunks deleted after eviction count too)."""
+    next_index: dict[int, int] = {}
+    for order, worker, first, _ in headers:
+        next_index[worker] = max(next_index.get(worker, 0), first + len(order))
+    return next_index
+
+
+def steps_stored_in(directory: Path) -> int:
+    """How many steps the replay folder `directory` has stored over its lifetime, every worker's
+    (0 where it does not exist); what Replay.load sets steps_on_disk to, read without loading."""
+    if not directory.is_dir():
+        return 0
+    return sum(workers_next_index(chunk_headers(directory, lambda message: None)).values())
 
 
 class Prefetcher:

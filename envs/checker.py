@@ -35,7 +35,16 @@ def type_name(value: Any) -> str:
 def check_env(env: Any, index: int = 0) -> None:
     """Runs one reset and one step on `env` and raises EnvCheckError at the first contract breach."""
     where = f'env {index} ({type(env).__name__})'
-    obs_space = _check_obs_space(get_obs_space(env), where)
+    try:
+        obs_space = _check_obs_space(get_obs_space(env), where)
+    except EnvCheckError as error:
+        if hasattr(env, 'obs_space') or not hasattr(env, 'observation_space'):
+            raise
+        raise EnvCheckError(
+            f"{error} This looks like a plain gymnasium env (observation_space, no obs_space): register it "
+            "with gymnasium.register and train it as --task gym_<its id> (the gym_ suite turns its "
+            "observations into the dict the agent reads), or wrap it in a class with an obs_space "
+            "property (README, 'Your own environment').") from None
     act_space = _check_act_space(get_act_space(env), where)
     obs = _check_reset_result(env.reset(), where)
     _check_observation(obs, obs_space, where, 'reset()')
@@ -50,6 +59,11 @@ def check_running_step(obs: Mapping, where: str) -> None:
     'env 1 at step 3000') and naming the key (a NaN would otherwise surface as an index error deep
     in a loss)."""
     for key, value in obs.items():
+        if str(key).startswith('log_') and not is_log_value(value):
+            raise EnvCheckError(
+                f"{where}: observation '{key}' is a logging key and must be a finite number, got {value!r}; "
+                f"it is logged as the episode's largest value (episode/{str(key)[4:]}). Return a float, int or "
+                f"bool there at every step. {RUN_STOPPED_CLEANLY}")
         if key == 'reward' or is_model_input(key):
             array = np.asarray(value)
             if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
@@ -61,10 +75,22 @@ def check_running_step(obs: Mapping, where: str) -> None:
                     f"{where}: {what} {array.tolist() if array.size <= 8 else bad}; every float observation "
                     "(also one the model does not read: the replay stores it) and every reward must be finite. "
                     "Find where the env divides by zero or overflows, or replace the values (np.nan_to_num) "
-                    "in the env or a wrapper. "
-                    "The run stopped before storing the step, and nothing on disk changed: once the env is "
-                    "fixed, the same command resumes from the last checkpoint with its replay (or starts "
-                    "afresh if none was saved yet).")
+                    f"in the env or a wrapper. {RUN_STOPPED_CLEANLY}")
+
+
+RUN_STOPPED_CLEANLY = ("The run stopped before storing the step, and nothing on disk changed: once the env is "
+                       "fixed, the same command resumes from the last checkpoint with its replay (or starts "
+                       "afresh if none was saved yet).")
+
+
+def is_log_value(value: Any) -> bool:
+    """Whether a `log_` observation value is one number that can be logged: a finite real scalar."""
+    if isinstance(value, (str, bytes)) or value is None or np.ndim(value) != 0:
+        return False
+    try:
+        return bool(np.isfinite(float(value)))
+    except (TypeError, ValueError):
+        return False
 
 
 def is_model_input(key: str) -> bool:
@@ -145,7 +171,7 @@ def _check_step_result(result: Any, where: str) -> Any:
         raise EnvCheckError(
             f"{where}: step() reward must be a finite scalar, got {reward!r}. Return a float.")
     for name, flag in (('terminated', terminated), ('truncated', truncated)):
-        if np.ndim(flag) != 0:
+        if flag is None or np.ndim(flag) != 0:  # None would pass for False unnoticed
             raise EnvCheckError(
                 f"{where}: step() '{name}' must be a bool, got {flag!r}. Return a single bool.")
     return obs
@@ -171,7 +197,7 @@ def _check_observation(obs: Any, space: dict, where: str, call: str) -> None:
     for key, box in space.items():
         _check_value(key, obs[key], box, where, call)
     for key in obs:
-        if str(key).startswith('log_') and (np.ndim(obs[key]) != 0 or not np.isfinite(obs[key])):
+        if str(key).startswith('log_') and not is_log_value(obs[key]):
             raise EnvCheckError(
                 f"{where}: {call} observation '{key}' is a logging key and must be a finite scalar, "
                 f"got {obs[key]!r}.")

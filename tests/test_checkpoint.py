@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,37 @@ def test_second_save_keeps_the_previous_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.prev.pt", "latest.pt"]
     assert load_checkpoint(path)["step"] == 2
     assert load_checkpoint(tmp_path / "latest.prev.pt")["step"] == 1
+
+
+def test_an_evaluation_falls_back_saying_it_evaluates_the_earlier_agent(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"step": 10})
+    save_checkpoint(path, {"step": 20})
+    path.write_bytes(path.read_bytes()[:40])
+    messages: list[str] = []
+    state, source = checkpoint.load_checkpoint_and_source(path, warn=messages.append, evaluating=True)
+    assert (state["step"], source) == (10, tmp_path / "latest.prev.pt")
+    assert messages == [f"checkpoint {path} is truncated or corrupt (ValueError: not a complete checkpoint: a "
+                        "truncated file, or a member whose CRC check fails); evaluating the previous checkpoint "
+                        "latest.prev.pt instead (the agent of an earlier step)."]
+    path.unlink()
+    checkpoint.tmp_path(path).write_bytes((tmp_path / "latest.prev.pt").read_bytes())
+    messages.clear()
+    assert checkpoint.load_checkpoint_and_source(path, warn=messages.append, evaluating=True)[0]["step"] == 10
+    assert messages[0].endswith("(a stop between the two renames of a save); evaluating it.")
+
+
+def test_a_torch_file_of_something_else_is_named_as_not_a_checkpoint(tmp_path: Path) -> None:
+    run_state = {"agent": {}, "counters": {}, "config": {}, "format": 1}
+    checkpoint.check_run_checkpoint(run_state, tmp_path / "latest.pt")
+    for state, holds in (({"a": 1, "model": 2}, r"a dict with the keys a, model, without 'agent', 'counters', "
+                                                 r"'config'"),
+                         ({"agent": {}, "config": {}}, r"a dict with the keys agent, config, without 'counters'"),
+                         (torch.zeros(2), r"a Tensor, without 'agent', 'counters', 'config'")):
+        with pytest.raises(checkpoint.NotACheckpoint, match=rf"^{re.escape(str(tmp_path))}/other\.pt is a complete "
+                           rf"torch file but not a checkpoint of this program: it holds {holds}\. --from_checkpoint "
+                           r"takes the latest\.pt"):
+            checkpoint.check_run_checkpoint(state, tmp_path / "other.pt")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

@@ -179,7 +179,12 @@ def test_block_with_a_key_defaults_lacks_is_an_error(tmp_path):
         (["--a", "inf"], r"--a expects an integer \(1e6 is accepted\), but got 'inf'"),
         (["--a", "nan"], r"--a expects an integer \(1e6 is accepted\), but got 'nan'"),
         (["--b", "fast"], r"--b expects a number, but got 'fast'"),
-        (["--flag", "maybe"], r"--flag expects a boolean \(true/false/True/False/1/0\), but got 'maybe'"),
+        (["--b", "inf"], r"^--b is inf, but every number setting must be finite: nan and inf only break training"),
+        (["--b", "-Infinity"], r"^--b is -Infinity, but every number setting must be finite"),
+        (["--b", "nan"], r"^--b is nan, but every number setting must be finite"),
+        (["--a", "1e16"], r"^--a is 1e16, beyond the largest integer a setting takes \(2\^53 = 9,007,199,254,740,992\)"),
+        (["--a", "-1e100"], r"^--a is -1e100, beyond the largest integer"),
+        (["--flag", "maybe"], r"--flag expects a boolean \(true/false/True/False/yes/no/1/0\), but got 'maybe'"),
         (["--size", "a,b"], r"--size expects a comma-separated list, but got 'a,b'"),
         (["--nest", "3"], r"--nest is a group of keys \(p, q\).*--nest.p VALUE"),
         (["--a"], r"--a needs a value"),
@@ -188,6 +193,35 @@ def test_block_with_a_key_defaults_lacks_is_an_error(tmp_path):
 def test_wrong_types_name_key_type_and_value(tmp_path, argv, message):
     with pytest.raises(ConfigError, match=message):
         load_config(argv, write_configs(tmp_path, TOY))
+
+
+def test_integers_up_to_2_to_the_53_and_yes_no_booleans_are_taken(tmp_path):
+    path = write_configs(tmp_path, TOY)
+    assert load_config(["--a", str(2 ** 53)], path).a == 2 ** 53
+    assert load_config(["--flag", "yes"], path).flag is True
+    assert load_config(["--flag", "No"], path).flag is False
+
+
+def test_a_block_key_without_a_value_or_out_of_range_names_the_file_and_line(tmp_path):
+    """A key written with nothing after its colon reads as null: it got past the type check (a
+    TypeError deep in the optimizer's set-up); inf and huge integers likewise."""
+    extra = ["empty:", "  b: 0.1", "  a:", "null_b:", "  b: null", "infinite:", "  b: .inf",
+             "huge:", "  a: 100000000000000000000"]
+    path = write_configs(tmp_path, TOY + "\n".join(extra) + "\n")
+    line = {text: number for number, text in enumerate(path.read_text().splitlines(), 1)}
+    cases = {
+        "empty": (line["  a:"], r"block 'empty' gives 'a' no value \(a key written with nothing after its colon, "
+                                r"or null\), but it must be an integer like its default 1\. Give it a value, or "
+                                r"delete the line to keep the default\."),
+        "null_b": (line["  b: null"], r"block 'null_b' gives 'b' no value .* must be a number like its default 0\.5"),
+        "infinite": (line["  b: .inf"], r"block 'infinite' sets 'b', which is inf, but every number setting must be "
+                                        r"finite"),
+        "huge": (line["  a: 100000000000000000000"], r"block 'huge' sets 'a', which is 100000000000000000000, "
+                                                     r"beyond the largest integer"),
+    }
+    for block, (number, message) in cases.items():
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}, line {number}: {message}"):
+            load_config(["--configs", block], path)
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,19 @@ def test_two_hot_encoding_matches_hand_computed_vectors(value, expected):
     torch.testing.assert_close(encoded, torch.tensor([expected], dtype=torch.float32), atol=1e-6, rtol=0)
 
 
+def test_a_nan_target_gives_a_nan_likelihood_not_an_index_error():
+    """A diverged model's NaN reward or return: its two-hot index stays a bin (a NaN index failed the
+    gather on a CPU and would be a device-side assert on a GPU), so the NaN reaches the loss and the
+    run's divergence check; the other targets keep their values."""
+    values = torch.tensor([float("nan"), 5.0, float("inf"), -float("inf")])
+    encoded = two_hot(values, 5)  # symlog-space values: bins -20, -10, 0, 10, 20
+    assert torch.isnan(encoded[0]).any() and not torch.isnan(encoded[1:]).any()
+    torch.testing.assert_close(encoded[1:], torch.tensor([[0, 0, 0.5, 0.5, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0.]]))
+    logits = torch.zeros(4, 255)
+    log_prob = TwoHotSymlog(logits).log_prob(values)
+    assert torch.isnan(log_prob[0]) and torch.isfinite(log_prob[1:]).all()
+
+
 def test_two_hot_decoding_is_symexp_of_expected_bin():
     probs = torch.tensor([[0, 0, 0.5, 0.5, 0], [0.25, 0.75, 0, 0, 0]])
     dist = TwoHotSymlog(torch.log(probs.clamp(min=1e-30)))

@@ -1,4 +1,6 @@
 """envs.checker.check_env: every diagnosis pinned by its message."""
+import re
+
 import gymnasium
 import numpy as np
 import pytest
@@ -308,6 +310,43 @@ def test_logging_keys_must_be_finite_scalars():
         check_env(ToyEnv(obs=with_obs(log_score=np.array([1, 2], np.float32))))
     with pytest.raises(EnvCheckError, match=r"'log_score' is a logging key and must be a finite scalar, got nan"):
         check_env(ToyEnv(obs=with_obs(log_score=float('nan'))))
+    for value in ('yes', None, b'1', 1j):  # np.isfinite itself failed on a string (a TypeError blamed on the env)
+        with pytest.raises(EnvCheckError, match=rf"'log_score' is a logging key and must be a finite scalar, got "
+                                                rf"{re.escape(repr(value))}\.$"):
+            check_env(ToyEnv(obs=lambda: {**good_obs(), 'log_score': value}))
+    for value in (3, 2.5, True, np.float32(1), np.array(4.0)):
+        check_env(ToyEnv(obs=with_obs(log_score=value)))
+
+
+def test_logging_keys_must_stay_finite_numbers_while_running():
+    """A string or NaN given later in the run: one paragraph naming the env, step and key (a string
+    failed in the episode tracker's float(), and a NaN was logged as -Infinity, not JSON)."""
+    from envs.checker import check_running_step
+
+    obs = {**good_obs(), 'reward': np.float32(1.0), 'is_first': False, 'is_last': True, 'log_success': True}
+    check_running_step(obs, 'env 0 at step 10')
+    for value in ('done', float('nan'), np.float32('inf'), None, np.zeros(2)):
+        with pytest.raises(EnvCheckError) as raised:
+            check_running_step({**obs, 'log_success': value}, 'env 3 at step 700')
+        assert str(raised.value).startswith(
+            f"env 3 at step 700: observation 'log_success' is a logging key and must be a finite number, got "
+            f"{value!r}; it is logged as the episode's largest value (episode/success). Return a float, int or bool "
+            "there at every step. The run stopped before storing the step, and nothing on disk changed")
+
+
+def test_a_plain_gymnasium_env_is_pointed_at_the_gym_suite():
+    with pytest.raises(EnvCheckError, match=r"must be a dict of gymnasium\.spaces\.Box, got Box .* This looks like "
+                                            r"a plain gymnasium env \(observation_space, no obs_space\): register it "
+                                            r"with gymnasium\.register and train it as --task gym_<its id>"):
+        check_env(gymnasium.make('CartPole-v1'))
+    with pytest.raises(EnvCheckError) as raised:  # our protocol's own obs_space gets no such hint
+        check_env(ToyEnv(obs_space=VECTOR))
+    assert 'gymnasium env' not in str(raised.value)
+
+
+def test_terminated_none_is_no_bool():
+    with pytest.raises(EnvCheckError, match=r"step\(\) 'terminated' must be a bool, got None"):
+        check_env(ToyEnv(step_result=(good_obs(), 0.0, None, False, {})))
 
 
 def test_grayscale_hint_only_for_an_image_space():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers.disk_events import record_disk_events
+import replay as replay_lib
 from replay import Prefetcher, Replay
 
 
@@ -545,6 +546,32 @@ def test_a_run_reserves_no_more_replay_than_its_steps(tmp_path) -> None:
     extra_dist = (1, 2)  # rank 1 of 2 holds half
     assert capacity("--steps", "400", "--replay_size", "1000000") == 201
     assert capacity("--steps", "400", "--replay_size", "100", "--batch_length", "8") == 50
+
+
+def test_a_resumed_run_keeps_the_steps_stored_after_its_checkpoint_on_disk(tmp_path) -> None:
+    """A short run (--steps below replay_size) killed at step 576 after its checkpoint at 400, then
+    resumed: the 176 steps stored after the checkpoint stay as training data, so its replay makes
+    room for them as well as for the 300 steps to come, and deletes no chunk of the folder (with
+    room for --steps alone, the 175 oldest steps were evicted and their chunks deleted)."""
+    import config as config_lib
+    import dreamer
+
+    cfg = config_lib.load_config(["--configs", "debug", "custom", "--task", "custom_reach", "--logdir",
+                                  str(tmp_path / "run"), "--steps", "700", "--replay_chunk", "16"])
+    paths = dreamer.resolve_paths(cfg)
+    first = dreamer.make_replay(cfg, paths, dreamer.Dist(0, 1), print)
+    assert first.capacity == 701
+    fill(first, 576)
+    first.flush()
+    assert replay_lib.steps_stored_in(paths.replay_dir) == 576
+    resumed = dreamer.make_replay(cfg, paths, dreamer.Dist(0, 1), print, resumed_step=400)
+    assert resumed.capacity == 576 + 300 + 1
+    assert resumed.load() == 576
+    fill(resumed, 300, offset=576)
+    resumed.flush()
+    assert orders_on_disk(paths.replay_dir) == list(range(876))
+    assert len(resumed) == 876
+    assert replay_lib.steps_stored_in(tmp_path / "nothing") == 0
 
 
 def test_a_runs_replay_folder_holds_about_replay_size_steps_unless_told_to_keep_all(tmp_path) -> None:

@@ -348,10 +348,15 @@ def test_other_env_spaces_under_the_same_task_name_are_named(killed_run, tmp_pat
     assert files() == before
 
 
-def test_a_replay_left_without_checkpoints_must_fit_the_env(killed_run, tmp_path):
+@pytest.mark.parametrize("extra, differs", [
+    (("--env.custom.size", "32,32"), r"'image' \(64, 64, 3\) in the replay, \(32, 32, 3\) in this run"),
+    # another task of other actions (a continuous reach's 2 against a discrete one's 5 one-hot)
+    (("--task", "custom_reach_discrete", "--actor_dist", "onehot"), r"'action' \(2,\) in the replay, \(5,\) in this run"),
+], ids=["image_size", "action_space"])
+def test_a_replay_left_without_checkpoints_must_fit_the_env(killed_run, tmp_path, extra, differs):
     """A folder whose checkpoints were deleted but whose replay stayed, trained again with another
-    image size: one paragraph naming the replay and the shapes, exit 2, and the folder's curves and
-    config are not moved aside or rewritten first."""
+    image size or another task's actions: one paragraph naming the replay and the shapes, exit 2,
+    and the folder's curves and config are not moved aside or rewritten first."""
     logdir = copy_run(killed_run["logdir"], tmp_path / "run")
     for stale in logdir.glob("latest*.pt"):
         stale.unlink()
@@ -361,13 +366,68 @@ def test_a_replay_left_without_checkpoints_must_fit_the_env(killed_run, tmp_path
 
     kept = kept_files()
     assert kept["metrics.jsonl"] and kept["config.yaml"]
-    result = run_cli(run_args(logdir, "--env.custom.size", "32,32"))
+    result = run_cli(run_args(logdir, *extra))
     assert result.returncode == 2, result.stderr[-3000:]
     assert re.fullmatch(
-        r"error: the replay in \S+/replay was recorded with other observations than this run's env gives: "
-        r"'image' \(64, 64, 3\) in the replay, \(32, 32, 3\) from the env\. It comes from an earlier run in "
-        r"this folder.*nothing in the folder was changed\.", last_line(result.stderr)), result.stderr[-3000:]
+        r"error: the replay in \S+/replay was recorded with other observations or actions than this run's env "
+        rf"and agent give: {differs}\. It comes from an earlier run in this folder.*nothing in the folder was "
+        r"changed\.", last_line(result.stderr)), result.stderr[-3000:]
     assert kept_files() == kept
+
+
+def test_a_diverging_run_stops_keeping_its_last_checkpoint_and_all_its_replay(tmp_path):
+    """Resumed with a learning rate that blows the weights up to NaN: one paragraph (exit 2) naming the
+    step, the parts and the learning rates; latest.pt and latest.prev.pt keep their bytes (a save at the
+    stop would have replaced them with the NaN model), and the steps stepped since are on disk."""
+    logdir = tmp_path / "run"
+    assert run_cli(run_args(logdir, steps=200)).returncode == 0
+    kept = {name: (logdir / name).read_bytes() for name in ("latest.pt", "latest.prev.pt")}
+    result = run_cli(run_args(logdir, "--model_lr", "1e6", steps=400))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.fullmatch(
+        r"error: training diverged by step (\d+) \((\d+) updates\): the world model( and the task actor and critic)? "
+        r"parameters hold NaN or inf, so the agent can neither learn nor act any more\. Nothing was saved over the "
+        rf"last checkpoint {re.escape(str(logdir / 'latest.pt'))}, and the replay on disk is kept\. Usual causes: "
+        r"learning rates too high for the task \(model_lr 1000000\.0, actor_lr 3e-05, critic_lr 3e-05; .*it resumes "
+        r"from the last checkpoint \(or starts afresh without one\)\.", last_line(result.stderr)), result.stderr[-3000:]
+    stopped_at = int(re.search(r"diverged by step (\d+)", result.stderr).group(1))
+    assert 200 < stopped_at < 400
+    assert {name: (logdir / name).read_bytes() for name in kept} == kept
+    assert not [line for line in (logdir / "train.log").read_text().splitlines()
+                if "saved checkpoint" in line and f"at step {stopped_at}" in line]
+    assert replay_steps_on_disk(logdir) == stopped_at  # every step taken, flushed at the stop
+
+
+def test_a_foreign_torch_file_and_an_evaluation_of_a_damaged_checkpoint_are_named(tmp_path):
+    """--from_checkpoint of a torch file that is no checkpoint of this program: one paragraph, exit 2
+    (it was a KeyError). --eval_only of a truncated latest.pt evaluates latest.prev.pt, and every
+    line says so (the warning spoke of training again, the summary named the damaged file)."""
+    logdir = tmp_path / "run"
+    assert run_cli(run_args(logdir, steps=200)).returncode == 0
+    foreign = tmp_path / "weights.pt"
+    torch.save({"encoder": torch.zeros(2), "decoder": torch.zeros(2)}, foreign)
+    result = run_cli(run_args(tmp_path / "other", "--from_checkpoint", str(foreign)))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert last_line(result.stderr).startswith(
+        f"error: {foreign} is a complete torch file but not a checkpoint of this program: it holds a dict with the "
+        "keys encoder, decoder, without 'agent', 'counters', 'config'."), result.stderr[-3000:]
+    latest = logdir / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:100])
+    result = run_cli(run_args(None, "--eval_only", "True", "--from_checkpoint", str(latest),
+                              "--eval_episode_num", "1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (logdir / "eval_only" / "train.log").read_text()
+    prev = logdir / "latest.prev.pt"
+    assert "; evaluating the previous checkpoint latest.prev.pt instead (the agent of an earlier step)." in log
+    assert f"INFO loaded {prev} (step 100, " in log
+    assert f"INFO eval_only: evaluating {prev} for 1 episode" in log
+    assert "trained again" not in log
+
+
+def replay_steps_on_disk(logdir: Path) -> int:
+    import replay as replay_lib
+
+    return replay_lib.steps_stored_in(logdir / "replay")
 
 
 def test_other_model_size_stops_with_exit_2_naming_both_values(killed_run, tmp_path):
@@ -668,6 +728,34 @@ def restore_into_fresh_agent(cfg, path: Path, tmp_path: Path, obs_space, act_spa
     return agent, replay, counters
 
 
+@pytest.mark.parametrize("part, named", [("wm", "world model"), ("task", "task actor and critic")])
+def test_a_diverged_agent_is_never_saved_over_the_last_checkpoint(tmp_path, part, named):
+    """A NaN in any part's parameters (discrete actors still act then: their samples stay one-hot,
+    so only the log and save checks see it): save() flushes the replay and raises TrainingDiverged
+    naming that part, and latest.pt keeps its bytes."""
+    cfg = debug_config()
+    obs_space, act_space = spaces(cfg)
+    agent = exploration.make_agent(obs_space, act_space, cfg, "cpu")
+    replay = filled_replay(cfg, seed=cfg.seed)
+    paths = dreamer.RunPaths(tmp_path, tmp_path / "latest.pt", None, tmp_path / "replay")
+    counters = dreamer.Counters(step=300, updates=3)
+    logger = Logger(tmp_path, tensorboard=False)
+    try:
+        dreamer.save(cfg, agent, counters, replay, paths, dreamer.Dist(), logger)
+        kept = paths.checkpoint.read_bytes()
+        assert agent.nonfinite_parts() == []
+        with torch.no_grad():
+            next(getattr(agent, part).parameters()).view(-1)[0] = float("nan")
+        assert agent.nonfinite_parts() == [named]
+        counters.step = 400
+        with pytest.raises(dreamer.TrainingDiverged, match=rf"^training diverged by step 400 \(3 updates\): the {named} "
+                           rf"parameters hold NaN or inf.* Nothing was saved over the last checkpoint "):
+            dreamer.save(cfg, agent, counters, replay, paths, dreamer.Dist(), logger)
+    finally:
+        logger.close()
+    assert paths.checkpoint.read_bytes() == kept
+
+
 def test_round_trip_continues_exactly_like_an_uninterrupted_run(tmp_path, deterministic_torch):
     cfg = debug_config()
     obs_space, act_space = spaces(cfg)
@@ -808,17 +896,31 @@ SPACES = {"obs": {"image": "(64, 64, 3) uint8", "vector": "(4,) float32"}, "act"
 
 def test_other_spaces_are_each_named_observations_on_either_side_and_actions():
     source = Path("/runs/a/latest.pt")
-    dreamer.check_same_spaces(None, SPACES, source, "custom_reach")  # a checkpoint from before spaces were saved
-    dreamer.check_same_spaces(copy.deepcopy(SPACES), SPACES, source, "custom_reach")
+    same = (source, "custom_reach", "custom_reach")
+    dreamer.check_same_spaces(None, SPACES, *same)  # a checkpoint from before spaces were saved
+    dreamer.check_same_spaces(copy.deepcopy(SPACES), SPACES, *same)
     current = {"obs": {"depth": "(2,) float32", "image": "(64, 64, 3) uint8"}, "act": "Discrete(5)"}
     with pytest.raises(checkpoint.CheckpointMismatch) as raised:
-        dreamer.check_same_spaces(SPACES, current, source, "custom_reach")
+        dreamer.check_same_spaces(SPACES, current, *same)
     assert str(raised.value).startswith(
         "the checkpoint /runs/a/latest.pt was trained on other spaces of task custom_reach: observation 'depth' "
         "absent then, (2,) float32 now; observation 'vector' (4,) float32 then, absent now; actions "
         "Box(-1.0, 1.0, (2,), float32) then, Discrete(5) now. The env's options")
+    assert "Resume with the options it was trained with (its config.yaml)" in str(raised.value)
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"other spaces of task custom_reach: actions Box"):
-        dreamer.check_same_spaces(SPACES, {**SPACES, "act": "Discrete(5)"}, source, "custom_reach")
+        dreamer.check_same_spaces(SPACES, {**SPACES, "act": "Discrete(5)"}, *same)
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"\. Evaluate it with the options it was trained with "
+                       r"\(its config\.yaml\)"):
+        dreamer.check_same_spaces(SPACES, {**SPACES, "act": "Discrete(5)"}, *same, evaluating=True)
+    # evaluated on another task (a training run stops at the task before): both tasks named, each its own
+    with pytest.raises(checkpoint.CheckpointMismatch) as raised:
+        dreamer.check_same_spaces(SPACES, {**SPACES, "act": "Discrete(5)"}, source, "custom_reach",
+                                  "custom_reach_discrete", evaluating=True)
+    assert str(raised.value) == (
+        "the checkpoint /runs/a/latest.pt was trained on task custom_reach, whose spaces differ from those of task "
+        "custom_reach_discrete: actions Box(-1.0, 1.0, (2,), float32) then, Discrete(5) now. A model acts only on "
+        "the spaces it was trained on: evaluate it on custom_reach, or on another task of the same observations "
+        "and actions.")
 
 
 def test_settings_compared_on_resume_leave_out_the_paths_and_keys_an_older_config_lacked():

@@ -83,3 +83,84 @@ def test_from_checkpoint_names_a_file_or_the_run_folder_holding_latest_pt(tmp_pa
     cfg = config_lib.load_config(["--task", "custom_reach", "--from_checkpoint", str(tmp_path)])
     paths = dreamer.resolve_paths(cfg)
     assert (paths.logdir, paths.resume_from) == (tmp_path, tmp_path / "latest.pt")  # continues in its folder
+
+
+# --- what does not fit in memory: the model, the batches, an update
+
+
+def test_a_model_too_large_for_memory_stops_naming_its_sizes():
+    cfg = config_lib.load_config(["--configs", "debug", "--task", "custom_reach", "--device", "cpu",
+                                  "--rssm.deter", "300000"])  # a 1 TB GRU weight
+    env = envs.make_env(cfg, "train", 0)
+    with pytest.raises(dreamer.RunError, match=r"^building the model on cpu failed for want of memory \(RuntimeError: "
+                                               r".*can't allocate memory.*\): its sizes \(rssm\.deter 300000, rssm\.hidden "
+                                               r"32, .*critic\.units 32\) are too large for this machine\. Use a smaller "
+                                               r"size block"):
+        dreamer.make_agent(cfg, env.obs_space, env.act_space, torch.device("cpu"))
+
+
+def test_batches_too_large_for_memory_stop_before_the_first_update():
+    from replay import ReplayMemoryError, check_batch_memory
+
+    check_batch_memory(16, 64, 12_319)  # the paper's batch of 64x64 images: 12 MiB
+    with pytest.raises(ReplayMemoryError, match=r"^a batch of batch_size 1,000,000,000 x batch_length 64 steps of "
+                                                r"12,319 bytes each takes [\d.]+ GiB, and a run holds 4 at once .* Lower "
+                                                r"--batch_size or --batch_length"):
+        check_batch_memory(10 ** 9, 64, 12_319)
+    # the replay's own step layout: uint8 image, float64 stored as float32, the action, reward and flags
+    space = {"image": envs.checker.gymnasium.spaces.Box(0, 255, (64, 64, 3), np.uint8),
+             "vector": envs.checker.gymnasium.spaces.Box(-1, 1, (4,), np.float64)}
+    assert dreamer.stored_step_bytes(space, 6) == 64 * 64 * 3 + 4 * 4 + 6 * 4 + 4 + 3
+
+
+def test_out_of_memory_errors_are_told_from_other_failures():
+    caused = RuntimeError("replay prefetch thread failed: MemoryError('Unable to allocate 3 TiB')")
+    caused.__cause__ = MemoryError("Unable to allocate 3 TiB")
+    for error in (MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), caused,
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"),
+                  OverflowError("Python int too large")):
+        assert dreamer.is_out_of_memory(error), error
+    for error in (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ValueError("memory"), KeyError("x")):
+        assert not dreamer.is_out_of_memory(error), error
+
+
+def test_an_update_out_of_memory_stops_keeping_the_checkpoint_and_the_replay(tmp_path, monkeypatch, capsys):
+    """The update after the checkpoint at step 200 runs out of memory (as a GPU update of too large a
+    batch does): one paragraph naming the batch, exit 2, latest.pt as it was, every step on disk."""
+    import exploration
+    import replay as replay_lib
+
+    logdir = tmp_path / "run"
+    args = ["--configs", "debug", "custom", "--task", "custom_reach", "--logdir", str(logdir), "--device", "cpu",
+            "--save_every", "100", "--eval_every", "0", "--replay_chunk", "16", "--train_ratio", "8"]
+    assert dreamer.main([*args, "--steps", "200"]) == 0
+    kept = (logdir / "latest.pt").read_bytes()
+
+    def out_of_memory(self, batch, after_world_model=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(exploration.Agent, "train_step", out_of_memory)
+    capsys.readouterr()
+    assert dreamer.main([*args, "--steps", "400"]) == 2
+    paragraph = capsys.readouterr().err.strip().splitlines()[-1]
+    assert paragraph.startswith(
+        "error: an update ran out of memory on cpu (OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 "
+        "GiB): a batch of batch_size 4 sequences of batch_length 16 steps and the model's activations over it do "
+        "not fit. "
+        f"Nothing was saved over the last checkpoint {logdir / 'latest.pt'}, and the replay on disk is kept."), paragraph
+    assert (logdir / "latest.pt").read_bytes() == kept
+    assert replay_lib.steps_stored_in(logdir / "replay") > 200  # the steps after the checkpoint: flushed
+
+
+def test_a_run_whose_sequences_are_longer_than_its_data_says_it_waits_once(tmp_path):
+    """batch_length 500 in a 300-step run: no env ever holds a sequence, so nothing trains; one line
+    says why (the run ended with 0 updates and nothing said)."""
+    logdir = tmp_path / "run"
+    assert dreamer.main(["--configs", "debug", "custom", "--task", "custom_reach", "--logdir", str(logdir),
+                         "--device", "cpu", "--steps", "300", "--batch_length", "500", "--eval_every", "0"]) == 0
+    log = (logdir / "train.log").read_text()
+    waits = [line for line in log.splitlines() if "training waits" in line]
+    assert len(waits) == 1 and waits[0].endswith(
+        "INFO training waits at step 100: no env has stored a sequence of batch_length 500 steps yet (updates start "
+        "once one has, and catch up on the train_ratio owed since)"), waits
+    assert "finished: 300 steps, 0 updates" in log
