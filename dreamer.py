@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -146,6 +147,9 @@ def make_env_pool(config: Config, mode: str, amount: int, first_index: int, logg
     traced: set[int] = set()  # envs whose restart was logged with the whole traceback
 
     def log_event(event: dict) -> None:
+        if event.get('kind') == 'slow':
+            logger.warning(f"{mode} {event['message']}")
+            return
         text = str(event.get('traceback', '')).rstrip()
         if event.get('index') in traced:
             last = text.splitlines()[-1].strip() if text else ''
@@ -1349,8 +1353,7 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
     trainer.setup()
     if dist.main and not config.eval_only:  # after resume accepted the checkpoint
         write_config(config, trainer.paths.logdir)
-        logger.info(f"logs in {trainer.paths.logdir.resolve()}: follow with `tail -f "
-                    f"{trainer.paths.logdir / 'train.log'}` or `tensorboard --logdir {trainer.paths.logdir}`")
+        logger.info(f"logs in {trainer.paths.logdir.resolve()}: {follow_hint(trainer.paths)}")
     if config.eval_only:
         episodes = tools.plural(config.eval_episode_num, "episode")
         logger.info(f"eval_only: evaluating {trainer.loaded_from} for {episodes}")
@@ -1444,9 +1447,15 @@ def failure_summary(error: Exception) -> str:
     return f"{head}; its last failure: {last[0]}"
 
 
+def follow_hint(paths: RunPaths) -> str:
+    """The commands that watch a run, quoted for a shell (a logdir may hold spaces)."""
+    return (f"follow with `tail -f {shlex.quote(str(paths.logdir / 'train.log'))}` or "
+            f"`tensorboard --logdir {shlex.quote(str(paths.logdir))}`")
+
+
 def resume_hint(paths: RunPaths) -> str:
     return (f"run the same command again (it resumes from {paths.checkpoint} by itself), or add "
-            f"--from_checkpoint {paths.checkpoint}")
+            f"--from_checkpoint {shlex.quote(str(paths.checkpoint))}")
 
 
 # ---------------------------------------------------------------------------------------------- main

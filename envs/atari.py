@@ -30,10 +30,11 @@ ActionRepeat wrapper is not applied):
 from __future__ import annotations
 
 import functools
+import re
 
 import gymnasium
 import numpy as np
-from .checker import EnvCheckError, MissingDependency
+from .checker import EnvCheckError, MissingDependency, close_matches
 
 NOOP = 0  # index of NOOP in every ALE action set
 STICKY_PROBABILITY = 0.25
@@ -229,6 +230,11 @@ class Atari:
         return {'image': image}
 
 
+def snake_case(name: str) -> str:
+    """'MontezumaRevenge' -> 'montezuma_revenge', 'Pong' -> 'pong': ale-py's spelling of a gym-style id."""
+    return re.sub(r'(?<=[a-z0-9])(?=[A-Z])', '_', name).lower()
+
+
 def make_emulator(game: str, seed: int):
     """An ALEInterface with `game` loaded, one frame per act(), no built-in sticky actions."""
     try:
@@ -240,7 +246,8 @@ def make_emulator(game: str, seed: int):
     rom_ids = roms.get_all_rom_ids()
     if game not in rom_ids:
         raise EnvCheckError(f"Unknown Atari game 'atari_{game}': expected atari_<rom id> with a snake_case "
-                         f"ROM id shipped by ale-py, got {game!r}. Known games: {', '.join(rom_ids)}.")
+                            f"ROM id shipped by ale-py, got {game!r}.{close_matches(snake_case(game), rom_ids)} "
+                            f"Known games: {', '.join(rom_ids)}.")
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
     ale = ale_py.ALEInterface()
     ale.setInt('random_seed', int(seed) % (2 ** 31))

@@ -7,7 +7,8 @@ Each failure raises `EnvCheckError` naming the key, the expected and the actual 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import difflib
+from typing import Any, Iterable, Mapping
 
 import gymnasium
 import numpy as np
@@ -25,6 +26,12 @@ class EnvCheckError(ValueError):
 class MissingDependency(ImportError):
     """A suite's optional package is not installed; the message names it and the install command
     (reported without a traceback)."""
+
+
+def close_matches(name: str, known: Iterable[str], n: int = 3) -> str:
+    """' Close matches: walker_walk, walker_run.' for a misspelt task or id among `known`, or ''."""
+    close = difflib.get_close_matches(name, list(known), n=n, cutoff=0.5)
+    return f" Close matches: {', '.join(close)}." if close else ''
 
 
 def type_name(value: Any) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 import gymnasium
 import numpy as np
-from .checker import EnvCheckError, MissingDependency
+from .checker import EnvCheckError, MissingDependency, close_matches
 
 QUADRUPED_CAMERA = 2  # the paper's view for quadruped tasks; every other domain uses camera 0
 DOMAIN_ALIASES = {'cup': 'ball_in_cup'}  # the paper's code names ball_in_cup tasks cup_<task>
@@ -76,10 +76,11 @@ def split_task_name(name: str, all_tasks: list[tuple[str, str]]) -> tuple[str, s
         name = f'{DOMAIN_ALIASES[alias]}_{rest}'
     matches = [(domain, task) for domain, task in all_tasks if f'{domain}_{task}' == name]
     if len(matches) != 1:
-        known = ', '.join(f'dmc_{domain}_{task}' for domain, task in sorted(all_tasks))
+        known = [f'dmc_{domain}_{task}' for domain, task in sorted(all_tasks)]
         raise EnvCheckError(
             f"Unknown DeepMind Control task 'dmc_{name}': expected dmc_<domain>_<task> with a pair from "
-            f"dm_control.suite.ALL_TASKS, got {name!r}. Pick one of: {known}.")
+            f"dm_control.suite.ALL_TASKS, got {name!r}.{close_matches(f'dmc_{name.lower()}', known)} "
+            f"Pick one of: {', '.join(known)}.")
     return matches[0]
 
 
@@ -88,6 +89,17 @@ def default_camera(domain: str, camera: int) -> int:
     if camera >= 0:
         return camera
     return QUADRUPED_CAMERA if domain == 'quadruped' else 0
+
+
+def check_camera(name: str, camera: int, cameras: int) -> None:
+    """Refuse a camera id the task's model lacks (MuJoCo would fail at the first frame, deep in a
+    worker); -1 (the paper's choice) is always fine."""
+    if camera == -1 or 0 <= camera < cameras:
+        return
+    raise EnvCheckError(
+        f"DMC task '{name}' has {cameras} camera(s), ids 0..{cameras - 1}; got --env.dmc.camera "
+        f"{camera}. Use one of those ids, or -1 for the paper's view (camera 2 for quadruped, 0 "
+        "for every other domain).")
 
 
 def flatten_proprio(observation: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -117,6 +129,7 @@ class DMC:
                 "Install it with `pip install dm_control==1.0.50 mujoco==3.17.0`.") from error
         self._domain, self._task = split_task_name(name, list(suite.ALL_TASKS))
         self._env = suite.load(self._domain, self._task, task_kwargs={'random': seed})
+        check_camera(name, int(camera), int(self._env.physics.model.ncam))
         self._size = (int(size[0]), int(size[1]))  # (H, W)
         self._camera = default_camera(self._domain, camera)
         self._image, self._proprio = bool(image), bool(proprio)

@@ -9,13 +9,12 @@ to 1-D (reshaped back before each step). The env's own time limit arrives as `tr
 """
 from __future__ import annotations
 
-import difflib
 import warnings
 from typing import Any
 
 import gymnasium
 import numpy as np
-from .checker import EnvCheckError, MissingDependency, is_model_input
+from .checker import EnvCheckError, MissingDependency, close_matches, is_model_input
 
 CLASSIC_CONTROL_INSTALL = 'pip install "gymnasium[classic-control]"  (installs pygame)'
 
@@ -68,11 +67,9 @@ def make_gymnasium_env(env_id: str) -> gymnasium.Env:
             pass           # an error of its own constructor is not shown chained to this one
         return gymnasium.make(env_id)
     except gymnasium.error.UnregisteredEnv as error:
-        close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=5, cutoff=0.5)
-        suggestion = f" Close matches: {', '.join(close)}." if close else ''
         raise EnvCheckError(
             f"Unknown gymnasium environment '{env_id}' (task gym_{env_id}): {str(error).rstrip('.')}."
-            f"{suggestion} Use "
+            f"{close_matches(env_id, gymnasium.registry, n=5)} Use "
             "--task gym_<EnvId> with an id from gymnasium.registry (e.g. gym_CartPole-v1, "
             "gym_Pendulum-v1); envs from other packages must be installed and imported to register."
         ) from None

@@ -13,6 +13,9 @@ after `max_restarts` restarts in a row, each within `healthy_steps` pool steps o
 next failure raises EnvGaveUp (an env that keeps failing is broken; one that fails once a day is
 restarted every time: `healthy_steps` steps without a failure clear the count). A constructor that
 fails at start-up raises its own exception, with the env index and the worker's traceback as a note.
+An env in a worker that has not answered for `slow_seconds` (a simulator stuck in a loop, a remote
+env waiting on its server) is reported through `on_event` (kind 'slow') each such span, while the
+pool keeps waiting: a hung env is named instead of freezing the run without a word.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import numpy as np
 
 PARALLEL_MODES = ('process', 'thread', 'none')
 POLL_SECONDS = 0.5  # how often a waiting pool checks that a worker process is still alive
+SLOW_SECONDS = 300.0  # an env silent this long (and each such span again) is reported as not answering
 JOIN_SECONDS = 5.0  # how long close() waits for a worker before terminating it
 
 
@@ -133,7 +137,8 @@ class _InlineWorker:
     def submit(self, method: str, *args: Any) -> None:
         self._answer = _answer(self._env, method, args)
 
-    def receive(self) -> tuple[str, Any]:
+    def receive(self, on_wait: Callable[[], None] | None = None) -> tuple[str, Any]:
+        del on_wait  # the command already ran in the caller's thread
         return self._answer
 
     def close(self) -> None:
@@ -157,13 +162,15 @@ class _ThreadWorker:
     def submit(self, method: str, *args: Any) -> None:
         self._commands.put((method, args))
 
-    def receive(self) -> tuple[str, Any]:
+    def receive(self, on_wait: Callable[[], None] | None = None) -> tuple[str, Any]:
         while True:
             try:
                 return self._answers.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 if not self._thread.is_alive():
                     return 'died', 'the worker thread ended without answering'
+                if on_wait is not None:
+                    on_wait()
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -198,13 +205,15 @@ class _ProcessWorker:
         except (OSError, EOFError):
             self._send_failed = True
 
-    def receive(self) -> tuple[str, Any]:
+    def receive(self, on_wait: Callable[[], None] | None = None) -> tuple[str, Any]:
         try:
             while not self._send_failed:
                 if self._connection.poll(POLL_SECONDS):
                     return self._connection.recv()
                 if not self._process.is_alive() and not self._connection.poll(0):
                     break
+                if on_wait is not None:
+                    on_wait()
         except (EOFError, OSError):
             pass
         self._send_failed = False
@@ -241,13 +250,13 @@ def _close_workers(workers: list) -> None:
 class EnvPool:
     """N envs from `ctors` in `parallel` mode ('process', 'thread' or 'none'); see the module docstring.
 
-    Attributes: `obs_space`, `act_space` (of env 0), `events` (list of restart records: dicts with
-    index, kind, message, traceback, time), `restarts` (count so far).
+    Attributes: `obs_space`, `act_space` (of env 0), `events` (list of restart and slow-env records:
+    dicts with index, kind ('restart' or 'slow'), message, traceback, time), `restarts` (count so far).
     """
 
     def __init__(self, ctors: Sequence[Callable[[], Any]], parallel: str = 'process',
                  max_restarts: int = 10, on_event: Callable[[dict], None] | None = None,
-                 first_index: int = 0, healthy_steps: int = 1000):
+                 first_index: int = 0, healthy_steps: int = 1000, slow_seconds: float = SLOW_SECONDS):
         if parallel not in PARALLEL_MODES:
             raise ValueError(
                 f"envs.parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}. Use "
@@ -259,6 +268,7 @@ class EnvPool:
         self._parallel = parallel
         self._context = _process_context() if parallel == 'process' else None
         self.max_restarts, self.healthy_steps = int(max_restarts), int(healthy_steps)
+        self.slow_seconds = float(slow_seconds)
         self.restarts = 0  # in all
         self.restarts_in_a_row = 0  # each within healthy_steps steps of the one before
         self._steps = self._last_failure_step = 0
@@ -329,7 +339,7 @@ class EnvPool:
                 worker.submit('step', actions[index])
         observations = []
         for index, worker in enumerate(self._workers):
-            answer = worker.receive()
+            answer = worker.receive(self._slow_watch(index, 'step'))
             obs = answer[1] if answer[0] == 'ok' else self._restart(index, answer)
             self._needs_reset[index] = self._is_last(obs, index)
             observations.append(obs)
@@ -371,6 +381,23 @@ class EnvPool:
             raise EnvRestartFailed(self.first_index + index, 'failed, and then failed to restart; last failure:',
                             value if status == 'died' else value[0])
         return self._ask(index, 'reset')
+
+    def _slow_watch(self, index: int, what: str) -> Callable[[], None]:
+        """The on_wait of a receive(): records a 'slow' event each `slow_seconds` env `index` is silent."""
+        start = time.monotonic()
+        reported = [0]  # spans of slow_seconds reported so far
+
+        def on_wait() -> None:
+            waited = time.monotonic() - start
+            if waited < self.slow_seconds * (reported[0] + 1):
+                return
+            reported[0] = int(waited // self.slow_seconds)
+            self._record({'index': index, 'kind': 'slow', 'time': time.time(), 'traceback': '',
+                          'message': f'env {self.first_index + index} has not answered its {what} for '
+                                     f'{waited / 60:.1f} min (envs.parallel={self._parallel}); still waiting. '
+                                     'A simulator stuck in a loop or an env waiting on a server or a lock '
+                                     'does this: Ctrl-C stops the run and saves it'})
+        return on_wait
 
     def _record(self, event: dict) -> None:
         self.events.append(event)

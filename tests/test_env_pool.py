@@ -3,9 +3,11 @@ start-up failures, and clean shutdown."""
 import functools
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import gymnasium
 import numpy as np
@@ -47,6 +49,9 @@ class Counter:
         if self.t == self.crash_at:
             if self.how == 'exit':
                 os._exit(3)
+            if self.how == 'hang':
+                time.sleep(2.0)  # a stuck simulator that comes back
+                return {'vector': np.array([self.t], np.float32)}, 1.0, False, False, {}
             raise RuntimeError(f'deliberate crash at step {self.t}')
         return {'vector': np.array([self.t], np.float32)}, 1.0, self.t >= self.length, False, {}
 
@@ -105,6 +110,23 @@ def test_crashing_env_is_reported_with_index_and_restarted(parallel, how):
         assert 'in step' in events[0]['traceback']  # the env's own frame
     else:
         assert 'exit code 3' in events[0]['traceback']
+
+
+@pytest.mark.parametrize('parallel', ['thread', 'process'])
+def test_an_env_that_does_not_answer_is_named_while_the_pool_waits(parallel):
+    """Env 1 hangs 2 s in its 2nd step: with slow_seconds 0.6 the pool reports it (kind 'slow', its
+    index, how long) once per 0.6 s of silence, keeps waiting, and takes its answer: no restart."""
+    events = []
+    ctors = [functools.partial(counter_env, length=10),
+             functools.partial(counter_env, crash_at=2, how='hang', length=10)]
+    with EnvPool(ctors, parallel, on_event=events.append, slow_seconds=0.6) as pool:
+        steps = [pool.step(np.zeros((2, 1))) for _ in range(4)]
+    assert [float(s[1]['vector'][0]) for s in steps] == [0, 1, 2, 3] and pool.restarts == 0
+    assert 1 <= len(events) <= 3, events  # 2 s of silence: spans of 0.6 s, seen at 0.5 s polls
+    for event in events:
+        assert event['kind'] == 'slow' and event['index'] == 1, event
+        assert re.fullmatch(rf"env 1 has not answered its step for \d\.\d min \(envs\.parallel={parallel}\); "
+                            r"still waiting\. .*Ctrl-C stops the run and saves it", event['message']), event
 
 
 @pytest.mark.parametrize('parallel', ['none', 'process'])

@@ -206,6 +206,10 @@ def test_bad_options_are_explained():
         Atari('pong', lives='sometimes')
     with pytest.raises(ValueError, match=r"Unknown Atari game 'atari_pongg'.*Known games: .*pong"):
         Atari('pongg')
+    with pytest.raises(ValueError, match=r"got 'MontezumaRevenge'\. Close matches: montezuma_revenge, "):
+        Atari('MontezumaRevenge')  # gym's CamelCase spelling points at ale-py's snake_case id
+    with pytest.raises(ValueError, match=r"got 'Pong'\. Close matches: pong, "):
+        Atari('Pong')
     with pytest.raises(ValueError, match=r'must be an index in 0..5'):
         Atari('pong').step(6)
 

@@ -183,6 +183,23 @@ def test_unknown_task_error_lists_tasks():
         DMC('walker_fly')
 
 
+def test_a_misspelt_task_is_answered_with_the_closest_names_first():
+    with pytest.raises(ValueError, match=r"got 'walker_wakl'\. Close matches: dmc_walker_walk, .*Pick one of"):
+        DMC('walker_wakl')
+    with pytest.raises(ValueError, match=r"got 'Walker_Walk'\. Close matches: dmc_walker_walk,"):
+        DMC('Walker_Walk')
+
+
+def test_a_camera_the_model_lacks_is_refused_naming_the_option_and_the_ids():
+    """walker has two cameras: 7 would fail only at the first frame, in a worker, as MuJoCo's error."""
+    for camera in (7, 2, -2):
+        with pytest.raises(ValueError, match=rf"'walker_walk' has 2 camera\(s\), ids 0\.\.1; got "
+                                             rf"--env\.dmc\.camera {camera}\. .*-1 for the paper's view"):
+            DMC('walker_walk', camera=camera, image=False)
+    assert DMC('walker_walk', camera=1, image=False)._camera == 1
+    assert DMC('quadruped_walk', camera=-1, image=False)._camera == 2
+
+
 def test_empty_observation_is_rejected():
     with pytest.raises(ValueError, match=r'image=False and proprio=False'):
         DMC('walker_walk', image=False, proprio=False)

@@ -307,6 +307,20 @@ def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
     assert [s for s in saves if s > stopped] == due + ([end] if end not in due else []), saves
 
 
+def test_the_copy_paste_hints_are_quoted_for_a_logdir_with_spaces():
+    """`tail -f`, `tensorboard --logdir` and --from_checkpoint, pasted into a shell, name the folder
+    even when it holds spaces or quotes."""
+    import shlex
+
+    logdir = Path("/tmp/my runs/walker's 1")
+    paths = dreamer.RunPaths(logdir, logdir / "latest.pt", None, logdir / "replay")
+    follow = re.findall(r"`([^`]*)`", dreamer.follow_hint(paths))
+    assert [shlex.split(command) for command in follow] == [
+        ["tail", "-f", str(logdir / "train.log")], ["tensorboard", "--logdir", str(logdir)]]
+    flag = dreamer.resume_hint(paths).split("or add ", 1)[1]
+    assert shlex.split(flag) == ["--from_checkpoint", str(logdir / "latest.pt")]
+
+
 def test_logs_saves_and_evaluations_keep_to_the_multiples_of_their_interval():
     passed = []
     last = 0
