@@ -385,17 +385,18 @@ def stack_obs(observations: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def render_frame(pool: EnvPool, obs: dict[str, Any]) -> Optional[np.ndarray]:
-    """An (H, W, 3) uint8 frame of eval env 0: its render() (RGBA, grey and float frames converted,
-    logger.video_frame), else its image observation. Raises envs.EnvError when the env's render()
-    fails, ValueError when it returns something that is not a frame."""
+def render_frame(pool: EnvPool, obs: dict[str, Any]) -> tuple[Optional[np.ndarray], bool]:
+    """(an (H, W, 3) uint8 frame of eval env 0, whether it is the image observation): its render()
+    (RGBA, grey and float frames converted, logger.video_frame), else its image observation, else
+    (None, False). Raises envs.EnvError when the env's render() fails, ValueError when it returns
+    something that is not a frame."""
     frame = pool.call_one(0, "render") if hasattr(pool, "call_one") else pool.call("render")[0]
-    if frame is None:
-        image = obs.get("image")
-        if image is None:
-            return None
-        return np.asarray(image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, -1), np.uint8)
-    return video_frame(frame)
+    if frame is not None:
+        return video_frame(frame), False
+    image = obs.get("image")
+    if image is None:
+        return None, False
+    return np.asarray(image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, -1), np.uint8), True
 
 
 def render_failure(error: Exception) -> str:
@@ -417,6 +418,7 @@ class EvalResult:
     logs: list[dict[str, float]] = dataclasses.field(default_factory=list)  # each episode's log_ values
     frames: list[np.ndarray] = dataclasses.field(default_factory=list)  # env 0's first episode, (H, W, 3) each
     render_ok: bool = True  # False once render() raised (logged once by evaluate)
+    frames_from_image: bool = False  # the env's render() gave no frame: the video is its 'image' observation
     completed: bool = True  # False when a stop request cut it short
     abandoned: int = 0  # > 0: the length of the episode that reached the length cap (nothing to log)
 
@@ -481,7 +483,8 @@ def evaluate(agent: Agent, pool: EnvPool, episodes: int, video_length: int, warn
                 result.logs.append(summary)  # the env's log_<key> values, e.g. success
         if want_video and len(result.frames) < video_length:  # env 0's first episode, its last frame included
             try:
-                frame = render_frame(pool, observations[0])
+                frame, from_image = render_frame(pool, observations[0])
+                result.frames_from_image |= from_image
             except (envs.EnvError, ValueError) as error:
                 warn(render_failure(error))
                 frame, result.render_ok = None, False
@@ -977,6 +980,7 @@ class Trainer:
         tools.set_seed(rank_seed(config, dist.rank), config.deterministic)
         self.pool = None
         self.wants_video = bool(config.video)  # False once render() has raised or given no frame
+        self.told_image_video = False  # the line saying the video is the image observation, logged once
         self.warned: set[str] = set()  # warnings given (each evaluation would repeat them)
 
     def compute_summary(self) -> str:
@@ -1210,6 +1214,11 @@ class Trainer:
         if self.wants_video and result.render_ok and not result.frames and dist.main:
             self.logger.info("no eval video: the env has no render() (or it gives no frame) and no 'image' "
                              "observation (training is not affected)")
+        if result.frames_from_image and not self.told_image_video and dist.main:
+            self.told_image_video = True
+            self.logger.info("eval video: the env has no render() (or it gives no frame), so the video shows "
+                             "its 'image' observation; give the env a render() returning an (H, W, 3) uint8 "
+                             "frame for another view")
         if not (result.render_ok and result.frames):  # a raising render() is logged once by evaluate
             self.wants_video = False  # later evaluations record no video
         if config.video and self.prefetch is not None and dist.main:
@@ -1474,13 +1483,21 @@ def write_config(config: Config, logdir: Path) -> None:
     (logdir / "config.yaml").write_text(config_lib.to_yaml(config), encoding="utf-8")
 
 
+def print_help() -> int:
+    """--help's text on stdout; a reader that stops early (`--help | head`) is no error."""
+    try:
+        print(config_lib.help_text(), flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         _, _, wants_help = config_lib.parse_argv(argv)
         if wants_help:
-            print(config_lib.help_text())
-            return 0
+            return print_help()
         config, loaded = config_lib.build_config(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

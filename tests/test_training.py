@@ -1,6 +1,7 @@
 """End-to-end runs of the command line: what a user sees in the logdir, train_ratio, errors, eval."""
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -198,6 +199,16 @@ def test_a_missing_gpu_stops_the_run_before_anything_is_written(tmp_path, args, 
 def test_help_lists_blocks_and_keys():
     result = run_cli("--help")
     assert result.returncode == 0 and "blocks:" in result.stdout and "--train_ratio" in result.stdout
+
+
+def test_help_into_a_reader_that_stops_early_is_no_error():
+    """`dreamer.py --help | head`: the pipe closes before the text is written; no BrokenPipeError."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before dreamer.py writes
+    result = subprocess.run([sys.executable, str(ROOT / "dreamer.py"), "--help"], cwd=ROOT, stdout=write,
+                            stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
@@ -473,6 +484,28 @@ def test_env_without_render_trains_and_says_there_is_no_video(tmp_path):
     log = (logdir / "train.log").read_text()
     assert log.count("no eval video") == 1 and "finished: 200 steps" in log
     assert len([r for r in read_metrics(logdir) if "eval/return" in r]) == 2
+
+
+def test_an_env_whose_render_gives_no_frame_shows_its_image_and_says_so_once(tmp_path, monkeypatch):
+    """custom_reach with a render() that returns None: both evaluations write a video of the 'image'
+    observation, and train.log says once where the video comes from."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from envs import custom_env
+
+    monkeypatch.setattr(custom_env.PointTask, "render", lambda self: None)
+    config = dreamer.config_lib.load_config([
+        "--configs", "debug", "custom", "--task", "custom_reach", "--logdir", str(tmp_path), "--steps", "200",
+        "--eval_every", "100", "--envs.parallel", "none", "--device", "cpu"])
+    assert dreamer.train(config).step == 200
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("eval video: the env has no render() (or it gives no frame), so the video shows its "
+                     "'image' observation") == 1, log
+    assert "no eval video" not in log and "WARNING" not in log
+    accumulator = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    accumulator.Reload()
+    videos = [tag for tag in accumulator.Tags()["images"] if tag.startswith("eval/video")]
+    assert videos and len(accumulator.Images(videos[0])) == 2, accumulator.Tags()["images"]
 
 
 @pytest.mark.parametrize("task, warning", [
