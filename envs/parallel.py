@@ -284,7 +284,7 @@ class EnvPool:
                 self.close()
                 raise
         for index, worker in enumerate(self._workers):
-            self._raise_if_failed(worker.receive(), index, 'failed to start')
+            self._raise_if_failed(worker.receive(self._slow_watch(index, 'start-up')), index, 'failed to start')
         self._needs_reset = [True] * len(self._ctors)
         self.obs_space = self._ask(0, 'getattr', 'obs_space')
         self.act_space = self._ask(0, 'getattr', 'act_space')
@@ -318,7 +318,8 @@ class EnvPool:
 
     def _ask(self, index: int, method: str, *args: Any) -> Any:
         self._workers[index].submit(method, *args)
-        return self._raise_if_failed(self._workers[index].receive(), index, f"failed in '{method}'")
+        answer = self._workers[index].receive(self._slow_watch(index, f"'{method}'"))
+        return self._raise_if_failed(answer, index, f"failed in '{method}'")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -375,7 +376,7 @@ class EnvPool:
                       'traceback': text})
         _close_workers([self._workers[index]])
         self._workers[index] = self._start(index)
-        status, value = self._workers[index].receive()
+        status, value = self._workers[index].receive(self._slow_watch(index, 'restart'))
         if status != 'ok':  # its constructor (or start-up check) fails now: restarting cannot help
             self.close()
             raise EnvRestartFailed(self.first_index + index, 'failed, and then failed to restart; last failure:',

@@ -129,6 +129,19 @@ def test_an_env_that_does_not_answer_is_named_while_the_pool_waits(parallel):
                             r"still waiting\. .*Ctrl-C stops the run and saves it", event['message']), event
 
 
+def slow_to_build_env():
+    time.sleep(1.5)  # a constructor waiting on a server
+    return counter_env()
+
+
+def test_an_env_slow_to_start_is_named_too():
+    events = []
+    with EnvPool([counter_env, slow_to_build_env], 'process', on_event=events.append, slow_seconds=0.6) as pool:
+        assert float(pool.step(np.zeros((2, 1)))[1]['vector'][0]) == 0
+    assert events and all(event['kind'] == 'slow' and event['index'] == 1 for event in events), events
+    assert events[0]['message'].startswith('env 1 has not answered its start-up for '), events
+
+
 @pytest.mark.parametrize('parallel', ['none', 'process'])
 def test_restart_limit_raises_with_index_and_traceback(parallel):
     ctors = [functools.partial(counter_env, crash_at=1)]
