@@ -1246,7 +1246,8 @@ class Trainer:
         return EvalResult(returns=[r for part in gathered for r in part[0]],
                           lengths=[n for part in gathered for n in part[1]],
                           logs=[e for part in gathered for e in part[2]], frames=result.frames,
-                          render_ok=result.render_ok, completed=all(part[3] for part in gathered),
+                          render_ok=result.render_ok, frames_from_image=result.frames_from_image,
+                          completed=all(part[3] for part in gathered),
                           abandoned=max(part[4] for part in gathered))
 
     def loop(self, interrupt: Interrupt) -> None:
@@ -1488,7 +1489,9 @@ def print_help() -> int:
     try:
         print(config_lib.help_text(), flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error at exit's flush
+        os.close(devnull)
     return 0
 
 

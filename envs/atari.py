@@ -231,7 +231,9 @@ class Atari:
 
 
 def snake_case(name: str) -> str:
-    """'MontezumaRevenge' -> 'montezuma_revenge', 'Pong' -> 'pong': ale-py's spelling of a gym-style id."""
+    """ale-py's spelling of a gym-style id: 'MontezumaRevenge' -> 'montezuma_revenge', 'ALE/Pong-v5'
+    and 'PongNoFrameskip-v4' -> 'pong'."""
+    name = re.sub(r'(NoFrameskip|Deterministic)?(-v\d+)?$', '', name.removeprefix('ALE/'))
     return re.sub(r'(?<=[a-z0-9])(?=[A-Z])', '_', name).lower()
 
 

@@ -129,7 +129,11 @@ class DMC:
                 "Install it with `pip install dm_control==1.0.50 mujoco==3.17.0`.") from error
         self._domain, self._task = split_task_name(name, list(suite.ALL_TASKS))
         self._env = suite.load(self._domain, self._task, task_kwargs={'random': seed})
-        check_camera(name, int(camera), int(self._env.physics.model.ncam))
+        try:
+            check_camera(name, int(camera), int(self._env.physics.model.ncam))
+        except EnvCheckError:
+            self._env.close()
+            raise
         self._size = (int(size[0]), int(size[1]))  # (H, W)
         self._camera = default_camera(self._domain, camera)
         self._image, self._proprio = bool(image), bool(proprio)

@@ -13,9 +13,10 @@ after `max_restarts` restarts in a row, each within `healthy_steps` pool steps o
 next failure raises EnvGaveUp (an env that keeps failing is broken; one that fails once a day is
 restarted every time: `healthy_steps` steps without a failure clear the count). A constructor that
 fails at start-up raises its own exception, with the env index and the worker's traceback as a note.
-An env in a worker that has not answered for `slow_seconds` (a simulator stuck in a loop, a remote
-env waiting on its server) is reported through `on_event` (kind 'slow') each such span, while the
-pool keeps waiting: a hung env is named instead of freezing the run without a word.
+An env in a worker (`process` or `thread`) that has not answered for `slow_seconds` (a simulator stuck
+in a loop, a remote env waiting on its server) is reported through `on_event` (kind 'slow') each such
+span, while the pool keeps waiting: a hung env is named instead of freezing the run without a word.
+(`none` runs the env in the caller's thread, which cannot watch it.)
 """
 from __future__ import annotations
 
@@ -206,16 +207,16 @@ class _ProcessWorker:
             self._send_failed = True
 
     def receive(self, on_wait: Callable[[], None] | None = None) -> tuple[str, Any]:
-        try:
-            while not self._send_failed:
+        while not self._send_failed:
+            try:
                 if self._connection.poll(POLL_SECONDS):
                     return self._connection.recv()
                 if not self._process.is_alive() and not self._connection.poll(0):
                     break
-                if on_wait is not None:
-                    on_wait()
-        except (EOFError, OSError):
-            pass
+            except (EOFError, OSError):
+                break
+            if on_wait is not None:  # outside the try: a failing log write is not a dead worker
+                on_wait()
         self._send_failed = False
         self._process.join(JOIN_SECONDS)
         return 'died', f'the worker process ended (exit code {self._process.exitcode})'
@@ -231,6 +232,11 @@ class _ProcessWorker:
             self._process.terminate()
             self._process.join(JOIN_SECONDS)
         self._connection.close()
+
+
+def wait_text(seconds: float) -> str:
+    """'45 s' under two minutes, else '5.2 min'."""
+    return f'{seconds:.0f} s' if seconds < 120 else f'{seconds / 60:.1f} min'
 
 
 def _process_context() -> Any:
@@ -268,6 +274,8 @@ class EnvPool:
         self._parallel = parallel
         self._context = _process_context() if parallel == 'process' else None
         self.max_restarts, self.healthy_steps = int(max_restarts), int(healthy_steps)
+        if not float(slow_seconds) > 0:
+            raise ValueError(f'EnvPool slow_seconds must be > 0 (math.inf: never report), got {slow_seconds!r}.')
         self.slow_seconds = float(slow_seconds)
         self.restarts = 0  # in all
         self.restarts_in_a_row = 0  # each within healthy_steps steps of the one before
@@ -283,8 +291,10 @@ class EnvPool:
             except BaseException:
                 self.close()
                 raise
+        started = time.monotonic()
         for index, worker in enumerate(self._workers):
-            self._raise_if_failed(worker.receive(self._slow_watch(index, 'start-up')), index, 'failed to start')
+            answer = worker.receive(self._slow_watch(index, 'start-up', started))
+            self._raise_if_failed(answer, index, 'failed to start')
         self._needs_reset = [True] * len(self._ctors)
         self.obs_space = self._ask(0, 'getattr', 'obs_space')
         self.act_space = self._ask(0, 'getattr', 'act_space')
@@ -338,9 +348,9 @@ class EnvPool:
                 worker.submit('reset')
             else:
                 worker.submit('step', actions[index])
-        observations = []
+        observations, sent = [], time.monotonic()
         for index, worker in enumerate(self._workers):
-            answer = worker.receive(self._slow_watch(index, 'step'))
+            answer = worker.receive(self._slow_watch(index, 'step', sent))
             obs = answer[1] if answer[0] == 'ok' else self._restart(index, answer)
             self._needs_reset[index] = self._is_last(obs, index)
             observations.append(obs)
@@ -383,21 +393,23 @@ class EnvPool:
                             value if status == 'died' else value[0])
         return self._ask(index, 'reset')
 
-    def _slow_watch(self, index: int, what: str) -> Callable[[], None]:
-        """The on_wait of a receive(): records a 'slow' event each `slow_seconds` env `index` is silent."""
-        start = time.monotonic()
-        reported = [0]  # spans of slow_seconds reported so far
+    def _slow_watch(self, index: int, what: str, since: float | None = None) -> Callable[[], None]:
+        """The on_wait of a receive(): records a 'slow' event each `slow_seconds` env `index` has been
+        silent since `since` (time.monotonic() when its command was sent; default now)."""
+        start = time.monotonic() if since is None else since
+        reported = 0  # spans of slow_seconds reported so far
 
         def on_wait() -> None:
+            nonlocal reported
             waited = time.monotonic() - start
-            if waited < self.slow_seconds * (reported[0] + 1):
+            if waited < self.slow_seconds * (reported + 1):
                 return
-            reported[0] = int(waited // self.slow_seconds)
+            reported = int(waited // self.slow_seconds)
             self._record({'index': index, 'kind': 'slow', 'time': time.time(), 'traceback': '',
                           'message': f'env {self.first_index + index} has not answered its {what} for '
-                                     f'{waited / 60:.1f} min (envs.parallel={self._parallel}); still waiting. '
+                                     f'{wait_text(waited)} (envs.parallel={self._parallel}); still waiting. '
                                      'A simulator stuck in a loop or an env waiting on a server or a lock '
-                                     'does this: Ctrl-C stops the run and saves it'})
+                                     'does this: press Ctrl-C twice to stop at once (the run is saved)'})
         return on_wait
 
     def _record(self, event: dict) -> None:

@@ -210,6 +210,8 @@ def test_bad_options_are_explained():
         Atari('MontezumaRevenge')  # gym's CamelCase spelling points at ale-py's snake_case id
     with pytest.raises(ValueError, match=r"got 'Pong'\. Close matches: pong, "):
         Atari('Pong')
+    with pytest.raises(ValueError, match=r"got 'PongNoFrameskip-v4'\. Close matches: pong, "):
+        Atari('PongNoFrameskip-v4')  # gym's most used Atari id
     with pytest.raises(ValueError, match=r'must be an index in 0..5'):
         Atari('pong').step(6)
 

