@@ -46,7 +46,7 @@ import checkpoint as ckpt
 import config as config_lib
 import tools
 from config import EXIT_USER_ERROR, Config, ConfigError
-from logger import Logger, Pace, video_frame
+from logger import Logger, LogWriteError, Pace, video_frame
 from replay import Prefetcher, Replay, check_batch_memory, steps_stored_in
 
 if __name__ == "__main__":  # the imports are done; until the loop's own handler (Interrupt) takes over
@@ -70,7 +70,7 @@ def is_user_error(error: BaseException) -> bool:
     from replay import ReplayMemoryError
 
     return isinstance(error, (RunError, ConfigError, ckpt.CheckpointError, EnvCheckError, MissingDependency,
-                              ReplayMemoryError))
+                              ReplayMemoryError, LogWriteError))
 
 
 # ------------------------------------------------------------------------------------------ run set-up
@@ -1386,7 +1386,7 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
     except EnvGaveUp as error:  # an env that keeps failing: keep the progress, then say so
         interrupt.shielded = True
         raise env_gave_up(trainer, error) from None
-    except (TrainingDiverged, UpdateOutOfMemory):  # the env's steps are good data: on disk, the model unsaved
+    except (TrainingDiverged, UpdateOutOfMemory, LogWriteError):  # the env's steps are good data: on disk, the model unsaved
         interrupt.shielded = True
         trainer.replay.flush()
         raise

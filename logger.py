@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,39 @@ import torch
 # Scalars shown first in a train.log line, in this order; the rest follow sorted by name.
 MAIN_SCALARS = ("perf/fps", "episode/return", "episode/length", "eval/return")
 MAIN_PREFIXES = ("loss/",)
+
+
+class LogWriteError(RuntimeError):
+    """train.log, metrics.jsonl or the TensorBoard events could not be written (a full disk, a
+    removed or read-only folder); the message names the folder and the fix."""
+
+
+def log_write_failure(logdir: Path, error: OSError) -> LogWriteError:
+    what = error.strerror or str(error)
+    return LogWriteError(
+        f"cannot write the run's logs in {logdir} ({type(error).__name__}: {what}): the disk is full, or "
+        "the folder was removed or made read-only while the run went on. The run stops here without a "
+        "new checkpoint; the last checkpoint and the replay already on disk are kept. Free disk space "
+        "(or restore the folder) and run the same command again: it resumes from the last checkpoint.")
+
+
+def quiet_tensorboard_thread_errors() -> None:
+    """TensorBoard's writer thread re-raises a failed write (a full disk), and threading prints its
+    traceback; the next write() raises the same error in the caller, which reports it as one
+    paragraph. Silence that thread's OSErrors only (installed once per process)."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 def to_float(value: Any) -> float:
@@ -152,17 +186,20 @@ class Logger:
         self._writer = None  # made at the first write, so a rewind before it makes no extra events file
         self._tensorboard, self._purge_step = tensorboard, None
         self._progress_shown = False
+        self.failed = False  # a write() failed (LogWriteError): it writes nothing from then on
+        self._text_failed = False  # train.log failed: messages go to stderr only from then on
         if not enabled:
             return
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self._text = open(self.logdir / "train.log", "a", buffering=1)
-        self._jsonl = open(self.logdir / "metrics.jsonl", "a", buffering=1)
+        self._text = open(self.logdir / "train.log", "a", buffering=1, encoding="utf-8")
+        self._jsonl = open(self.logdir / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
 
     def _tensorboard_writer(self):
         """The TensorBoard writer (None when off); it hides the events at or after a rewind's step."""
         if self._writer is None and self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            quiet_tensorboard_thread_errors()
             self._writer = SummaryWriter(log_dir=str(self.logdir), max_queue=1000, flush_secs=30,
                                          purge_step=self._purge_step)
         return self._writer
@@ -185,9 +222,18 @@ class Logger:
     # --- writing --------------------------------------------------------------------------------
 
     def write(self, step: int) -> None:
-        """Write the pending scalars and videos at `step` to all sinks, flush, and clear them."""
-        if not self.enabled:
+        """Write the pending scalars and videos at `step` to all sinks, flush, and clear them; a sink
+        that cannot be written raises LogWriteError."""
+        if not self.enabled or self.failed:
             return
+        try:
+            self._write_sinks(step)
+        except OSError as error:
+            self.failed = True
+            self._scalars, self._videos = {}, {}
+            raise log_write_failure(self.logdir, error) from None
+
+    def _write_sinks(self, step: int) -> None:
         values = {name: to_float(value) for name, value in self._scalars.items()}
         if values:
             self._write_text(step, values)
@@ -229,7 +275,7 @@ class Logger:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)
-        self._jsonl = open(path, "a", buffering=1)
+        self._jsonl = open(path, "a", buffering=1, encoding="utf-8")
         if self._writer is not None:  # the next write opens a new events file with the purge step
             self._writer.close()
             self._writer = None
@@ -252,8 +298,14 @@ class Logger:
                 print(f"[rank {self.rank}] [{timestamp()}] {level} {message}", file=sys.stderr, flush=True)
             return
         line = f"[{timestamp()}] {level} {message}"
-        self._text.write(line + "\n")
-        self._text.flush()
+        if not self._text_failed:
+            try:
+                self._text.write(line + "\n")
+                self._text.flush()
+            except OSError as error:  # the line still reaches stderr; write() names the failure
+                self._text_failed = echo = True
+                print(f"[{timestamp()}] WARNING train.log cannot be written ({error}); messages go to stderr "
+                      "only from now on", file=sys.stderr, flush=True)
         if echo:
             self._clear_progress()
             print(line, file=sys.stderr, flush=True)
@@ -287,11 +339,17 @@ class Logger:
             return
         self._clear_progress()
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError:  # a full disk: what it could not write is lost, the run's error says so
+                pass
             self._writer = None
         for file in (self._text, self._jsonl):
             if not file.closed:
-                file.close()
+                try:
+                    file.close()
+                except OSError:
+                    pass
 
 
 def record_step(line: str) -> float:

@@ -318,6 +318,39 @@ def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
     assert [s for s in saves if s > stopped] == due + ([end] if end not in due else []), saves
 
 
+def test_a_disk_that_fills_up_stops_the_run_with_one_paragraph_and_keeps_its_checkpoint(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """From step 300 metrics.jsonl is /dev/full (the kernel's ENOSPC on every write): the run stops
+    with the paragraph, exit 2, no traceback; the checkpoint of step 200 stays and the same command,
+    with the disk writable again, resumes from it and finishes."""
+    import logger as logger_lib
+
+    import checkpoint
+
+    write_sinks = logger_lib.Logger._write_sinks
+
+    def fill_the_disk_at_300(self, step):
+        if step >= 300 and self._jsonl.name != "/dev/full":
+            self._jsonl.close()
+            self._jsonl = open("/dev/full", "a", buffering=1, encoding="utf-8")
+        write_sinks(self, step)
+
+    monkeypatch.setattr(logger_lib.Logger, "_write_sinks", fill_the_disk_at_300)
+    argv = ["--configs", "debug", "custom", "--task", "custom_reach", "--logdir", str(tmp_path), "--steps", "400",
+            "--envs.parallel", "none", "--device", "cpu", "--video", "False"]
+    assert dreamer.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: cannot write the run's logs in") == 1 and "Traceback" not in err, err
+    assert "(OSError: No space left on device)" in err and "it resumes from the last checkpoint" in err
+    assert checkpoint.load_checkpoint(tmp_path / "latest.pt")["counters"]["step"] == 200
+    assert "ERROR cannot write the run's logs" in (tmp_path / "train.log").read_text()
+    monkeypatch.setattr(logger_lib.Logger, "_write_sinks", write_sinks)
+    assert dreamer.main(argv) == 0
+    log = (tmp_path / "train.log").read_text()
+    assert "at step 200" in log and "finished: 400 steps" in log
+    assert [r["step"] for r in read_metrics(tmp_path)] == [100, 200, 200, 300, 400, 400]
+
+
 def test_the_copy_paste_hints_are_quoted_for_a_logdir_with_spaces():
     """`tail -f`, `tensorboard --logdir` and --from_checkpoint, pasted into a shell, name the folder
     even when it holds spaces or quotes."""
