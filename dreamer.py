@@ -1544,6 +1544,21 @@ def check_options_taken(suite: str, cls: Any, options: dict, task: str) -> None:
         f"{{{suite}: ...}} in configs.yaml; the run did not start.")
 
 
+NAME_MAX_BYTES = 255  # the longest file or folder name Linux, macOS and Windows file systems take
+
+
+def check_path_names(path: Path, option: str) -> None:
+    """A folder or file name longer than the file system allows (in bytes: 'ü' takes two) stops the
+    run before anything is written, naming the part; the OS would refuse it deep inside a check."""
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX_BYTES:
+            raise RunError(
+                f"{option} {path}: the name '{part[:40]}...' is {size} bytes long, and file systems take "
+                f"names of at most {NAME_MAX_BYTES} bytes (each non-ASCII letter takes 2-4). Pass a "
+                f"{option} with shorter folder names.")
+
+
 def check_run_inputs(config: Config) -> None:
     """Problems that need no env or model, found before anything is printed or written: a task whose
     suite is not registered, a device this machine lacks, --parallel without GPUs (unless the CPU is
@@ -1564,6 +1579,9 @@ def check_run_inputs(config: Config) -> None:
                 f"so its options would reach no env{f': did you mean env.{close[0]}?' if close else '.'} Fix the "
                 f"--env.{suite}.<key> option or the env: {{{suite}: ...}} entry in configs.yaml, or register the "
                 f"suite in envs/__init__.py.")
+    for option, value in (("--logdir", config.logdir), ("--from_checkpoint", config.from_checkpoint)):
+        if value:
+            check_path_names(Path(value).expanduser(), option)
     try:
         device = tools.resolve_device(config.device)
     except ValueError as error:

@@ -128,6 +128,9 @@ class Atari:
         if int(length) < 0:
             raise EnvCheckError(f'Atari length must be >= 0 emulator frames (0 = no cap); got {length}. '
                                 f'Use {EPISODE_FRAMES} as in the paper.')
+        if int(noops) < 0:
+            raise EnvCheckError(f'Atari noops must be >= 0 (the most no-op actions at a reset, 0 = none); got '
+                                f'{noops}. Use 30 as in the paper.')
         self._ale = make_emulator(name, seed)
         if actions == 'all':
             self._actions = list(self._ale.getLegalActionSet())

@@ -73,6 +73,14 @@ def make_gymnasium_env(env_id: str) -> gymnasium.Env:
             "--task gym_<EnvId> with an id from gymnasium.registry (e.g. gym_CartPole-v1, "
             "gym_Pendulum-v1); envs from other packages must be installed and imported to register."
         ) from None
+    except gymnasium.error.DeprecatedEnv as error:
+        raise EnvCheckError(
+            f"gymnasium environment '{env_id}' (task gym_{env_id}) is deprecated: {str(error).rstrip('.')}. "
+            "Use the version it names: --task gym_<that id>.") from None
+    except gymnasium.error.DependencyNotInstalled as error:
+        raise MissingDependency(
+            f"gymnasium environment '{env_id}' (task gym_{env_id}) needs a package that is not installed: "
+            f"{str(error).rstrip('.')}. Install what it names and run the same command again.") from None
 
 
 class GymEnv:

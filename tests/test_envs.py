@@ -552,6 +552,23 @@ def test_gym_unknown_id_suggests_close_matches():
         envs.make_env(make_config('--task', 'gym_CartPol-v1'), 'train', 0)
 
 
+def test_a_deprecated_gym_id_names_its_successor():
+    with pytest.raises(envs.EnvCheckError, match=(
+            r"gymnasium environment 'Taxi-v3' \(task gym_Taxi-v3\) is deprecated: .*Please use `Taxi-v4` "
+            r"instead\. Use the version it names")):
+        envs.make_env(make_config('--task', 'gym_Taxi-v3'), 'train', 0)
+
+
+def test_a_gym_env_whose_package_is_missing_names_the_install():
+    import importlib.util
+
+    if importlib.util.find_spec('Box2D') is not None:
+        pytest.skip('Box2D is installed here: LunarLander builds')
+    with pytest.raises(envs.MissingDependency, match=(
+            r"gymnasium environment 'LunarLander-v3' \(task gym_LunarLander-v3\) needs a package that is not "
+            r"installed: Box2D is not installed.*gymnasium\[box2d\]")):
+        envs.make_env(make_config('--task', 'gym_LunarLander-v3'), 'train', 0)
+
 
 class ScriptedGymEnv(gym.Env):
     """Registered below as TestScripted-v0: a (2, 2) Box action recorded as stepped; a seeded random

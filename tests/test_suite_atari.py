@@ -212,6 +212,8 @@ def test_bad_options_are_explained():
         Atari('Pong')
     with pytest.raises(ValueError, match=r"got 'PongNoFrameskip-v4'\. Close matches: pong, "):
         Atari('PongNoFrameskip-v4')  # gym's most used Atari id
+    with pytest.raises(ValueError, match=r'Atari noops must be >= 0 .*; got -1\. Use 30 as in the paper'):
+        Atari('pong', noops=-1)
     with pytest.raises(ValueError, match=r'must be an index in 0..5'):
         Atari('pong').step(6)
 

@@ -351,6 +351,15 @@ def test_a_disk_that_fills_up_stops_the_run_with_one_paragraph_and_keeps_its_che
     assert [r["step"] for r in read_metrics(tmp_path)] == [100, 200, 200, 300, 400, 400]
 
 
+def test_a_folder_name_longer_than_file_systems_take_is_refused_before_anything_is_written(tmp_path):
+    """130 x 'ü' is 260 bytes: the OS refuses it (ENAMETOOLONG) at the first stat, deep in a check."""
+    result = run_cli("--configs", "debug", "custom", "--task", "custom_reach", "--logdir", str(tmp_path / ("ü" * 130)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: --logdir {tmp_path / ('ü' * 130)}: the name '{'ü' * 40}...' is 260 "
+                                    "bytes long, and file systems take names of at most 255 bytes"), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_copy_paste_hints_are_quoted_for_a_logdir_with_spaces():
     """`tail -f`, `tensorboard --logdir` and --from_checkpoint, pasted into a shell, name the folder
     even when it holds spaces or quotes."""
