@@ -53,6 +53,11 @@ from tools import keep_freed_cpu_memory, resolve_device, set_seed, set_threads, 
 
 
 BENCH_OPTIONS = {"--iters": "3", "--json": None, "--profile": None, "--op-times": None, "--launches": None}
+OUTPUT_OPTIONS = ("--json", "--profile", "--op-times", "--launches")  # each names a file the run writes
+
+
+class BenchUsageError(ValueError):
+    """A bad benchmark option or config; main() prints it as one line and exits 2, as dreamer.py does."""
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], dict[str, str | None]]:
@@ -63,13 +68,39 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, str | None]]:
     while i < len(argv):
         if argv[i] in BENCH_OPTIONS:
             if i + 1 >= len(argv):
-                raise SystemExit(f"{argv[i]} needs a value, e.g. {argv[i]} 3")
+                example = "3" if argv[i] == "--iters" else "FILE"
+                raise SystemExit(f"{argv[i]} needs a value, e.g. {argv[i]} {example}")
             options[argv[i]] = argv[i + 1]
             i += 2
         else:
             rest.append(argv[i])
             i += 1
     return rest, options
+
+
+def checked_iters(value: str) -> int:
+    """--iters as a whole number >= 1 (the median needs a timed update)."""
+    try:
+        iters = int(value)
+    except ValueError:
+        iters = 0
+    if iters < 1:
+        raise BenchUsageError(f"--iters expects a whole number >= 1 of timed updates, got {value!r}; e.g. --iters 3.")
+    return iters
+
+
+def check_output_paths(options: dict[str, str | None]) -> None:
+    """Every file the run will write is writable before anything is timed (a benchmark of minutes
+    must not end in a failed write)."""
+    for option in OUTPUT_OPTIONS:
+        if options[option] is None:
+            continue
+        path = Path(options[option])
+        if path.is_dir():
+            raise BenchUsageError(f"{option} {path} is a folder; name a file in it, e.g. {option} {path / 'out.txt'}.")
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+            raise BenchUsageError(f"{option} {path}: the folder {path.parent} does not exist or is not writable; "
+                                  "create it or name a file in a writable folder.")
 
 
 def task_spaces(cfg) -> tuple[dict, object]:
@@ -359,8 +390,14 @@ def main(argv: list[str]) -> dict[str, float]:
         print(__doc__.strip())
         raise SystemExit(0)
     rest, options = split_argv(argv)
-    iters, json_path = int(options["--iters"]), options["--json"]
-    cfg = config_lib.load_config(rest)
+    try:
+        iters, json_path = checked_iters(options["--iters"]), options["--json"]
+        check_output_paths(options)
+        cfg = config_lib.load_config(rest)
+        resolve_device(cfg.device)
+    except (BenchUsageError, config_lib.ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     threads = set_threads(int(cfg.threads))
     if options["--launches"]:  # before anything compiles: inductor's C++ kernels then show in the profile
         import torch._inductor.config as inductor_config

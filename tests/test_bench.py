@@ -114,6 +114,19 @@ def test_bench_help_prints_usage_and_measures_nothing(tmp_path: Path) -> None:
 
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--iters", "0"], "error: --iters expects a whole number >= 1 of timed updates, got '0'"),
+    (["--iters", "abc"], "error: --iters expects a whole number >= 1 of timed updates, got 'abc'"),
+    (["--bogus", "3"], "error: unknown option --bogus"),
+    (["--json", "nodir/b.json"], "error: --json nodir/b.json: the folder nodir does not exist or is not writable"),
+])
+def test_bad_benchmark_options_stop_with_one_line_before_anything_is_timed(tmp_path: Path, args, message) -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--configs", "debug", *args],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.startswith(message), run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "seconds_per_update" not in run.stdout
+
+
 def test_the_benchmarks_own_options_are_taken_out_of_the_command_line() -> None:
     bench = import_bench()
     rest, options = bench.split_argv(["--configs", "dmc_proprio", "--iters", "5", "--batch_size", "16",
@@ -124,6 +137,8 @@ def test_the_benchmarks_own_options_are_taken_out_of_the_command_line() -> None:
     assert bench.split_argv([])[1]["--iters"] == "3"  # the default
     with pytest.raises(SystemExit, match=r"--iters needs a value, e.g. --iters 3"):
         bench.split_argv(["--configs", "dmc_proprio", "--iters"])
+    with pytest.raises(SystemExit, match=r"--profile needs a value, e.g. --profile FILE"):
+        bench.split_argv(["--profile"])
 
 
 def test_a_task_that_cannot_be_made_here_is_benchmarked_on_stand_in_spaces(capsys) -> None:
