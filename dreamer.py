@@ -1403,8 +1403,21 @@ def run_training(trainer: Trainer, interrupt: Interrupt) -> Counters:
     elif interrupt.requested:
         logger.info(f"stopped at step {trainer.counters.step}; to resume, {resume_hint(trainer.paths)}")
     else:
-        logger.info(f"finished: {trainer.counters.step} steps, {trainer.counters.updates} updates")
+        logger.info(f"finished: {trainer.counters.step} steps, {trainer.counters.updates} updates"
+                    f"{no_updates_hint(config, trainer.counters)}")
     return trainer.counters
+
+
+def no_updates_hint(config: Config, counters: Counters) -> str:
+    """Why a finished run trained nothing: its steps ended within the random prefill, or before one
+    sequence of batch_length steps was stored; '' for a run that trained."""
+    if counters.updates or config.eval_only:
+        return ""
+    if counters.step <= int(config.prefill):
+        return (f" (no training: --steps {config.steps} ends within the prefill of {config.prefill} random "
+                "agent steps; raise --steps past it, or lower --prefill)")
+    return (f" (no training: no env stored a sequence of --batch_length {config.batch_length} steps; raise "
+            "--steps or lower --batch_length)")
 
 
 def env_gave_up(trainer: Trainer, error: Exception) -> RunError:

@@ -367,6 +367,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     check = CHECKS[args.check]
     budget = check.gpu if args.gpu else check.cpu
     extra = parse_extra(rest)
+    if args.steps is not None and not args.steps >= 1:
+        parser.error(f"--steps must be at least 1 agent step (got {args.steps:g}); leave it out for the "
+                     f"check's budget ({budget.steps}).")
     steps = int(args.steps) if args.steps is not None else budget.steps
     logdir = args.logdir or str(ROOT / "logdir" / "learn" / check.name)
     argv_run = command(check, budget, steps, logdir, extra)
@@ -385,6 +388,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if code > 128:  # stopped by a signal after saving (dreamer.py's 128 + signal number)
             print(f"dreamer.py was stopped by {signal.Signals(code - 128).name} (exit code {code}) and saved; "
                   f"judging what {logdir}/metrics.jsonl holds (rerun this command to resume).")
+        elif code == 2:  # its one-paragraph error (a setting, the env, the folder): nothing to judge
+            print(f"learn.py: dreamer.py stopped with the error above (exit code 2); fix it and run the check "
+                  "again.", file=sys.stderr)
+            return 2
         elif code != 0:
             print(f"dreamer.py exited with code {code}; judging what {logdir}/metrics.jsonl holds.")
     settings = run_settings(Path(logdir))  # the run's own prefill: the random-policy episodes are its

@@ -152,6 +152,18 @@ def test_unknown_check_names_the_choices(capsys):
     assert "CHECK must be one of custom_reach, dmc_cartpole_balance" in capsys.readouterr().err
 
 
+def test_a_run_that_stops_with_a_setting_error_is_not_judged(tmp_path, capsys):
+    """--steps -5 is refused by learn.py itself; a dreamer.py that exits 2 (here an env option the
+    env does not take) is passed on as exit 2, not judged FAIL on a folder with no metrics."""
+    learn = load_learn()
+    with pytest.raises(SystemExit) as stopped:
+        learn.main(["custom_reach", "--steps", "-5", "--logdir", str(tmp_path / "neg")])
+    assert stopped.value.code == 2 and "--steps must be at least 1 agent step (got -5)" in capsys.readouterr().err
+    assert learn.main(["custom_reach", "--logdir", str(tmp_path / "bad"), "--env.custom.bogus", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert "dreamer.py stopped with the error above (exit code 2)" in err and "FAIL" not in out, (out, err)
+
+
 def test_ctrl_c_to_learn_py_lets_the_run_save_instead_of_killing_it(tmp_path):
     """Ctrl-C (SIGINT) or SIGTERM to scripts/learn.py reaches dreamer.py once, and learn.py waits
     while it saves: subprocess.run used to kill the training run on Ctrl-C, losing everything since

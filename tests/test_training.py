@@ -360,6 +360,13 @@ def test_a_folder_name_longer_than_file_systems_take_is_refused_before_anything_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_that_ends_within_the_prefill_says_why_it_trained_nothing(tmp_path):
+    result = run_cli("--configs", "debug", "custom", "--task", "custom_reach", "--steps", "50", "--logdir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("finished: 50 steps, 0 updates (no training: --steps 50 ends within the prefill of 100 random agent "
+            "steps; raise --steps past it, or lower --prefill)") in (tmp_path / "train.log").read_text()
+
+
 def test_the_copy_paste_hints_are_quoted_for_a_logdir_with_spaces():
     """`tail -f`, `tensorboard --logdir` and --from_checkpoint, pasted into a shell, name the folder
     even when it holds spaces or quotes."""
