@@ -370,7 +370,8 @@ def timestamp() -> str:
 
 
 def read_metrics(logdir: Path) -> list[dict]:
-    """The records of `logdir/metrics.jsonl`; an unreadable line (e.g. cut by a crash) is skipped,
+    """The records of `logdir/metrics.jsonl`; an unreadable line (e.g. cut by a crash, or a record
+    without a numeric step) is skipped,
     and after a resume the records logged again replace those of later steps."""
     path = Path(logdir) / "metrics.jsonl"
     if not path.is_file():
@@ -379,13 +380,14 @@ def read_metrics(logdir: Path) -> list[dict]:
             "dreamer.py runs) that have logged at least once."
         )
     records: list[dict] = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(record, dict) or "step" not in record:
-            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+            continue  # not a record of this project (a hand edit, a line cut short)
         while records and records[-1]["step"] > record["step"]:
             records.pop()  # logged past the checkpoint before a crash: the resumed run rewrites it
         records.append(record)

@@ -118,11 +118,18 @@ def plot_runs(
     for axis, key in zip(axes[0], keys):
         draw_key(axis, runs, key, smooth)
     figure.tight_layout()
-    out = Path(out)
+    out = png_path(Path(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=100)
     plt.close(figure)
     return out
+
+
+def png_path(out: Path) -> Path:
+    """--out as the file savefig writes: 'curves' -> 'curves.png'; a folder is refused."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name the PNG file to write, e.g. --out {out / 'curves.png'}")
+    return out if out.suffix else out.with_suffix(".png")
 
 
 def draw_key(axis, runs: list[tuple[str, list[dict]]], key: str, smooth: int) -> int:
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="one group name per logdir (default: the folder's name without _seed<N>; runs "
                              "with one name are drawn as their mean and min-max band)")
     args = parser.parse_args(argv)
+    if args.smooth < 1:
+        parser.error(f"--smooth must be at least 1 logged point (1 draws them as logged), got {args.smooth}")
     try:
         out = plot_runs(args.logdirs, args.out, args.keys, args.smooth, args.label)
     except (FileNotFoundError, ValueError) as error:

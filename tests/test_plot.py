@@ -73,6 +73,25 @@ def test_smoothing_and_resumed_logs(tmp_path: Path) -> None:
     assert steps.tolist() == [1, 2, 2] and values.tolist() == [1, 2, 20]
 
 
+def test_out_without_a_suffix_gets_png_and_a_folder_is_refused(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", 0)
+    out = plot.plot_runs([run], tmp_path / "curves", ["episode/return"])
+    assert out == tmp_path / "curves.png" and out.read_bytes().startswith(PNG_MAGIC)  # the name printed
+    with pytest.raises(ValueError, match=r"--out .* is a folder; name the PNG file to write"):
+        plot.plot_runs([run], tmp_path, ["episode/return"])
+    with pytest.raises(SystemExit):
+        plot.main([str(run), "--smooth", "0"])
+
+
+def test_a_hand_edited_record_without_a_numeric_step_is_skipped(tmp_path: Path) -> None:
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    lines = ['{"step": 1, "a": 1}', '{"step": "abc", "a": 5}', '[1, 2]', '{"step": true, "a": 6}', '{"step": 2, "a": 2}']
+    (logdir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    steps, values = plot.series(plot.read_metrics(logdir), "a")
+    assert steps.tolist() == [1, 2] and values.tolist() == [1, 2]
+
+
 def test_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no metrics\.jsonl in .*empty"):
         plot.plot_runs([tmp_path / "empty"], tmp_path / "x.png")
