@@ -574,15 +574,22 @@ class Replay:
     ) -> Iterator[tuple]:
         """One worker's steps from its chunk files in order; the first step after a gap in its
         stream (a skipped or missing chunk) is marked is_first."""
-        expected = None
+        expected, unreadable = None, False
         for first, path in chunks:
             arrays = read_chunk(path, self._warn)
             if arrays is None:
+                unreadable = True  # read_chunk warned: the gap it leaves is explained
                 continue
             order = arrays.pop(ORDER_KEY)
-            if expected is not None and first != expected and "is_first" in arrays:
-                arrays["is_first"][0] = True
-            expected = first + len(order)
+            if expected is not None and first != expected:
+                if "is_first" in arrays:
+                    arrays["is_first"][0] = True
+                if not unreadable:
+                    self._warn(f"replay: the chunk files of worker {worker} in {self.directory} skip its steps "
+                               f"{expected}..{first - 1} (a chunk file was deleted or moved away, {path.name} "
+                               "follows the gap); the steps around it are loaded, the gap counts as an "
+                               "episode boundary.")
+            expected, unreadable = first + len(order), False
             for index in range(len(order)):
                 yield int(order[index]), worker, arrays, index
 

@@ -296,6 +296,24 @@ def test_corrupt_chunk_is_skipped_with_a_warning_and_kept(tmp_path: Path, damage
     assert loaded._arrays["is_first"][slots].nonzero()[0].tolist() == [0, 8]
 
 
+def test_a_deleted_chunk_in_the_middle_is_named_and_its_gap_starts_an_episode(tmp_path: Path) -> None:
+    import warnings
+
+    replay = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
+    fill(replay, 24)
+    (tmp_path / "w000-000000000008.npz").unlink()
+    loaded = Replay(capacity=1000, batch_length=2, directory=tmp_path, chunk=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert loaded.load() == 16
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and messages[0].startswith(
+        f"replay: the chunk files of worker 0 in {tmp_path} skip its steps 8..15 (a chunk file was deleted or "
+        "moved away, w000-000000000016.npz follows the gap)"), messages
+    slots = loaded._workers[0].ordered() % loaded.capacity
+    assert loaded._arrays["is_first"][slots].nonzero()[0].tolist() == [0, 8]
+
+
 def test_load_without_chunks_and_without_directory_loads_nothing(tmp_path: Path) -> None:
     assert Replay(capacity=10, batch_length=2, directory=tmp_path).load() == 0
     assert Replay(capacity=10, batch_length=2).load() == 0
