@@ -980,8 +980,7 @@ class Trainer:
         tools.set_seed(rank_seed(config, dist.rank), config.deterministic)
         self.pool = None
         self.wants_video = bool(config.video)  # False once render() has raised or given no frame
-        self.told_image_video = False  # the line saying the video is the image observation, logged once
-        self.warned: set[str] = set()  # warnings given (each evaluation would repeat them)
+        self.warned: set[str] = set()  # warnings and notes given (each evaluation would repeat them)
 
     def compute_summary(self) -> str:
         """One line: where the update runs and how (threads picked, CUDA graphs)."""
@@ -1214,11 +1213,10 @@ class Trainer:
         if self.wants_video and result.render_ok and not result.frames and dist.main:
             self.logger.info("no eval video: the env has no render() (or it gives no frame) and no 'image' "
                              "observation (training is not affected)")
-        if result.frames_from_image and not self.told_image_video and dist.main:
-            self.told_image_video = True
-            self.logger.info("eval video: the env has no render() (or it gives no frame), so the video shows "
-                             "its 'image' observation; give the env a render() returning an (H, W, 3) uint8 "
-                             "frame for another view")
+        if result.frames_from_image and dist.main:
+            self.warn_once("eval video: the env has no render() (or it gives no frame), so the video shows its "
+                           "'image' observation; give the env a render() returning an (H, W, 3) uint8 frame "
+                           "for another view", level="info")
         if not (result.render_ok and result.frames):  # a raising render() is logged once by evaluate
             self.wants_video = False  # later evaluations record no video
         if config.video and self.prefetch is not None and dist.main:
@@ -1227,11 +1225,11 @@ class Trainer:
         self.counters.last_eval = self.counters.step
         self.logger.write(self.counters.step)
 
-    def warn_once(self, text: str) -> None:
-        """A warning into train.log, the first time only."""
+    def warn_once(self, text: str, level: str = "warning") -> None:
+        """A warning (or an info line: level 'info') into train.log, the first time only."""
         if text not in self.warned:
             self.warned.add(text)
-            self.logger.warning(text)
+            getattr(self.logger, level)(text)
 
     def gather_eval(self, result: EvalResult) -> EvalResult:
         """Every rank's returns, lengths and log_ values; completed if every rank completed its
