@@ -277,11 +277,15 @@ def lock_run_folder(paths: RunPaths, dist: Dist, eval_only: bool) -> Optional[to
             "is (or can be made) a writable folder: not an existing file, on a disk that is not "
             "read-only, with write permission for you. Nothing else was written there.") from None
     if holder is not None:
-        raise RunError(
-            f"{paths.logdir} is in use by another run ({holder}, see {lock.path}): two runs in one "
-            "folder would overwrite each other's checkpoint, replay chunks and metrics. Wait for "
-            "that run to finish or stop it (Ctrl-C saves it), or use another --logdir.")
+        raise folder_in_use(paths.logdir, holder, lock.path)
     return lock
+
+
+def folder_in_use(logdir: Path, holder: str, lock_path: str) -> RunError:
+    return RunError(
+        f"{logdir} is in use by another run ({holder}, see {lock_path}): two runs in one folder would "
+        "overwrite each other's checkpoint, replay chunks and metrics. Wait for that run to finish or "
+        "stop it (Ctrl-C saves it), or use another --logdir.")
 
 
 def check_writable_run_folder(logdir: Path) -> None:
@@ -1573,7 +1577,8 @@ def check_path_names(path: Path, option: str) -> None:
 def check_run_inputs(config: Config) -> None:
     """Problems that need no env or model, found before anything is printed or written: a task whose
     suite is not registered, a device this machine lacks, --parallel without GPUs (unless the CPU is
-    asked for), a resume path that does not exist (nor its .prev.pt), options for a suite that is
+    asked for), a run folder another training run holds, a resume path that does not exist (nor its
+    .prev.pt), options for a suite that is
     not registered (a misspelt --env.<suite>.<key> would do nothing)."""
     import difflib
 
@@ -1593,6 +1598,14 @@ def check_run_inputs(config: Config) -> None:
     for option, value in (("--logdir", config.logdir), ("--from_checkpoint", config.from_checkpoint)):
         if value:
             check_path_names(Path(value).expanduser(), option)
+    # A folder another run holds, said before the config is printed (lock_run_folder takes the lock
+    # later; a torchrun rank after the first would find rank 0's lock, so it does not look).
+    if not config.eval_only and os.environ.get("RANK", "0") == "0":
+        logdir = resolve_paths(config).logdir
+        lock = tools.FolderLock(logdir)
+        holder = lock.holder()
+        if holder is not None:
+            raise folder_in_use(logdir, holder, lock.path)
     try:
         device = tools.resolve_device(config.device)
     except ValueError as error:

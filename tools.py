@@ -151,6 +151,23 @@ class FolderLock:
         self._file = handle
         return None
 
+    def holder(self) -> str | None:
+        """What the lock file says about the run holding the lock, or None when it is free (or there is
+        no lock file yet); creates and writes nothing."""
+        try:
+            import fcntl
+
+            handle = open(self.path)
+        except (ImportError, OSError):  # not POSIX, or no lock file (a new or unreadable folder)
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return handle.read().strip() or "another process"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return None
+
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing the file drops the flock

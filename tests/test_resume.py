@@ -560,6 +560,7 @@ def test_second_run_in_a_folder_stops_before_writing_anything(killed_run, tmp_pa
         r"checkpoint, replay chunks and metrics\. Wait for that run to finish or stop it \(Ctrl-C "
         r"saves it\), or use another --logdir\.", last_line(result.stderr)), result.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in logdir.iterdir()} == before  # train.log included
+    assert result.stdout == ""  # said before the merged config is printed
     again = run_cli(run_args(logdir, steps=STEPS))  # the lock is gone with its holder
     assert again.returncode == 0, again.stderr[-3000:]
     assert (f"nothing to train: the run is at step {STEPS}, at or past --steps {STEPS}; raise --steps "

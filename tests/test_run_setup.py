@@ -1,5 +1,6 @@
 """dreamer.py's run set-up on its own: the run folder's lock, a resumed rank's own generators, the
 paragraph of an env that fails to start, and where --from_checkpoint points."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,18 @@ def test_an_evaluation_takes_no_lock_so_it_runs_beside_the_training_run(tmp_path
             dreamer.lock_run_folder(paths_of(tmp_path), dreamer.Dist(), eval_only=False)
     finally:
         running.release()
+
+
+def test_the_lock_probe_names_the_holder_and_writes_nothing(tmp_path):
+    assert FolderLock(tmp_path / "new").holder() is None and not (tmp_path / "new").exists()
+    running = FolderLock(tmp_path)
+    assert running.acquire() is None
+    try:
+        assert FolderLock(tmp_path).holder() == f"pid {os.getpid()}"
+    finally:
+        running.release()
+    assert FolderLock(tmp_path).holder() is None  # free again, and the probe left it free
+    assert FolderLock(tmp_path).acquire() is None
 
 
 def test_a_folder_that_cannot_be_written_leaves_no_lock_behind(tmp_path):
