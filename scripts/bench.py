@@ -395,7 +395,7 @@ def main(argv: list[str]) -> dict[str, float]:
         check_output_paths(options)
         cfg = config_lib.load_config(rest)
         resolve_device(cfg.device)
-    except (BenchUsageError, config_lib.ConfigError, ValueError) as error:
+    except ValueError as error:  # BenchUsageError, config.ConfigError, resolve_device's: each one line
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     threads = set_threads(int(cfg.threads))

@@ -134,7 +134,17 @@ def test_an_env_that_does_not_answer_is_named_while_the_pool_waits(parallel):
         assert re.fullmatch(rf"env 1 has not answered its step for \d s \(envs\.parallel={parallel}\); "
                             r"still waiting\. .*press Ctrl-C twice to stop at once \(the run is saved\)",
                             event['message']), event
-    assert [int(e['message'].split(' for ')[1].split(' s ')[0]) for e in hung][0] >= 1  # timed from the send
+
+
+def test_a_slow_env_is_timed_from_when_its_command_was_sent():
+    """step() collects the answers in turn: env 1's silence counts from the send, not from when the
+    pool got to it (after env 0's answer), so its first poll past slow_seconds already reports."""
+    events = []
+    with EnvPool([counter_env, counter_env], 'none', on_event=events.append, slow_seconds=0.6) as pool:
+        sent_a_second_ago = time.monotonic() - 1.0
+        pool._slow_watch(1, 'step', sent_a_second_ago)()  # the first poll
+        pool._slow_watch(1, 'step')()  # timed from now: not yet slow
+    assert len(events) == 1 and events[0]['message'].startswith('env 1 has not answered its step for 1 s '), events
 
 
 def slow_to_build_env():
