@@ -284,6 +284,9 @@ def test_ctrl_c_stops_quickly_saves_and_says_how_to_resume(tmp_path):
     process = start_debug_run_until_logged(logdir, 200, "--steps", "100000", "--save_every", "100000",
                                            "--eval_every", "0")
     log = logdir / "train.log"
+    # past step 200's iteration, so that the stop falls between two logs (a SIGINT sent during that
+    # iteration's log write stopped the run at step 200 itself, once in CI)
+    time.sleep(1.5)
     process.send_signal(signal.SIGINT)
     start = time.time()
     _, stderr = process.communicate(timeout=60)
