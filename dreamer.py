@@ -713,17 +713,28 @@ def restore(config: Config, agent: Agent, replay: Replay, paths: RunPaths, devic
     return counters
 
 
-def keep_checkpoint_passed_over(paths: RunPaths, logger: Logger) -> Optional[Path]:
-    """A resume from another file (e.g. --from_checkpoint <logdir>/latest.prev.pt) in a folder whose
-    own latest.pt exists would overwrite that checkpoint with this run's first save: keep it, under
-    latest.step<N>.pt (a hard link, no copy), and say so. Returns the kept path."""
-    requested, own = paths.resume_from, paths.checkpoint
-    if requested is None or not own.is_file() or requested.resolve() == own.resolve():
-        return None
+def keep_checkpoint_passed_over(paths: RunPaths, logger: Logger) -> list[Path]:
+    """A resume from another file (e.g. --from_checkpoint <logdir>/latest.prev.pt, or another run's
+    latest.pt) in a folder with checkpoints of its own would overwrite them with this run's first two
+    saves (latest.pt, rotated to latest.prev.pt): keep each one that is not the file resumed from,
+    under latest.step<N>.pt (a hard link, no copy), and say so. Returns the kept paths."""
+    requested = paths.resume_from
+    if requested is None:
+        return []
+    kept = []
+    for own in (paths.checkpoint, ckpt.previous_path(paths.checkpoint)):
+        if own.is_file() and requested.resolve() != own.resolve():
+            kept.append(keep_checkpoint_as_step(own, requested, logger))
+    return kept
+
+
+def keep_checkpoint_as_step(own: Path, requested: Path, logger: Logger) -> Path:
+    """Hard-link (else copy) the checkpoint `own` to latest.step<N>.pt beside it, N its step, unless
+    that name exists; says so. Returns the kept path."""
     try:
-        name = f"latest.step{int(ckpt.load_checkpoint(own, map_location='cpu')['counters']['step'])}.pt"
+        name = f"latest.step{int(ckpt.read_checkpoint(own)['counters']['step'])}.pt"
     except Exception:  # noqa: BLE001 -- unreadable: kept all the same, under a name that says so
-        name = "latest.unreadable.pt"
+        name = f"{own.stem}.unreadable.pt"
     kept = own.with_name(name)
     if kept.exists():
         return kept

@@ -1020,12 +1020,31 @@ class Said:
 def test_a_checkpoint_of_the_same_name_elsewhere_keeps_this_folders_own_once(tmp_path):
     paths, said = passed_over_paths(tmp_path), Said()
     kept = dreamer.keep_checkpoint_passed_over(paths, said)
-    assert kept == paths.checkpoint.with_name("latest.step300.pt")
-    assert os.path.samefile(kept, paths.checkpoint)  # a hard link, no copy
-    assert len(said.lines) == 1 and f"it is kept as {kept}" in said.lines[0]
+    assert kept == [paths.checkpoint.with_name("latest.step300.pt")]
+    assert os.path.samefile(kept[0], paths.checkpoint)  # a hard link, no copy
+    assert len(said.lines) == 1 and f"it is kept as {kept[0]}" in said.lines[0]
     assert dreamer.keep_checkpoint_passed_over(paths, said) == kept and len(said.lines) == 1  # kept already
     same = dreamer.RunPaths(paths.logdir, paths.checkpoint, paths.logdir / "." / "latest.pt", paths.replay_dir)
-    assert dreamer.keep_checkpoint_passed_over(same, said) is None  # resuming from it: nothing to keep
+    assert dreamer.keep_checkpoint_passed_over(same, said) == []  # resuming from it: nothing to keep
+
+
+def test_a_resume_from_elsewhere_keeps_both_of_this_folders_checkpoints_through_two_saves(tmp_path):
+    """Another run's latest.pt resumed in a folder holding latest.pt (step 300) and latest.prev.pt
+    (step 200): the run's first two saves rotate both away, so both are kept, under their steps; a
+    corrupt latest.pt is kept under a name that says so, not under its fallback's step."""
+    paths, said = passed_over_paths(tmp_path), Said()
+    checkpoint.save_checkpoint(paths.checkpoint, {"counters": {"step": 400}})  # 300 -> latest.prev.pt
+    before = {name: (paths.logdir / name).read_bytes() for name in ("latest.pt", "latest.prev.pt")}
+    kept = dreamer.keep_checkpoint_passed_over(paths, said)
+    assert [path.name for path in kept] == ["latest.step400.pt", "latest.step300.pt"] and len(said.lines) == 2
+    for step in (101, 102):  # this run's saves
+        checkpoint.save_checkpoint(paths.checkpoint, {"counters": {"step": step}})
+    assert [path.read_bytes() for path in kept] == [before["latest.pt"], before["latest.prev.pt"]]
+    assert checkpoint.read_checkpoint(paths.checkpoint)["counters"]["step"] == 102
+    paths.checkpoint.write_bytes(b"cut sho")  # a corrupt latest.pt beside a readable latest.prev.pt
+    kept = dreamer.keep_checkpoint_passed_over(paths, said)
+    assert [path.name for path in kept] == ["latest.unreadable.pt", "latest.step101.pt"]
+    assert kept[0].read_bytes() == b"cut sho"
 
 
 def test_a_passed_over_checkpoint_is_copied_where_links_fail_and_kept_unreadable(tmp_path, monkeypatch):
@@ -1035,8 +1054,8 @@ def test_a_passed_over_checkpoint_is_copied_where_links_fail_and_kept_unreadable
         raise OSError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
-    kept = dreamer.keep_checkpoint_passed_over(paths, said)
+    [kept] = dreamer.keep_checkpoint_passed_over(paths, said)
     assert kept.read_bytes() == paths.checkpoint.read_bytes() and not os.path.samefile(kept, paths.checkpoint)
     paths = passed_over_paths(tmp_path / "b", own_bytes=b"not a checkpoint")
-    kept = dreamer.keep_checkpoint_passed_over(paths, said)
+    [kept] = dreamer.keep_checkpoint_passed_over(paths, said)
     assert kept.name == "latest.unreadable.pt" and kept.read_bytes() == b"not a checkpoint"
