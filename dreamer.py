@@ -717,9 +717,10 @@ def keep_checkpoint_passed_over(paths: RunPaths, logger: Logger) -> list[Path]:
     """A resume from another file (e.g. --from_checkpoint <logdir>/latest.prev.pt, or another run's
     latest.pt) in a folder with checkpoints of its own would overwrite them with this run's first two
     saves (latest.pt, rotated to latest.prev.pt): keep each one that is not the file resumed from,
-    under latest.step<N>.pt (a hard link, no copy), and say so. Returns the kept paths."""
+    under latest.step<N>.pt (a hard link, no copy), and say so. A resume from the folder's own
+    latest.pt keeps nothing: its saves rotate as an uninterrupted run's do. Returns the kept paths."""
     requested = paths.resume_from
-    if requested is None:
+    if requested is None or requested.resolve() == paths.checkpoint.resolve():
         return []
     kept = []
     for own in (paths.checkpoint, ckpt.previous_path(paths.checkpoint)):

@@ -1026,6 +1026,9 @@ def test_a_checkpoint_of_the_same_name_elsewhere_keeps_this_folders_own_once(tmp
     assert dreamer.keep_checkpoint_passed_over(paths, said) == kept and len(said.lines) == 1  # kept already
     same = dreamer.RunPaths(paths.logdir, paths.checkpoint, paths.logdir / "." / "latest.pt", paths.replay_dir)
     assert dreamer.keep_checkpoint_passed_over(same, said) == []  # resuming from it: nothing to keep
+    checkpoint.save_checkpoint(paths.checkpoint, {"counters": {"step": 400}})  # 300 -> latest.prev.pt
+    assert dreamer.keep_checkpoint_passed_over(same, said) == []  # nor its latest.prev.pt: a plain resume
+    assert sorted(path.name for path in paths.logdir.iterdir()) == ["latest.prev.pt", "latest.pt", "latest.step300.pt"]
 
 
 def test_a_resume_from_elsewhere_keeps_both_of_this_folders_checkpoints_through_two_saves(tmp_path):
